@@ -1,0 +1,139 @@
+//! Bodies of the operator API, served by the coordinator with NATS
+//! request/reply on `keywave.api.v1.<verb>` (JSON). Every reply is an
+//! [`ApiReply`]: `ok` with `data`, or an error with a class and a message.
+
+use crate::wire::{CampaignSpec, CampaignState, Decision, FailureCounts, Strategy};
+use serde::{Deserialize, Serialize};
+
+/// Verbs of the API (the subject suffix after `keywave.api.v1.`).
+pub mod verbs {
+    pub const CAMPAIGN_START: &str = "campaign.start";
+    pub const CAMPAIGN_STATUS: &str = "campaign.status";
+    pub const CAMPAIGN_LIST: &str = "campaign.list";
+    pub const CAMPAIGN_PAUSE: &str = "campaign.pause";
+    pub const CAMPAIGN_RESUME: &str = "campaign.resume";
+    pub const CAMPAIGN_ABORT: &str = "campaign.abort";
+    pub const PING: &str = "ping";
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiReply<T> {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<T>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ApiError>,
+}
+
+impl<T> ApiReply<T> {
+    pub fn ok(data: T) -> Self {
+        ApiReply {
+            ok: true,
+            data: Some(data),
+            error: None,
+        }
+    }
+    pub fn err(class: &str, message: impl Into<String>) -> Self {
+        ApiReply {
+            ok: false,
+            data: None,
+            error: Some(ApiError {
+                class: class.to_string(),
+                message: message.into(),
+            }),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApiError {
+    /// `bad_request`, `not_found`, `conflict`, `internal`.
+    pub class: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StartRequest {
+    pub spec: CampaignSpec,
+    /// Optional caller-chosen id (idempotent start); generated when absent.
+    #[serde(default)]
+    pub campaign_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CampaignRef {
+    pub campaign_id: String,
+}
+
+/// One wave as the coordinator sees it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct WaveStatus {
+    pub wave: u32,
+    pub size: u64,
+    pub published: bool,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub no_result: u64,
+    #[serde(default)]
+    pub failures: FailureCounts,
+    #[serde(default)]
+    pub decision: Option<Decision>,
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub rollback_tasks: u64,
+    #[serde(default)]
+    pub rolled_back: u64,
+    #[serde(default)]
+    pub rollback_refused: u64,
+    #[serde(default)]
+    pub rollback_failed: u64,
+    #[serde(default)]
+    pub started_at_ms: Option<u64>,
+    #[serde(default)]
+    pub finished_at_ms: Option<u64>,
+}
+
+/// A campaign's snapshot (also what the coordinator keeps in the
+/// `keywave-campaigns` KV bucket).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CampaignStatus {
+    pub campaign_id: String,
+    pub spec: CampaignSpec,
+    pub state: CampaignState,
+    pub total: u64,
+    /// Index of the wave in progress (or the last one when finished).
+    pub current_wave: u32,
+    pub waves: Vec<WaveStatus>,
+    pub created_at_ms: u64,
+    #[serde(default)]
+    pub finished_at_ms: Option<u64>,
+    /// Why the campaign is in its state (last decision's reason).
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+impl CampaignStatus {
+    pub fn succeeded(&self) -> u64 {
+        self.waves.iter().map(|w| w.succeeded).sum()
+    }
+    pub fn failed(&self) -> u64 {
+        self.waves.iter().map(|w| w.failed + w.no_result).sum()
+    }
+    pub fn rolled_back(&self) -> u64 {
+        self.waves.iter().map(|w| w.rolled_back).sum()
+    }
+}
+
+/// A line of `campaign list`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CampaignSummary {
+    pub campaign_id: String,
+    pub name: String,
+    pub strategy: Strategy,
+    pub state: CampaignState,
+    pub total: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub created_at_ms: u64,
+}

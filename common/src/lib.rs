@@ -1,0 +1,32 @@
+//! Everything the keywave coordinator, workers and operator CLI must agree on,
+//! defined once: wire types, subjects, codecs, the JetStream topology, the
+//! bounded publisher and the crypto primitives for secrets.
+//!
+//! # Layout
+//! - [`ids`]: validation of the names that end up in subjects and KV keys.
+//! - [`subjects`]: every NATS subject keywave publishes or listens on.
+//! - [`wire`]: versioned message types (tasks, results, campaigns, events, inventory).
+//! - [`api`]: request/response bodies of the operator API under `keywave.api.v1.`.
+//! - [`codec`]: MessagePack / JSON encoding chosen by `Content-Type`, with size and version checks.
+//! - [`topology`]: streams, consumers and KV buckets, created idempotently.
+//! - [`publish`]: JetStream publishing with `Nats-Msg-Id` and bounded windows of un-awaited acks.
+//! - [`crypto`]: secret generation, fingerprints and the regional AEAD.
+//! - [`planner`]: pure wave sizing and the failure-budget rule.
+
+pub mod api;
+pub mod codec;
+pub mod crypto;
+pub mod ids;
+pub mod planner;
+pub mod publish;
+pub mod subjects;
+pub mod topology;
+pub mod wire;
+
+/// Milliseconds since the Unix epoch, the one clock format on the wire.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,85 @@
+//! Every NATS subject keywave uses, built in one place. Callers pass names
+//! already validated by [`crate::ids`], so a token never contains `.`.
+
+/// Root of every keywave subject.
+pub const ROOT: &str = "keywave";
+
+/// Tasks for one region and campaign: `keywave.task.<region>.<campaign>`.
+pub fn task(region: &str, campaign: &str) -> String {
+    format!("keywave.task.{region}.{campaign}")
+}
+
+/// Filter matching all tasks of one region: `keywave.task.<region>.>`.
+pub fn task_region_filter(region: &str) -> String {
+    format!("keywave.task.{region}.>")
+}
+
+/// Results from one region for one campaign: `keywave.result.<region>.<campaign>`.
+pub fn result(region: &str, campaign: &str) -> String {
+    format!("keywave.result.{region}.{campaign}")
+}
+
+/// Filter matching the results of one campaign from all regions.
+pub fn result_campaign_filter(campaign: &str) -> String {
+    format!("keywave.result.*.{campaign}")
+}
+
+/// A campaign event: `keywave.event.<campaign>.<kind>`.
+pub fn event(campaign: &str, kind: &str) -> String {
+    format!("keywave.event.{campaign}.{kind}")
+}
+
+/// Filter matching every event of one campaign.
+pub fn event_campaign_filter(campaign: &str) -> String {
+    format!("keywave.event.{campaign}.>")
+}
+
+/// A leak detection from a named source: `keywave.detect.<source>`.
+pub fn detect(source: &str) -> String {
+    format!("keywave.detect.{source}")
+}
+
+/// Notice that a credential was rotated in a region (no secret, only fingerprints).
+pub fn rotated(region: &str, credential: &str) -> String {
+    format!("keywave.rotated.{region}.{credential}")
+}
+
+/// A consumer's attestation that it uses a credential's new secret.
+pub fn attest(region: &str, credential: &str) -> String {
+    format!("keywave.attest.{region}.{credential}")
+}
+
+/// A dead-lettered message from a region: `keywave.deadletter.<region>`.
+pub fn dead_letter(region: &str) -> String {
+    format!("keywave.deadletter.{region}")
+}
+
+/// The operator API: `keywave.api.v1.<verb>`, e.g. `keywave.api.v1.campaign.start`.
+pub fn api(verb: &str) -> String {
+    format!("keywave.api.v1.{verb}")
+}
+
+/// Parses `keywave.task.<region>.<campaign>` into its region and campaign.
+pub fn parse_task(subject: &str) -> Option<(&str, &str)> {
+    let rest = subject.strip_prefix("keywave.task.")?;
+    let (region, campaign) = rest.split_once('.')?;
+    if region.is_empty() || campaign.is_empty() || campaign.contains('.') {
+        return None;
+    }
+    Some((region, campaign))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_subject_round_trips() {
+        let s = task("eu", "c-1");
+        assert_eq!(s, "keywave.task.eu.c-1");
+        assert_eq!(parse_task(&s), Some(("eu", "c-1")));
+        assert_eq!(parse_task("keywave.task.eu"), None);
+        assert_eq!(parse_task("keywave.result.eu.c"), None);
+        assert_eq!(parse_task("keywave.task.eu.c.extra"), None);
+    }
+}

@@ -1,0 +1,289 @@
+//! The JetStream topology as code. Every process calls [`ensure_core`] (and
+//! workers [`ensure_region`]) at start-up; creation is idempotent, so any
+//! number of coordinators and workers can start in any order.
+//!
+//! | what | name | retention |
+//! |---|---|---|
+//! | tasks | `KEYWAVE_TASKS` on `keywave.task.>` | work queue: a task is removed when acked |
+//! | results | `KEYWAVE_RESULTS` on `keywave.result.>` | limits (audit, replayed by a restarted coordinator) |
+//! | events | `KEYWAVE_EVENTS` on `keywave.event.>` | limits (the audit trail of decisions) |
+//! | dead letters | `KEYWAVE_DEADLETTER` on `keywave.deadletter.>` | limits |
+//! | inventory | KV `keywave-inventory` | latest value per credential |
+//! | campaigns | KV `keywave-campaigns` | campaign snapshots and plans |
+//! | secrets | KV `keywave-secrets-<region>` | encrypted, per region |
+//!
+//! One durable pull consumer per region, `workers-<region>`, filtered on
+//! `keywave.task.<region>.>`, is shared by every worker of that region.
+
+use async_nats::jetstream::{
+    self,
+    consumer::{pull, AckPolicy, DeliverPolicy},
+    kv,
+    stream::{self, DiscardPolicy, RetentionPolicy, StorageType},
+    Context,
+};
+use std::time::Duration;
+use thiserror::Error;
+
+pub const STREAM_TASKS: &str = "KEYWAVE_TASKS";
+pub const STREAM_RESULTS: &str = "KEYWAVE_RESULTS";
+pub const STREAM_EVENTS: &str = "KEYWAVE_EVENTS";
+pub const STREAM_DEADLETTER: &str = "KEYWAVE_DEADLETTER";
+pub const KV_INVENTORY: &str = "keywave-inventory";
+pub const KV_CAMPAIGNS: &str = "keywave-campaigns";
+
+/// Name of a region's secret store bucket.
+pub fn kv_secrets(region: &str) -> String {
+    format!("keywave-secrets-{region}")
+}
+
+/// Name of a region's shared durable task consumer.
+pub fn worker_consumer(region: &str) -> String {
+    format!("workers-{region}")
+}
+
+#[derive(Debug, Error)]
+#[error("JetStream topology: {what}: {detail}")]
+pub struct TopologyError {
+    pub what: String,
+    pub detail: String,
+}
+
+fn terr(what: impl Into<String>, e: impl std::fmt::Display) -> TopologyError {
+    TopologyError {
+        what: what.into(),
+        detail: e.to_string(),
+    }
+}
+
+/// Settings of the streams and consumers. Defaults suit production; tests
+/// shorten the redelivery delays.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Stream and bucket replicas (3 on a cluster).
+    pub replicas: usize,
+    /// Redelivery delays of an un-acked task; the first is the ack wait.
+    /// `max_deliver` must be greater than the number of entries.
+    pub task_backoff: Vec<Duration>,
+    /// Deliveries of a task before it is given up (and dead-lettered).
+    pub task_max_deliver: i64,
+    /// Tasks handed out but not yet acked, per region (bounds in-flight work).
+    pub max_ack_pending: i64,
+    /// JetStream de-duplication window for `Nats-Msg-Id`.
+    pub duplicate_window: Duration,
+    /// How long results, events and dead letters are kept.
+    pub audit_max_age: Duration,
+    /// Use in-memory storage (tests and benchmarks only).
+    pub memory: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            replicas: 1,
+            task_backoff: vec![
+                Duration::from_secs(30),
+                Duration::from_secs(60),
+                Duration::from_secs(120),
+                Duration::from_secs(300),
+            ],
+            task_max_deliver: 5,
+            max_ack_pending: 20_000,
+            duplicate_window: Duration::from_secs(600),
+            audit_max_age: Duration::from_secs(400 * 24 * 3600),
+            memory: false,
+        }
+    }
+}
+
+impl Config {
+    fn storage(&self) -> StorageType {
+        if self.memory {
+            StorageType::Memory
+        } else {
+            StorageType::File
+        }
+    }
+
+    /// Time before an un-acked task is redelivered the first time.
+    pub fn ack_wait(&self) -> Duration {
+        self.task_backoff
+            .first()
+            .copied()
+            .unwrap_or(Duration::from_secs(30))
+    }
+}
+
+async fn stream(js: &Context, cfg: stream::Config) -> Result<stream::Stream, TopologyError> {
+    let name = cfg.name.clone();
+    js.get_or_create_stream(cfg)
+        .await
+        .map_err(|e| terr(format!("stream {name}"), e))
+}
+
+async fn bucket(js: &Context, cfg: kv::Config) -> Result<kv::Store, TopologyError> {
+    let name = cfg.bucket.clone();
+    match js.get_key_value(&name).await {
+        Ok(kv) => Ok(kv),
+        Err(_) => match js.create_key_value(cfg).await {
+            Ok(kv) => Ok(kv),
+            // Another process may have created it between the two calls.
+            Err(e) => js
+                .get_key_value(&name)
+                .await
+                .map_err(|_| terr(format!("bucket {name}"), e)),
+        },
+    }
+}
+
+/// Streams and buckets every keywave process relies on.
+pub async fn ensure_core(js: &Context, cfg: &Config) -> Result<(), TopologyError> {
+    stream(
+        js,
+        stream::Config {
+            name: STREAM_TASKS.into(),
+            description: Some("keywave rotation tasks (work queue)".into()),
+            subjects: vec!["keywave.task.>".into()],
+            retention: RetentionPolicy::WorkQueue,
+            storage: cfg.storage(),
+            num_replicas: cfg.replicas,
+            duplicate_window: cfg.duplicate_window,
+            max_message_size: crate::codec::MAX_MESSAGE_BYTES as i32 * 2,
+            discard: DiscardPolicy::Old,
+            ..Default::default()
+        },
+    )
+    .await?;
+    for (name, subj, desc) in [
+        (
+            STREAM_RESULTS,
+            "keywave.result.>",
+            "keywave rotation results",
+        ),
+        (
+            STREAM_EVENTS,
+            "keywave.event.>",
+            "keywave campaign events (audit trail)",
+        ),
+        (
+            STREAM_DEADLETTER,
+            "keywave.deadletter.>",
+            "keywave dead-lettered messages",
+        ),
+    ] {
+        stream(
+            js,
+            stream::Config {
+                name: name.into(),
+                description: Some(desc.into()),
+                subjects: vec![subj.into()],
+                retention: RetentionPolicy::Limits,
+                storage: cfg.storage(),
+                num_replicas: cfg.replicas,
+                duplicate_window: cfg.duplicate_window,
+                max_age: cfg.audit_max_age,
+                ..Default::default()
+            },
+        )
+        .await?;
+    }
+    inventory(js, cfg).await?;
+    campaigns(js, cfg).await?;
+    Ok(())
+}
+
+/// The inventory bucket.
+pub async fn inventory(js: &Context, cfg: &Config) -> Result<kv::Store, TopologyError> {
+    bucket(
+        js,
+        kv::Config {
+            bucket: KV_INVENTORY.into(),
+            description: "keywave credential inventory".into(),
+            history: 1,
+            storage: cfg.storage(),
+            num_replicas: cfg.replicas,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// The campaign snapshot bucket.
+pub async fn campaigns(js: &Context, cfg: &Config) -> Result<kv::Store, TopologyError> {
+    bucket(
+        js,
+        kv::Config {
+            bucket: KV_CAMPAIGNS.into(),
+            description: "keywave campaign snapshots and plans".into(),
+            history: 1,
+            storage: cfg.storage(),
+            num_replicas: cfg.replicas,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// A region's task consumer and secret store bucket.
+pub async fn ensure_region(
+    js: &Context,
+    region: &str,
+    cfg: &Config,
+) -> Result<(jetstream::consumer::Consumer<pull::Config>, kv::Store), TopologyError> {
+    crate::ids::validate("region", region).map_err(|e| terr("region", e))?;
+    let tasks = stream(
+        js,
+        stream::Config {
+            name: STREAM_TASKS.into(),
+            subjects: vec!["keywave.task.>".into()],
+            retention: RetentionPolicy::WorkQueue,
+            storage: cfg.storage(),
+            num_replicas: cfg.replicas,
+            duplicate_window: cfg.duplicate_window,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let name = worker_consumer(region);
+    let consumer = tasks
+        .get_or_create_consumer(
+            &name,
+            pull::Config {
+                durable_name: Some(name.clone()),
+                description: Some(format!("keywave workers of region {region}")),
+                filter_subject: crate::subjects::task_region_filter(region),
+                ack_policy: AckPolicy::Explicit,
+                deliver_policy: DeliverPolicy::All,
+                ack_wait: cfg.ack_wait(),
+                max_deliver: cfg.task_max_deliver,
+                backoff: cfg.task_backoff.clone(),
+                max_ack_pending: cfg.max_ack_pending,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| terr(format!("consumer {name}"), e))?;
+    let secrets = bucket(
+        js,
+        kv::Config {
+            bucket: kv_secrets(region),
+            description: format!("keywave secret store of region {region} (encrypted)"),
+            history: 5,
+            storage: cfg.storage(),
+            num_replicas: cfg.replicas,
+            ..Default::default()
+        },
+    )
+    .await?;
+    Ok((consumer, secrets))
+}
+
+/// A JetStream context whose publishes block (rather than fail) once 5,000
+/// publish acks are outstanding, so memory stays bounded under load.
+pub fn context(client: async_nats::Client) -> Context {
+    jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(10))
+        .max_ack_inflight(5_000)
+        .backpressure_on_inflight(true)
+        .build(client)
+}

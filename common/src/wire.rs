@@ -1,0 +1,733 @@
+//! Versioned message types on the bus and in the KV buckets. Every top-level
+//! message carries `v` ([`SCHEMA_VERSION`]); decoders refuse other versions
+//! with a typed error (see [`crate::codec`]). No type here ever holds a secret:
+//! results and events carry fingerprints only.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// The schema version every message written by this build carries.
+pub const SCHEMA_VERSION: u16 = 1;
+
+/// Messages that carry a schema version.
+pub trait Versioned {
+    fn version(&self) -> u16;
+}
+
+macro_rules! versioned {
+    ($($t:ty),*) => {$(
+        impl Versioned for $t {
+            fn version(&self) -> u16 { self.v }
+        }
+    )*};
+}
+versioned!(
+    RotationTask,
+    RotationResult,
+    CampaignSpec,
+    CampaignEvent,
+    Credential
+);
+
+/// How a credential is rotated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// The old secret stays valid until consumers moved, then it is revoked.
+    Continuity,
+    /// A leak: the old secret is invalidated first. Never rolled back.
+    Containment,
+}
+
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Strategy::Continuity => "continuity",
+            Strategy::Containment => "containment",
+        })
+    }
+}
+
+impl std::str::FromStr for Strategy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "continuity" => Ok(Strategy::Continuity),
+            "containment" => Ok(Strategy::Containment),
+            o => Err(format!(
+                "unknown strategy {o:?} (expected continuity or containment)"
+            )),
+        }
+    }
+}
+
+/// The kind of system that holds a credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetKind {
+    /// Redis ACL users (`ACL SETUSER`).
+    Redis,
+    /// The embedded simulated target (demos and benchmarks).
+    Sim,
+    /// PostgreSQL login roles.
+    Postgres,
+    /// MariaDB / MySQL users.
+    Mysql,
+}
+
+impl TargetKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetKind::Redis => "redis",
+            TargetKind::Sim => "sim",
+            TargetKind::Postgres => "postgres",
+            TargetKind::Mysql => "mysql",
+        }
+    }
+}
+
+impl fmt::Display for TargetKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for TargetKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "redis" => Ok(TargetKind::Redis),
+            "sim" => Ok(TargetKind::Sim),
+            "postgres" => Ok(TargetKind::Postgres),
+            "mysql" => Ok(TargetKind::Mysql),
+            o => Err(format!(
+                "unknown target kind {o:?} (expected redis, sim, postgres or mysql)"
+            )),
+        }
+    }
+}
+
+/// One credential in the inventory (KV bucket `keywave-inventory`, key = id).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credential {
+    #[serde(default = "schema_version")]
+    pub v: u16,
+    /// Unique id, `[A-Za-z0-9][A-Za-z0-9_-]*`.
+    pub id: String,
+    /// Region whose workers rotate it and whose store holds its secret.
+    pub region: String,
+    /// Name of the target endpoint in that region's worker configuration.
+    pub endpoint: String,
+    /// Kind of the target endpoint.
+    pub kind: TargetKind,
+    /// The login whose secret is rotated (role, user, ACL user).
+    pub principal: String,
+    /// Free-form labels, `key=value` or `label`.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Who owns the credential (team, person, service).
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// Ids of the systems that use the secret.
+    #[serde(default)]
+    pub consumers: Vec<String>,
+}
+
+fn schema_version() -> u16 {
+    SCHEMA_VERSION
+}
+
+/// What a task asks a worker to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskAction {
+    /// Run the rotation protocol.
+    Rotate,
+    /// Put the previous secret back (continuity only; containment refuses).
+    Rollback,
+}
+
+/// A rotation or rollback task for one credential, published by the coordinator
+/// on `keywave.task.<region>.<campaign>`. It names the credential and endpoint;
+/// it never carries a secret.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RotationTask {
+    pub v: u16,
+    /// Unique per (campaign, wave, action, credential); also the `Nats-Msg-Id`.
+    pub task_id: String,
+    pub campaign_id: String,
+    pub wave: u32,
+    /// Position of the credential inside its wave (used by the aggregator).
+    pub index: u32,
+    pub action: TaskAction,
+    pub strategy: Strategy,
+    pub credential_id: String,
+    pub region: String,
+    pub endpoint: String,
+    pub kind: TargetKind,
+    pub principal: String,
+    pub issued_at_ms: u64,
+    /// After this instant the task is failed instead of started or continued.
+    pub deadline_ms: u64,
+}
+
+impl RotationTask {
+    /// The deterministic task id: a republished wave dedupes on it.
+    pub fn make_id(campaign: &str, wave: u32, action: TaskAction, credential: &str) -> String {
+        match action {
+            TaskAction::Rotate => format!("{campaign}:w{wave}:{credential}"),
+            TaskAction::Rollback => format!("{campaign}:rb{wave}:{credential}"),
+        }
+    }
+}
+
+/// The steps of the rotation protocol, in order. A result names the last step
+/// that completed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    /// Task accepted, nothing done yet.
+    Received,
+    /// New secret generated and stored as PENDING.
+    Staged,
+    /// New secret set at the target.
+    Set,
+    /// New secret authenticates at the target.
+    Tested,
+    /// PENDING promoted to CURRENT, old CURRENT kept as PREVIOUS.
+    Promoted,
+    /// Old secret removed at the target.
+    Revoked,
+    /// Old secret proven rejected by the target.
+    Verified,
+    /// Rollback: previous secret put back and proven to authenticate.
+    Restored,
+}
+
+impl Step {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Received => "received",
+            Step::Staged => "staged",
+            Step::Set => "set",
+            Step::Tested => "tested",
+            Step::Promoted => "promoted",
+            Step::Revoked => "revoked",
+            Step::Verified => "verified",
+            Step::Restored => "restored",
+        }
+    }
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Rotated: new secret works, old secret rejected.
+    Succeeded,
+    /// The task failed; `error_class` says why.
+    Failed,
+    /// Rollback done: the previous secret authenticates again.
+    RolledBack,
+    /// Rollback refused (containment never restores an exposed secret).
+    RollbackRefused,
+}
+
+/// Why a task failed, in terms an operator can act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorClass {
+    /// The target could not be reached or timed out.
+    TargetUnavailable,
+    /// The target refused the admin operation (permissions, unknown principal).
+    TargetRejected,
+    /// The new secret did not authenticate after being set.
+    NewSecretRejected,
+    /// The old secret still authenticates after revocation.
+    OldSecretStillAccepted,
+    /// The task names an endpoint this worker does not have.
+    UnknownEndpoint,
+    /// The endpoint exists but is of another kind than the task says.
+    KindMismatch,
+    /// The regional secret store failed or conflicted.
+    Store,
+    /// The task's deadline passed before it finished.
+    DeadlineExceeded,
+    /// A failure injected on purpose (sim target, fault points).
+    Injected,
+    /// Containment credentials are never restored to the exposed secret.
+    RollbackRefused,
+    /// Nothing to roll back to (no previous secret in the store).
+    NoPrevious,
+    /// The message could not be decoded.
+    Malformed,
+    /// No result arrived before the wave deadline (set by the coordinator).
+    NoResult,
+    /// A bug or unexpected state.
+    Internal,
+}
+
+impl ErrorClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::TargetUnavailable => "target_unavailable",
+            ErrorClass::TargetRejected => "target_rejected",
+            ErrorClass::NewSecretRejected => "new_secret_rejected",
+            ErrorClass::OldSecretStillAccepted => "old_secret_still_accepted",
+            ErrorClass::UnknownEndpoint => "unknown_endpoint",
+            ErrorClass::KindMismatch => "kind_mismatch",
+            ErrorClass::Store => "store",
+            ErrorClass::DeadlineExceeded => "deadline_exceeded",
+            ErrorClass::Injected => "injected",
+            ErrorClass::RollbackRefused => "rollback_refused",
+            ErrorClass::NoPrevious => "no_previous",
+            ErrorClass::Malformed => "malformed",
+            ErrorClass::NoResult => "no_result",
+            ErrorClass::Internal => "internal",
+        }
+    }
+}
+
+impl fmt::Display for ErrorClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Time spent in one step, in microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepTiming {
+    pub step: Step,
+    pub micros: u64,
+}
+
+/// The outcome of one task, published by a worker on
+/// `keywave.result.<region>.<campaign>`. Carries fingerprints, never secrets.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RotationResult {
+    pub v: u16,
+    pub task_id: String,
+    pub campaign_id: String,
+    pub wave: u32,
+    pub index: u32,
+    pub action: TaskAction,
+    pub credential_id: String,
+    pub region: String,
+    pub outcome: Outcome,
+    /// Last step that completed.
+    pub step: Step,
+    #[serde(default)]
+    pub error_class: Option<ErrorClass>,
+    /// Human-readable cause; never contains a secret.
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub timings: Vec<StepTiming>,
+    /// Fingerprint of the secret now CURRENT (after rotation or rollback).
+    #[serde(default)]
+    pub new_fingerprint: Option<String>,
+    /// Fingerprint of the secret that was replaced.
+    #[serde(default)]
+    pub old_fingerprint: Option<String>,
+    /// Whether the target rejected the old secret when checked (None: not checked,
+    /// e.g. a first rotation with no known old secret).
+    #[serde(default)]
+    pub old_rejected: Option<bool>,
+    pub worker_id: String,
+    pub finished_at_ms: u64,
+}
+
+/// A wave size: an absolute count or a percentage of the campaign's total.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum WaveSize {
+    Count(u64),
+    Percent(f64),
+}
+
+impl fmt::Display for WaveSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WaveSize::Count(n) => write!(f, "{n}"),
+            WaveSize::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+impl std::str::FromStr for WaveSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if let Some(p) = s.strip_suffix('%') {
+            let p: f64 = p
+                .trim()
+                .parse()
+                .map_err(|_| format!("bad wave percentage {s:?}"))?;
+            if !(p > 0.0 && p <= 100.0) {
+                return Err(format!("wave percentage {s:?} must be in (0, 100]"));
+            }
+            Ok(WaveSize::Percent(p))
+        } else {
+            let n: u64 = s.parse().map_err(|_| {
+                format!("bad wave size {s:?} (expected a count like 10 or a percentage like 10%)")
+            })?;
+            if n == 0 {
+                return Err("wave size must be at least 1".into());
+            }
+            Ok(WaveSize::Count(n))
+        }
+    }
+}
+
+impl Serialize for WaveSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for WaveSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => n.to_string().parse().map_err(serde::de::Error::custom),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Parses a wave plan such as `1,10%,50%`.
+pub fn parse_wave_plan(s: &str) -> Result<Vec<WaveSize>, String> {
+    let plan: Vec<WaveSize> = s.split(',').map(str::parse).collect::<Result<_, _>>()?;
+    if plan.is_empty() {
+        return Err("wave plan is empty".into());
+    }
+    Ok(plan)
+}
+
+/// Which credentials a campaign covers. Empty lists match everything; a
+/// credential must match every non-empty list.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Selector {
+    /// Exact credential ids.
+    #[serde(default)]
+    pub ids: Vec<String>,
+    /// Tags that must all be present (`key=value` or `label`).
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Regions (any of).
+    #[serde(default)]
+    pub regions: Vec<String>,
+    /// Endpoint names (any of).
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// Target kinds (any of).
+    #[serde(default)]
+    pub kinds: Vec<TargetKind>,
+}
+
+impl Selector {
+    pub fn matches(&self, c: &Credential) -> bool {
+        (self.ids.is_empty() || self.ids.iter().any(|i| i == &c.id))
+            && self.tags.iter().all(|t| c.tags.iter().any(|ct| ct == t))
+            && (self.regions.is_empty() || self.regions.iter().any(|r| r == &c.region))
+            && (self.endpoints.is_empty() || self.endpoints.iter().any(|e| e == &c.endpoint))
+            && (self.kinds.is_empty() || self.kinds.contains(&c.kind))
+    }
+
+    /// Parses the CLI form: `id=a,b tag=env=prod region=eu,us endpoint=x kind=redis`,
+    /// space- or `;`-separated clauses.
+    pub fn parse(s: &str) -> Result<Selector, String> {
+        let mut sel = Selector::default();
+        for clause in s.split([' ', ';']).filter(|c| !c.trim().is_empty()) {
+            let (k, v) = clause
+                .split_once('=')
+                .ok_or_else(|| format!("selector clause {clause:?} is not key=value"))?;
+            match k {
+                "id" | "ids" => sel.ids.extend(v.split(',').map(String::from)),
+                "tag" | "tags" => sel.tags.extend(v.split(',').map(String::from)),
+                "region" | "regions" => sel.regions.extend(v.split(',').map(String::from)),
+                "endpoint" | "endpoints" => sel.endpoints.extend(v.split(',').map(String::from)),
+                "kind" | "kinds" => {
+                    for k in v.split(',') {
+                        sel.kinds.push(k.parse()?);
+                    }
+                }
+                o => {
+                    return Err(format!(
+                        "unknown selector key {o:?} (expected id, tag, region, endpoint or kind)"
+                    ))
+                }
+            }
+        }
+        Ok(sel)
+    }
+}
+
+/// What to do when a wave exceeds its failure budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// Send rollback tasks for the wave's succeeded credentials, then stop.
+    Rollback,
+    /// Stop and wait for an operator.
+    Pause,
+}
+
+impl std::str::FromStr for OnFailure {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "rollback" => Ok(OnFailure::Rollback),
+            "pause" => Ok(OnFailure::Pause),
+            o => Err(format!(
+                "unknown on_failure {o:?} (expected rollback or pause)"
+            )),
+        }
+    }
+}
+
+/// A campaign request: which credentials, how, and in which waves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CampaignSpec {
+    #[serde(default = "schema_version")]
+    pub v: u16,
+    /// Short human name ("post-leak reset 2026-11").
+    #[serde(default)]
+    pub name: String,
+    /// Why the campaign runs (ticket, incident).
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub selector: Selector,
+    pub strategy: Strategy,
+    /// Wave sizes; the last entry repeats until every credential is covered.
+    pub waves: Vec<WaveSize>,
+    /// Fraction of a wave allowed to fail (0.0..=1.0); the wave fails when
+    /// failed / size is strictly greater.
+    pub failure_budget: f64,
+    /// Pause between a successful wave and the next one, in milliseconds.
+    #[serde(default)]
+    pub bake_ms: u64,
+    pub on_failure: OnFailure,
+    /// How long a task may take before it counts as failed, in milliseconds.
+    pub task_timeout_ms: u64,
+}
+
+impl CampaignSpec {
+    /// Checks the fields the coordinator relies on; names the bad one.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.v != SCHEMA_VERSION {
+            return Err(format!("v: unsupported schema version {}", self.v));
+        }
+        if self.waves.is_empty() {
+            return Err("waves: at least one wave size is required".into());
+        }
+        if !(0.0..=1.0).contains(&self.failure_budget) {
+            return Err("failure_budget: must be between 0 and 1".into());
+        }
+        if self.task_timeout_ms == 0 {
+            return Err("task_timeout_ms: must be positive".into());
+        }
+        for r in &self.selector.regions {
+            crate::ids::validate("selector region", r).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+/// Lifecycle of a campaign.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CampaignState {
+    Running,
+    Baking,
+    Paused,
+    RollingBack,
+    RolledBack,
+    Completed,
+    Aborted,
+}
+
+impl CampaignState {
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            CampaignState::RolledBack | CampaignState::Completed | CampaignState::Aborted
+        )
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CampaignState::Running => "running",
+            CampaignState::Baking => "baking",
+            CampaignState::Paused => "paused",
+            CampaignState::RollingBack => "rolling_back",
+            CampaignState::RolledBack => "rolled_back",
+            CampaignState::Completed => "completed",
+            CampaignState::Aborted => "aborted",
+        }
+    }
+}
+
+impl fmt::Display for CampaignState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The coordinator's decision after a wave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    NextWave,
+    Complete,
+    Pause,
+    Rollback,
+}
+
+/// Per-class failure counts.
+pub type FailureCounts = std::collections::BTreeMap<String, u64>;
+
+/// Something that happened to a campaign, on `keywave.event.<campaign>.<kind>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CampaignEvent {
+    pub v: u16,
+    pub campaign_id: String,
+    pub at_ms: u64,
+    pub kind: EventKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EventKind {
+    Created {
+        spec: CampaignSpec,
+        total: u64,
+        wave_sizes: Vec<u64>,
+    },
+    WaveStarted {
+        wave: u32,
+        size: u64,
+    },
+    WaveFinished {
+        wave: u32,
+        size: u64,
+        succeeded: u64,
+        failed: u64,
+        no_result: u64,
+        failures: FailureCounts,
+    },
+    Decision {
+        wave: u32,
+        decision: Decision,
+        reason: String,
+    },
+    RollbackStarted {
+        wave: u32,
+        tasks: u64,
+    },
+    RollbackRefused {
+        wave: u32,
+        credentials: u64,
+        reason: String,
+    },
+    RollbackFinished {
+        wave: u32,
+        restored: u64,
+        refused: u64,
+        failed: u64,
+    },
+    StateChanged {
+        state: CampaignState,
+        reason: String,
+    },
+    DeadLetter {
+        region: String,
+        task_id: Option<String>,
+        reason: String,
+    },
+}
+
+impl EventKind {
+    /// The last subject token of the event.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::Created { .. } => "created",
+            EventKind::WaveStarted { .. } => "wave_started",
+            EventKind::WaveFinished { .. } => "wave_finished",
+            EventKind::Decision { .. } => "decision",
+            EventKind::RollbackStarted { .. } => "rollback_started",
+            EventKind::RollbackRefused { .. } => "rollback_refused",
+            EventKind::RollbackFinished { .. } => "rollback_finished",
+            EventKind::StateChanged { .. } => "state_changed",
+            EventKind::DeadLetter { .. } => "dead_letter",
+        }
+    }
+}
+
+/// A record on the dead-letter stream: what arrived and why it was refused.
+/// The original payload is kept (base64) only up to a bound; tasks never carry
+/// secrets, so keeping it is safe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub v: u16,
+    pub region: String,
+    pub subject: String,
+    pub reason: String,
+    pub task_id: Option<String>,
+    pub campaign_id: Option<String>,
+    pub payload_len: usize,
+    pub payload_b64: String,
+    pub at_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wave_plan_parses() {
+        assert_eq!(
+            parse_wave_plan("1,10%,50%").unwrap(),
+            vec![
+                WaveSize::Count(1),
+                WaveSize::Percent(10.0),
+                WaveSize::Percent(50.0)
+            ]
+        );
+        assert!(parse_wave_plan("0").is_err());
+        assert!(parse_wave_plan("150%").is_err());
+        assert!(parse_wave_plan("x").is_err());
+    }
+
+    #[test]
+    fn selector_parses_and_matches() {
+        let sel = Selector::parse("region=eu,us tag=env=prod kind=redis").unwrap();
+        let mut c = Credential {
+            v: 1,
+            id: "a".into(),
+            region: "eu".into(),
+            endpoint: "r1".into(),
+            kind: TargetKind::Redis,
+            principal: "app".into(),
+            tags: vec!["env=prod".into(), "team=x".into()],
+            owner: None,
+            consumers: vec![],
+        };
+        assert!(sel.matches(&c));
+        c.region = "ap".into();
+        assert!(!sel.matches(&c));
+        assert!(Selector::parse("color=red").is_err());
+    }
+}
