@@ -123,16 +123,40 @@ async fn stream(js: &Context, cfg: stream::Config) -> Result<stream::Stream, Top
 
 async fn bucket(js: &Context, cfg: kv::Config) -> Result<kv::Store, TopologyError> {
     let name = cfg.bucket.clone();
-    match js.get_key_value(&name).await {
-        Ok(kv) => Ok(kv),
-        Err(_) => match js.create_key_value(cfg).await {
-            Ok(kv) => Ok(kv),
-            // Another process may have created it between the two calls.
-            Err(e) => js
-                .get_key_value(&name)
-                .await
-                .map_err(|_| terr(format!("bucket {name}"), e)),
-        },
+    if let Ok(kv) = js.get_key_value(&name).await {
+        return Ok(kv);
+    }
+    // The bucket's stream is created directly rather than with
+    // `Context::create_key_value`, which first reads the account info and
+    // fails on nats-server 2.9 (its reply lacks fields async-nats requires).
+    // Creating it again with the same config is a no-op, so racing processes
+    // all succeed.
+    let created = js.get_or_create_stream(kv_stream_config(&cfg)).await;
+    js.get_key_value(&name).await.map_err(|e| match created {
+        Err(c) => terr(format!("bucket {name}"), c),
+        Ok(_) => terr(format!("bucket {name}"), e),
+    })
+}
+
+/// The stream behind KV bucket `cfg.bucket`, laid out as the KV API lays it
+/// out (`KV_<bucket>` on `$KV.<bucket>.>`, history as messages per subject).
+pub fn kv_stream_config(cfg: &kv::Config) -> stream::Config {
+    stream::Config {
+        name: format!("KV_{}", cfg.bucket),
+        description: Some(cfg.description.clone()),
+        subjects: vec![format!("$KV.{}.>", cfg.bucket)],
+        max_messages_per_subject: cfg.history.max(1),
+        max_bytes: cfg.max_bytes,
+        max_age: cfg.max_age,
+        max_message_size: cfg.max_value_size,
+        storage: cfg.storage,
+        allow_rollup: true,
+        deny_delete: true,
+        deny_purge: false,
+        allow_direct: true,
+        num_replicas: cfg.num_replicas.max(1),
+        discard: DiscardPolicy::New,
+        ..Default::default()
     }
 }
 

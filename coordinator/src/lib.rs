@@ -1,1 +1,28 @@
+//! The keywave coordinator: it keeps the credential inventory, plans a
+//! campaign into waves, publishes rotation tasks per region, aggregates the
+//! workers' results and decides after each wave whether to go on, complete,
+//! pause or roll back. NATS JetStream holds every bit of state, so a
+//! restarted coordinator resumes each campaign where it stood.
+//!
+//! # Layout
+//! - [`inventory`]: import (JSON, JSON Lines, CSV) and listing of the `keywave-inventory` KV bucket.
+//! - [`engine`]: the [`Coordinator`]: campaign start, per-campaign driver, result
+//!   aggregation, wave decisions, rollback, snapshots and restart recovery.
+//! - [`api`]: the NATS request/reply server for `keywave.api.v1.<verb>`.
+//! - [`client`]: [`client::ApiClient`], the typed client of that API (CLI, tests, `keywave dev`).
+//! - [`cli`]: clap definitions of the `keywave` and `keywave-coordinator` binaries, and
+//!   their validation into typed configuration (durations, campaign specs).
+//! - [`commands`]: what each `keywave` command does and prints (human or `--json`).
+//! - [`dev`]: `keywave dev`, a complete in-process demo (nats-server, sim workers, coordinator).
+//! - `kvscan` (private): reading the latest value of every key of a KV bucket in one pass.
 
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod commands;
+pub mod dev;
+pub mod engine;
+pub mod inventory;
+mod kvscan;
+
+pub use engine::{Coordinator, CoordinatorError, CoordinatorOptions};

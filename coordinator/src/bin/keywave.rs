@@ -1,0 +1,32 @@
+//! The `keywave` operator CLI: parse flags, run the command, turn an error
+//! into one line on stderr (and a JSON object with `--json`) and an exit code.
+
+use clap::Parser;
+use keywave_coordinator::{cli::Cli, commands};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            // Quiet by default: `keywave dev` runs workers in-process, whose
+            // per-task warnings would drown the progress lines.
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("warn,keywave_worker=error")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let json = cli.json;
+    match commands::run(cli).await {
+        Ok(code) => std::process::ExitCode::from(code),
+        Err(e) => {
+            let line = e.to_string().replace('\n', " ");
+            if json {
+                println!("{}", serde_json::json!({ "ok": false, "error": line }));
+            }
+            eprintln!("error: {line}");
+            std::process::ExitCode::from(e.exit_code())
+        }
+    }
+}

@@ -1,0 +1,622 @@
+//! Command-line definitions of the `keywave` operator CLI and the
+//! `keywave-coordinator` daemon. The clap structs hold raw flags; the
+//! `to_*` methods validate them into typed configuration ([`CampaignSpec`],
+//! [`CoordinatorOptions`], [`DevOptions`]) and name the bad flag on error.
+//! Durations are written like `500ms`, `30s`, `2m`, `1h` or `1m30s`.
+
+use crate::{dev::DevOptions, engine::CoordinatorOptions, inventory};
+use clap::{Args, Parser, Subcommand};
+use keywave_common::{
+    ids, topology,
+    wire::{self, CampaignSpec, OnFailure, Selector, Strategy, SCHEMA_VERSION},
+};
+use std::path::PathBuf;
+use std::time::Duration;
+use thiserror::Error;
+
+/// Environment variable holding the NATS URL.
+pub const NATS_URL_ENV: &str = "KEYWAVE_NATS_URL";
+/// Environment variable holding the coordinator's id.
+pub const COORDINATOR_ID_ENV: &str = "KEYWAVE_COORDINATOR_ID";
+/// NATS URL used when neither `--nats` nor [`NATS_URL_ENV`] is given.
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+
+/// A flag that does not validate.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("{flag}: {message}")]
+pub struct UsageError {
+    pub flag: String,
+    pub message: String,
+}
+
+fn usage(flag: &str, message: impl Into<String>) -> UsageError {
+    UsageError {
+        flag: flag.to_string(),
+        message: message.into(),
+    }
+}
+
+/// Parses a duration such as `500ms`, `30s`, `2m`, `1h` or `1m30s`; a bare
+/// `0` is zero.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    if s.is_empty() {
+        return Err("empty duration (expected e.g. 500ms, 30s, 2m, 1h)".into());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return Err(format!(
+                "bad duration {s:?} (expected e.g. 500ms, 30s, 2m, 1h)"
+            ));
+        }
+        let n: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("duration {s:?} is too large"))?;
+        rest = &rest[digits..];
+        let unit_len = rest.bytes().take_while(|b| b.is_ascii_alphabetic()).count();
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let part = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            "" => {
+                return Err(format!(
+                    "duration {s:?} needs a unit: ms, s, m or h (e.g. 30s)"
+                ))
+            }
+            u => {
+                return Err(format!(
+                    "unknown duration unit {u:?} in {s:?} (use ms, s, m or h)"
+                ))
+            }
+        };
+        total = total.saturating_add(part);
+    }
+    Ok(total)
+}
+
+/// Formats milliseconds compactly: `30s`, `2m`, `1h`, `1500ms`.
+pub fn format_duration_ms(ms: u64) -> String {
+    match ms {
+        0 => "0s".into(),
+        ms if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        ms if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        ms if ms % 1_000 == 0 => format!("{}s", ms / 1_000),
+        ms => format!("{ms}ms"),
+    }
+}
+
+fn duration_flag(flag: &str, s: &str) -> Result<Duration, UsageError> {
+    parse_duration(s).map_err(|e| usage(flag, e))
+}
+
+/// `keywave`: the operator CLI.
+#[derive(Debug, Parser)]
+#[command(
+    name = "keywave",
+    version,
+    about = "Rotate many credentials at once over NATS JetStream, and prove it worked.",
+    long_about = "keywave rotates many credentials at once (a mass password reset for non-human \
+identities) in waves, over NATS JetStream, and proves the result: every new secret works, \
+every old secret is rejected. This CLI imports the inventory, plans and drives campaigns \
+through the coordinators' API, and runs a complete local demo (`keywave dev`).",
+    after_help = "Examples:\n  keywave dev                                   # local demo: nats-server, sim workers, coordinator\n  keywave inventory import creds.csv\n  keywave campaign plan --selector 'region=eu tag=env=prod'\n  keywave campaign start --selector 'tag=env=prod' --waves 1,10%,50% --wait\n  keywave --json campaign status c-0123456789ab"
+)]
+pub struct Cli {
+    /// NATS server URL (ignored by `dev` unless given: `dev` then starts its own nats-server).
+    #[arg(long, global = true, env = NATS_URL_ENV, value_name = "URL")]
+    pub nats: Option<String>,
+    /// Machine-readable output: one JSON document on stdout; errors as `{"ok":false,"error":...}`.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+impl Cli {
+    /// The NATS URL for commands that talk to a running system.
+    pub fn nats_url(&self) -> String {
+        self.nats.clone().unwrap_or_else(|| DEFAULT_NATS_URL.into())
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Import and list the credential inventory.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  keywave inventory import creds.csv\n  keywave inventory list --selector 'region=eu tag=env=prod'"
+    )]
+    Inventory(InventoryCommand),
+    /// Plan, start, watch and steer rotation campaigns.
+    #[command(
+        subcommand,
+        long_about = "A campaign rotates the credentials chosen by a selector in waves. After each \
+wave the coordinator decides from the workers' results: next wave, done, pause, or roll back.",
+        after_help = "Examples:\n  keywave campaign plan --selector 'tag=env=prod'\n  keywave campaign start --selector 'tag=env=prod' --waves 1,10%,50% --wait\n  keywave campaign status c-0123456789ab"
+    )]
+    Campaign(CampaignCommand),
+    /// Run a complete local demo: nats-server, simulated targets, workers, a coordinator, one campaign.
+    #[command(
+        long_about = "Runs keywave end to end on this machine: starts nats-server (unless --nats is \
+given), generates simulated credentials, seeds the simulated targets and the regional secret stores, \
+runs the workers and a coordinator in-process, rotates everything in waves, prints a report and \
+verifies a sample: the stored CURRENT secret authenticates, the PREVIOUS one is rejected.",
+        after_help = "Examples:\n  keywave dev\n  keywave dev --credentials 100000 --regions eu,us --workers-per-region 2\n  keywave dev --fail-rate 0.2            # trips the failure budget: the wave is rolled back\n  keywave dev --json | tail -n1 | jq .credentials_per_s"
+    )]
+    Dev(DevArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InventoryCommand {
+    /// Import credentials from a JSON, JSON Lines or CSV file (all or nothing).
+    #[command(
+        long_about = "Imports credentials into the keywave-inventory bucket. The whole file is \
+validated first; a single bad record (reported with its line and field) means nothing is written. \
+Columns / fields: id, region, endpoint, kind (redis|postgres|mysql|sim), principal, and optional \
+tags, owner, consumers (`;`-separated in CSV). See docs/inventory.md.",
+        after_help = "Examples:\n  keywave inventory import creds.csv\n  keywave inventory import export.txt --format jsonl\n\nCSV example:\n  id,region,endpoint,kind,principal,tags,owner,consumers\n  db-orders,eu,pg-main,postgres,orders_rw,env=prod;tier=1,team-orders,orders-api"
+    )]
+    Import(ImportArgs),
+    /// List credentials, optionally filtered by a selector.
+    #[command(
+        after_help = "Examples:\n  keywave inventory list\n  keywave inventory list --selector 'region=eu tag=env=prod'\n  keywave --json inventory list --selector kind=redis"
+    )]
+    List(ListArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// The file to import.
+    pub file: PathBuf,
+    /// File format; by default taken from the extension (.json, .jsonl/.ndjson, .csv).
+    #[arg(long, value_name = "json|jsonl|csv")]
+    pub format: Option<String>,
+}
+
+impl ImportArgs {
+    pub fn format(&self) -> Result<Option<inventory::Format>, UsageError> {
+        self.format
+            .as_deref()
+            .map(|f| f.parse().map_err(|e| usage("--format", e)))
+            .transpose()
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Selector: space-separated clauses `id=`, `tag=`, `region=`, `endpoint=`, `kind=` (values comma-separated).
+    #[arg(long, default_value = "")]
+    pub selector: String,
+}
+
+pub fn parse_selector(s: &str) -> Result<Selector, UsageError> {
+    let sel = Selector::parse(s).map_err(|e| usage("--selector", e))?;
+    for r in &sel.regions {
+        ids::validate("region", r).map_err(|e| usage("--selector", e.to_string()))?;
+    }
+    Ok(sel)
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CampaignCommand {
+    /// Dry run: compute the waves from the inventory locally and print them; changes nothing.
+    #[command(
+        after_help = "Examples:\n  keywave campaign plan --selector 'region=eu' --waves 1,10%,50%\n  keywave --json campaign plan --selector tag=env=prod > plan.json"
+    )]
+    Plan(PlanArgs),
+    /// Start a campaign (from flags or a JSON spec file).
+    #[command(
+        long_about = "Starts a rotation campaign on the running coordinators: the selected \
+credentials are sorted by id and split into waves; each wave must stay within the failure budget \
+(failed / size, where a task without result by its deadline counts as failed) or the campaign \
+rolls the wave back (continuity) or pauses. Containment campaigns never roll back.",
+        after_help = "Examples:\n  keywave campaign start --selector 'tag=env=prod' --waves 1,10%,50% --bake 30s --wait\n  keywave campaign start --selector 'id=db-1,db-2' --strategy containment --reason INC-1234\n  keywave campaign start --spec campaign.json\n\nSpec file example:\n  {\"name\":\"q3 reset\",\"selector\":{\"tags\":[\"env=prod\"]},\"strategy\":\"continuity\",\n   \"waves\":[1,\"10%\",\"50%\"],\"failure_budget\":0.05,\"bake_ms\":30000,\n   \"on_failure\":\"rollback\",\"task_timeout_ms\":60000}"
+    )]
+    Start(StartArgs),
+    /// Show a campaign's state, waves and counters.
+    #[command(
+        after_help = "Examples:\n  keywave campaign status c-0123456789ab\n  keywave --json campaign status c-0123456789ab | jq .state"
+    )]
+    Status(IdArg),
+    /// List every campaign.
+    #[command(after_help = "Examples:\n  keywave campaign list\n  keywave --json campaign list")]
+    List,
+    /// Pause a campaign: no new tasks; tasks in flight finish and are counted.
+    #[command(after_help = "Example:\n  keywave campaign pause c-0123456789ab")]
+    Pause(IdArg),
+    /// Resume a paused campaign (after a failed wave: with the next wave).
+    #[command(after_help = "Example:\n  keywave campaign resume c-0123456789ab")]
+    Resume(IdArg),
+    /// Abort a campaign: no more tasks are issued; tasks in flight finish.
+    #[command(after_help = "Example:\n  keywave campaign abort c-0123456789ab")]
+    Abort(IdArg),
+}
+
+#[derive(Debug, Args)]
+pub struct IdArg {
+    /// The campaign id (as printed by `campaign start` or `campaign list`).
+    pub id: String,
+}
+
+/// Raw campaign flags (validated by [`SpecArgs::to_spec`]).
+#[derive(Debug, Args, Clone)]
+pub struct SpecArgs {
+    /// A JSON campaign spec file instead of the flags below.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["selector", "strategy", "waves", "failure_budget", "bake", "on_failure", "task_timeout", "name", "reason"])]
+    pub spec: Option<PathBuf>,
+    /// Which credentials: space-separated clauses `id=`, `tag=`, `region=`, `endpoint=`, `kind=`; empty selects all.
+    #[arg(long, default_value = "")]
+    pub selector: String,
+    /// continuity (old secret valid until consumers moved; can roll back) or containment (leak: old secret invalidated first; never rolled back).
+    #[arg(
+        long,
+        default_value = "continuity",
+        value_name = "continuity|containment"
+    )]
+    pub strategy: String,
+    /// Wave sizes: counts or percentages of the total; the last one repeats.
+    #[arg(long, default_value = "1,10%,50%")]
+    pub waves: String,
+    /// Fraction of a wave allowed to fail (0..1); the wave fails when failed/size is greater.
+    #[arg(long, default_value = "0.05")]
+    pub failure_budget: String,
+    /// Pause between a successful wave and the next one.
+    #[arg(long, default_value = "0s", value_name = "DURATION")]
+    pub bake: String,
+    /// What a failed wave triggers.
+    #[arg(long, default_value = "rollback", value_name = "rollback|pause")]
+    pub on_failure: String,
+    /// How long one task may take before it counts as failed.
+    #[arg(long, default_value = "60s", value_name = "DURATION")]
+    pub task_timeout: String,
+    /// A short name for the campaign.
+    #[arg(long, default_value = "")]
+    pub name: String,
+    /// Why the campaign runs (ticket, incident).
+    #[arg(long)]
+    pub reason: Option<String>,
+}
+
+impl SpecArgs {
+    /// The validated campaign spec.
+    pub fn to_spec(&self) -> Result<CampaignSpec, UsageError> {
+        let spec = if let Some(path) = &self.spec {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| usage("--spec", format!("cannot read {}: {e}", path.display())))?;
+            serde_json::from_str::<CampaignSpec>(&text)
+                .map_err(|e| usage("--spec", format!("{}: {e}", path.display())))?
+        } else {
+            let failure_budget: f64 = self.failure_budget.trim().parse().map_err(|_| {
+                usage(
+                    "--failure-budget",
+                    format!("{:?} is not a number (e.g. 0.05)", self.failure_budget),
+                )
+            })?;
+            CampaignSpec {
+                v: SCHEMA_VERSION,
+                name: self.name.clone(),
+                reason: self.reason.clone(),
+                selector: parse_selector(&self.selector)?,
+                strategy: self
+                    .strategy
+                    .parse::<Strategy>()
+                    .map_err(|e| usage("--strategy", e))?,
+                waves: wire::parse_wave_plan(&self.waves).map_err(|e| usage("--waves", e))?,
+                failure_budget,
+                bake_ms: duration_flag("--bake", &self.bake)?.as_millis() as u64,
+                on_failure: self
+                    .on_failure
+                    .parse::<OnFailure>()
+                    .map_err(|e| usage("--on-failure", e))?,
+                task_timeout_ms: duration_flag("--task-timeout", &self.task_timeout)?.as_millis()
+                    as u64,
+            }
+        };
+        spec.validate().map_err(|e| {
+            let (field, msg) = e.split_once(": ").unwrap_or(("spec", e.as_str()));
+            let flag = match field {
+                "failure_budget" => "--failure-budget",
+                "task_timeout_ms" => "--task-timeout",
+                "waves" => "--waves",
+                "selector region" => "--selector",
+                _ => "--spec",
+            };
+            usage(flag, msg)
+        })?;
+        Ok(spec)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub spec: SpecArgs,
+    /// Credentials printed per wave in human output (all of them with --json).
+    #[arg(long, default_value_t = 20)]
+    pub limit: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    #[command(flatten)]
+    pub spec: SpecArgs,
+    /// Block until the campaign is finished or paused, print the outcome; exit 3 unless it completed.
+    #[arg(long)]
+    pub wait: bool,
+    /// Longest --wait.
+    #[arg(long, default_value = "24h", value_name = "DURATION")]
+    pub wait_timeout: String,
+}
+
+/// Raw flags of `keywave dev`.
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Regions to simulate.
+    #[arg(long, default_value = "eu,us,ap")]
+    pub regions: String,
+    /// Simulated credentials, spread round-robin over the regions.
+    #[arg(long, default_value_t = 10_000)]
+    pub credentials: u64,
+    /// Probability that the simulated target fails a rotation (0..1).
+    #[arg(long, default_value_t = 0.0)]
+    pub fail_rate: f64,
+    /// Workers per region (in-process).
+    #[arg(long, default_value_t = 1)]
+    pub workers_per_region: usize,
+    /// Wave plan.
+    #[arg(long, default_value = "1,10%,50%")]
+    pub waves: String,
+    /// Failure budget per wave.
+    #[arg(long, default_value_t = 0.05)]
+    pub failure_budget: f64,
+    /// continuity or containment.
+    #[arg(long, default_value = "continuity")]
+    pub strategy: String,
+    /// Bake time between waves.
+    #[arg(long, default_value = "0s", value_name = "DURATION")]
+    pub bake: String,
+    /// Tasks in flight per worker.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+}
+
+impl DevArgs {
+    pub fn to_options(
+        &self,
+        nats_url: Option<String>,
+        json: bool,
+    ) -> Result<DevOptions, UsageError> {
+        let regions: Vec<String> = self
+            .regions
+            .split(',')
+            .map(|r| r.trim().to_string())
+            .filter(|r| !r.is_empty())
+            .collect();
+        if regions.is_empty() {
+            return Err(usage("--regions", "at least one region is required"));
+        }
+        for r in &regions {
+            ids::validate("region", r).map_err(|e| usage("--regions", e.to_string()))?;
+        }
+        if self.credentials == 0 {
+            return Err(usage("--credentials", "must be at least 1"));
+        }
+        if !(0.0..=1.0).contains(&self.fail_rate) {
+            return Err(usage("--fail-rate", "must be between 0 and 1"));
+        }
+        if !(0.0..=1.0).contains(&self.failure_budget) {
+            return Err(usage("--failure-budget", "must be between 0 and 1"));
+        }
+        if self.workers_per_region == 0 {
+            return Err(usage("--workers-per-region", "must be at least 1"));
+        }
+        if self.concurrency == 0 {
+            return Err(usage("--concurrency", "must be at least 1"));
+        }
+        Ok(DevOptions {
+            nats_url,
+            regions,
+            credentials: self.credentials,
+            fail_rate: self.fail_rate,
+            workers_per_region: self.workers_per_region,
+            waves: wire::parse_wave_plan(&self.waves).map_err(|e| usage("--waves", e))?,
+            failure_budget: self.failure_budget,
+            strategy: self
+                .strategy
+                .parse()
+                .map_err(|e: String| usage("--strategy", e))?,
+            json,
+            bake_ms: duration_flag("--bake", &self.bake)?.as_millis() as u64,
+            concurrency: self.concurrency,
+        })
+    }
+}
+
+/// `keywave-coordinator`: the coordinator daemon.
+#[derive(Debug, Parser)]
+#[command(
+    name = "keywave-coordinator",
+    version,
+    about = "The keywave coordinator: plans campaigns into waves, publishes rotation tasks, aggregates results, decides.",
+    long_about = "Runs a keywave coordinator. It creates the JetStream streams and buckets if needed, \
+resumes every unfinished campaign found in the keywave-campaigns bucket and serves the operator API \
+(keywave.api.v1.*, queue group keywave-coordinator). SIGTERM or SIGINT stops it cleanly; \
+campaigns resume in the next coordinator. Logs go to stderr; set RUST_LOG (e.g. info, keywave_coordinator=debug).",
+    after_help = "Examples:\n  keywave-coordinator --nats nats://127.0.0.1:4222\n  KEYWAVE_NATS_URL=nats://nats:4222 RUST_LOG=info keywave-coordinator --id coord-1 --replicas 3"
+)]
+pub struct DaemonArgs {
+    /// NATS server URL.
+    #[arg(long, env = NATS_URL_ENV, default_value = DEFAULT_NATS_URL, value_name = "URL")]
+    pub nats: String,
+    /// This coordinator's name in logs and control records (random by default).
+    #[arg(long, env = COORDINATOR_ID_ENV)]
+    pub id: Option<String>,
+    /// Replicas of the streams and buckets this coordinator creates (3 on a cluster).
+    #[arg(long, default_value_t = 1)]
+    pub replicas: usize,
+    /// How often campaign progress snapshots are saved.
+    #[arg(long, default_value = "1s", value_name = "DURATION")]
+    pub progress_interval: String,
+}
+
+impl DaemonArgs {
+    pub fn to_options(&self) -> Result<CoordinatorOptions, UsageError> {
+        let mut opts = CoordinatorOptions::default();
+        if let Some(id) = &self.id {
+            ids::validate("coordinator id", id).map_err(|e| usage("--id", e.to_string()))?;
+            opts.coordinator_id = id.clone();
+        }
+        if self.replicas == 0 || self.replicas > 5 {
+            return Err(usage("--replicas", "must be between 1 and 5"));
+        }
+        opts.topology = topology::Config {
+            replicas: self.replicas,
+            ..Default::default()
+        };
+        opts.progress_interval = duration_flag("--progress-interval", &self.progress_interval)?;
+        if opts.progress_interval.is_zero() {
+            return Err(usage("--progress-interval", "must be positive"));
+        }
+        Ok(opts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration(" 0 "), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        for bad in ["", "30", "s", "1.5s", "10d", "-1s", "1s2"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} must be rejected");
+        }
+    }
+
+    #[test]
+    fn durations_format() {
+        assert_eq!(format_duration_ms(0), "0s");
+        assert_eq!(format_duration_ms(30_000), "30s");
+        assert_eq!(format_duration_ms(120_000), "2m");
+        assert_eq!(format_duration_ms(7_200_000), "2h");
+        assert_eq!(format_duration_ms(1_500), "1500ms");
+    }
+
+    #[test]
+    fn cli_definitions_are_consistent() {
+        Cli::command().debug_assert();
+        DaemonArgs::command().debug_assert();
+    }
+
+    fn start(args: &[&str]) -> StartArgs {
+        let mut argv = vec!["keywave", "campaign", "start"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Campaign(CampaignCommand::Start(s)) => s,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn campaign_flags_validate_into_a_spec() {
+        let s = start(&[
+            "--selector",
+            "region=eu tag=env=prod",
+            "--waves",
+            "1,10%",
+            "--bake",
+            "30s",
+            "--on-failure",
+            "pause",
+            "--strategy",
+            "containment",
+        ])
+        .spec
+        .to_spec()
+        .unwrap();
+        assert_eq!(s.selector.regions, vec!["eu"]);
+        assert_eq!(s.bake_ms, 30_000);
+        assert_eq!(s.task_timeout_ms, 60_000);
+        assert_eq!(s.on_failure, OnFailure::Pause);
+        assert_eq!(s.strategy, Strategy::Containment);
+        assert_eq!(s.failure_budget, 0.05);
+
+        let err = start(&["--failure-budget", "2"])
+            .spec
+            .to_spec()
+            .unwrap_err();
+        assert_eq!(err.flag, "--failure-budget");
+        let err = start(&["--bake", "soon"]).spec.to_spec().unwrap_err();
+        assert_eq!(err.flag, "--bake");
+        let err = start(&["--waves", "0"]).spec.to_spec().unwrap_err();
+        assert_eq!(err.flag, "--waves");
+        let err = start(&["--selector", "colour=red"])
+            .spec
+            .to_spec()
+            .unwrap_err();
+        assert_eq!(err.flag, "--selector");
+        assert!(Cli::try_parse_from([
+            "keywave", "campaign", "start", "--spec", "x.json", "--waves", "1"
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn spec_file_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spec.json");
+        std::fs::write(
+            &path,
+            r#"{"name":"q3","selector":{"tags":["env=prod"]},"strategy":"continuity","waves":[1,"10%"],"failure_budget":0.1,"on_failure":"rollback","task_timeout_ms":5000}"#,
+        )
+        .unwrap();
+        let spec = start(&["--spec", path.to_str().unwrap()])
+            .spec
+            .to_spec()
+            .unwrap();
+        assert_eq!(spec.name, "q3");
+        assert_eq!(spec.task_timeout_ms, 5000);
+        std::fs::write(&path, r#"{"strategy":"continuity","waves":[1],"failure_budget":0.1,"on_failure":"rollback","task_timeout_ms":5000,"extra":1}"#).unwrap();
+        assert_eq!(
+            start(&["--spec", path.to_str().unwrap()])
+                .spec
+                .to_spec()
+                .unwrap_err()
+                .flag,
+            "--spec"
+        );
+    }
+
+    #[test]
+    fn daemon_flags_validate() {
+        let a = DaemonArgs::try_parse_from([
+            "keywave-coordinator",
+            "--id",
+            "c1",
+            "--progress-interval",
+            "500ms",
+        ])
+        .unwrap();
+        let o = a.to_options().unwrap();
+        assert_eq!(o.coordinator_id, "c1");
+        assert_eq!(o.progress_interval, Duration::from_millis(500));
+        let a = DaemonArgs::try_parse_from(["keywave-coordinator", "--id", "a.b"]).unwrap();
+        assert_eq!(a.to_options().unwrap_err().flag, "--id");
+    }
+}

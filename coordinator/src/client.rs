@@ -1,0 +1,240 @@
+//! [`ApiClient`]: the typed client of the operator API (see [`crate::api`]),
+//! used by the `keywave` CLI, `keywave dev` and the integration tests. API
+//! errors come back as typed [`ClientError`] variants.
+
+use crate::api::Pong;
+use bytes::Bytes;
+use keywave_common::{
+    api::{verbs, CampaignRef, CampaignStatus, CampaignSummary, StartRequest},
+    subjects,
+    wire::{CampaignSpec, CampaignState},
+};
+use serde::{de::DeserializeOwned, Serialize};
+use std::time::Duration;
+use thiserror::Error;
+
+/// Default time a request may take.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// `campaign.start` reads the inventory and writes the plan: allow longer.
+pub const START_TIMEOUT: Duration = Duration::from_secs(300);
+/// Status polling period of [`ApiClient::wait_terminal`].
+pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("no keywave coordinator is listening on {subject} (is keywave-coordinator running?)")]
+    NoCoordinator { subject: String },
+    #[error("{subject}: no reply within {timeout:?}")]
+    Timeout { subject: String, timeout: Duration },
+    #[error("{subject}: request failed: {detail}")]
+    Request { subject: String, detail: String },
+    #[error("{subject}: malformed reply: {detail}")]
+    MalformedReply { subject: String, detail: String },
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("coordinator error: {0}")]
+    Internal(String),
+    #[error("{class}: {message}")]
+    Other { class: String, message: String },
+    #[error("campaign {campaign_id} is still {state} after {timeout:?}")]
+    WaitTimeout {
+        campaign_id: String,
+        state: CampaignState,
+        timeout: Duration,
+    },
+}
+
+/// [`keywave_common::api::ApiReply`] as read by the client (without `ApiReply`'s `Default`
+/// bound on the data type).
+#[derive(serde::Deserialize)]
+struct WireReply<T> {
+    ok: bool,
+    data: Option<T>,
+    error: Option<keywave_common::api::ApiError>,
+}
+
+/// A client of the coordinators' API.
+#[derive(Clone)]
+pub struct ApiClient {
+    client: async_nats::Client,
+    timeout: Duration,
+}
+
+impl ApiClient {
+    pub fn new(client: async_nats::Client) -> Self {
+        ApiClient {
+            client,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// Sets the timeout of every request but `campaign.start`.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        verb: &str,
+        body: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, ClientError> {
+        let subject = subjects::api(verb);
+        let payload: Bytes = serde_json::to_vec(body)
+            .map_err(|e| ClientError::Request {
+                subject: subject.clone(),
+                detail: e.to_string(),
+            })?
+            .into();
+        let request = async_nats::Request::new()
+            .payload(payload)
+            .timeout(Some(timeout));
+        let msg = self
+            .client
+            .send_request(subject.clone(), request)
+            .await
+            .map_err(|e| match e.kind() {
+                async_nats::RequestErrorKind::NoResponders => ClientError::NoCoordinator {
+                    subject: subject.clone(),
+                },
+                async_nats::RequestErrorKind::TimedOut => ClientError::Timeout {
+                    subject: subject.clone(),
+                    timeout,
+                },
+                _ => ClientError::Request {
+                    subject: subject.clone(),
+                    detail: e.to_string(),
+                },
+            })?;
+        let reply: WireReply<Resp> =
+            serde_json::from_slice(&msg.payload).map_err(|e| ClientError::MalformedReply {
+                subject: subject.clone(),
+                detail: e.to_string(),
+            })?;
+        if reply.ok {
+            return reply.data.ok_or_else(|| ClientError::MalformedReply {
+                subject,
+                detail: "ok reply without data".into(),
+            });
+        }
+        let err = reply.error.unwrap_or(keywave_common::api::ApiError {
+            class: "internal".into(),
+            message: "error reply without details".into(),
+        });
+        Err(match err.class.as_str() {
+            "bad_request" => ClientError::BadRequest(err.message),
+            "not_found" => ClientError::NotFound(err.message),
+            "conflict" => ClientError::Conflict(err.message),
+            "internal" => ClientError::Internal(err.message),
+            _ => ClientError::Other {
+                class: err.class,
+                message: err.message,
+            },
+        })
+    }
+
+    /// Starts a campaign; returns its id.
+    pub async fn start(&self, spec: CampaignSpec) -> Result<String, ClientError> {
+        self.start_with_id(spec, None).await
+    }
+
+    /// Starts a campaign under a chosen id; starting the same spec under the
+    /// same id again returns the id (idempotent), another spec is a conflict.
+    pub async fn start_with_id(
+        &self,
+        spec: CampaignSpec,
+        campaign_id: Option<String>,
+    ) -> Result<String, ClientError> {
+        let r: CampaignRef = self
+            .call(
+                verbs::CAMPAIGN_START,
+                &StartRequest { spec, campaign_id },
+                START_TIMEOUT.max(self.timeout),
+            )
+            .await?;
+        Ok(r.campaign_id)
+    }
+
+    fn cref(id: &str) -> CampaignRef {
+        CampaignRef {
+            campaign_id: id.to_string(),
+        }
+    }
+
+    pub async fn status(&self, id: &str) -> Result<CampaignStatus, ClientError> {
+        self.call(verbs::CAMPAIGN_STATUS, &Self::cref(id), self.timeout)
+            .await
+    }
+
+    pub async fn list(&self) -> Result<Vec<CampaignSummary>, ClientError> {
+        self.call(verbs::CAMPAIGN_LIST, &serde_json::json!({}), self.timeout)
+            .await
+    }
+
+    /// Pauses a campaign (no new tasks; in-flight ones finish and are
+    /// counted). Returns the status after the change.
+    pub async fn pause(&self, id: &str) -> Result<CampaignStatus, ClientError> {
+        self.call(verbs::CAMPAIGN_PAUSE, &Self::cref(id), self.timeout)
+            .await
+    }
+
+    /// Resumes a paused campaign, including one paused by a failed wave
+    /// (it continues with the next wave).
+    pub async fn resume(&self, id: &str) -> Result<CampaignStatus, ClientError> {
+        self.call(verbs::CAMPAIGN_RESUME, &Self::cref(id), self.timeout)
+            .await
+    }
+
+    /// Aborts a campaign: no more tasks are issued; it ends `aborted`.
+    pub async fn abort(&self, id: &str) -> Result<CampaignStatus, ClientError> {
+        self.call(verbs::CAMPAIGN_ABORT, &Self::cref(id), self.timeout)
+            .await
+    }
+
+    /// Asks a coordinator who it is.
+    pub async fn ping(&self) -> Result<Pong, ClientError> {
+        self.call(verbs::PING, &serde_json::json!({}), self.timeout)
+            .await
+    }
+
+    /// Polls the status every [`POLL_INTERVAL`] until the campaign is
+    /// terminal or paused. Transient failures (no coordinator, timeouts)
+    /// are retried until `timeout`.
+    pub async fn wait_terminal(
+        &self,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<CampaignStatus, ClientError> {
+        let until = tokio::time::Instant::now() + timeout;
+        let mut last_state = CampaignState::Running;
+        loop {
+            match self.status(id).await {
+                Ok(s) if s.state.is_terminal() || s.state == CampaignState::Paused => return Ok(s),
+                Ok(s) => last_state = s.state,
+                Err(
+                    e @ (ClientError::NoCoordinator { .. }
+                    | ClientError::Timeout { .. }
+                    | ClientError::Request { .. }),
+                ) => {
+                    if tokio::time::Instant::now() >= until {
+                        return Err(e);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+            if tokio::time::Instant::now() >= until {
+                return Err(ClientError::WaitTimeout {
+                    campaign_id: id.to_string(),
+                    state: last_state,
+                    timeout,
+                });
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+}

@@ -1,0 +1,415 @@
+//! What each `keywave` command does and prints. Human output is for people;
+//! with `--json` every command prints exactly one JSON document on stdout
+//! (its last line). Errors are [`CommandError`]s; the binary prints them as
+//! one line and exits non-zero ([`CommandError::exit_code`]).
+
+use crate::{
+    cli::{self, CampaignCommand, Cli, Command, InventoryCommand, UsageError},
+    client::{ApiClient, ClientError},
+    dev,
+    engine::plan::PlanEntry,
+    inventory::{self, ImportError, InventoryError},
+};
+use keywave_common::{
+    api::{CampaignStatus, CampaignSummary},
+    planner,
+    topology::{self, TopologyError},
+    wire::{CampaignState, Credential, Decision, OnFailure},
+};
+use serde::Serialize;
+use std::time::Duration;
+use thiserror::Error;
+
+/// Exit code of `campaign start --wait` when the campaign did not complete.
+pub const EXIT_NOT_COMPLETED: u8 = 3;
+
+#[derive(Debug, Error)]
+pub enum CommandError {
+    #[error(transparent)]
+    Usage(#[from] UsageError),
+    #[error("cannot connect to NATS at {url}: {detail}")]
+    Connect { url: String, detail: String },
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    #[error(transparent)]
+    Import(#[from] ImportError),
+    #[error(transparent)]
+    Inventory(#[from] InventoryError),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("the selector matches no credential in the inventory")]
+    EmptySelection,
+    #[error("{0}")]
+    Dev(String),
+}
+
+impl CommandError {
+    /// 2 for usage errors (like clap), 1 for everything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CommandError::Usage(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// Connects to NATS with the CLI's client name.
+pub async fn connect(url: &str) -> Result<async_nats::Client, CommandError> {
+    async_nats::ConnectOptions::new()
+        .name("keywave-cli")
+        .connection_timeout(Duration::from_secs(5))
+        .connect(url)
+        .await
+        .map_err(|e| CommandError::Connect {
+            url: url.to_string(),
+            detail: e.to_string(),
+        })
+}
+
+fn print_json<T: Serialize>(v: &T) {
+    println!(
+        "{}",
+        serde_json::to_string(v).unwrap_or_else(|e| format!("{{\"ok\":false,\"error\":\"{e}\"}}"))
+    );
+}
+
+/// Runs a parsed command; returns the process exit code.
+pub async fn run(cli: Cli) -> Result<u8, CommandError> {
+    let json = cli.json;
+    let url = cli.nats_url();
+    match cli.command {
+        Command::Inventory(InventoryCommand::Import(args)) => {
+            let format = args.format()?;
+            let client = connect(&url).await?;
+            let js = topology::context(client);
+            let kv = topology::inventory(&js, &topology::Config::default()).await?;
+            let report = inventory::import_file(&kv, &args.file, format).await?;
+            if json {
+                print_json(&report);
+            } else {
+                println!(
+                    "imported {} credentials from {} ({})",
+                    report.imported,
+                    report.path.display(),
+                    report.format
+                );
+            }
+            Ok(0)
+        }
+        Command::Inventory(InventoryCommand::List(args)) => {
+            let selector = cli::parse_selector(&args.selector)?;
+            let kv = existing_inventory(&url).await?;
+            let creds = match &kv {
+                Some(kv) => inventory::list(kv, &selector).await?,
+                None => Vec::new(),
+            };
+            if json {
+                print_json(&creds);
+            } else {
+                print_credentials(&creds);
+            }
+            Ok(0)
+        }
+        Command::Campaign(cmd) => campaign(cmd, &url, json).await,
+        Command::Dev(args) => {
+            let opts = args.to_options(cli.nats.clone(), json)?;
+            let report = dev::run(opts)
+                .await
+                .map_err(|e| CommandError::Dev(format!("{e:#}")))?;
+            if json {
+                print_json(&report);
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(if report.verified_ok() { 0 } else { 1 })
+        }
+    }
+}
+
+/// The inventory bucket if it exists (read-only commands create nothing).
+async fn existing_inventory(
+    url: &str,
+) -> Result<Option<async_nats::jetstream::kv::Store>, CommandError> {
+    let js = topology::context(connect(url).await?);
+    Ok(js.get_key_value(topology::KV_INVENTORY).await.ok())
+}
+
+fn print_credentials(creds: &[Credential]) {
+    println!(
+        "{:<24} {:<8} {:<16} {:<9} {:<20} TAGS",
+        "ID", "REGION", "ENDPOINT", "KIND", "PRINCIPAL"
+    );
+    for c in creds {
+        println!(
+            "{:<24} {:<8} {:<16} {:<9} {:<20} {}",
+            c.id,
+            c.region,
+            c.endpoint,
+            c.kind.as_str(),
+            c.principal,
+            c.tags.join(",")
+        );
+    }
+    println!("{} credentials", creds.len());
+}
+
+#[derive(Serialize)]
+struct PlannedWave {
+    wave: u32,
+    size: u64,
+    credentials: Vec<PlanEntry>,
+}
+
+#[derive(Serialize)]
+struct Plan {
+    total: u64,
+    spec: keywave_common::wire::CampaignSpec,
+    wave_sizes: Vec<u64>,
+    waves: Vec<PlannedWave>,
+}
+
+async fn campaign(cmd: CampaignCommand, url: &str, json: bool) -> Result<u8, CommandError> {
+    match cmd {
+        CampaignCommand::Plan(args) => {
+            let spec = args.spec.to_spec()?;
+            let creds = match existing_inventory(url).await? {
+                Some(kv) => inventory::list(&kv, &spec.selector).await?,
+                None => Vec::new(),
+            };
+            if creds.is_empty() {
+                return Err(CommandError::EmptySelection);
+            }
+            let sizes = planner::wave_sizes(creds.len() as u64, &spec.waves);
+            let mut rest = creds.iter();
+            let waves = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &size)| PlannedWave {
+                    wave: i as u32,
+                    size,
+                    credentials: rest
+                        .by_ref()
+                        .take(size as usize)
+                        .map(PlanEntry::from)
+                        .collect(),
+                })
+                .collect::<Vec<_>>();
+            let plan = Plan {
+                total: creds.len() as u64,
+                spec,
+                wave_sizes: sizes,
+                waves,
+            };
+            if json {
+                print_json(&plan);
+            } else {
+                println!(
+                    "dry run: {} credentials in {} waves · {} · budget {:.1}% per wave · on failure {} · nothing was changed",
+                    plan.total,
+                    plan.waves.len(),
+                    plan.spec.strategy,
+                    plan.spec.failure_budget * 100.0,
+                    on_failure_str(plan.spec.on_failure)
+                );
+                for w in &plan.waves {
+                    println!("wave {} ({} credentials):", w.wave, w.size);
+                    for e in w.credentials.iter().take(args.limit) {
+                        println!(
+                            "  {:<24} {:<8} {:<16} {:<9} {}",
+                            e.id, e.region, e.endpoint, e.kind, e.principal
+                        );
+                    }
+                    if w.credentials.len() > args.limit {
+                        println!("  ... and {} more", w.credentials.len() - args.limit);
+                    }
+                }
+            }
+            Ok(0)
+        }
+        CampaignCommand::Start(args) => {
+            let spec = args.spec.to_spec()?;
+            let wait_timeout = cli::parse_duration(&args.wait_timeout).map_err(|e| UsageError {
+                flag: "--wait-timeout".into(),
+                message: e,
+            })?;
+            let api = ApiClient::new(connect(url).await?);
+            let id = api.start(spec).await?;
+            if !args.wait {
+                if json {
+                    print_json(&serde_json::json!({ "campaign_id": id }));
+                } else {
+                    println!("{id}");
+                }
+                return Ok(0);
+            }
+            if !json {
+                eprintln!("campaign {id} started; waiting for it to finish");
+            }
+            let status = api.wait_terminal(&id, wait_timeout).await?;
+            if json {
+                print_json(&status);
+            } else {
+                print!("{}", render_status(&status));
+            }
+            Ok(if status.state == CampaignState::Completed {
+                0
+            } else {
+                EXIT_NOT_COMPLETED
+            })
+        }
+        CampaignCommand::Status(id) => {
+            let api = ApiClient::new(connect(url).await?);
+            let status = api.status(&id.id).await?;
+            if json {
+                print_json(&status);
+            } else {
+                print!("{}", render_status(&status));
+            }
+            Ok(0)
+        }
+        CampaignCommand::List => {
+            let api = ApiClient::new(connect(url).await?);
+            let list = api.list().await?;
+            if json {
+                print_json(&list);
+            } else {
+                print!("{}", render_list(&list));
+            }
+            Ok(0)
+        }
+        CampaignCommand::Pause(id) => control("pause", &id.id, url, json).await,
+        CampaignCommand::Resume(id) => control("resume", &id.id, url, json).await,
+        CampaignCommand::Abort(id) => control("abort", &id.id, url, json).await,
+    }
+}
+
+/// `campaign pause|resume|abort`.
+async fn control(verb: &str, id: &str, url: &str, json: bool) -> Result<u8, CommandError> {
+    let api = ApiClient::new(connect(url).await?);
+    let status = match verb {
+        "pause" => api.pause(id).await?,
+        "resume" => api.resume(id).await?,
+        _ => api.abort(id).await?,
+    };
+    if json {
+        print_json(&status);
+    } else {
+        println!(
+            "campaign {}: {}{}",
+            status.campaign_id,
+            status.state,
+            status
+                .reason
+                .as_deref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(0)
+}
+
+/// The wire name of an `on_failure` value.
+pub fn on_failure_str(o: OnFailure) -> &'static str {
+    match o {
+        OnFailure::Rollback => "rollback",
+        OnFailure::Pause => "pause",
+    }
+}
+
+/// The wire name of a decision.
+pub fn decision_str(d: Decision) -> &'static str {
+    match d {
+        Decision::NextWave => "next_wave",
+        Decision::Complete => "complete",
+        Decision::Pause => "pause",
+        Decision::Rollback => "rollback",
+    }
+}
+
+/// A campaign status for people.
+pub fn render_status(s: &CampaignStatus) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let name = if s.spec.name.is_empty() {
+        String::new()
+    } else {
+        format!(" \"{}\"", s.spec.name)
+    };
+    let _ = writeln!(out, "campaign {}{}: {}", s.campaign_id, name, s.state);
+    let _ = writeln!(
+        out,
+        "  {} · {} credentials · {} waves · budget {:.1}% · on failure {} · task timeout {}",
+        s.spec.strategy,
+        s.total,
+        s.waves.len(),
+        s.spec.failure_budget * 100.0,
+        on_failure_str(s.spec.on_failure),
+        cli::format_duration_ms(s.spec.task_timeout_ms)
+    );
+    let _ = writeln!(
+        out,
+        "  succeeded {} · failed {} · rolled back {}",
+        s.succeeded(),
+        s.failed(),
+        s.rolled_back()
+    );
+    for w in &s.waves {
+        let done = w.succeeded + w.failed + w.no_result;
+        let marker = if w.wave == s.current_wave && !s.state.is_terminal() {
+            ">"
+        } else {
+            " "
+        };
+        let _ = write!(
+            out,
+            " {marker}wave {}: {}/{} done, {} succeeded, {} failed",
+            w.wave, done, w.size, w.succeeded, w.failed
+        );
+        if w.no_result > 0 {
+            let _ = write!(out, ", {} no result", w.no_result);
+        }
+        if w.rollback_tasks > 0 {
+            let _ = write!(
+                out,
+                ", rollback {} restored / {} refused / {} failed of {}",
+                w.rolled_back, w.rollback_refused, w.rollback_failed, w.rollback_tasks
+            );
+        }
+        if let Some(d) = w.decision {
+            let _ = write!(out, " → {}", decision_str(d));
+        }
+        let _ = writeln!(out);
+        if let Some(r) = &w.reason {
+            let _ = writeln!(out, "      {r}");
+        }
+    }
+    if let Some(r) = &s.reason {
+        let _ = writeln!(out, "  reason: {r}");
+    }
+    out
+}
+
+/// `campaign list` for people.
+pub fn render_list(list: &[CampaignSummary]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<16} {:<13} {:<12} {:>9} {:>9} {:>7}  NAME",
+        "ID", "STATE", "STRATEGY", "TOTAL", "SUCCEEDED", "FAILED"
+    );
+    for c in list {
+        let _ = writeln!(
+            out,
+            "{:<16} {:<13} {:<12} {:>9} {:>9} {:>7}  {}",
+            c.campaign_id,
+            c.state.as_str(),
+            c.strategy.to_string(),
+            c.total,
+            c.succeeded,
+            c.failed,
+            c.name
+        );
+    }
+    out
+}

@@ -1,0 +1,681 @@
+//! One campaign's driver and aggregator. The driver walks the campaign's
+//! state machine (publish a wave, wait for its results or deadline, decide,
+//! bake, next wave; or roll back, pause, complete), deriving each step from the
+//! snapshot alone, so it resumes after a restart or an error exactly where the
+//! snapshot says. The aggregator replays and follows the campaign's results
+//! with one ordered consumer and feeds them into the [`Book`].
+
+use super::{
+    book::{Applied, Book},
+    decide::decide,
+    events,
+    plan::{PlanError, PlanReader},
+    snapshot_key, ControlAction, Engine, Handle, DEADLINE_GRACE, TASK_ACK_WINDOW,
+};
+use async_nats::jetstream::consumer::{pull, DeliverPolicy, ReplayPolicy};
+use futures::StreamExt;
+use keywave_common::{
+    codec::{self, Format},
+    now_ms,
+    publish::{self, AckWindow, PublishError},
+    subjects,
+    wire::{
+        CampaignSpec, CampaignState, Decision, EventKind, RotationResult, RotationTask, Strategy,
+        TaskAction, SCHEMA_VERSION,
+    },
+};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, MutexGuard};
+use std::time::Duration;
+use thiserror::Error;
+use tokio::sync::watch;
+use tokio::time::{Interval, MissedTickBehavior};
+use tracing::{debug, info, warn};
+
+#[derive(Debug, Error)]
+enum DriveError {
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error("saving the campaign snapshot: {0}")]
+    Save(String),
+    #[error("coordinator shutting down")]
+    Shutdown,
+}
+
+/// A results consumer that delivered nothing for this long is replaced.
+const RESULTS_IDLE: Duration = Duration::from_secs(30);
+
+/// What woke a waiting driver.
+enum Wake {
+    Progress,
+    Timer,
+    Control,
+    Tick,
+    Stop,
+}
+
+/// Runs a campaign until it is finished or the coordinator stops; retries
+/// (with backoff) after errors such as a NATS outage.
+pub(super) async fn run(engine: Arc<Engine>, h: Arc<Handle>) {
+    let aggregator = engine.tracker.spawn(aggregate(engine.clone(), h.clone()));
+    let spec = h.status().spec;
+    let mut tick = tokio::time::interval(engine.opts.progress_interval);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut d = Driver {
+        plan: PlanReader::new(engine.campaigns.clone(), h.manifest.clone()),
+        control: h.take_control_rx(),
+        engine,
+        h,
+        spec,
+        publish_done_ms: None,
+        tick,
+    };
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        match d.drive().await {
+            Ok(()) | Err(DriveError::Shutdown) => break,
+            Err(e) => {
+                warn!(campaign = %d.h.cid, error = %e, retry_in = ?backoff, "Campaign driver failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = d.h.stop.cancelled() => break,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+    d.h.stop.cancel();
+    let _ = aggregator.await;
+    if let Err(e) = d.save().await {
+        warn!(campaign = %d.h.cid, error = %e, "Could not save the final campaign snapshot");
+    }
+    if d.state().is_terminal() {
+        d.engine.forget(&d.h.cid);
+    }
+}
+
+struct Driver {
+    engine: Arc<Engine>,
+    h: Arc<Handle>,
+    spec: CampaignSpec,
+    plan: PlanReader,
+    control: watch::Receiver<Option<ControlAction>>,
+    /// When the current wave's last task was published (this process only).
+    publish_done_ms: Option<u64>,
+    tick: Interval,
+}
+
+impl Driver {
+    fn cid(&self) -> &str {
+        &self.h.cid
+    }
+
+    fn book(&self) -> MutexGuard<'_, Book> {
+        self.h.book.lock().expect("book lock")
+    }
+
+    fn state(&self) -> CampaignState {
+        self.book().status.state
+    }
+
+    async fn save(&self) -> Result<(), DriveError> {
+        let body = {
+            let b = self.book();
+            self.h.dirty.store(false, Ordering::Relaxed);
+            serde_json::to_vec(&b.status).map_err(|e| DriveError::Save(e.to_string()))?
+        };
+        self.engine
+            .campaigns
+            .put(snapshot_key(self.cid()), body.into())
+            .await
+            .map_err(|e| DriveError::Save(e.to_string()))?;
+        Ok(())
+    }
+
+    async fn save_if_dirty(&self) -> Result<(), DriveError> {
+        if self.h.dirty.load(Ordering::Relaxed) {
+            self.save().await?;
+        }
+        Ok(())
+    }
+
+    async fn event(&self, kind: EventKind) -> Result<(), DriveError> {
+        events::publish(&self.engine.js, self.cid(), kind).await?;
+        Ok(())
+    }
+
+    /// Moves to `state` with `reason`: event first (so a failed publish
+    /// changes nothing), then memory and snapshot.
+    async fn transition(&self, state: CampaignState, reason: String) -> Result<(), DriveError> {
+        if self.state() != state {
+            self.event(EventKind::StateChanged {
+                state,
+                reason: reason.clone(),
+            })
+            .await?;
+            info!(campaign = %self.cid(), state = %state, reason = %reason, "Campaign state changed");
+        }
+        {
+            let mut b = self.book();
+            b.status.state = state;
+            b.status.reason = Some(reason);
+            if state.is_terminal() {
+                b.status.finished_at_ms = Some(now_ms());
+            }
+        }
+        self.h.state.send_replace(state);
+        self.save().await
+    }
+
+    /// Acts on an operator request.
+    async fn on_control(&mut self, action: Option<ControlAction>) -> Result<(), DriveError> {
+        let state = self.state();
+        match action {
+            Some(ControlAction::Abort) if !state.is_terminal() => {
+                self.transition(CampaignState::Aborted, "aborted by operator".into())
+                    .await
+            }
+            Some(ControlAction::Pause)
+                if matches!(state, CampaignState::Running | CampaignState::Baking) =>
+            {
+                self.transition(CampaignState::Paused, "paused by operator".into())
+                    .await
+            }
+            Some(ControlAction::Resume) if state == CampaignState::Paused => {
+                self.transition(CampaignState::Running, "resumed by operator".into())
+                    .await
+            }
+            other => {
+                debug!(campaign = %self.cid(), action = ?other, state = %state, "Operator request needs no action");
+                Ok(())
+            }
+        }
+    }
+
+    /// Acts on a request that arrived since the last look, if any.
+    async fn poll_control(&mut self) -> Result<(), DriveError> {
+        if self.control.has_changed().unwrap_or(false) {
+            let action = *self.control.borrow_and_update();
+            self.on_control(action).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for progress, the timer, an operator request, the save tick or
+    /// shutdown, and handles the last three.
+    async fn wait(&mut self, timer: Duration) -> Result<Wake, DriveError> {
+        let wake = tokio::select! {
+            _ = self.h.progress.notified() => Wake::Progress,
+            _ = tokio::time::sleep(timer) => Wake::Timer,
+            r = self.control.changed() => if r.is_ok() { Wake::Control } else { Wake::Timer },
+            _ = self.tick.tick() => Wake::Tick,
+            _ = self.h.stop.cancelled() => Wake::Stop,
+        };
+        match wake {
+            Wake::Control => {
+                let action = *self.control.borrow_and_update();
+                self.on_control(action).await?;
+            }
+            Wake::Tick => self.save_if_dirty().await?,
+            Wake::Stop => return Err(DriveError::Shutdown),
+            Wake::Progress | Wake::Timer => {}
+        }
+        Ok(wake)
+    }
+
+    async fn wait_caught_up(&self) -> Result<(), DriveError> {
+        let mut rx = self.h.caught_up.subscribe();
+        tokio::select! {
+            _ = rx.wait_for(|v| *v) => Ok(()),
+            _ = self.h.stop.cancelled() => Err(DriveError::Shutdown),
+        }
+    }
+
+    async fn wait_while_paused(&mut self) -> Result<(), DriveError> {
+        while self.state() == CampaignState::Paused {
+            self.wait(Duration::from_secs(3600)).await?;
+        }
+        Ok(())
+    }
+
+    /// The state machine, one step per iteration, each derived from the
+    /// snapshot.
+    async fn drive(&mut self) -> Result<(), DriveError> {
+        self.wait_caught_up().await?;
+        loop {
+            self.poll_control().await?;
+            let (state, w, decision) = {
+                let b = self.book();
+                let w = b.status.current_wave;
+                (
+                    b.status.state,
+                    w,
+                    b.status.waves.get(w as usize).and_then(|ws| ws.decision),
+                )
+            };
+            if state.is_terminal() {
+                return Ok(());
+            }
+            match (state, decision) {
+                (CampaignState::RollingBack, _) => self.rollback(w).await?,
+                (_, None) => self.run_wave(w).await?,
+                (CampaignState::Paused, Some(_)) => self.wait_while_paused().await?,
+                (CampaignState::Baking, Some(Decision::NextWave)) => {
+                    if self.bake(w).await? {
+                        self.advance(w).await?;
+                    }
+                }
+                (_, Some(Decision::Complete)) => {
+                    let reason = self.book().status.waves[w as usize]
+                        .reason
+                        .clone()
+                        .unwrap_or_default();
+                    self.transition(CampaignState::Completed, reason).await?
+                }
+                // Next wave, or an operator resumed after a failed wave.
+                (_, Some(_)) => self.advance(w).await?,
+            }
+        }
+    }
+
+    /// Plan position of wave `w`'s first credential, and the wave's size.
+    fn wave_range(&self, w: u32) -> (u64, u64) {
+        let b = self.book();
+        let offset = b.status.waves[..w as usize].iter().map(|x| x.size).sum();
+        (offset, b.status.waves[w as usize].size)
+    }
+
+    async fn advance(&mut self, w: u32) -> Result<(), DriveError> {
+        let next = w + 1;
+        if next as usize >= self.book().status.waves.len() {
+            return self
+                .transition(
+                    CampaignState::Completed,
+                    format!("resumed after the last wave ({w}); nothing left to rotate"),
+                )
+                .await;
+        }
+        self.book().status.current_wave = next;
+        self.publish_done_ms = None;
+        if self.state() != CampaignState::Running {
+            self.transition(CampaignState::Running, format!("wave {next} starting"))
+                .await
+        } else {
+            self.save().await
+        }
+    }
+
+    /// Sleeps out the bake time (measured from the wave's end). Returns
+    /// `false` when an operator request interrupted it.
+    async fn bake(&mut self, w: u32) -> Result<bool, DriveError> {
+        let finished = self.book().status.waves[w as usize]
+            .finished_at_ms
+            .unwrap_or_else(now_ms);
+        let remaining = (finished + self.spec.bake_ms).saturating_sub(now_ms());
+        let until = tokio::time::Instant::now() + Duration::from_millis(remaining);
+        info!(campaign = %self.cid(), wave = w, bake_ms = remaining, "Baking");
+        loop {
+            let now = tokio::time::Instant::now();
+            if now >= until {
+                return Ok(true);
+            }
+            self.wait(until - now).await?;
+            if self.state() != CampaignState::Baking {
+                return Ok(false);
+            }
+        }
+    }
+
+    async fn run_wave(&mut self, w: u32) -> Result<(), DriveError> {
+        let (published, started_at, size) = {
+            let b = self.book();
+            let ws = &b.status.waves[w as usize];
+            (ws.published, ws.started_at_ms, ws.size)
+        };
+        let started_at = if published {
+            started_at.unwrap_or_else(now_ms)
+        } else {
+            let started_at = match started_at {
+                Some(t) => t,
+                None => {
+                    self.event(EventKind::WaveStarted { wave: w, size }).await?;
+                    let t = now_ms();
+                    self.book().status.waves[w as usize].started_at_ms = Some(t);
+                    self.save().await?;
+                    info!(campaign = %self.cid(), wave = w, size, "Wave started");
+                    t
+                }
+            };
+            if !self.publish_tasks(w, TaskAction::Rotate, None).await? {
+                return Ok(());
+            }
+            self.book().status.waves[w as usize].published = true;
+            self.publish_done_ms = Some(now_ms());
+            self.save().await?;
+            started_at
+        };
+        let base = self.publish_done_ms.unwrap_or(started_at);
+        let deadline = base + self.spec.task_timeout_ms + DEADLINE_GRACE.as_millis() as u64;
+        loop {
+            if self.state().is_terminal() {
+                return Ok(());
+            }
+            let complete = self.book().wave_complete(w);
+            let caught_up = *self.h.caught_up.borrow();
+            let now = now_ms();
+            if complete || (caught_up && now >= deadline) {
+                break;
+            }
+            let timer = Duration::from_millis(deadline.saturating_sub(now).max(20));
+            self.wait(timer).await?;
+        }
+        self.finish_wave(w).await
+    }
+
+    /// Publishes the tasks of wave `w` (all of them for a rotation, the
+    /// `only` indexes for a rollback), one plan chunk at a time, acks awaited
+    /// through a bounded window. Between chunks it acts on operator requests:
+    /// a pause holds rotation publishing until resumed (rollbacks go on), an
+    /// abort stops it. Returns `false` when aborted.
+    async fn publish_tasks(
+        &mut self,
+        w: u32,
+        action: TaskAction,
+        only: Option<&super::book::BitSet>,
+    ) -> Result<bool, DriveError> {
+        let (offset, size) = self.wave_range(w);
+        let end = offset + size;
+        let mut window = AckWindow::new(TASK_ACK_WINDOW);
+        let mut pos = offset;
+        let cid = self.h.cid.clone();
+        let js = self.engine.js.clone();
+        while pos < end {
+            self.poll_control().await?;
+            match self.state() {
+                s if s.is_terminal() => {
+                    window.drain().await?;
+                    return Ok(false);
+                }
+                CampaignState::Paused if action == TaskAction::Rotate => {
+                    window.drain().await?;
+                    info!(campaign = %cid, wave = w, published = pos - offset, "Publishing held while paused");
+                    self.wait_while_paused().await?;
+                    continue;
+                }
+                _ => {}
+            }
+            if self.h.stop.is_cancelled() {
+                return Err(DriveError::Shutdown);
+            }
+            let (chunk, range) = self.plan.slice_at(pos, end).await?;
+            for e in &chunk[range] {
+                let index = pos - offset;
+                pos += 1;
+                if only.is_some_and(|set| !set.contains(index)) {
+                    continue;
+                }
+                let issued = now_ms();
+                let task = RotationTask {
+                    v: SCHEMA_VERSION,
+                    task_id: RotationTask::make_id(&cid, w, action, &e.id),
+                    campaign_id: cid.clone(),
+                    wave: w,
+                    index: index as u32,
+                    action,
+                    strategy: self.spec.strategy,
+                    credential_id: e.id.clone(),
+                    region: e.region.clone(),
+                    endpoint: e.endpoint.clone(),
+                    kind: e.kind,
+                    principal: e.principal.clone(),
+                    issued_at_ms: issued,
+                    deadline_ms: issued + self.spec.task_timeout_ms,
+                };
+                let ack = publish::send(
+                    &js,
+                    subjects::task(&e.region, &cid),
+                    Format::MsgPack,
+                    &task.task_id,
+                    &task,
+                    None,
+                )
+                .await?;
+                window.push(ack).await?;
+            }
+        }
+        window.drain().await?;
+        let (confirmed, duplicates) = window.counts();
+        debug!(campaign = %cid, wave = w, ?action, confirmed, duplicates, "Tasks published");
+        Ok(true)
+    }
+
+    /// Closes wave `w`, publishes its result and decision, and moves on.
+    async fn finish_wave(&mut self, w: u32) -> Result<(), DriveError> {
+        let (ws, is_last) = {
+            let mut b = self.book();
+            b.finalize_wave(w, now_ms());
+            let is_last = w as usize + 1 == b.status.waves.len();
+            (b.status.waves[w as usize].clone(), is_last)
+        };
+        self.h.dirty.store(true, Ordering::Relaxed);
+        self.event(EventKind::WaveFinished {
+            wave: w,
+            size: ws.size,
+            succeeded: ws.succeeded,
+            failed: ws.failed,
+            no_result: ws.no_result,
+            failures: ws.failures.clone(),
+        })
+        .await?;
+        let verdict = decide(&ws, &self.spec, is_last);
+        self.event(EventKind::Decision {
+            wave: w,
+            decision: verdict.decision,
+            reason: verdict.reason.clone(),
+        })
+        .await?;
+        info!(
+            campaign = %self.cid(), wave = w, size = ws.size, succeeded = ws.succeeded,
+            failed = ws.failed, no_result = ws.no_result, decision = ?verdict.decision,
+            reason = %verdict.reason, "Wave finished"
+        );
+        {
+            let mut b = self.book();
+            let wsm = &mut b.status.waves[w as usize];
+            wsm.decision = Some(verdict.decision);
+            wsm.reason = Some(verdict.reason.clone());
+        }
+        let reason = verdict.reason;
+        match verdict.decision {
+            Decision::Complete => self.transition(CampaignState::Completed, reason).await,
+            Decision::NextWave => match self.state() {
+                // An operator paused during the wave: hold before the next one.
+                CampaignState::Paused => self.save().await,
+                _ if self.spec.bake_ms > 0 => self.transition(CampaignState::Baking, reason).await,
+                _ => {
+                    self.book().status.reason = Some(reason);
+                    self.save().await
+                }
+            },
+            Decision::Pause => self.transition(CampaignState::Paused, reason).await,
+            Decision::Rollback if self.spec.strategy == Strategy::Containment => {
+                let why = "containment never restores an exposed secret".to_string();
+                self.event(EventKind::RollbackRefused {
+                    wave: w,
+                    credentials: ws.succeeded,
+                    reason: why.clone(),
+                })
+                .await?;
+                self.transition(
+                    CampaignState::Paused,
+                    format!("{reason}; rollback refused: {why}"),
+                )
+                .await
+            }
+            Decision::Rollback => self.transition(CampaignState::RollingBack, reason).await,
+        }
+    }
+
+    /// Rolls back wave `w`: a rollback task for each credential whose
+    /// rotation succeeded, then waits for their results or the deadline.
+    async fn rollback(&mut self, w: u32) -> Result<(), DriveError> {
+        let (tasks, targets) = {
+            let mut b = self.book();
+            let tasks = b.begin_rollback(w);
+            let targets = b.tally(w).map(|t| t.succeeded.clone());
+            (tasks, targets)
+        };
+        let Some(targets) = targets else {
+            return Ok(());
+        };
+        self.event(EventKind::RollbackStarted { wave: w, tasks })
+            .await?;
+        self.save().await?;
+        info!(campaign = %self.cid(), wave = w, tasks, "Rollback started");
+        if !self
+            .publish_tasks(w, TaskAction::Rollback, Some(&targets))
+            .await?
+        {
+            return Ok(());
+        }
+        let deadline = now_ms() + self.spec.task_timeout_ms + DEADLINE_GRACE.as_millis() as u64;
+        loop {
+            if self.state().is_terminal() {
+                return Ok(());
+            }
+            let complete = self.book().rollback_complete(w);
+            let now = now_ms();
+            if complete || now >= deadline {
+                break;
+            }
+            self.wait(Duration::from_millis((deadline - now).max(20)))
+                .await?;
+        }
+        let (restored, refused, failed, trip) = {
+            let mut b = self.book();
+            let missing = tasks.saturating_sub(b.rollback_seen(w));
+            let ws = &mut b.status.waves[w as usize];
+            ws.rollback_failed += missing;
+            (
+                ws.rolled_back,
+                ws.rollback_refused,
+                ws.rollback_failed,
+                ws.reason.clone().unwrap_or_default(),
+            )
+        };
+        self.event(EventKind::RollbackFinished {
+            wave: w,
+            restored,
+            refused,
+            failed,
+        })
+        .await?;
+        self.transition(
+            CampaignState::RolledBack,
+            format!("{trip}; wave {w} rolled back: {restored} restored, {refused} refused, {failed} failed"),
+        )
+        .await
+    }
+}
+
+/// Replays and follows the campaign's results into its book: one ordered
+/// consumer on `KEYWAVE_RESULTS` filtered to the campaign, from the first
+/// message. Should the consumer fail for good, a new one starts after the
+/// last applied message, so nothing is counted twice.
+async fn aggregate(engine: Arc<Engine>, h: Arc<Handle>) {
+    let filter = subjects::result_campaign_filter(&h.cid);
+    let mut next_seq: Option<u64> = None;
+    loop {
+        let deliver_policy = match next_seq {
+            None => DeliverPolicy::All,
+            Some(start_sequence) => DeliverPolicy::ByStartSequence { start_sequence },
+        };
+        let created = tokio::select! {
+            c = engine.results.create_consumer(pull::OrderedConfig {
+                description: Some(format!("keywave coordinator results of {}", h.cid)),
+                filter_subject: filter.clone(),
+                deliver_policy,
+                replay_policy: ReplayPolicy::Instant,
+                ..Default::default()
+            }) => c,
+            _ = h.stop.cancelled() => return,
+        };
+        let consumer = match created {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(campaign = %h.cid, error = %e, "Cannot create the results consumer; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = h.stop.cancelled() => return,
+                }
+            }
+        };
+        if consumer.cached_info().num_pending == 0 {
+            h.caught_up.send_replace(true);
+            h.progress.notify_one();
+        }
+        let mut messages = match consumer.messages().await {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(campaign = %h.cid, error = %e, "Cannot read results; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = h.stop.cancelled() => return,
+                }
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                m = tokio::time::timeout(RESULTS_IDLE, messages.next()) => m,
+                _ = h.stop.cancelled() => return,
+            };
+            let msg = match next {
+                // Quiet for a while: re-create the consumer anyway, in case
+                // it stalled without reporting an error.
+                Err(_) => break,
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    // E.g. "consumer not found" after a server restart: the
+                    // ordered stream does not always recover by itself, so
+                    // start a new consumer after the last applied message.
+                    warn!(campaign = %h.cid, error = %e, resume_at = ?next_seq, "Results consumer failed; re-creating it");
+                    break;
+                }
+                Ok(Some(Ok(m))) => m,
+            };
+            let Ok(info) = msg.info() else { continue };
+            let (pending, seq) = (info.pending, info.stream_sequence);
+            let published_ms = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+            next_seq = Some(seq + 1);
+            match codec::decode::<RotationResult>(msg.headers.as_ref(), &msg.payload) {
+                Ok(r) if r.campaign_id == h.cid => {
+                    let (applied, completes) = {
+                        let mut b = h.book.lock().expect("book lock");
+                        let applied = b.apply(&r, published_ms);
+                        (applied, applied == Applied::Counted && b.completes(&r))
+                    };
+                    if applied == Applied::Counted {
+                        h.dirty.store(true, Ordering::Relaxed);
+                    }
+                    if completes {
+                        h.progress.notify_one();
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    debug!(campaign = %h.cid, seq, error = %e, "Ignoring undecodable result");
+                }
+            }
+            if pending == 0 && !*h.caught_up.borrow() {
+                h.caught_up.send_replace(true);
+                h.progress.notify_one();
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = h.stop.cancelled() => return,
+        }
+    }
+}

@@ -1,0 +1,689 @@
+//! The campaign engine. [`Coordinator::start`] creates the JetStream topology;
+//! [`Coordinator::run`] resumes every unfinished campaign found in the
+//! `keywave-campaigns` bucket and serves the operator API until shutdown.
+//! Each campaign is driven by one task (see `driver`) that publishes waves of
+//! tasks, waits for their results or deadline, decides, and persists a
+//! snapshot; its results are counted by one ordered consumer per campaign.
+//!
+//! Keys of `keywave-campaigns`: `campaign.<cid>` (the [`CampaignStatus`]
+//! snapshot), `plan.<cid>` and `plan.<cid>.<n>` (the plan, see [`plan`]) and
+//! `control.<cid>` (the last operator request: pause, resume or abort; every
+//! coordinator watches these keys, so a request reaches the coordinator that
+//! drives the campaign whichever coordinator answered it).
+//!
+//! Waves are numbered from 0 (wave 0 is the canary).
+
+pub mod book;
+pub mod decide;
+mod driver;
+pub mod events;
+pub mod plan;
+
+use crate::inventory;
+use async_nats::jetstream::{self, kv, Context};
+use book::Book;
+use futures::StreamExt;
+use keywave_common::{
+    api::{CampaignStatus, CampaignSummary, StartRequest, WaveStatus},
+    ids, now_ms, planner,
+    topology::{self, TopologyError},
+    wire::{CampaignState, EventKind},
+};
+use plan::{PlanEntry, PlanManifest};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use thiserror::Error;
+use tokio::sync::{watch, Notify};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{info, warn};
+
+/// Most waves a campaign may have (bounds the snapshot's size).
+pub const MAX_WAVES: usize = 1_000;
+/// How long after a wave's deadline (publish time + task timeout) results are
+/// still waited for, to absorb clock skew and the last in-flight publishes.
+pub const DEADLINE_GRACE: Duration = Duration::from_secs(2);
+/// Un-awaited task publish acks per campaign.
+pub const TASK_ACK_WINDOW: usize = 2_048;
+/// How long shutdown waits for drivers to save their snapshots.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long a pause, resume or abort request waits for the driver to act
+/// before replying with the status as it is.
+pub const CONTROL_WAIT: Duration = Duration::from_secs(3);
+/// API requests handled concurrently.
+pub const API_CONCURRENCY: usize = 32;
+
+/// Settings of a coordinator.
+#[derive(Debug, Clone)]
+pub struct CoordinatorOptions {
+    /// JetStream topology (replicas, storage) to ensure at start.
+    pub topology: topology::Config,
+    /// Name of this coordinator in logs and control records.
+    pub coordinator_id: String,
+    /// How often a campaign's progress snapshot is saved while results flow
+    /// (state changes are saved at once). Default 1s.
+    pub progress_interval: Duration,
+}
+
+impl Default for CoordinatorOptions {
+    fn default() -> Self {
+        CoordinatorOptions {
+            topology: topology::Config::default(),
+            coordinator_id: ids::random_id("coordinator"),
+            progress_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Why a coordinator could not start or keep running.
+#[derive(Debug, Error)]
+pub enum CoordinatorError {
+    #[error("invalid coordinator option {field}: {message}")]
+    Options {
+        field: &'static str,
+        message: String,
+    },
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    #[error("subscribing to the operator API: {0}")]
+    Subscribe(String),
+    #[error("loading campaigns from the keywave-campaigns bucket: {0}")]
+    Load(String),
+    #[error("the NATS connection closed")]
+    Disconnected,
+}
+
+/// Why an API request was refused; the class goes on the wire.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum RequestError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl RequestError {
+    /// The `ApiError::class` of this error.
+    pub fn class(&self) -> &'static str {
+        match self {
+            RequestError::BadRequest(_) => "bad_request",
+            RequestError::NotFound(_) => "not_found",
+            RequestError::Conflict(_) => "conflict",
+            RequestError::Internal(_) => "internal",
+        }
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> RequestError {
+    RequestError::Internal(e.to_string())
+}
+
+/// An operator request, stored under `control.<cid>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ControlAction {
+    Pause,
+    Resume,
+    Abort,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ControlRecord {
+    action: ControlAction,
+    at_ms: u64,
+    by: String,
+}
+
+pub(crate) fn snapshot_key(cid: &str) -> String {
+    format!("campaign.{cid}")
+}
+
+fn control_key(cid: &str) -> String {
+    format!("control.{cid}")
+}
+
+/// Everything this coordinator knows about a campaign it drives.
+pub(crate) struct Handle {
+    pub cid: String,
+    pub book: Mutex<Book>,
+    /// Counters changed since the last snapshot save.
+    pub dirty: AtomicBool,
+    /// Woken when a wave or rollback got its last result, or the results
+    /// replay caught up.
+    pub progress: Notify,
+    pub control: watch::Sender<Option<ControlAction>>,
+    control_rx: Mutex<Option<watch::Receiver<Option<ControlAction>>>>,
+    pub state: watch::Sender<CampaignState>,
+    /// The aggregator has replayed every result stored before it started.
+    pub caught_up: watch::Sender<bool>,
+    /// Cancelled when the campaign's driver ends (or the coordinator stops).
+    pub stop: CancellationToken,
+    pub manifest: PlanManifest,
+}
+
+impl Handle {
+    fn new(status: CampaignStatus, manifest: PlanManifest, stop: CancellationToken) -> Self {
+        let (control, control_rx) = watch::channel(None);
+        let state = status.state;
+        Handle {
+            cid: status.campaign_id.clone(),
+            book: Mutex::new(Book::new(status)),
+            dirty: AtomicBool::new(false),
+            progress: Notify::new(),
+            control,
+            control_rx: Mutex::new(Some(control_rx)),
+            state: watch::channel(state).0,
+            caught_up: watch::channel(false).0,
+            stop,
+            manifest,
+        }
+    }
+
+    pub fn take_control_rx(&self) -> watch::Receiver<Option<ControlAction>> {
+        self.control_rx
+            .lock()
+            .expect("control lock")
+            .take()
+            .unwrap_or_else(|| self.control.subscribe())
+    }
+
+    pub fn status(&self) -> CampaignStatus {
+        self.book.lock().expect("book lock").status.clone()
+    }
+}
+
+/// Shared by the API server, the drivers and the control watcher.
+pub(crate) struct Engine {
+    pub client: async_nats::Client,
+    pub js: Context,
+    pub opts: CoordinatorOptions,
+    pub inventory: kv::Store,
+    pub campaigns: kv::Store,
+    pub results: jetstream::stream::Stream,
+    registry: Mutex<HashMap<String, Arc<Handle>>>,
+    pub tracker: TaskTracker,
+    pub stop: CancellationToken,
+}
+
+/// A keywave coordinator. See the module documentation.
+pub struct Coordinator {
+    engine: Arc<Engine>,
+    /// The API subscription, made in [`Coordinator::start`] so that requests
+    /// sent once `start` returned wait for [`Coordinator::run`] instead of
+    /// finding no responder.
+    api: async_nats::Subscriber,
+}
+
+impl Coordinator {
+    /// Connects the coordinator to JetStream, creating streams and buckets
+    /// that do not exist yet.
+    pub async fn start(
+        client: async_nats::Client,
+        opts: CoordinatorOptions,
+    ) -> Result<Coordinator, CoordinatorError> {
+        if opts.coordinator_id.trim().is_empty() {
+            return Err(CoordinatorError::Options {
+                field: "coordinator_id",
+                message: "must not be empty".into(),
+            });
+        }
+        if opts.progress_interval.is_zero() {
+            return Err(CoordinatorError::Options {
+                field: "progress_interval",
+                message: "must be positive".into(),
+            });
+        }
+        let js = topology::context(client.clone());
+        topology::ensure_core(&js, &opts.topology).await?;
+        let inventory = topology::inventory(&js, &opts.topology).await?;
+        let campaigns = topology::campaigns(&js, &opts.topology).await?;
+        let results = js
+            .get_stream(topology::STREAM_RESULTS)
+            .await
+            .map_err(|e| TopologyError {
+                what: format!("stream {}", topology::STREAM_RESULTS),
+                detail: e.to_string(),
+            })?;
+        let api = crate::api::subscribe(&client).await?;
+        Ok(Coordinator {
+            api,
+            engine: Arc::new(Engine {
+                client,
+                js,
+                opts,
+                inventory,
+                campaigns,
+                results,
+                registry: Mutex::new(HashMap::new()),
+                tracker: TaskTracker::new(),
+                stop: CancellationToken::new(),
+            }),
+        })
+    }
+
+    /// This coordinator's id.
+    pub fn id(&self) -> &str {
+        &self.engine.opts.coordinator_id
+    }
+
+    /// Resumes every unfinished campaign, then serves the API until
+    /// `shutdown` is cancelled; drivers then save their snapshots (waiting at
+    /// most [`SHUTDOWN_GRACE`]). Campaigns stay where they are and are resumed
+    /// by the next coordinator.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), CoordinatorError> {
+        let Coordinator { engine, api } = self;
+        info!(coordinator = %engine.opts.coordinator_id, "Coordinator starting");
+        let result = async {
+            let watcher = control_watch(engine.clone()).await?;
+            engine.resume_all().await?;
+            engine.tracker.spawn(watcher);
+            crate::api::serve(engine.clone(), api, shutdown.clone()).await
+        }
+        .await;
+        engine.stop.cancel();
+        engine.tracker.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, engine.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                grace = ?SHUTDOWN_GRACE,
+                "Shutdown grace period ran out before every campaign saved its snapshot; the next coordinator replays their results"
+            );
+        }
+        info!(coordinator = %engine.opts.coordinator_id, "Coordinator stopped");
+        result
+    }
+}
+
+/// Subscribes to `control.*` and returns the task forwarding requests to the
+/// drivers of this coordinator (subscribed before campaigns are resumed, so
+/// no request falls between the two).
+async fn control_watch(
+    engine: Arc<Engine>,
+) -> Result<impl std::future::Future<Output = ()>, CoordinatorError> {
+    let first = engine
+        .campaigns
+        .watch("control.*")
+        .await
+        .map_err(|e| CoordinatorError::Load(e.to_string()))?;
+    Ok(async move {
+        let mut watch = Some(first);
+        loop {
+            let mut w = match watch.take() {
+                Some(w) => w,
+                None => match engine.campaigns.watch("control.*").await {
+                    Ok(w) => w,
+                    Err(e) => {
+                        warn!(error = %e, "Cannot watch campaign control requests; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                            _ = engine.stop.cancelled() => return,
+                        }
+                    }
+                },
+            };
+            loop {
+                let entry = tokio::select! {
+                    e = w.next() => e,
+                    _ = engine.stop.cancelled() => return,
+                };
+                match entry {
+                    None => break,
+                    Some(Err(e)) => {
+                        warn!(error = %e, "Control watch failed; re-subscribing");
+                        break;
+                    }
+                    Some(Ok(entry)) => {
+                        if entry.operation != kv::Operation::Put {
+                            continue;
+                        }
+                        let Some(cid) = entry.key.strip_prefix("control.") else {
+                            continue;
+                        };
+                        let Ok(rec) = serde_json::from_slice::<ControlRecord>(&entry.value) else {
+                            warn!(key = %entry.key, "Ignoring malformed control record");
+                            continue;
+                        };
+                        if let Some(h) = engine.handle(cid) {
+                            info!(campaign = %cid, action = ?rec.action, by = %rec.by, "Operator request");
+                            h.control.send_replace(Some(rec.action));
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = engine.stop.cancelled() => return,
+            }
+        }
+    })
+}
+
+impl Engine {
+    pub(crate) fn handle(&self, cid: &str) -> Option<Arc<Handle>> {
+        self.registry
+            .lock()
+            .expect("registry lock")
+            .get(cid)
+            .cloned()
+    }
+
+    pub(crate) fn forget(&self, cid: &str) {
+        self.registry.lock().expect("registry lock").remove(cid);
+    }
+
+    /// Registers a campaign and spawns its driver. `pending` is an operator
+    /// request that arrived while no coordinator was driving it.
+    fn spawn_driver(
+        self: &Arc<Self>,
+        status: CampaignStatus,
+        manifest: PlanManifest,
+        pending: Option<ControlAction>,
+    ) {
+        let cid = status.campaign_id.clone();
+        let handle = Arc::new(Handle::new(status, manifest, self.stop.child_token()));
+        if pending.is_some() {
+            handle.control.send_replace(pending);
+        }
+        {
+            let mut reg = self.registry.lock().expect("registry lock");
+            if reg.contains_key(&cid) {
+                return;
+            }
+            reg.insert(cid, handle.clone());
+        }
+        self.tracker.spawn(driver::run(self.clone(), handle));
+    }
+
+    /// Loads every snapshot and drives the campaigns that are not finished.
+    async fn resume_all(self: &Arc<Self>) -> Result<(), CoordinatorError> {
+        let mut snapshots = Vec::new();
+        crate::kvscan::for_each_latest(&self.campaigns, "campaign.*", |e| {
+            match serde_json::from_slice::<CampaignStatus>(&e.value) {
+                Ok(s) => snapshots.push((s, e.revision)),
+                Err(err) => {
+                    warn!(key = %e.key, error = %err, "Skipping unreadable campaign snapshot")
+                }
+            }
+        })
+        .await
+        .map_err(|e| CoordinatorError::Load(e.to_string()))?;
+        let mut controls = HashMap::new();
+        crate::kvscan::for_each_latest(&self.campaigns, "control.*", |e| {
+            if let Ok(rec) = serde_json::from_slice::<ControlRecord>(&e.value) {
+                let cid = e.key.trim_start_matches("control.").to_string();
+                controls.insert(cid, (rec, e.revision));
+            }
+        })
+        .await
+        .map_err(|e| CoordinatorError::Load(e.to_string()))?;
+        for (status, revision) in snapshots {
+            if status.state.is_terminal() {
+                continue;
+            }
+            let cid = status.campaign_id.clone();
+            let manifest = match plan::read_manifest(&self.campaigns, &cid).await {
+                Ok(Some(m)) => m,
+                Ok(None) => {
+                    warn!(campaign = %cid, "Campaign has no plan; it cannot be resumed");
+                    continue;
+                }
+                Err(e) => {
+                    warn!(campaign = %cid, error = %e, "Cannot read the campaign plan; not resuming it");
+                    continue;
+                }
+            };
+            // A request stored after the last snapshot was never applied.
+            let pending = controls
+                .get(&cid)
+                .filter(|(_, rev)| *rev > revision)
+                .map(|(rec, _)| rec.action);
+            info!(campaign = %cid, state = %status.state, wave = status.current_wave, "Resuming campaign");
+            self.spawn_driver(status, manifest, pending);
+        }
+        Ok(())
+    }
+
+    async fn load_status(&self, cid: &str) -> Result<Option<CampaignStatus>, RequestError> {
+        let Some(body) = self
+            .campaigns
+            .get(snapshot_key(cid))
+            .await
+            .map_err(internal)?
+        else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&body)
+            .map(Some)
+            .map_err(|e| internal(format!("campaign {cid} snapshot is unreadable: {e}")))
+    }
+
+    /// `campaign.start`: validate, select, plan, persist, announce, drive.
+    pub(crate) async fn start_campaign(
+        self: &Arc<Self>,
+        req: StartRequest,
+    ) -> Result<String, RequestError> {
+        let spec = req.spec;
+        spec.validate().map_err(RequestError::BadRequest)?;
+        let cid = match req.campaign_id {
+            Some(id) => {
+                ids::validate("campaign_id", &id)
+                    .map_err(|e| RequestError::BadRequest(e.to_string()))?;
+                id
+            }
+            None => ids::random_id("c"),
+        };
+        if let Some(existing) = self.load_status(&cid).await? {
+            return if existing.spec == spec {
+                Ok(cid)
+            } else {
+                Err(RequestError::Conflict(format!(
+                    "campaign {cid} already exists with another spec"
+                )))
+            };
+        }
+        let creds = inventory::list(&self.inventory, &spec.selector)
+            .await
+            .map_err(internal)?;
+        if creds.is_empty() {
+            return Err(RequestError::BadRequest(
+                "the selector matches no credential in the inventory (import some with `keywave inventory import`, or check the selector)".into(),
+            ));
+        }
+        let total = creds.len() as u64;
+        let sizes = planner::wave_sizes(total, &spec.waves);
+        if sizes.len() > MAX_WAVES {
+            return Err(RequestError::BadRequest(format!(
+                "waves: the plan splits {total} credentials into {} waves, at most {MAX_WAVES} are allowed; use larger or percentage wave sizes",
+                sizes.len()
+            )));
+        }
+        let entries: Vec<PlanEntry> = creds.iter().map(PlanEntry::from).collect();
+        drop(creds);
+        let manifest = plan::write(&self.campaigns, &cid, &entries)
+            .await
+            .map_err(internal)?;
+        drop(entries);
+        let reason = format!(
+            "campaign started: {total} credentials in {} waves",
+            sizes.len()
+        );
+        let status = CampaignStatus {
+            campaign_id: cid.clone(),
+            spec: spec.clone(),
+            state: CampaignState::Running,
+            total,
+            current_wave: 0,
+            waves: sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &size)| WaveStatus {
+                    wave: i as u32,
+                    size,
+                    ..Default::default()
+                })
+                .collect(),
+            created_at_ms: now_ms(),
+            finished_at_ms: None,
+            reason: Some(reason.clone()),
+        };
+        events::publish(
+            &self.js,
+            &cid,
+            EventKind::Created {
+                spec: spec.clone(),
+                total,
+                wave_sizes: sizes.clone(),
+            },
+        )
+        .await
+        .map_err(internal)?;
+        let body = serde_json::to_vec(&status).map_err(internal)?;
+        if let Err(e) = self.campaigns.create(snapshot_key(&cid), body.into()).await {
+            if e.kind() == kv::CreateErrorKind::AlreadyExists {
+                // A concurrent start with the same id won the race.
+                return match self.load_status(&cid).await? {
+                    Some(s) if s.spec == spec => Ok(cid),
+                    _ => Err(RequestError::Conflict(format!(
+                        "campaign {cid} already exists with another spec"
+                    ))),
+                };
+            }
+            return Err(internal(e));
+        }
+        if let Err(e) = events::publish(
+            &self.js,
+            &cid,
+            EventKind::StateChanged {
+                state: CampaignState::Running,
+                reason,
+            },
+        )
+        .await
+        {
+            warn!(campaign = %cid, error = %e, "Could not publish the campaign's first state event");
+        }
+        info!(campaign = %cid, total, waves = sizes.len(), strategy = %spec.strategy, "Campaign started");
+        self.spawn_driver(status, manifest, None);
+        Ok(cid)
+    }
+
+    /// `campaign.status`: from memory when driven here, else from the snapshot.
+    pub(crate) async fn status(&self, cid: &str) -> Result<CampaignStatus, RequestError> {
+        ids::validate("campaign_id", cid).map_err(|e| RequestError::BadRequest(e.to_string()))?;
+        if let Some(h) = self.handle(cid) {
+            return Ok(h.status());
+        }
+        self.load_status(cid)
+            .await?
+            .ok_or_else(|| RequestError::NotFound(format!("no campaign {cid}")))
+    }
+
+    /// `campaign.list`: every campaign, oldest first.
+    pub(crate) async fn list(&self) -> Result<Vec<CampaignSummary>, RequestError> {
+        let mut all: Vec<CampaignStatus> = Vec::new();
+        crate::kvscan::for_each_latest(&self.campaigns, "campaign.*", |e| {
+            if let Ok(s) = serde_json::from_slice::<CampaignStatus>(&e.value) {
+                all.push(s);
+            }
+        })
+        .await
+        .map_err(internal)?;
+        for s in &mut all {
+            if let Some(h) = self.handle(&s.campaign_id) {
+                *s = h.status();
+            }
+        }
+        all.sort_by(|a, b| {
+            (a.created_at_ms, &a.campaign_id).cmp(&(b.created_at_ms, &b.campaign_id))
+        });
+        Ok(all
+            .into_iter()
+            .map(|s| CampaignSummary {
+                succeeded: s.succeeded(),
+                failed: s.failed(),
+                campaign_id: s.campaign_id,
+                name: s.spec.name,
+                strategy: s.spec.strategy,
+                state: s.state,
+                total: s.total,
+                created_at_ms: s.created_at_ms,
+            })
+            .collect())
+    }
+
+    /// `campaign.pause|resume|abort`: records the request under
+    /// `control.<cid>` (every coordinator watches it) and, when this
+    /// coordinator drives the campaign, waits briefly until the driver acted.
+    pub(crate) async fn control(
+        &self,
+        cid: &str,
+        action: ControlAction,
+    ) -> Result<CampaignStatus, RequestError> {
+        let current = self.status(cid).await?;
+        let state = current.state;
+        let done = |s: CampaignState| match action {
+            ControlAction::Pause => s == CampaignState::Paused || s.is_terminal(),
+            ControlAction::Resume => s != CampaignState::Paused,
+            ControlAction::Abort => s.is_terminal(),
+        };
+        if action == ControlAction::Abort && state == CampaignState::Aborted {
+            return Ok(current);
+        }
+        if state.is_terminal() {
+            return Err(RequestError::Conflict(format!(
+                "campaign {cid} is {state}; it cannot be changed any more"
+            )));
+        }
+        if action == ControlAction::Pause && state == CampaignState::RollingBack {
+            return Err(RequestError::Conflict(format!(
+                "campaign {cid} is rolling back; a rollback is not paused (abort it to stop issuing rollback tasks)"
+            )));
+        }
+        if done(state) {
+            return Ok(current);
+        }
+        let rec = ControlRecord {
+            action,
+            at_ms: now_ms(),
+            by: self.opts.coordinator_id.clone(),
+        };
+        let body = serde_json::to_vec(&rec).map_err(internal)?;
+        self.campaigns
+            .put(control_key(cid), body.into())
+            .await
+            .map_err(internal)?;
+        let Some(h) = self.handle(cid) else {
+            // Driven by another coordinator: it acts on the control record
+            // and saves its snapshot at once; wait for that briefly.
+            let until = tokio::time::Instant::now() + CONTROL_WAIT;
+            let mut latest = current;
+            while !done(latest.state) && tokio::time::Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if let Some(s) = self.load_status(cid).await? {
+                    latest = s;
+                }
+            }
+            return Ok(latest);
+        };
+        let mut rx = h.state.subscribe();
+        let _ = tokio::time::timeout(CONTROL_WAIT, rx.wait_for(|s| done(*s))).await;
+        Ok(h.status())
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+/// Tests that run a coordinator take this lock: coordinators in one process
+/// share the API queue group and would answer each other's requests (and
+/// end up driving each other's campaigns).
+#[cfg(test)]
+pub(crate) static COORDINATOR_TEST_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

@@ -1,0 +1,520 @@
+//! Engine tests against the real nats-server on 127.0.0.1:4222, with a tiny
+//! fake worker per test region that answers tasks directly. Every scenario
+//! uses its own random region (and selects only it), so runs do not see each
+//! other's credentials, tasks or results.
+
+use super::*;
+use crate::client::{ApiClient, ClientError};
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, ReplayPolicy};
+use keywave_common::{
+    codec::{self, Format},
+    publish, subjects,
+    wire::{
+        CampaignEvent, CampaignSpec, Credential, ErrorClass, OnFailure, Outcome, RotationResult,
+        RotationTask, Selector, Step, Strategy, TargetKind, TaskAction, WaveSize, SCHEMA_VERSION,
+    },
+};
+use std::sync::Mutex as StdMutex;
+use tokio::task::JoinHandle;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A private nats-server for this test process: test processes run in
+/// parallel and coordinators on one server would answer each other's API
+/// requests (they share the API queue group).
+async fn connect() -> (keywave_tests::NatsServer, async_nats::Client) {
+    let server = keywave_tests::NatsServer::start();
+    let client = server.client().await;
+    (server, client)
+}
+
+fn creds(region: &str, n: usize) -> Vec<Credential> {
+    (0..n)
+        .map(|i| Credential {
+            v: SCHEMA_VERSION,
+            id: format!("{region}-c{i:03}"),
+            region: region.to_string(),
+            endpoint: "sim".into(),
+            kind: TargetKind::Sim,
+            principal: format!("svc-{i}"),
+            tags: vec!["env=test".into()],
+            owner: None,
+            consumers: vec![],
+        })
+        .collect()
+}
+
+fn spec(region: &str, waves: &[u64], budget: f64, strategy: Strategy) -> CampaignSpec {
+    CampaignSpec {
+        v: SCHEMA_VERSION,
+        name: format!("engine test {region}"),
+        reason: None,
+        selector: Selector {
+            regions: vec![region.to_string()],
+            ..Default::default()
+        },
+        strategy,
+        waves: waves.iter().map(|&n| WaveSize::Count(n)).collect(),
+        failure_budget: budget,
+        bake_ms: 0,
+        on_failure: OnFailure::Rollback,
+        task_timeout_ms: 10_000,
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Answer {
+    Succeed,
+    Fail,
+    Silent,
+}
+
+/// A fake worker: a pull consumer on the region's tasks that records every
+/// task and answers it according to `rule`.
+struct FakeWorker {
+    tasks: Arc<StdMutex<Vec<RotationTask>>>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl FakeWorker {
+    async fn start(
+        js: Context,
+        region: &str,
+        rule: impl Fn(&RotationTask) -> Answer + Send + Sync + 'static,
+    ) -> FakeWorker {
+        let stream = js.get_stream(topology::STREAM_TASKS).await.unwrap();
+        let consumer = stream
+            .create_consumer(pull::Config {
+                filter_subject: subjects::task_region_filter(region),
+                ack_policy: AckPolicy::Explicit,
+                inactive_threshold: Duration::from_secs(30),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let tasks = Arc::new(StdMutex::new(Vec::new()));
+        let stop = CancellationToken::new();
+        let (t, s, region) = (tasks.clone(), stop.clone(), region.to_string());
+        let task = tokio::spawn(async move {
+            let mut msgs = consumer.messages().await.unwrap();
+            loop {
+                let m = tokio::select! {
+                    m = msgs.next() => m,
+                    _ = s.cancelled() => return,
+                };
+                let Some(Ok(m)) = m else { continue };
+                let task: RotationTask = codec::decode(m.headers.as_ref(), &m.payload).unwrap();
+                t.lock().unwrap().push(task.clone());
+                let answer = rule(&task);
+                if answer != Answer::Silent {
+                    let (outcome, step, class) = match (task.action, answer) {
+                        (TaskAction::Rotate, Answer::Succeed) => {
+                            (Outcome::Succeeded, Step::Verified, None)
+                        }
+                        (TaskAction::Rotate, _) => {
+                            (Outcome::Failed, Step::Set, Some(ErrorClass::Injected))
+                        }
+                        (TaskAction::Rollback, _) if task.strategy == Strategy::Containment => (
+                            Outcome::RollbackRefused,
+                            Step::Received,
+                            Some(ErrorClass::RollbackRefused),
+                        ),
+                        (TaskAction::Rollback, _) => (Outcome::RolledBack, Step::Restored, None),
+                    };
+                    let result = RotationResult {
+                        v: SCHEMA_VERSION,
+                        task_id: task.task_id.clone(),
+                        campaign_id: task.campaign_id.clone(),
+                        wave: task.wave,
+                        index: task.index,
+                        action: task.action,
+                        credential_id: task.credential_id.clone(),
+                        region: region.clone(),
+                        outcome,
+                        step,
+                        error_class: class,
+                        error: None,
+                        timings: vec![],
+                        new_fingerprint: None,
+                        old_fingerprint: None,
+                        old_rejected: Some(true),
+                        worker_id: "fake".into(),
+                        finished_at_ms: now_ms(),
+                    };
+                    publish::send_and_confirm(
+                        &js,
+                        subjects::result(&region, &task.campaign_id),
+                        Format::MsgPack,
+                        &format!("result:{}", task.task_id),
+                        &result,
+                    )
+                    .await
+                    .unwrap();
+                }
+                m.ack().await.unwrap();
+            }
+        });
+        FakeWorker { tasks, stop, task }
+    }
+
+    fn tasks(&self, action: TaskAction) -> Vec<RotationTask> {
+        let mut v: Vec<_> = self
+            .tasks
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|t| t.action == action)
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.credential_id.cmp(&b.credential_id));
+        v.dedup_by(|a, b| a.task_id == b.task_id);
+        v
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// The names of a campaign's events, in order.
+async fn event_names(js: &Context, cid: &str) -> Vec<String> {
+    let stream = js.get_stream(topology::STREAM_EVENTS).await.unwrap();
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: subjects::event_campaign_filter(cid),
+            deliver_policy: DeliverPolicy::All,
+            replay_policy: ReplayPolicy::Instant,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut names = Vec::new();
+    if consumer.cached_info().num_pending == 0 {
+        return names;
+    }
+    let mut msgs = consumer.messages().await.unwrap();
+    while let Some(Ok(m)) = msgs.next().await {
+        let ev: CampaignEvent = codec::decode(m.headers.as_ref(), &m.payload).unwrap();
+        names.push(ev.kind.name().to_string());
+        if m.info().unwrap().pending == 0 {
+            break;
+        }
+    }
+    names
+}
+
+struct Running {
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), CoordinatorError>>,
+}
+
+async fn run_coordinator(client: async_nats::Client) -> Running {
+    let coordinator = Coordinator::start(
+        client,
+        CoordinatorOptions {
+            progress_interval: Duration::from_millis(200),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(coordinator.run(shutdown.clone()));
+    Running { shutdown, task }
+}
+
+impl Running {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+/// Waits until `f` holds for the campaign's status.
+async fn wait_status(
+    api: &ApiClient,
+    cid: &str,
+    what: &str,
+    f: impl Fn(&CampaignStatus) -> bool,
+) -> CampaignStatus {
+    let until = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Ok(s) = api.status(cid).await {
+            if f(&s) {
+                return s;
+            }
+            if tokio::time::Instant::now() > until {
+                panic!("campaign {cid} never reached: {what}; last status {s:#?}");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn setup(client: &async_nats::Client, n: usize) -> (Context, String) {
+    let js = topology::context(client.clone());
+    topology::ensure_core(&js, &topology::Config::default())
+        .await
+        .unwrap();
+    let region = ids::random_id("t");
+    let kv = topology::inventory(&js, &topology::Config::default())
+        .await
+        .unwrap();
+    inventory::put_all(&kv, &creds(&region, n)).await.unwrap();
+    (js, region)
+}
+
+async fn three_waves_complete(client: async_nats::Client, api: ApiClient) {
+    let (js, region) = setup(&client, 10).await;
+    let worker = FakeWorker::start(js.clone(), &region, |_| Answer::Succeed).await;
+    let cid = api
+        .start(spec(&region, &[2, 4], 0.0, Strategy::Continuity))
+        .await
+        .unwrap();
+    let s = api.wait_terminal(&cid, WAIT).await.unwrap();
+    assert_eq!(s.state, CampaignState::Completed, "{s:#?}");
+    assert_eq!(
+        s.waves.iter().map(|w| w.size).collect::<Vec<_>>(),
+        vec![2, 4, 4]
+    );
+    assert_eq!(s.succeeded(), 10);
+    assert_eq!(s.failed(), 0);
+    assert_eq!(
+        s.waves.iter().map(|w| w.decision).collect::<Vec<_>>(),
+        vec![
+            Some(Decision::NextWave),
+            Some(Decision::NextWave),
+            Some(Decision::Complete)
+        ]
+    );
+    // Plan order is id order; task indexes are positions within the wave.
+    let tasks = worker.tasks(TaskAction::Rotate);
+    assert_eq!(tasks.len(), 10);
+    let t = tasks
+        .iter()
+        .find(|t| t.credential_id.ends_with("c003"))
+        .unwrap();
+    assert_eq!((t.wave, t.index), (1, 1));
+    assert_eq!(
+        t.task_id,
+        RotationTask::make_id(&cid, 1, TaskAction::Rotate, &t.credential_id)
+    );
+    let names = event_names(&js, &cid).await;
+    assert_eq!(names.first().map(String::as_str), Some("created"));
+    assert_eq!(names.iter().filter(|n| *n == "wave_started").count(), 3);
+    assert_eq!(names.iter().filter(|n| *n == "decision").count(), 3);
+    assert_eq!(names.last().map(String::as_str), Some("state_changed"));
+    worker.stop().await;
+}
+
+use keywave_common::wire::Decision;
+
+async fn failing_wave_rolls_back_only_succeeded(client: async_nats::Client, api: ApiClient) {
+    let (js, region) = setup(&client, 10).await;
+    // Wave 1 (8 credentials): the first four fail.
+    let worker = FakeWorker::start(js.clone(), &region, |t| {
+        if t.wave == 1 && t.index < 4 {
+            Answer::Fail
+        } else {
+            Answer::Succeed
+        }
+    })
+    .await;
+    let cid = api
+        .start(spec(&region, &[2, 8], 0.1, Strategy::Continuity))
+        .await
+        .unwrap();
+    let s = api.wait_terminal(&cid, WAIT).await.unwrap();
+    assert_eq!(s.state, CampaignState::RolledBack, "{s:#?}");
+    let w1 = &s.waves[1];
+    assert_eq!((w1.succeeded, w1.failed), (4, 4));
+    assert_eq!(w1.decision, Some(Decision::Rollback));
+    assert_eq!(w1.rollback_tasks, 4);
+    assert_eq!(w1.rolled_back, 4);
+    assert!(
+        s.reason.as_deref().unwrap().contains("top class: injected"),
+        "{:?}",
+        s.reason
+    );
+    let rollbacks = worker.tasks(TaskAction::Rollback);
+    let rolled: Vec<u32> = rollbacks.iter().map(|t| t.index).collect();
+    assert_eq!(rolled.len(), 4);
+    assert!(
+        rollbacks.iter().all(|t| t.wave == 1 && t.index >= 4),
+        "{rolled:?}"
+    );
+    assert!(rollbacks.iter().all(|t| t.task_id.contains(":rb1:")));
+    let names = event_names(&js, &cid).await;
+    for n in ["rollback_started", "rollback_finished"] {
+        assert!(names.iter().any(|x| x == n), "{n} missing from {names:?}");
+    }
+    worker.stop().await;
+}
+
+async fn containment_refuses_rollback_then_resumes(client: async_nats::Client, api: ApiClient) {
+    let (js, region) = setup(&client, 10).await;
+    let worker = FakeWorker::start(js.clone(), &region, |t| {
+        if t.wave == 1 && t.index < 2 {
+            Answer::Fail
+        } else {
+            Answer::Succeed
+        }
+    })
+    .await;
+    let cid = api
+        .start(spec(&region, &[2, 4], 0.1, Strategy::Containment))
+        .await
+        .unwrap();
+    let s = api.wait_terminal(&cid, WAIT).await.unwrap();
+    assert_eq!(s.state, CampaignState::Paused, "{s:#?}");
+    assert!(
+        s.reason
+            .as_deref()
+            .unwrap()
+            .contains("containment never restores an exposed secret"),
+        "{:?}",
+        s.reason
+    );
+    assert!(worker.tasks(TaskAction::Rollback).is_empty());
+    assert!(event_names(&js, &cid)
+        .await
+        .iter()
+        .any(|n| n == "rollback_refused"));
+    // An operator resumes: the campaign goes on with the next wave.
+    let s = api.resume(&cid).await.unwrap();
+    assert_ne!(s.state, CampaignState::Paused);
+    let s = api.wait_terminal(&cid, WAIT).await.unwrap();
+    assert_eq!(s.state, CampaignState::Completed, "{s:#?}");
+    assert_eq!(s.succeeded(), 8);
+    assert_eq!(s.waves[2].succeeded, 4);
+    worker.stop().await;
+}
+
+async fn missing_result_counts_as_no_result(client: async_nats::Client, api: ApiClient) {
+    let (js, region) = setup(&client, 3).await;
+    let worker = FakeWorker::start(js.clone(), &region, |t| {
+        if t.index == 1 {
+            Answer::Silent
+        } else {
+            Answer::Succeed
+        }
+    })
+    .await;
+    let mut sp = spec(&region, &[3], 0.5, Strategy::Continuity);
+    sp.task_timeout_ms = 300;
+    let started = tokio::time::Instant::now();
+    let cid = api.start(sp).await.unwrap();
+    let s = api.wait_terminal(&cid, WAIT).await.unwrap();
+    assert_eq!(s.state, CampaignState::Completed, "{s:#?}");
+    assert!(started.elapsed() >= Duration::from_millis(300) + DEADLINE_GRACE);
+    let w = &s.waves[0];
+    assert_eq!((w.succeeded, w.failed, w.no_result), (2, 0, 1));
+    assert_eq!(w.failures.get("no_result"), Some(&1));
+    assert_eq!(s.failed(), 1);
+    worker.stop().await;
+}
+
+async fn pause_resume_abort_and_bad_requests(client: async_nats::Client, api: ApiClient) {
+    let (js, region) = setup(&client, 6).await;
+    let worker = FakeWorker::start(js.clone(), &region, |_| Answer::Succeed).await;
+    let mut sp = spec(&region, &[1, 2], 0.0, Strategy::Continuity);
+    sp.bake_ms = 600_000;
+    let cid = api.start(sp).await.unwrap();
+    wait_status(&api, &cid, "baking", |s| s.state == CampaignState::Baking).await;
+    let s = api.pause(&cid).await.unwrap();
+    assert_eq!(s.state, CampaignState::Paused);
+    // Resuming a campaign paused while baking starts the next wave at once.
+    let s = api.resume(&cid).await.unwrap();
+    assert_eq!(s.state, CampaignState::Running);
+    wait_status(&api, &cid, "wave 1 finished, baking", |s| {
+        s.current_wave == 1 && s.state == CampaignState::Baking
+    })
+    .await;
+    let s = api.abort(&cid).await.unwrap();
+    assert_eq!(s.state, CampaignState::Aborted);
+    assert_eq!(
+        worker.tasks(TaskAction::Rotate).len(),
+        3,
+        "wave 2 never issued"
+    );
+    assert!(matches!(
+        api.resume(&cid).await,
+        Err(ClientError::Conflict(_))
+    ));
+    assert!(matches!(
+        api.status("c-doesnotexist").await,
+        Err(ClientError::NotFound(_))
+    ));
+    assert!(matches!(
+        api.start(spec(
+            &ids::random_id("empty"),
+            &[1],
+            0.0,
+            Strategy::Continuity
+        ))
+        .await,
+        Err(ClientError::BadRequest(_))
+    ));
+    let mut bad = spec(&region, &[1], 0.0, Strategy::Continuity);
+    bad.failure_budget = 3.0;
+    assert!(matches!(
+        api.start(bad).await,
+        Err(ClientError::BadRequest(_))
+    ));
+    // Malformed requests get a bad_request reply, and the server lives on.
+    let reply = client
+        .request(subjects::api("campaign.start"), "not json".into())
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["error"]["class"], "bad_request");
+    assert!(api.ping().await.is_ok());
+    assert!(api
+        .list()
+        .await
+        .unwrap()
+        .iter()
+        .any(|c| c.campaign_id == cid));
+    worker.stop().await;
+}
+
+/// One coordinator serves every scenario (several coordinators in one
+/// process would share the API queue group and answer each other's
+/// requests); the scenarios run concurrently on their own regions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_scenarios_against_real_nats() {
+    let (_server, client) = connect().await;
+    let _serial = COORDINATOR_TEST_LOCK.lock().await;
+    let running = run_coordinator(client.clone()).await;
+    let api = ApiClient::new(client.clone());
+    tokio::join!(
+        three_waves_complete(client.clone(), api.clone()),
+        failing_wave_rolls_back_only_succeeded(client.clone(), api.clone()),
+        containment_refuses_rollback_then_resumes(client.clone(), api.clone()),
+        missing_result_counts_as_no_result(client.clone(), api.clone()),
+        pause_resume_abort_and_bad_requests(client.clone(), api.clone()),
+    );
+    running.stop().await;
+
+    // A coordinator restart in the middle of a campaign: the next one
+    // replays the results and finishes the same campaign.
+    let (js, region) = setup(&client, 5).await;
+    let worker = FakeWorker::start(js.clone(), &region, |_| Answer::Succeed).await;
+    let running = run_coordinator(client.clone()).await;
+    let mut sp = spec(&region, &[2, 3], 0.0, Strategy::Continuity);
+    sp.bake_ms = 1_500;
+    let cid = api.start(sp).await.unwrap();
+    wait_status(&api, &cid, "baking", |s| s.state == CampaignState::Baking).await;
+    running.stop().await;
+    let running = run_coordinator(client.clone()).await;
+    let s = api.wait_terminal(&cid, WAIT).await.unwrap();
+    assert_eq!(s.state, CampaignState::Completed, "{s:#?}");
+    assert_eq!(s.succeeded(), 5);
+    assert_eq!(s.waves[0].succeeded, 2);
+    assert_eq!(worker.tasks(TaskAction::Rotate).len(), 5);
+    running.stop().await;
+    worker.stop().await;
+}

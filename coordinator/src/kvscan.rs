@@ -1,0 +1,95 @@
+//! Reads the latest value of every key of a KV bucket matching a filter, in
+//! one pass: an ordered pull consumer with `DeliverPolicy::LastPerSubject`
+//! streams the values (no request per key), and the consumer's initial
+//! `num_pending` tells when everything was seen, so an empty bucket or filter
+//! returns at once instead of waiting for a message that never comes.
+
+use async_nats::jetstream::{
+    consumer::{pull, DeliverPolicy, ReplayPolicy},
+    kv,
+};
+use bytes::Bytes;
+use futures::StreamExt;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+#[error("scanning KV bucket {bucket}: {detail}")]
+pub struct ScanError {
+    pub bucket: String,
+    pub detail: String,
+}
+
+/// The header JetStream KV uses to mark deletes and purges.
+const KV_OPERATION: &str = "KV-Operation";
+
+/// Longest wait for the next value of a scan.
+const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// One live key: its name, value and revision (stream sequence).
+pub struct Latest {
+    pub key: String,
+    pub value: Bytes,
+    pub revision: u64,
+}
+
+/// Calls `f` for the latest value of every key matching `key_filter`
+/// (`>` for all keys, `campaign.*`, ...); deleted and purged keys are skipped.
+/// Returns how many live keys were visited.
+pub async fn for_each_latest(
+    kv: &kv::Store,
+    key_filter: &str,
+    mut f: impl FnMut(Latest),
+) -> Result<u64, ScanError> {
+    let err = |detail: String| ScanError {
+        bucket: kv.name.clone(),
+        detail,
+    };
+    let consumer = kv
+        .stream
+        .create_consumer(pull::OrderedConfig {
+            description: Some("keywave kv scan".into()),
+            filter_subject: format!("{}{}", kv.prefix, key_filter),
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            replay_policy: ReplayPolicy::Instant,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    if consumer.cached_info().num_pending == 0 {
+        return Ok(0);
+    }
+    let mut messages = consumer.messages().await.map_err(|e| err(e.to_string()))?;
+    let mut live = 0;
+    loop {
+        // A key deleted after the consumer counted it never arrives: do not
+        // wait forever for it.
+        let next = tokio::time::timeout(IDLE_TIMEOUT, messages.next())
+            .await
+            .map_err(|_| err(format!("no value arrived for {IDLE_TIMEOUT:?}")))?;
+        let Some(msg) = next else { break };
+        let msg = msg.map_err(|e| err(e.to_string()))?;
+        let (pending, revision) = {
+            let info = msg.info().map_err(|e| err(e.to_string()))?;
+            (info.pending, info.stream_sequence)
+        };
+        let deleted = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(KV_OPERATION))
+            .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
+        if !deleted {
+            if let Some(key) = msg.subject.as_str().strip_prefix(kv.prefix.as_str()) {
+                live += 1;
+                f(Latest {
+                    key: key.to_string(),
+                    value: msg.payload.clone(),
+                    revision,
+                });
+            }
+        }
+        if pending == 0 {
+            break;
+        }
+    }
+    Ok(live)
+}

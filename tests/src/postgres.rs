@@ -1,0 +1,202 @@
+//! A private PostgreSQL server for tests that rotate real login roles:
+//! `initdb` (password authentication with scram-sha-256 everywhere) and
+//! `pg_ctl` from `PATH` or `/usr/lib/postgresql/<version>/bin`, a random
+//! loopback port, a temporary data directory, stopped on drop.
+//!
+//! PostgreSQL refuses to run as root; when the tests do, the server runs as
+//! the `postgres` system user (via `runuser`) in a directory it owns.
+
+use crate::process::{free_port, is_root, random_password, require, run_logged, system_user};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use tempfile::TempDir;
+
+const PORT_ATTEMPTS: usize = 5;
+/// Seconds `pg_ctl start -w` waits for the server to accept connections.
+const START_TIMEOUT_SECS: &str = "60";
+
+/// A private PostgreSQL server with superuser `postgres` and a random password.
+pub struct PostgresServer {
+    port: u16,
+    password: String,
+    data: PathBuf,
+    log: PathBuf,
+    running: bool,
+    // Dropped last, after the server is stopped.
+    dir: TempDir,
+}
+
+/// `bin` as a command, run as the `postgres` user when we are root.
+fn as_postgres(bin: &Path) -> Command {
+    if is_root() {
+        let mut c = Command::new(require("runuser"));
+        c.args(["-u", "postgres", "--"]).arg(bin);
+        c
+    } else {
+        Command::new(bin)
+    }
+}
+
+impl PostgresServer {
+    /// Initialises a cluster in a temporary directory, starts it on a random
+    /// port of 127.0.0.1 and waits until it accepts connections.
+    pub fn start() -> PostgresServer {
+        let initdb = require("initdb");
+        let pg_ctl = require("pg_ctl");
+        let dir = tempfile::Builder::new()
+            .prefix("keywave-postgres-")
+            .tempdir()
+            .expect("temporary directory");
+        if is_root() {
+            let (uid, gid) = system_user("postgres").unwrap_or_else(|| {
+                panic!("running as root, PostgreSQL needs the `postgres` system user (apt-get install postgresql creates it)")
+            });
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))
+                .expect("chown the PostgreSQL directory to postgres");
+        }
+        let password = random_password(24);
+        let pwfile = dir.path().join("pwfile");
+        std::fs::write(&pwfile, format!("{password}\n")).expect("write password file");
+        if is_root() {
+            let (uid, gid) = system_user("postgres").expect("postgres user");
+            std::os::unix::fs::chown(&pwfile, Some(uid), Some(gid)).expect("chown pwfile");
+        }
+        let data = dir.path().join("data");
+        let log = dir.path().join("postgres.log");
+        let mut cmd = as_postgres(&initdb);
+        cmd.arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "--auth=scram-sha-256", "-E", "UTF8"])
+            .args(["--locale=C", "--no-sync"])
+            .arg(format!("--pwfile={}", pwfile.display()));
+        run_logged("initdb", cmd, &dir.path().join("initdb.log")).unwrap_or_else(|e| panic!("{e}"));
+        let _ = std::fs::remove_file(&pwfile);
+
+        let mut server = PostgresServer {
+            port: 0,
+            password,
+            data,
+            log,
+            running: false,
+            dir,
+        };
+        for attempt in 1..=PORT_ATTEMPTS {
+            server.port = free_port();
+            let mut cmd = as_postgres(&pg_ctl);
+            cmd.arg("-D")
+                .arg(&server.data)
+                .arg("-l")
+                .arg(&server.log)
+                .args(["-w", "-t", START_TIMEOUT_SECS, "-o"])
+                .arg(format!(
+                    // Durability is pointless for a throw-away test database.
+                    "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
+                     -c synchronous_commit=off -c full_page_writes=off -c max_connections=200",
+                    server.port,
+                    server.dir.path().display()
+                ))
+                .arg("start");
+            match run_logged("pg_ctl start", cmd, &server.dir.path().join("pg_ctl.log")) {
+                Ok(()) => {
+                    server.running = true;
+                    return server;
+                }
+                Err(e) => {
+                    let log = crate::process::tail(&server.log, 20);
+                    if log.contains("could not bind") && attempt < PORT_ATTEMPTS {
+                        continue;
+                    }
+                    panic!("{e}\nserver log:\n{log}");
+                }
+            }
+        }
+        unreachable!("the last attempt panics")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The superuser's password.
+    pub fn password(&self) -> &str {
+        &self.password
+    }
+
+    /// `postgres://postgres:<password>@127.0.0.1:<port>/postgres`.
+    pub fn url(&self) -> String {
+        self.url_as("postgres", &self.password)
+    }
+
+    /// The URL of database `postgres` as another role; the password must be URL-safe.
+    pub fn url_as(&self, user: &str, password: &str) -> String {
+        format!(
+            "postgres://{user}:{password}@127.0.0.1:{}/postgres",
+            self.port
+        )
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The last lines of the server log.
+    pub fn log_tail(&self) -> String {
+        crate::process::tail(&self.log, 40)
+    }
+
+    /// Runs SQL as the superuser with `psql` over TCP (password auth) and
+    /// returns its unaligned, tuples-only output.
+    pub fn psql(&self, sql: &str) -> Result<String, String> {
+        self.psql_as("postgres", &self.password, sql)
+    }
+
+    /// [`PostgresServer::psql`] as another role: also a real authentication check.
+    pub fn psql_as(&self, user: &str, password: &str, sql: &str) -> Result<String, String> {
+        let out = Command::new(require("psql"))
+            .args([
+                "-X",
+                "-q",
+                "-t",
+                "-A",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+            ])
+            .arg("-p")
+            .arg(self.port.to_string())
+            .args(["-U", user, "-d", "postgres", "-c", sql])
+            .env("PGPASSWORD", password)
+            .env("PGCONNECT_TIMEOUT", "10")
+            .output()
+            .map_err(|e| format!("psql: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        }
+    }
+}
+
+impl Drop for PostgresServer {
+    fn drop(&mut self) {
+        if !self.running {
+            return;
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- postgres log ({}) ---\n{}\n--- end of postgres log ---",
+                self.log.display(),
+                self.log_tail()
+            );
+        }
+        // Immediate: the data is thrown away, so skip the shutdown checkpoint.
+        if let Some(pg_ctl) = crate::process::find("pg_ctl") {
+            let mut cmd = as_postgres(&pg_ctl);
+            cmd.arg("-D")
+                .arg(&self.data)
+                .args(["-m", "immediate", "-w", "-t", "30", "stop"]);
+            let _ = run_logged("pg_ctl stop", cmd, &self.dir.path().join("pg_ctl.log"));
+        }
+    }
+}

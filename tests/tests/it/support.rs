@@ -1,0 +1,287 @@
+//! Fixtures shared by the integration tests: a JetStream topology with short
+//! redelivery delays, fleets of simulated credentials, and in-process
+//! workers and coordinators that run until their token is cancelled.
+
+use keywave_common::crypto::{generate, RegionKey, Secret, SecretPolicy};
+use keywave_common::topology;
+use keywave_common::wire::{
+    CampaignSpec, Credential, OnFailure, Selector, Strategy, TargetKind, SCHEMA_VERSION,
+};
+use keywave_coordinator::client::ApiClient;
+use keywave_coordinator::{Coordinator, CoordinatorOptions};
+use keywave_worker::fault::Faults;
+use keywave_worker::store::SecretStore;
+use keywave_worker::targets::Targets;
+use keywave_worker::{Worker, WorkerOptions, WorkerStats};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Logs to the test's captured output when `RUST_LOG` is set.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// Production topology but for redelivery: an un-acked task comes back after
+/// one second instead of thirty, so crash tests run in seconds.
+pub fn topology() -> topology::Config {
+    topology::Config {
+        task_backoff: vec![Duration::from_secs(1)],
+        task_max_deliver: 5,
+        ..Default::default()
+    }
+}
+
+/// `n` credentials named `<prefix>-<0000>`, spread round-robin over
+/// `regions`, all on `endpoint` of `kind`; principal = id.
+pub fn credentials(
+    prefix: &str,
+    n: usize,
+    regions: &[&str],
+    endpoint: &str,
+    kind: TargetKind,
+) -> Vec<Credential> {
+    (0..n)
+        .map(|i| {
+            let id = format!("{prefix}-{i:04}");
+            Credential {
+                v: SCHEMA_VERSION,
+                principal: id.clone(),
+                id,
+                region: regions[i % regions.len()].to_string(),
+                endpoint: endpoint.to_string(),
+                kind,
+                tags: vec!["env=test".into()],
+                owner: Some("keywave-tests".into()),
+                consumers: vec![],
+            }
+        })
+        .collect()
+}
+
+/// A fresh secret in the default policy (alphanumeric: safe in URLs).
+pub fn secret() -> Secret {
+    generate(&SecretPolicy::default())
+}
+
+/// A campaign over `selector` with sensible test defaults: no bake time, a
+/// 30 s task timeout.
+pub fn spec(
+    selector: Selector,
+    strategy: Strategy,
+    waves: &str,
+    failure_budget: f64,
+    on_failure: OnFailure,
+) -> CampaignSpec {
+    CampaignSpec {
+        v: SCHEMA_VERSION,
+        name: "integration test".into(),
+        reason: Some("keywave-tests".into()),
+        selector,
+        strategy,
+        waves: keywave_common::wire::parse_wave_plan(waves).unwrap(),
+        failure_budget,
+        bake_ms: 0,
+        on_failure,
+        task_timeout_ms: 30_000,
+    }
+}
+
+/// Selects every credential of `regions`.
+pub fn in_regions(regions: &[&str]) -> Selector {
+    Selector {
+        regions: regions.iter().map(|r| r.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+/// A worker running in the background.
+pub struct RunningWorker {
+    pub store: SecretStore,
+    pub cancel: CancellationToken,
+    pub handle: JoinHandle<Result<WorkerStats, keywave_worker::WorkerError>>,
+}
+
+impl RunningWorker {
+    /// Cancels the worker and waits for it to drain.
+    pub async fn stop(self) -> WorkerStats {
+        self.cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.handle)
+            .await
+            .expect("worker stops within 30 s")
+            .expect("worker task")
+            .expect("worker run")
+    }
+}
+
+/// Starts a worker of `region` with `targets`, optionally with faults.
+pub async fn start_worker(
+    client: &async_nats::Client,
+    region: &str,
+    key: &RegionKey,
+    targets: Arc<Targets>,
+    faults: Faults,
+) -> RunningWorker {
+    start_worker_on(client, topology(), region, key, targets, faults).await
+}
+
+/// [`start_worker`] with another topology (a cluster's replicas).
+pub async fn start_worker_on(
+    client: &async_nats::Client,
+    topology: topology::Config,
+    region: &str,
+    key: &RegionKey,
+    targets: Arc<Targets>,
+    faults: Faults,
+) -> RunningWorker {
+    let opts = WorkerOptions {
+        region: region.to_string(),
+        worker_id: keywave_tests::unique(&format!("worker-{region}")),
+        concurrency: 32,
+        topology,
+        faults,
+    };
+    let worker = Worker::start(client.clone(), opts, key.clone(), targets)
+        .await
+        .expect("worker starts");
+    let store = worker.store().clone();
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    let handle = tokio::spawn(async move { worker.run(c).await });
+    RunningWorker {
+        store,
+        cancel,
+        handle,
+    }
+}
+
+/// A coordinator running in the background.
+pub struct RunningCoordinator {
+    pub cancel: CancellationToken,
+    pub handle: JoinHandle<Result<(), keywave_coordinator::CoordinatorError>>,
+}
+
+impl RunningCoordinator {
+    /// Cancels the coordinator (as SIGTERM would) and waits for it to stop.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.handle)
+            .await
+            .expect("coordinator stops within 30 s")
+            .expect("coordinator task")
+            .expect("coordinator run");
+    }
+}
+
+/// Starts a coordinator and waits until it answers the API.
+pub async fn start_coordinator(client: &async_nats::Client) -> RunningCoordinator {
+    start_coordinator_on(client, topology()).await
+}
+
+/// [`start_coordinator`] with another topology (a cluster's replicas).
+pub async fn start_coordinator_on(
+    client: &async_nats::Client,
+    topology: topology::Config,
+) -> RunningCoordinator {
+    let opts = CoordinatorOptions {
+        topology,
+        coordinator_id: keywave_tests::unique("coordinator"),
+        ..Default::default()
+    };
+    let coordinator = Coordinator::start(client.clone(), opts)
+        .await
+        .expect("coordinator starts");
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    let handle = tokio::spawn(async move { coordinator.run(c).await });
+    // `run` subscribes to the API in the background: wait until it answers.
+    let api = ApiClient::new(client.clone()).with_timeout(Duration::from_secs(1));
+    keywave_tests::wait_until(Duration::from_secs(15), || {
+        let api = api.clone();
+        async move { api.ping().await.is_ok() }
+    })
+    .await
+    .expect("coordinator answers ping");
+    RunningCoordinator { cancel, handle }
+}
+
+/// Creates the core topology and stores `creds` in the inventory.
+pub async fn put_inventory(client: &async_nats::Client, creds: &[Credential]) {
+    put_inventory_on(client, topology(), creds).await
+}
+
+/// [`put_inventory`] with another topology (a cluster's replicas).
+pub async fn put_inventory_on(
+    client: &async_nats::Client,
+    cfg: topology::Config,
+    creds: &[Credential],
+) {
+    let js = topology::context(client.clone());
+    topology::ensure_core(&js, &cfg).await.expect("topology");
+    let kv = topology::inventory(&js, &cfg)
+        .await
+        .expect("inventory bucket");
+    keywave_coordinator::inventory::put_all(&kv, creds)
+        .await
+        .expect("inventory import");
+}
+
+/// Every event of campaign `cid` recorded so far on `KEYWAVE_EVENTS`, in order.
+pub async fn events(
+    client: &async_nats::Client,
+    cid: &str,
+) -> Vec<keywave_common::wire::CampaignEvent> {
+    read_stream(
+        client,
+        topology::STREAM_EVENTS,
+        &keywave_common::subjects::event_campaign_filter(cid),
+    )
+    .await
+    .iter()
+    .map(|m| keywave_common::codec::decode(m.headers.as_ref(), &m.payload).expect("event decodes"))
+    .collect()
+}
+
+/// Every message on `stream` matching `filter` right now, in order, read
+/// with an ordered consumer (no state left on the server).
+pub async fn read_stream(
+    client: &async_nats::Client,
+    stream: &str,
+    filter: &str,
+) -> Vec<async_nats::jetstream::Message> {
+    use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+    use futures::StreamExt;
+    let js = topology::context(client.clone());
+    let consumer = js
+        .get_stream(stream)
+        .await
+        .expect("stream exists")
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: filter.to_string(),
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .expect("ordered consumer");
+    let mut out = Vec::new();
+    if consumer.cached_info().num_pending == 0 {
+        return out;
+    }
+    let mut messages = consumer.messages().await.expect("messages");
+    while let Some(m) = tokio::time::timeout(Duration::from_secs(10), messages.next())
+        .await
+        .expect("stream keeps delivering")
+    {
+        let m = m.expect("message");
+        let pending = m.info().expect("jetstream message").pending;
+        out.push(m);
+        if pending == 0 {
+            break;
+        }
+    }
+    out
+}

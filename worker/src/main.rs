@@ -1,0 +1,291 @@
+//! `keywave-worker`: the regional worker binary. Parses flags, loads and
+//! validates the configuration, wires NATS, the targets and the worker
+//! together, and turns SIGTERM/SIGINT into a graceful drain.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use keywave_common::crypto::{RegionKey, Secret};
+use keywave_common::{ids, topology};
+use keywave_worker::config::{self, Config, ConfigError, Overrides, ProcessEnv};
+use keywave_worker::fault::Faults;
+use keywave_worker::store::SecretStore;
+use keywave_worker::targets::AuthCheck;
+use keywave_worker::{Worker, WorkerOptions};
+use std::io::{BufRead, IsTerminal};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Rotates credentials of one region: pulls its tasks from NATS JetStream,
+/// sets, tests and revokes secrets at the real targets, and keeps the
+/// region's encrypted secret store.
+#[derive(Debug, Parser)]
+#[command(name = "keywave-worker", version)]
+struct Cli {
+    /// Worker configuration file (TOML; see keywave-worker.example.toml).
+    #[arg(long, short = 'c', env = config::ENV_CONFIG, global = true)]
+    config: Option<PathBuf>,
+    /// Region to serve (overrides `region` in the file).
+    #[arg(long, global = true)]
+    region: Option<String>,
+    /// NATS server URL [default: `nats_url` in the file, else nats://127.0.0.1:4222].
+    #[arg(long, env = config::ENV_NATS_URL, global = true)]
+    nats: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the region's tasks until SIGTERM or SIGINT (the default).
+    Run,
+    /// Print a new random region key (hex) to stdout.
+    Keygen,
+    /// Record the secret a credential uses today as its CURRENT secret.
+    ///
+    /// The secret is read from KEYWAVE_ENROLL_SECRET or, when that is unset,
+    /// from the first line of stdin. It must authenticate at the endpoint; it
+    /// is never echoed.
+    Enroll {
+        /// Credential id, as in the inventory.
+        #[arg(long)]
+        credential: String,
+        /// Endpoint name from the configuration.
+        #[arg(long)]
+        endpoint: String,
+        /// The login (role, user) the secret belongs to.
+        #[arg(long)]
+        principal: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("keywave-worker: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(dispatch(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keywave-worker: {e:#}");
+            // Configuration mistakes are usage errors.
+            if e.downcast_ref::<ConfigError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn dispatch(cli: Cli) -> Result<()> {
+    match cli.command {
+        Some(Command::Keygen) => {
+            println!("{}", RegionKey::generate().to_hex());
+            Ok(())
+        }
+        Some(Command::Enroll {
+            ref credential,
+            ref endpoint,
+            ref principal,
+        }) => {
+            init_tracing();
+            let cfg = load_config(&cli)?;
+            enroll(&cfg, credential, endpoint, principal).await
+        }
+        None | Some(Command::Run) => {
+            init_tracing();
+            let cfg = load_config(&cli)?;
+            run(cfg).await
+        }
+    }
+}
+
+fn load_config(cli: &Cli) -> Result<Config> {
+    let Some(path) = &cli.config else {
+        return Err(ConfigError::Invalid {
+            field: "--config".into(),
+            message: format!(
+                "a configuration file is required (or set {})",
+                config::ENV_CONFIG
+            ),
+        }
+        .into());
+    };
+    let overrides = Overrides {
+        region: cli.region.clone(),
+        nats_url: cli.nats.clone(),
+    };
+    Ok(Config::load(path, &overrides, &ProcessEnv)?)
+}
+
+async fn connect(cfg: &Config) -> Result<async_nats::Client> {
+    async_nats::ConnectOptions::new()
+        .name(format!("keywave-worker {}", cfg.worker_id))
+        .connect(cfg.nats_url.as_str())
+        .await
+        .with_context(|| format!("connecting to NATS at {}", cfg.nats_url))
+}
+
+async fn run(cfg: Config) -> Result<()> {
+    let faults = Faults::from_env()?;
+    if faults.crash_after.is_some() {
+        warn!(?faults, "Fault injection is ON");
+    }
+    let client = connect(&cfg).await?;
+    let targets = Arc::new(cfg.targets().await.context("building the endpoints")?);
+    info!(endpoints = ?targets.names(), "Endpoints ready");
+    let worker = Worker::start(
+        client.clone(),
+        WorkerOptions {
+            region: cfg.region.clone(),
+            worker_id: cfg.worker_id.clone(),
+            concurrency: cfg.concurrency,
+            topology: cfg.topology.clone(),
+            faults,
+        },
+        cfg.region_key.clone(),
+        targets,
+    )
+    .await?;
+
+    let shutdown = CancellationToken::new();
+    let mut running = tokio::spawn(worker.run(shutdown.clone()));
+    tokio::select! {
+        r = &mut running => {
+            let stats = r.context("worker task")??;
+            info!(?stats, "Worker returned");
+            return Ok(());
+        }
+        signal = shutdown_signal() => info!(signal, "Shutting down; draining in-flight tasks"),
+    }
+    shutdown.cancel();
+    match tokio::time::timeout(cfg.shutdown_grace, &mut running).await {
+        Ok(r) => {
+            let stats = r.context("worker task")??;
+            info!(?stats, "Drained");
+        }
+        Err(_) => {
+            warn!(
+                grace_secs = cfg.shutdown_grace.as_secs(),
+                "Grace period ran out; tasks still in flight stay un-acked and will be redelivered"
+            );
+            running.abort();
+        }
+    }
+    if let Err(e) = client.flush().await {
+        warn!(error = %e, "Could not flush the NATS connection");
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT, naming which.
+async fn shutdown_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+            },
+            Err(e) => {
+                warn!(error = %e, "Cannot listen for SIGTERM; only SIGINT stops the worker");
+                let _ = tokio::signal::ctrl_c().await;
+                "SIGINT"
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "SIGINT"
+    }
+}
+
+/// Today's secret, from the environment or the first line of stdin.
+fn read_enroll_secret() -> Result<Secret> {
+    if let Ok(v) = std::env::var(config::ENV_ENROLL_SECRET) {
+        if v.is_empty() {
+            bail!("{} is set but empty", config::ENV_ENROLL_SECRET);
+        }
+        return Ok(Secret::new(v));
+    }
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        eprintln!(
+            "Reading the current secret from stdin (it will show as you type; prefer piping it or {}):",
+            config::ENV_ENROLL_SECRET
+        );
+    }
+    let mut line = String::new();
+    stdin
+        .lock()
+        .read_line(&mut line)
+        .context("reading the secret from stdin")?;
+    let secret = Secret::new(line.trim_end_matches(['\n', '\r']).to_string());
+    line.clear();
+    if secret.expose().is_empty() {
+        bail!(
+            "no secret given: set {} or pipe it on stdin",
+            config::ENV_ENROLL_SECRET
+        );
+    }
+    Ok(secret)
+}
+
+async fn enroll(cfg: &Config, credential: &str, endpoint: &str, principal: &str) -> Result<()> {
+    ids::validate("credential id", credential).map_err(|e| ConfigError::Invalid {
+        field: "--credential".into(),
+        message: e.to_string(),
+    })?;
+    let ep = cfg.endpoint(endpoint).ok_or_else(|| ConfigError::Invalid {
+        field: "--endpoint".into(),
+        message: format!("endpoint {endpoint:?} is not in the configuration"),
+    })?;
+    let secret = read_enroll_secret()?;
+    let target = ep
+        .connect()
+        .await
+        .with_context(|| format!("connecting to endpoint {endpoint}"))?;
+    match target
+        .check(principal, &secret)
+        .await
+        .with_context(|| format!("checking the secret at endpoint {endpoint}"))?
+    {
+        AuthCheck::Accepted => {}
+        AuthCheck::Rejected => bail!(
+            "the given secret does not authenticate {principal:?} at endpoint {endpoint}; nothing was stored"
+        ),
+    }
+    let client = connect(cfg).await?;
+    let js = topology::context(client);
+    topology::ensure_core(&js, &cfg.topology).await?;
+    let (_, kv) = topology::ensure_region(&js, &cfg.region, &cfg.topology).await?;
+    let store = SecretStore::from_kv(kv, &cfg.region, cfg.region_key.clone());
+    let fingerprint = store.fingerprint(&secret);
+    store.enroll(credential, secret).await?;
+    println!(
+        "enrolled {credential} ({principal} at {endpoint}, region {}): fingerprint {fingerprint}",
+        cfg.region
+    );
+    Ok(())
+}

@@ -1,0 +1,1149 @@
+//! The rotation and rollback state machine (DESIGN decision 3). A task goes
+//! in, a [`RotationResult`] (fingerprints only) comes out; in between, every
+//! step is either recorded in the secret store or can be read back from the
+//! target, so a redelivered task resumes where it stopped, reuses the secret it
+//! staged, and never rotates a credential twice.
+//!
+//! Rotation: stage → set → test → promote → revoke → verify.
+//! Rollback (continuity only): set the previous secret back → test → swap.
+//!
+//! Durable writes per rotated credential are kept at three: PENDING (stage),
+//! the promote CAS, and the result publish done by the runner. Everything else
+//! is idempotent and re-derived on redelivery. A rollback writes once (the swap).
+
+use crate::fault::{Crash, Faults};
+use crate::store::{Applied, Loaded, SecretStore, StoreError, Version};
+use crate::targets::{AuthCheck, Endpoint, TargetError, Targets};
+use backon::{BackoffBuilder, ExponentialBuilder};
+use keywave_common::crypto::{generate, Secret};
+use keywave_common::now_ms;
+use keywave_common::wire::{
+    ErrorClass, Outcome, RotationResult, RotationTask, Step, StepTiming, Strategy, TargetKind,
+    TaskAction, SCHEMA_VERSION,
+};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// How often a task restarts from the top after losing a CAS race before it
+/// gives up with [`ErrorClass::Store`].
+const MAX_CONFLICTS: usize = 5;
+
+/// Longest error text put in a result.
+const MAX_ERROR_TEXT: usize = 300;
+
+/// Retries of a transient failure (target unavailable, store unavailable)
+/// inside one task: exponential backoff with jitter, bounded by `attempts` and
+/// by the task's deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Tries in total, the first included.
+    pub attempts: usize,
+    pub min_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 5,
+            min_delay: Duration::from_millis(200),
+            max_delay: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What became of a task.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Flow {
+    /// The task ended, in any outcome: publish this result, then ack the task.
+    Finished(Box<RotationResult>),
+    /// A crash was injected after this step: leave the task un-acked.
+    Crashed(Step),
+    /// Shutdown interrupted a retry wait: give the task back for redelivery
+    /// (it resumes where it stopped).
+    Interrupted,
+}
+
+/// Why a task failed (or must stop) before it finished.
+#[derive(Debug, Error)]
+enum Fail {
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    #[error(transparent)]
+    Store(StoreError),
+    #[error("deadline passed before the step after {0}")]
+    Deadline(Step),
+    #[error("the new secret did not authenticate after being set")]
+    NewSecretRejected,
+    #[error("the old secret still authenticates after revocation")]
+    OldSecretStillAccepted,
+    #[error("no previous secret to roll back to")]
+    NoPrevious,
+    #[error("endpoint {0:?} is not configured on this worker")]
+    UnknownEndpoint(String),
+    #[error("endpoint is of kind {endpoint}, the task says {task}")]
+    KindMismatch {
+        endpoint: TargetKind,
+        task: TargetKind,
+    },
+    #[error("inconsistent record: {0}")]
+    Internal(String),
+    /// Lost a CAS race: restart from the top with a fresh read.
+    #[error("record changed concurrently")]
+    Conflict,
+    #[error("injected crash after {0}")]
+    Crashed(Step),
+    #[error("interrupted by shutdown")]
+    Interrupted,
+}
+
+impl From<StoreError> for Fail {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict { .. } => Fail::Conflict,
+            e => Fail::Store(e),
+        }
+    }
+}
+
+impl From<Crash> for Fail {
+    fn from(c: Crash) -> Self {
+        Fail::Crashed(c.step)
+    }
+}
+
+impl Fail {
+    fn is_transient(&self) -> bool {
+        match self {
+            Fail::Target(e) => e.is_transient(),
+            Fail::Store(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+
+    fn class(&self) -> ErrorClass {
+        match self {
+            Fail::Target(e) => e.class(),
+            Fail::Store(_) | Fail::Conflict => ErrorClass::Store,
+            Fail::Deadline(_) => ErrorClass::DeadlineExceeded,
+            Fail::NewSecretRejected => ErrorClass::NewSecretRejected,
+            Fail::OldSecretStillAccepted => ErrorClass::OldSecretStillAccepted,
+            Fail::NoPrevious => ErrorClass::NoPrevious,
+            Fail::UnknownEndpoint(_) => ErrorClass::UnknownEndpoint,
+            Fail::KindMismatch { .. } => ErrorClass::KindMismatch,
+            Fail::Internal(_) | Fail::Crashed(_) | Fail::Interrupted => ErrorClass::Internal,
+        }
+    }
+}
+
+/// The progress of one execution of a task: what goes into its result.
+struct Run<'a> {
+    task: &'a RotationTask,
+    step: Step,
+    timings: Vec<StepTiming>,
+    /// Fingerprint of the secret this task makes CURRENT.
+    new_fp: Option<String>,
+    /// Whether `new_fp` is CURRENT in the store (promoted or restored).
+    new_is_current: bool,
+    old_fp: Option<String>,
+    old_rejected: Option<bool>,
+}
+
+impl<'a> Run<'a> {
+    fn new(task: &'a RotationTask) -> Self {
+        Run {
+            task,
+            step: Step::Received,
+            timings: Vec::new(),
+            new_fp: None,
+            new_is_current: false,
+            old_fp: None,
+            old_rejected: None,
+        }
+    }
+
+    /// Fails with `DeadlineExceeded` when the task's deadline has passed
+    /// (checked before every step; a deadline of 0 means none).
+    fn before_step(&self) -> Result<(), Fail> {
+        let d = self.task.deadline_ms;
+        if d != 0 && now_ms() > d {
+            return Err(Fail::Deadline(self.step));
+        }
+        Ok(())
+    }
+}
+
+/// Runs tasks against a worker's targets and store.
+#[derive(Clone)]
+pub struct Protocol {
+    store: SecretStore,
+    targets: Arc<Targets>,
+    worker_id: String,
+    faults: Faults,
+    retry: RetryPolicy,
+}
+
+impl std::fmt::Debug for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Protocol")
+            .field("worker_id", &self.worker_id)
+            .field("faults", &self.faults)
+            .field("retry", &self.retry)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Protocol {
+    pub fn new(
+        store: SecretStore,
+        targets: Arc<Targets>,
+        worker_id: impl Into<String>,
+        faults: Faults,
+    ) -> Self {
+        Protocol {
+            store,
+            targets,
+            worker_id: worker_id.into(),
+            faults,
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    pub fn store(&self) -> &SecretStore {
+        &self.store
+    }
+
+    /// Runs `task` to its end (or to an injected crash). Never panics; the
+    /// result never carries a secret.
+    pub async fn execute(&self, task: &RotationTask, shutdown: &CancellationToken) -> Flow {
+        let mut run = Run::new(task);
+        match self.dispatch(&mut run, shutdown).await {
+            Ok(outcome) => {
+                info!(
+                    task = %task.task_id,
+                    credential = %task.credential_id,
+                    step = %run.step,
+                    outcome = ?outcome,
+                    "Task finished"
+                );
+                Flow::Finished(Box::new(self.result(&run, outcome, None)))
+            }
+            Err(Fail::Crashed(step)) => Flow::Crashed(step),
+            Err(Fail::Interrupted) => {
+                info!(task = %task.task_id, step = %run.step, "Task interrupted by shutdown");
+                Flow::Interrupted
+            }
+            Err(fail) => {
+                warn!(
+                    task = %task.task_id,
+                    credential = %task.credential_id,
+                    step = %run.step,
+                    class = %fail.class(),
+                    error = %fail,
+                    "Task failed"
+                );
+                Flow::Finished(Box::new(self.result(&run, Outcome::Failed, Some(&fail))))
+            }
+        }
+    }
+
+    async fn dispatch(
+        &self,
+        run: &mut Run<'_>,
+        shutdown: &CancellationToken,
+    ) -> Result<Outcome, Fail> {
+        let task = run.task;
+        let ep = self
+            .targets
+            .get(&task.endpoint)
+            .ok_or_else(|| Fail::UnknownEndpoint(task.endpoint.clone()))?;
+        if ep.kind() != task.kind {
+            return Err(Fail::KindMismatch {
+                endpoint: ep.kind(),
+                task: task.kind,
+            });
+        }
+        let mut conflicts = 0;
+        loop {
+            let r = match task.action {
+                TaskAction::Rotate => self.rotate(run, &ep, shutdown).await,
+                TaskAction::Rollback => self.rollback(run, &ep, shutdown).await,
+            };
+            match r {
+                // Another delivery of this task (or another task on this
+                // credential) wrote first. Every step is idempotent, so start
+                // over from a fresh read.
+                Err(Fail::Conflict) if conflicts < MAX_CONFLICTS => {
+                    conflicts += 1;
+                    debug!(task = %task.task_id, conflicts, "Store conflict, re-reading");
+                    run.step = Step::Received;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Marks `step` complete: timing, log, then the fault-injection point.
+    fn done(&self, run: &mut Run<'_>, step: Step, started: Instant) -> Result<(), Fail> {
+        run.step = step;
+        run.timings.push(StepTiming {
+            step,
+            micros: started.elapsed().as_micros() as u64,
+        });
+        debug!(task = %run.task.task_id, credential = %run.task.credential_id, step = %step, "Step done");
+        self.faults.after(step)?;
+        Ok(())
+    }
+
+    /// Runs `op`, retrying transient failures with exponential backoff and
+    /// jitter, within `retry.attempts` and the task's deadline. A backoff wait
+    /// ends early on shutdown ([`Fail::Interrupted`]).
+    async fn retrying<T, Fut>(
+        &self,
+        run: &Run<'_>,
+        shutdown: &CancellationToken,
+        what: &'static str,
+        mut op: impl FnMut() -> Fut,
+    ) -> Result<T, Fail>
+    where
+        Fut: Future<Output = Result<T, Fail>>,
+    {
+        let mut delays = ExponentialBuilder::default()
+            .with_jitter()
+            .with_min_delay(self.retry.min_delay)
+            .with_max_delay(self.retry.max_delay)
+            .with_max_times(self.retry.attempts.saturating_sub(1))
+            .build();
+        loop {
+            match op().await {
+                Err(fail) if fail.is_transient() => {
+                    let Some(delay) = delays.next() else {
+                        return Err(fail);
+                    };
+                    let d = run.task.deadline_ms;
+                    if d != 0 && now_ms().saturating_add(delay.as_millis() as u64) > d {
+                        return Err(fail);
+                    }
+                    warn!(
+                        task = %run.task.task_id,
+                        op = what,
+                        error = %fail,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "Transient failure, retrying"
+                    );
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Err(Fail::Interrupted),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn load(&self, run: &Run<'_>, shutdown: &CancellationToken) -> Result<Loaded, Fail> {
+        let cred = &run.task.credential_id;
+        self.retrying(run, shutdown, "load", move || async move {
+            self.store.load(cred).await.map_err(Fail::from)
+        })
+        .await
+    }
+
+    async fn save(
+        &self,
+        run: &Run<'_>,
+        shutdown: &CancellationToken,
+        loaded: &Loaded,
+    ) -> Result<u64, Fail> {
+        let cred = &run.task.credential_id;
+        self.retrying(run, shutdown, "save", move || async move {
+            self.store
+                .save(cred, &loaded.record, loaded.revision)
+                .await
+                .map_err(Fail::from)
+        })
+        .await
+    }
+
+    async fn check(
+        &self,
+        run: &Run<'_>,
+        shutdown: &CancellationToken,
+        ep: &Endpoint,
+        secret: &Secret,
+    ) -> Result<AuthCheck, Fail> {
+        let p = &run.task.principal;
+        self.retrying(run, shutdown, "check", move || async move {
+            ep.check(p, secret).await.map_err(Fail::from)
+        })
+        .await
+    }
+
+    async fn target_op(
+        &self,
+        run: &Run<'_>,
+        shutdown: &CancellationToken,
+        ep: &Endpoint,
+        op: TargetOp,
+        secret: &Secret,
+    ) -> Result<(), Fail> {
+        let p = &run.task.principal;
+        self.retrying(run, shutdown, op.name(), move || async move {
+            match op {
+                TargetOp::Add => ep.add(p, secret).await,
+                TargetOp::Replace => ep.replace(p, secret).await,
+                TargetOp::Remove => ep.remove(p, secret).await,
+            }
+            .map_err(Fail::from)
+        })
+        .await
+    }
+
+    async fn rotate(
+        &self,
+        run: &mut Run<'_>,
+        ep: &Endpoint,
+        shutdown: &CancellationToken,
+    ) -> Result<Outcome, Fail> {
+        let task = run.task;
+        let mut loaded = self.load(run, shutdown).await?;
+
+        // Already applied: either promoted by an earlier delivery whose result
+        // may not have been published (finish revoke and verify, both
+        // idempotent), or superseded by a later task (report, touch nothing).
+        if let Some(applied) = loaded.record.applied(&task.task_id).cloned() {
+            run.new_fp = applied.new_fingerprint.clone();
+            run.new_is_current = true;
+            run.old_fp = applied.old_fingerprint.clone();
+            let is_last = loaded.record.last_task.as_deref() == Some(task.task_id.as_str());
+            if is_last && applied.action == TaskAction::Rotate {
+                run.step = Step::Promoted;
+                let new = loaded
+                    .record
+                    .current
+                    .clone()
+                    .filter(|c| c.task_id.as_deref() == Some(task.task_id.as_str()))
+                    .ok_or_else(|| Fail::Internal("promoted task is not CURRENT".into()))?;
+                let old = loaded.record.previous.clone();
+                info!(task = %task.task_id, credential = %task.credential_id, "Resuming after promote");
+                return self
+                    .revoke_and_verify(run, ep, shutdown, &new, old.as_ref())
+                    .await;
+            }
+            run.step = applied.step;
+            info!(task = %task.task_id, credential = %task.credential_id, "Task was applied earlier and superseded; reporting it again");
+            return Ok(match applied.action {
+                TaskAction::Rotate => Outcome::Succeeded,
+                TaskAction::Rollback => Outcome::RolledBack,
+            });
+        }
+        run.old_fp = loaded
+            .record
+            .current
+            .as_ref()
+            .map(|c| c.fingerprint.clone());
+
+        // Stage: reuse this task's staged secret, or generate one and record it
+        // as PENDING (durable write #1).
+        run.before_step()?;
+        let t0 = Instant::now();
+        let pending = match loaded.record.pending.clone() {
+            Some(p) if p.task_id.as_deref() == Some(task.task_id.as_str()) => {
+                debug!(task = %task.task_id, "Reusing the secret staged by an earlier delivery");
+                p
+            }
+            abandoned => {
+                if let (Some(a), Strategy::Continuity) = (abandoned, task.strategy) {
+                    // Staged by a task that never promoted it; it may have been
+                    // added at the target, and continuity would leave it valid.
+                    // (Containment's replace invalidates it anyway.)
+                    self.target_op(run, shutdown, ep, TargetOp::Remove, &a.secret)
+                        .await?;
+                }
+                let v = self.store.version(
+                    generate(&ep.policy()),
+                    Some(task.task_id.clone()),
+                    Some(task.strategy),
+                );
+                loaded.record.pending = Some(v.clone());
+                loaded.revision = self.save(run, shutdown, &loaded).await?;
+                v
+            }
+        };
+        run.new_fp = Some(pending.fingerprint.clone());
+        self.done(run, Step::Staged, t0)?;
+
+        // Set, unless reading back shows it happened before a crash.
+        run.before_step()?;
+        let t0 = Instant::now();
+        let already_set =
+            self.check(run, shutdown, ep, &pending.secret).await? == AuthCheck::Accepted;
+        if already_set {
+            info!(task = %task.task_id, credential = %task.credential_id, "Staged secret already authenticates; set happened before, skipping");
+        } else {
+            let op = match task.strategy {
+                Strategy::Continuity => TargetOp::Add,
+                Strategy::Containment => TargetOp::Replace,
+            };
+            self.target_op(run, shutdown, ep, op, &pending.secret)
+                .await?;
+        }
+        self.done(run, Step::Set, t0)?;
+
+        // Test: a real login with the new secret (already proven when the set
+        // was skipped because of it).
+        run.before_step()?;
+        let t0 = Instant::now();
+        if !already_set
+            && self.check(run, shutdown, ep, &pending.secret).await? != AuthCheck::Accepted
+        {
+            return Err(Fail::NewSecretRejected);
+        }
+        self.done(run, Step::Tested, t0)?;
+
+        // Promote (durable write #2): PREVIOUS = CURRENT, CURRENT = PENDING.
+        run.before_step()?;
+        let t0 = Instant::now();
+        let old = loaded.record.current.take();
+        let new = Version {
+            since_ms: now_ms(),
+            ..pending
+        };
+        loaded.record.previous = old.clone();
+        loaded.record.current = Some(new.clone());
+        loaded.record.pending = None;
+        loaded.record.push_applied(Applied {
+            task_id: task.task_id.clone(),
+            action: TaskAction::Rotate,
+            step: Step::Promoted,
+            at_ms: now_ms(),
+            new_fingerprint: run.new_fp.clone(),
+            old_fingerprint: run.old_fp.clone(),
+        });
+        self.save(run, shutdown, &loaded).await?;
+        run.new_is_current = true;
+        self.done(run, Step::Promoted, t0)?;
+
+        self.revoke_and_verify(run, ep, shutdown, &new, old.as_ref())
+            .await
+    }
+
+    /// Revoke and verify, after promote. Idempotent: runs again whole on a
+    /// redelivery.
+    async fn revoke_and_verify(
+        &self,
+        run: &mut Run<'_>,
+        ep: &Endpoint,
+        shutdown: &CancellationToken,
+        new: &Version,
+        old: Option<&Version>,
+    ) -> Result<Outcome, Fail> {
+        run.before_step()?;
+        let t0 = Instant::now();
+        match (run.task.strategy, old) {
+            (Strategy::Continuity, Some(old)) => {
+                self.target_op(run, shutdown, ep, TargetOp::Remove, &old.secret)
+                    .await?
+            }
+            // Nobody knows what else is valid (never enrolled): make the new
+            // secret the only one.
+            (Strategy::Continuity, None) => {
+                self.target_op(run, shutdown, ep, TargetOp::Replace, &new.secret)
+                    .await?
+            }
+            // Set used replace: every other secret is invalid already.
+            (Strategy::Containment, _) => {}
+        }
+        self.done(run, Step::Revoked, t0)?;
+
+        run.before_step()?;
+        let t0 = Instant::now();
+        if let Some(old) = old {
+            let r = self.check(run, shutdown, ep, &old.secret).await?;
+            run.old_rejected = Some(r == AuthCheck::Rejected);
+            if r == AuthCheck::Accepted {
+                return Err(Fail::OldSecretStillAccepted);
+            }
+        }
+        self.done(run, Step::Verified, t0)?;
+        Ok(Outcome::Succeeded)
+    }
+
+    async fn rollback(
+        &self,
+        run: &mut Run<'_>,
+        ep: &Endpoint,
+        shutdown: &CancellationToken,
+    ) -> Result<Outcome, Fail> {
+        let task = run.task;
+        let mut loaded = self.load(run, shutdown).await?;
+
+        if let Some(applied) = loaded.record.applied(&task.task_id) {
+            // Restored by an earlier delivery (the swap is the last step).
+            run.step = applied.step;
+            run.new_fp = applied.new_fingerprint.clone();
+            run.new_is_current = true;
+            run.old_fp = applied.old_fingerprint.clone();
+            return Ok(Outcome::RolledBack);
+        }
+        let current = loaded.record.current.clone();
+        // Never restore an exposed secret: the task says containment, or the
+        // CURRENT secret was made by a containment rotation.
+        if task.strategy == Strategy::Containment
+            || current.as_ref().and_then(|c| c.strategy) == Some(Strategy::Containment)
+        {
+            return Ok(Outcome::RollbackRefused);
+        }
+        let (Some(prev), Some(cur)) = (loaded.record.previous.clone(), current) else {
+            return Err(Fail::NoPrevious);
+        };
+        run.new_fp = Some(prev.fingerprint.clone());
+        run.old_fp = Some(cur.fingerprint.clone());
+
+        // Set: the previous secret becomes the only valid one.
+        run.before_step()?;
+        let t0 = Instant::now();
+        self.target_op(run, shutdown, ep, TargetOp::Replace, &prev.secret)
+            .await?;
+        self.done(run, Step::Set, t0)?;
+
+        // Test: the previous secret logs in, the rolled-back one does not.
+        run.before_step()?;
+        let t0 = Instant::now();
+        if self.check(run, shutdown, ep, &prev.secret).await? != AuthCheck::Accepted {
+            return Err(Fail::NewSecretRejected);
+        }
+        let r = self.check(run, shutdown, ep, &cur.secret).await?;
+        run.old_rejected = Some(r == AuthCheck::Rejected);
+        if r == AuthCheck::Accepted {
+            return Err(Fail::OldSecretStillAccepted);
+        }
+        self.done(run, Step::Tested, t0)?;
+
+        // Swap in the store (the rollback's one durable write).
+        run.before_step()?;
+        let t0 = Instant::now();
+        loaded.record.current = Some(Version {
+            since_ms: now_ms(),
+            ..prev
+        });
+        loaded.record.previous = Some(Version {
+            since_ms: now_ms(),
+            ..cur
+        });
+        // Replace invalidated anything staged as well.
+        loaded.record.pending = None;
+        loaded.record.push_applied(Applied {
+            task_id: task.task_id.clone(),
+            action: TaskAction::Rollback,
+            step: Step::Restored,
+            at_ms: now_ms(),
+            new_fingerprint: run.new_fp.clone(),
+            old_fingerprint: run.old_fp.clone(),
+        });
+        self.save(run, shutdown, &loaded).await?;
+        run.new_is_current = true;
+        self.done(run, Step::Restored, t0)?;
+        Ok(Outcome::RolledBack)
+    }
+
+    fn result(&self, run: &Run<'_>, outcome: Outcome, fail: Option<&Fail>) -> RotationResult {
+        let t = run.task;
+        let (error_class, error) = match (fail, outcome) {
+            (Some(f), _) => (Some(f.class()), Some(short(f.to_string()))),
+            (None, Outcome::RollbackRefused) => (
+                Some(ErrorClass::RollbackRefused),
+                Some("containment rotations are never rolled back to the exposed secret".into()),
+            ),
+            (None, _) => (None, None),
+        };
+        RotationResult {
+            v: SCHEMA_VERSION,
+            task_id: t.task_id.clone(),
+            campaign_id: t.campaign_id.clone(),
+            wave: t.wave,
+            index: t.index,
+            action: t.action,
+            credential_id: t.credential_id.clone(),
+            region: t.region.clone(),
+            outcome,
+            step: run.step,
+            error_class,
+            error,
+            timings: run.timings.clone(),
+            new_fingerprint: if run.new_is_current {
+                run.new_fp.clone()
+            } else {
+                None
+            },
+            old_fingerprint: run.old_fp.clone(),
+            old_rejected: run.old_rejected,
+            worker_id: self.worker_id.clone(),
+            finished_at_ms: now_ms(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum TargetOp {
+    Add,
+    Replace,
+    Remove,
+}
+
+impl TargetOp {
+    fn name(self) -> &'static str {
+        match self {
+            TargetOp::Add => "add",
+            TargetOp::Replace => "replace",
+            TargetOp::Remove => "remove",
+        }
+    }
+}
+
+fn short(mut s: String) -> String {
+    if s.len() > MAX_ERROR_TEXT {
+        let mut cut = MAX_ERROR_TEXT;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fault::CrashMode;
+    use crate::targets::sim::{SimOptions, SimTarget};
+    use crate::targets::Target;
+    use crate::testutil::TestBucket;
+    use async_trait::async_trait;
+    use keywave_common::crypto::SecretPolicy;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    struct Fixture {
+        bucket: TestBucket,
+        sim: Arc<SimTarget>,
+        targets: Arc<Targets>,
+        shutdown: CancellationToken,
+    }
+
+    impl Fixture {
+        async fn new() -> Self {
+            let sim = SimTarget::new(SimOptions::default());
+            let mut t = Targets::new();
+            t.insert("sim", sim.clone(), 8);
+            Fixture {
+                bucket: TestBucket::new().await,
+                sim,
+                targets: Arc::new(t),
+                shutdown: CancellationToken::new(),
+            }
+        }
+
+        fn protocol(&self, faults: Faults) -> Protocol {
+            Protocol::new(
+                self.bucket.store.clone(),
+                self.targets.clone(),
+                "w-test",
+                faults,
+            )
+            .with_retry(RetryPolicy {
+                attempts: 4,
+                min_delay: Duration::from_millis(5),
+                max_delay: Duration::from_millis(20),
+            })
+        }
+
+        fn task(&self, action: TaskAction, strategy: Strategy, cred: &str) -> RotationTask {
+            RotationTask {
+                v: SCHEMA_VERSION,
+                task_id: RotationTask::make_id("camp", 0, action, cred),
+                campaign_id: "camp".into(),
+                wave: 0,
+                index: 0,
+                action,
+                strategy,
+                credential_id: cred.into(),
+                region: self.bucket.region.clone(),
+                endpoint: "sim".into(),
+                kind: TargetKind::Sim,
+                principal: format!("user-{cred}"),
+                issued_at_ms: now_ms(),
+                deadline_ms: now_ms() + 60_000,
+            }
+        }
+
+        /// Seeds today's secret at the sim and enrolls it.
+        async fn enrolled(&self, cred: &str) -> Secret {
+            let s = generate(&SecretPolicy::default());
+            self.sim.seed(&format!("user-{cred}"), &s);
+            self.bucket.store.enroll(cred, s.clone()).await.unwrap();
+            s
+        }
+
+        async fn run(&self, p: &Protocol, task: &RotationTask) -> Flow {
+            p.execute(task, &self.shutdown).await
+        }
+    }
+
+    fn finished(f: Flow) -> RotationResult {
+        match f {
+            Flow::Finished(r) => *r,
+            other => panic!("expected a finished task, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn continuity_rotation_runs_every_step() {
+        let fx = Fixture::new().await;
+        let old = fx.enrolled("c1").await;
+        let task = fx.task(TaskAction::Rotate, Strategy::Continuity, "c1");
+        let r = finished(fx.run(&fx.protocol(Faults::none()), &task).await);
+        assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
+        assert_eq!(r.step, Step::Verified);
+        assert_eq!(r.error_class, None);
+        assert_eq!(r.old_rejected, Some(true));
+        assert_eq!(
+            r.timings.iter().map(|t| t.step).collect::<Vec<_>>(),
+            vec![
+                Step::Staged,
+                Step::Set,
+                Step::Tested,
+                Step::Promoted,
+                Step::Revoked,
+                Step::Verified
+            ]
+        );
+        let rec = fx.bucket.store.get("c1").await.unwrap().unwrap();
+        let cur = rec.current.clone().unwrap();
+        assert_eq!(rec.previous.as_ref().unwrap().secret, old);
+        assert!(rec.pending.is_none());
+        assert_eq!(rec.last_task.as_deref(), Some(task.task_id.as_str()));
+        assert_eq!(r.new_fingerprint.as_deref(), Some(cur.fingerprint.as_str()));
+        assert_eq!(r.old_fingerprint, Some(fx.bucket.store.fingerprint(&old)));
+        let principal = "user-c1";
+        assert!(fx.sim.accepts(principal, &cur.secret));
+        assert!(!fx.sim.accepts(principal, &old));
+        assert_eq!(fx.sim.set_count(principal), 1);
+
+        // A redelivery of the finished task changes nothing and reports the same.
+        let again = finished(fx.run(&fx.protocol(Faults::none()), &task).await);
+        assert_eq!(again.outcome, Outcome::Succeeded);
+        assert_eq!(again.new_fingerprint, r.new_fingerprint);
+        assert_eq!(fx.sim.set_count(principal), 1);
+        let rec2 = fx.bucket.store.get("c1").await.unwrap().unwrap();
+        assert_eq!(rec2.current, rec.current);
+        fx.bucket.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn containment_rotation_invalidates_old_at_set() {
+        let fx = Fixture::new().await;
+        let old = fx.enrolled("c2").await;
+        let task = fx.task(TaskAction::Rotate, Strategy::Containment, "c2");
+        let p = fx.protocol(Faults::crash_after(Step::Set, CrashMode::StopWithoutAck));
+        assert_eq!(fx.run(&p, &task).await, Flow::Crashed(Step::Set));
+        // Right after Set the old secret is already dead.
+        assert!(!fx.sim.accepts("user-c2", &old));
+        assert_eq!(fx.sim.valid_count("user-c2"), 1);
+
+        let r = finished(fx.run(&fx.protocol(Faults::none()), &task).await);
+        assert_eq!(r.outcome, Outcome::Succeeded);
+        assert_eq!(r.old_rejected, Some(true));
+        assert_eq!(fx.sim.set_count("user-c2"), 1);
+        let rec = fx.bucket.store.get("c2").await.unwrap().unwrap();
+        assert_eq!(
+            rec.current.as_ref().unwrap().strategy,
+            Some(Strategy::Containment)
+        );
+        fx.bucket.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn crash_between_set_and_promote_reuses_the_staged_secret() {
+        let fx = Fixture::new().await;
+        let old = fx.enrolled("c3").await;
+        let task = fx.task(TaskAction::Rotate, Strategy::Continuity, "c3");
+        let crashing = fx.protocol(Faults::crash_after(Step::Set, CrashMode::StopWithoutAck));
+        assert_eq!(fx.run(&crashing, &task).await, Flow::Crashed(Step::Set));
+        let staged = fx
+            .bucket
+            .store
+            .get("c3")
+            .await
+            .unwrap()
+            .unwrap()
+            .pending
+            .expect("staged secret recorded as PENDING");
+        assert_eq!(staged.task_id.as_deref(), Some(task.task_id.as_str()));
+        // Continuity: both valid while the task is stopped.
+        assert!(fx.sim.accepts("user-c3", &old));
+        assert!(fx.sim.accepts("user-c3", &staged.secret));
+        assert_eq!(fx.sim.set_count("user-c3"), 1);
+
+        let r = finished(fx.run(&fx.protocol(Faults::none()), &task).await);
+        assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
+        assert_eq!(fx.sim.set_count("user-c3"), 1, "rotated exactly once");
+        let rec = fx.bucket.store.get("c3").await.unwrap().unwrap();
+        assert_eq!(rec.current.unwrap().secret, staged.secret);
+        assert!(!fx.sim.accepts("user-c3", &old));
+        fx.bucket.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn crash_after_promote_resumes_with_revoke_and_verify() {
+        let fx = Fixture::new().await;
+        let old = fx.enrolled("c4").await;
+        let task = fx.task(TaskAction::Rotate, Strategy::Continuity, "c4");
+        let crashing = fx.protocol(Faults::crash_after(
+            Step::Promoted,
+            CrashMode::StopWithoutAck,
+        ));
+        assert_eq!(
+            fx.run(&crashing, &task).await,
+            Flow::Crashed(Step::Promoted)
+        );
+        assert!(fx.sim.accepts("user-c4", &old), "not yet revoked");
+
+        let r = finished(fx.run(&fx.protocol(Faults::none()), &task).await);
+        assert_eq!(r.outcome, Outcome::Succeeded);
+        assert_eq!(r.step, Step::Verified);
+        assert_eq!(r.old_rejected, Some(true));
+        assert!(!fx.sim.accepts("user-c4", &old));
+        assert_eq!(fx.sim.set_count("user-c4"), 1);
+        fx.bucket.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn unenrolled_continuity_revokes_everything_else() {
+        let fx = Fixture::new().await;
+        let unknown = generate(&SecretPolicy::default());
+        fx.sim.seed("user-c5", &unknown);
+        let task = fx.task(TaskAction::Rotate, Strategy::Continuity, "c5");
+        let r = finished(fx.run(&fx.protocol(Faults::none()), &task).await);
+        assert_eq!(r.outcome, Outcome::Succeeded);
+        assert_eq!(r.old_rejected, None);
+        assert_eq!(r.old_fingerprint, None);
+        assert!(!fx.sim.accepts("user-c5", &unknown));
+        assert_eq!(fx.sim.valid_count("user-c5"), 1);
+        fx.bucket.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn rollback_restores_previous_and_is_idempotent() {
+        let fx = Fixture::new().await;
+        let old = fx.enrolled("c6").await;
+        let p = fx.protocol(Faults::none());
+        let rot = fx.task(TaskAction::Rotate, Strategy::Continuity, "c6");
+        let rotated = finished(fx.run(&p, &rot).await);
+        assert_eq!(rotated.outcome, Outcome::Succeeded);
+        let new = fx
+            .bucket
+            .store
+            .get("c6")
+            .await
+            .unwrap()
+            .unwrap()
+            .current
+            .unwrap();
+
+        let rb = fx.task(TaskAction::Rollback, Strategy::Continuity, "c6");
+        let r = finished(fx.run(&p, &rb).await);
+        assert_eq!(r.outcome, Outcome::RolledBack, "{r:?}");
+        assert_eq!(r.step, Step::Restored);
+        assert_eq!(r.old_rejected, Some(true));
+        assert_eq!(r.new_fingerprint, rotated.old_fingerprint);
+        assert!(fx.sim.accepts("user-c6", &old));
+        assert!(!fx.sim.accepts("user-c6", &new.secret));
+        let rec = fx.bucket.store.get("c6").await.unwrap().unwrap();
+        assert_eq!(rec.current.as_ref().unwrap().secret, old);
+        assert_eq!(rec.previous.as_ref().unwrap().secret, new.secret);
+        let sets = fx.sim.set_count("user-c6");
+
+        // Redelivered rollback: nothing happens at the target.
+        let again = finished(fx.run(&p, &rb).await);
+        assert_eq!(again.outcome, Outcome::RolledBack);
+        assert_eq!(fx.sim.set_count("user-c6"), sets);
+
+        // A late redelivery of the rotation must not undo the rollback.
+        let late = finished(fx.run(&p, &rot).await);
+        assert_eq!(late.outcome, Outcome::Succeeded);
+        assert!(fx.sim.accepts("user-c6", &old));
+        assert_eq!(fx.sim.set_count("user-c6"), sets);
+        fx.bucket.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn containment_rollback_is_refused_and_no_previous_fails() {
+        let fx = Fixture::new().await;
+        fx.enrolled("c7").await;
+        let p = fx.protocol(Faults::none());
+        let rot = fx.task(TaskAction::Rotate, Strategy::Containment, "c7");
+        assert_eq!(finished(fx.run(&p, &rot).await).outcome, Outcome::Succeeded);
+        let cur = fx.bucket.store.get("c7").await.unwrap().unwrap().current;
+
+        // Even a rollback task that claims continuity is refused: CURRENT came
+        // from a containment rotation.
+        for strategy in [Strategy::Containment, Strategy::Continuity] {
+            let r = finished(
+                fx.run(&p, &fx.task(TaskAction::Rollback, strategy, "c7"))
+                    .await,
+            );
+            assert_eq!(r.outcome, Outcome::RollbackRefused);
+            assert_eq!(r.error_class, Some(ErrorClass::RollbackRefused));
+        }
+        assert_eq!(
+            fx.bucket.store.get("c7").await.unwrap().unwrap().current,
+            cur
+        );
+
+        fx.enrolled("c8").await;
+        let r = finished(
+            fx.run(
+                &p,
+                &fx.task(TaskAction::Rollback, Strategy::Continuity, "c8"),
+            )
+            .await,
+        );
+        assert_eq!(r.outcome, Outcome::Failed);
+        assert_eq!(r.error_class, Some(ErrorClass::NoPrevious));
+        fx.bucket.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn unknown_endpoint_kind_mismatch_and_deadline() {
+        let fx = Fixture::new().await;
+        let p = fx.protocol(Faults::none());
+        let mut t = fx.task(TaskAction::Rotate, Strategy::Continuity, "c9");
+        t.endpoint = "nope".into();
+        let r = finished(fx.run(&p, &t).await);
+        assert_eq!(r.error_class, Some(ErrorClass::UnknownEndpoint));
+        assert_eq!(r.step, Step::Received);
+
+        let mut t = fx.task(TaskAction::Rotate, Strategy::Continuity, "c9");
+        t.kind = TargetKind::Redis;
+        let r = finished(fx.run(&p, &t).await);
+        assert_eq!(r.error_class, Some(ErrorClass::KindMismatch));
+
+        let mut t = fx.task(TaskAction::Rotate, Strategy::Continuity, "c9");
+        t.deadline_ms = now_ms() - 1;
+        let r = finished(fx.run(&p, &t).await);
+        assert_eq!(r.outcome, Outcome::Failed);
+        assert_eq!(r.error_class, Some(ErrorClass::DeadlineExceeded));
+        assert_eq!(fx.sim.set_count("user-c9"), 0);
+        assert!(fx.bucket.store.get("c9").await.unwrap().is_none());
+        fx.bucket.cleanup().await;
+    }
+
+    /// A target that is unavailable for the first `failures` operations.
+    struct Flaky {
+        inner: Arc<SimTarget>,
+        failures: AtomicUsize,
+    }
+
+    impl Flaky {
+        fn trip(&self) -> Result<(), TargetError> {
+            let left = self.failures.load(Ordering::SeqCst);
+            if left > 0 {
+                self.failures.store(left - 1, Ordering::SeqCst);
+                return Err(TargetError::Unavailable("connection refused".into()));
+            }
+            Ok(())
+        }
+    }
+
+    #[async_trait]
+    impl Target for Flaky {
+        fn kind(&self) -> TargetKind {
+            TargetKind::Sim
+        }
+        fn policy(&self) -> SecretPolicy {
+            SecretPolicy::default()
+        }
+        async fn add(&self, p: &str, s: &Secret) -> Result<(), TargetError> {
+            self.trip()?;
+            self.inner.add(p, s).await
+        }
+        async fn replace(&self, p: &str, s: &Secret) -> Result<(), TargetError> {
+            self.trip()?;
+            self.inner.replace(p, s).await
+        }
+        async fn remove(&self, p: &str, s: &Secret) -> Result<(), TargetError> {
+            self.trip()?;
+            self.inner.remove(p, s).await
+        }
+        async fn check(&self, p: &str, s: &Secret) -> Result<AuthCheck, TargetError> {
+            self.trip()?;
+            self.inner.check(p, s).await
+        }
+    }
+
+    #[tokio::test]
+    async fn transient_failures_are_retried_then_reported() {
+        let bucket = TestBucket::new().await;
+        let sim = SimTarget::new(SimOptions::default());
+        let flaky = Arc::new(Flaky {
+            inner: sim.clone(),
+            failures: AtomicUsize::new(2),
+        });
+        let mut targets = Targets::new();
+        targets.insert("sim", flaky.clone(), 4);
+        let p = Protocol::new(bucket.store.clone(), Arc::new(targets), "w", Faults::none())
+            .with_retry(RetryPolicy {
+                attempts: 3,
+                min_delay: Duration::from_millis(1),
+                max_delay: Duration::from_millis(5),
+            });
+        let fx_task = |cred: &str| RotationTask {
+            v: SCHEMA_VERSION,
+            task_id: format!("t-{cred}"),
+            campaign_id: "camp".into(),
+            wave: 0,
+            index: 0,
+            action: TaskAction::Rotate,
+            strategy: Strategy::Continuity,
+            credential_id: cred.into(),
+            region: bucket.region.clone(),
+            endpoint: "sim".into(),
+            kind: TargetKind::Sim,
+            principal: "app".into(),
+            issued_at_ms: 0,
+            deadline_ms: 0,
+        };
+        let shutdown = CancellationToken::new();
+        let r = finished(p.execute(&fx_task("a"), &shutdown).await);
+        assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
+
+        // More failures than attempts: a TargetUnavailable result.
+        flaky.failures.store(100, Ordering::SeqCst);
+        let r = finished(p.execute(&fx_task("b"), &shutdown).await);
+        assert_eq!(r.outcome, Outcome::Failed);
+        assert_eq!(r.error_class, Some(ErrorClass::TargetUnavailable));
+        assert_eq!(r.step, Step::Staged);
+
+        // Shutdown during a backoff wait hands the task back.
+        let slow = p.clone().with_retry(RetryPolicy {
+            attempts: 10,
+            min_delay: Duration::from_secs(30),
+            max_delay: Duration::from_secs(30),
+        });
+        shutdown.cancel();
+        assert_eq!(
+            slow.execute(&fx_task("c"), &shutdown).await,
+            Flow::Interrupted
+        );
+        bucket.cleanup().await;
+    }
+}

@@ -1,0 +1,1037 @@
+//! The JetStream consume loop. Pulls the region's tasks from the shared
+//! durable consumer `workers-<region>`, runs at most `concurrency` of them at
+//! once through the [`Protocol`], publishes each result (awaiting its ack) and
+//! only then acks the task. Undecodable or foreign tasks are terminated and
+//! dead-lettered so the queue behind them keeps moving. Shutdown stops the
+//! pulling, lets the tasks in hand finish and ack, and returns the counts.
+
+use crate::fault::Faults;
+use crate::protocol::{Flow, Protocol};
+use crate::store::SecretStore;
+use crate::targets::Targets;
+use async_nats::jetstream::{
+    self,
+    consumer::{pull, pull::MessagesErrorKind, Consumer},
+    message::AckKind,
+};
+use base64::Engine;
+use futures::StreamExt;
+use keywave_common::codec::{self, Format};
+use keywave_common::crypto::RegionKey;
+use keywave_common::ids;
+use keywave_common::publish::{self, PublishError};
+use keywave_common::topology::{self, TopologyError};
+use keywave_common::wire::{
+    CampaignEvent, DeadLetter, EventKind, Outcome, RotationResult, RotationTask, Step,
+    SCHEMA_VERSION,
+};
+use keywave_common::{now_ms, subjects};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use thiserror::Error;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, info_span, warn, Instrument};
+
+/// Most tasks requested from the server in one pull.
+const MAX_PULL_BATCH: usize = 256;
+/// Bytes of an undecodable payload kept (base64) in its dead letter.
+const MAX_DEAD_LETTER_PAYLOAD: usize = 4096;
+/// Redelivery delay after the result (or dead letter) could not be published.
+const REQUEUE_DELAY: Duration = Duration::from_secs(2);
+/// Wait before re-creating the message stream after it failed.
+const RESUBSCRIBE_DELAY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Error)]
+pub enum WorkerError {
+    /// The options cannot work (names the field).
+    #[error("invalid worker option {field}: {message}")]
+    InvalidOptions {
+        field: &'static str,
+        message: String,
+    },
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+}
+
+/// How a worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// The region whose tasks this worker takes.
+    pub region: String,
+    /// Shown in results and logs.
+    pub worker_id: String,
+    /// Tasks in flight per worker.
+    pub concurrency: usize,
+    /// Streams and consumer settings (created idempotently at start).
+    pub topology: topology::Config,
+    /// Fault injection (none by default).
+    pub faults: Faults,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        WorkerOptions {
+            region: "local".into(),
+            worker_id: ids::random_id("worker"),
+            concurrency: 64,
+            topology: topology::Config::default(),
+            faults: Faults::default(),
+        }
+    }
+}
+
+impl WorkerOptions {
+    fn validate(&self) -> Result<(), WorkerError> {
+        ids::validate("region", &self.region).map_err(|e| WorkerError::InvalidOptions {
+            field: "region",
+            message: e.to_string(),
+        })?;
+        if self.worker_id.trim().is_empty() {
+            return Err(WorkerError::InvalidOptions {
+                field: "worker_id",
+                message: "must not be empty".into(),
+            });
+        }
+        if self.concurrency == 0 {
+            return Err(WorkerError::InvalidOptions {
+                field: "concurrency",
+                message: "must be at least 1".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// What a worker did, returned by [`Worker::run`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorkerStats {
+    /// Rotations that succeeded (result published, task acked).
+    pub succeeded: u64,
+    /// Tasks that failed (a `Failed` result was published, task acked).
+    pub failed: u64,
+    /// Messages terminated and dead-lettered (undecodable, foreign, invalid).
+    pub terminated: u64,
+    /// Rollbacks done.
+    pub rolled_back: u64,
+    /// Rollbacks refused (containment).
+    pub rollback_refused: u64,
+    /// Tasks handed back for redelivery (publish failed, shutdown mid-retry).
+    pub requeued: u64,
+    /// Whether the run ended with an injected crash.
+    pub crashed: bool,
+}
+
+#[derive(Default)]
+struct Counters {
+    succeeded: AtomicU64,
+    failed: AtomicU64,
+    terminated: AtomicU64,
+    rolled_back: AtomicU64,
+    rollback_refused: AtomicU64,
+    requeued: AtomicU64,
+    crashed: AtomicBool,
+}
+
+impl Counters {
+    fn snapshot(&self) -> WorkerStats {
+        WorkerStats {
+            succeeded: self.succeeded.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            terminated: self.terminated.load(Ordering::Relaxed),
+            rolled_back: self.rolled_back.load(Ordering::Relaxed),
+            rollback_refused: self.rollback_refused.load(Ordering::Relaxed),
+            requeued: self.requeued.load(Ordering::Relaxed),
+            crashed: self.crashed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// How the handling of one message ended. [`settle`] maps it to the one
+/// acknowledgement the server gets.
+#[derive(Debug, Clone, PartialEq)]
+enum Handled {
+    /// The task ended (any outcome) and its result is durably published.
+    Completed(Outcome),
+    /// The message can never be processed; it was dead-lettered.
+    Poison,
+    /// It could not be finished now; hand it back after `delay`.
+    Requeue { delay: Option<Duration> },
+    /// An injected crash: behave as a killed process.
+    Crashed(Step),
+}
+
+/// The one place where a handling outcome becomes an acknowledgement.
+async fn settle(msg: &jetstream::Message, handled: &Handled) {
+    let r = match handled {
+        // Ack: the work-queue stream deletes the task; it is never delivered again.
+        Handled::Completed(_) => msg.ack().await,
+        // Term: the server stops redelivering and drops the task from the work
+        // queue; the dead letter we published keeps the evidence.
+        Handled::Poison => msg.ack_with(AckKind::Term).await,
+        // Nak: redelivered after the delay (to any worker of the region),
+        // counting toward the consumer's max_deliver; it resumes where it stopped.
+        Handled::Requeue { delay } => msg.ack_with(AckKind::Nak(*delay)).await,
+        // Nothing: like a killed process, the server redelivers the task once
+        // the ack wait (the consumer's backoff) runs out.
+        Handled::Crashed(_) => Ok(()),
+    };
+    if let Err(e) = r {
+        // A lost ack only means a redelivery, which the protocol absorbs.
+        warn!(error = %e, "Could not acknowledge a task; it will be redelivered");
+    }
+}
+
+/// Shared by every in-flight task of a worker.
+struct Ctx {
+    js: jetstream::Context,
+    protocol: Protocol,
+    region: String,
+    /// Interval of `AckKind::Progress` while a task runs.
+    progress_every: Duration,
+    shutdown: CancellationToken,
+    /// Cancelled by an injected `StopWithoutAck` crash.
+    crash: CancellationToken,
+    counters: Counters,
+}
+
+/// A region worker. Build with [`Worker::start`], then [`Worker::run`].
+pub struct Worker {
+    js: jetstream::Context,
+    consumer: Consumer<pull::Config>,
+    store: SecretStore,
+    protocol: Protocol,
+    opts: WorkerOptions,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("region", &self.opts.region)
+            .field("worker_id", &self.opts.worker_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    /// Creates the topology the worker needs (core streams, the region's
+    /// consumer and secret store) and opens the store.
+    pub async fn start(
+        client: async_nats::Client,
+        opts: WorkerOptions,
+        key: RegionKey,
+        targets: Arc<Targets>,
+    ) -> Result<Worker, WorkerError> {
+        opts.validate()?;
+        let js = topology::context(client);
+        topology::ensure_core(&js, &opts.topology).await?;
+        let (consumer, kv) = topology::ensure_region(&js, &opts.region, &opts.topology).await?;
+        let store = SecretStore::from_kv(kv, &opts.region, key);
+        let protocol = Protocol::new(store.clone(), targets, opts.worker_id.clone(), opts.faults);
+        info!(region = %opts.region, worker = %opts.worker_id, concurrency = opts.concurrency, "Worker started");
+        Ok(Worker {
+            js,
+            consumer,
+            store,
+            protocol,
+            opts,
+        })
+    }
+
+    /// The region's secret store (clone it to keep it past [`Worker::run`]).
+    pub fn store(&self) -> &SecretStore {
+        &self.store
+    }
+
+    /// Consumes tasks until `shutdown` is cancelled (or an injected crash),
+    /// then drains the tasks in hand and returns the counts.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<WorkerStats, WorkerError> {
+        let ack_wait = self.consumer.cached_info().config.ack_wait;
+        let ctx = Arc::new(Ctx {
+            js: self.js.clone(),
+            protocol: self.protocol.clone(),
+            region: self.opts.region.clone(),
+            // Well inside the ack wait, so a long step never looks abandoned.
+            progress_every: (ack_wait / 3).max(Duration::from_millis(100)),
+            shutdown: shutdown.clone(),
+            crash: CancellationToken::new(),
+            counters: Counters::default(),
+        });
+        let slots = Arc::new(Semaphore::new(self.opts.concurrency));
+        let batch = self.opts.concurrency.min(MAX_PULL_BATCH);
+        let mut tasks: JoinSet<()> = JoinSet::new();
+        let mut consumer = self.consumer;
+
+        'pull: loop {
+            let opened = tokio::select! {
+                _ = shutdown.cancelled() => break 'pull,
+                _ = ctx.crash.cancelled() => break 'pull,
+                r = consumer.stream().max_messages_per_batch(batch).messages() => r,
+            };
+            let mut messages = match opened {
+                Ok(m) => m,
+                Err(e) => {
+                    warn!(error = %e, "Cannot pull tasks; retrying");
+                    if !pause(&shutdown, &ctx.crash, RESUBSCRIBE_DELAY).await {
+                        break 'pull;
+                    }
+                    // The consumer may have been deleted: create it again.
+                    let region = &self.opts.region;
+                    match topology::ensure_region(&self.js, region, &self.opts.topology).await {
+                        Ok((c, _)) => consumer = c,
+                        Err(e) => warn!(error = %e, "Cannot ensure the region's consumer"),
+                    }
+                    continue 'pull;
+                }
+            };
+            loop {
+                reap(&mut tasks);
+                // A free slot first, then a message: nothing is taken from the
+                // stream that cannot start at once.
+                let permit = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => break 'pull,
+                    _ = ctx.crash.cancelled() => break 'pull,
+                    p = slots.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break 'pull,
+                    },
+                };
+                let next = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => break 'pull,
+                    _ = ctx.crash.cancelled() => break 'pull,
+                    m = messages.next() => m,
+                };
+                match next {
+                    Some(Ok(msg)) => {
+                        let ctx = ctx.clone();
+                        tasks.spawn(async move {
+                            let handled = handle(&ctx, &msg).await;
+                            settle(&msg, &handled).await;
+                            ctx.count(&handled);
+                            drop(permit);
+                        });
+                    }
+                    Some(Err(e)) => {
+                        warn!(error = %e, "Error while pulling tasks");
+                        // These end the stream for good: pull with a fresh one.
+                        if matches!(
+                            e.kind(),
+                            MessagesErrorKind::ConsumerDeleted
+                                | MessagesErrorKind::NoResponders
+                                | MessagesErrorKind::PushBasedConsumer
+                        ) {
+                            if !pause(&shutdown, &ctx.crash, RESUBSCRIBE_DELAY).await {
+                                break 'pull;
+                            }
+                            continue 'pull;
+                        }
+                    }
+                    None => {
+                        warn!("Task stream ended; pulling again");
+                        if !pause(&shutdown, &ctx.crash, RESUBSCRIBE_DELAY).await {
+                            break 'pull;
+                        }
+                        continue 'pull;
+                    }
+                }
+            }
+        }
+        // Leaving the loop dropped the message stream: no more pulls. Tasks
+        // the client had buffered but not started are redelivered by the
+        // server after the ack wait.
+
+        if ctx.crash.is_cancelled() {
+            // As a killed process: whatever is in flight is abandoned un-acked.
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+            ctx.counters.crashed.store(true, Ordering::Relaxed);
+            warn!(worker = %self.opts.worker_id, "Worker stopped by an injected crash");
+            return Ok(ctx.counters.snapshot());
+        }
+        info!(
+            in_flight = tasks.len(),
+            "Shutting down: finishing the tasks in hand"
+        );
+        while let Some(r) = tasks.join_next().await {
+            log_join(r);
+        }
+        let stats = ctx.counters.snapshot();
+        info!(?stats, "Worker stopped");
+        Ok(stats)
+    }
+}
+
+/// Sleeps `d` unless shutdown or a crash comes first; false if it did.
+async fn pause(shutdown: &CancellationToken, crash: &CancellationToken, d: Duration) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => false,
+        _ = crash.cancelled() => false,
+        _ = tokio::time::sleep(d) => true,
+    }
+}
+
+fn reap(tasks: &mut JoinSet<()>) {
+    while let Some(r) = tasks.try_join_next() {
+        log_join(r);
+    }
+}
+
+fn log_join(r: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = r {
+        if e.is_panic() {
+            // The task stays un-acked and is redelivered.
+            error!(error = %e, "A task handler panicked");
+        }
+    }
+}
+
+impl Ctx {
+    fn count(&self, h: &Handled) {
+        let c = &self.counters;
+        let field = match h {
+            Handled::Completed(Outcome::Succeeded) => &c.succeeded,
+            Handled::Completed(Outcome::Failed) => &c.failed,
+            Handled::Completed(Outcome::RolledBack) => &c.rolled_back,
+            Handled::Completed(Outcome::RollbackRefused) => &c.rollback_refused,
+            Handled::Poison => &c.terminated,
+            Handled::Requeue { .. } => &c.requeued,
+            Handled::Crashed(_) => return,
+        };
+        field.fetch_add(1, Ordering::Relaxed);
+    }
+
+    async fn publish_result(
+        &self,
+        result: &RotationResult,
+        traceparent: Option<&str>,
+    ) -> Result<(), PublishError> {
+        // Durable write #3 of a rotation. The message id makes a republished
+        // result (after a redelivery) a duplicate the server drops.
+        let msg_id = format!("{}:result", result.task_id);
+        publish::send(
+            &self.js,
+            subjects::result(&result.region, &result.campaign_id),
+            Format::MsgPack,
+            &msg_id,
+            result,
+            traceparent,
+        )
+        .await?
+        .await
+        .map_err(|e| PublishError::Ack(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Records a refused message on the dead-letter stream (and as a campaign
+    /// event when its subject names a campaign).
+    async fn dead_letter(
+        &self,
+        msg: &jetstream::Message,
+        refusal: Refusal,
+    ) -> Result<(), PublishError> {
+        let subject = msg.subject.as_str();
+        let seq = msg.info().map(|i| i.stream_sequence).ok();
+        let id = match seq {
+            Some(s) => format!("deadletter:{}:{s}", self.region),
+            None => ids::random_id("deadletter"),
+        };
+        let campaign = subjects::parse_task(subject)
+            .map(|(_, c)| c.to_string())
+            .filter(|c| ids::validate("campaign id", c).is_ok());
+        let reason = format!("{}: {}", refusal.reason, refusal.detail);
+        warn!(subject, reason = %reason, "Dead-lettering a task");
+        let kept = &msg.payload[..msg.payload.len().min(MAX_DEAD_LETTER_PAYLOAD)];
+        let dl = DeadLetter {
+            v: SCHEMA_VERSION,
+            region: self.region.clone(),
+            subject: subject.to_string(),
+            reason: reason.clone(),
+            task_id: refusal.task_id.clone(),
+            campaign_id: refusal.campaign_id.clone().or_else(|| campaign.clone()),
+            payload_len: msg.payload.len(),
+            payload_b64: base64::engine::general_purpose::STANDARD.encode(kept),
+            at_ms: now_ms(),
+        };
+        publish::send_and_confirm(
+            &self.js,
+            subjects::dead_letter(&self.region),
+            Format::Json,
+            &id,
+            &dl,
+        )
+        .await?;
+        if let Some(campaign) = campaign {
+            let ev = CampaignEvent {
+                v: SCHEMA_VERSION,
+                campaign_id: campaign.clone(),
+                at_ms: dl.at_ms,
+                kind: EventKind::DeadLetter {
+                    region: self.region.clone(),
+                    task_id: refusal.task_id,
+                    reason,
+                },
+            };
+            publish::send_and_confirm(
+                &self.js,
+                subjects::event(&campaign, "dead_letter"),
+                Format::Json,
+                &format!("{id}:event"),
+                &ev,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a message is refused without being run.
+struct Refusal {
+    /// Machine-friendly reason (`malformed`, `unknown_version`, `wrong_region`, ...).
+    reason: &'static str,
+    detail: String,
+    task_id: Option<String>,
+    campaign_id: Option<String>,
+}
+
+/// Decodes a task and checks that this worker may run it.
+fn accept(
+    region: &str,
+    subject: &str,
+    headers: Option<&async_nats::HeaderMap>,
+    payload: &[u8],
+) -> Result<RotationTask, Refusal> {
+    let task: RotationTask = codec::decode(headers, payload).map_err(|e| Refusal {
+        reason: e.reason(),
+        detail: e.to_string(),
+        task_id: None,
+        campaign_id: None,
+    })?;
+    let refuse = |reason: &'static str, detail: String| Refusal {
+        reason,
+        detail,
+        task_id: Some(task.task_id.clone()).filter(|t| valid_task_id(t)),
+        campaign_id: Some(task.campaign_id.clone())
+            .filter(|c| ids::validate("campaign id", c).is_ok()),
+    };
+    if !valid_task_id(&task.task_id) {
+        return Err(refuse(
+            "invalid_id",
+            "task_id must be 1-512 visible ASCII characters".into(),
+        ));
+    }
+    for (what, v) in [
+        ("region", &task.region),
+        ("campaign id", &task.campaign_id),
+        ("credential id", &task.credential_id),
+        ("endpoint", &task.endpoint),
+    ] {
+        ids::validate(what, v).map_err(|e| refuse("invalid_id", e.to_string()))?;
+    }
+    if task.principal.is_empty()
+        || task.principal.len() > 256
+        || task.principal.chars().any(char::is_control)
+    {
+        return Err(refuse(
+            "invalid_principal",
+            "principal must be 1-256 characters without control characters".into(),
+        ));
+    }
+    if task.region != region {
+        return Err(refuse(
+            "wrong_region",
+            format!(
+                "task for region {} reached a worker of region {region}",
+                task.region
+            ),
+        ));
+    }
+    if let Some((_, campaign)) = subjects::parse_task(subject) {
+        if campaign != task.campaign_id {
+            return Err(refuse(
+                "subject_mismatch",
+                format!(
+                    "task of campaign {} published under campaign {campaign}",
+                    task.campaign_id
+                ),
+            ));
+        }
+    }
+    Ok(task)
+}
+
+fn valid_task_id(t: &str) -> bool {
+    !t.is_empty() && t.len() <= 512 && t.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Sends `AckKind::Progress` every `every` while `fut` runs, so that a long
+/// step (slow target, retry backoff) is not redelivered to another worker.
+async fn with_progress<F: Future>(msg: &jetstream::Message, every: Duration, fut: F) -> F::Output {
+    tokio::pin!(fut);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            out = &mut fut => return out,
+            _ = tick.tick() => {
+                if let Err(e) = msg.ack_with(AckKind::Progress).await {
+                    debug!(error = %e, "Could not send progress");
+                }
+            }
+        }
+    }
+}
+
+/// Handles one message from decode to the moment it may be acknowledged.
+async fn handle(ctx: &Ctx, msg: &jetstream::Message) -> Handled {
+    let task = match accept(
+        &ctx.region,
+        msg.subject.as_str(),
+        msg.headers.as_ref(),
+        &msg.payload,
+    ) {
+        Ok(t) => t,
+        Err(refusal) => {
+            return match ctx.dead_letter(msg, refusal).await {
+                Ok(()) => Handled::Poison,
+                // Never drop a message without its record: try again later.
+                Err(e) => {
+                    warn!(error = %e, "Could not publish a dead letter");
+                    Handled::Requeue {
+                        delay: Some(REQUEUE_DELAY),
+                    }
+                }
+            };
+        }
+    };
+    let delivered = msg.info().map(|i| i.delivered).unwrap_or(0);
+    let span = info_span!(
+        "task",
+        task = %task.task_id,
+        credential = %task.credential_id,
+        campaign = %task.campaign_id,
+        action = ?task.action,
+        delivered
+    );
+    async {
+        let traceparent = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(codec::TRACEPARENT))
+            .map(|v| v.as_str().to_string());
+        let work = async {
+            match ctx.protocol.execute(&task, &ctx.shutdown).await {
+                Flow::Finished(result) => {
+                    match ctx.publish_result(&result, traceparent.as_deref()).await {
+                        Ok(()) => Handled::Completed(result.outcome),
+                        Err(e) => {
+                            warn!(error = %e, "Could not publish the result; requeueing");
+                            Handled::Requeue {
+                                delay: Some(REQUEUE_DELAY),
+                            }
+                        }
+                    }
+                }
+                Flow::Crashed(step) => {
+                    ctx.crash.cancel();
+                    Handled::Crashed(step)
+                }
+                Flow::Interrupted => Handled::Requeue { delay: None },
+            }
+        };
+        with_progress(msg, ctx.progress_every, work).await
+    }
+    .instrument(span)
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fault::CrashMode;
+    use crate::targets::sim::{SimOptions, SimTarget};
+    use crate::testutil::{connect, eventually, unique_region};
+    use keywave_common::crypto::{generate, SecretPolicy};
+    use keywave_common::wire::{Strategy, TargetKind, TaskAction};
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    fn test_topology() -> topology::Config {
+        topology::Config {
+            task_backoff: vec![Duration::from_millis(700), Duration::from_secs(1)],
+            task_max_deliver: 5,
+            ..Default::default()
+        }
+    }
+
+    struct Env {
+        client: async_nats::Client,
+        js: jetstream::Context,
+        region: String,
+        campaign: String,
+        sim: Arc<SimTarget>,
+        targets: Arc<Targets>,
+        key: RegionKey,
+    }
+
+    impl Env {
+        async fn new() -> Self {
+            let client = connect().await;
+            let sim = SimTarget::new(SimOptions::default());
+            let mut targets = Targets::new();
+            targets.insert("sim", sim.clone(), 16);
+            Env {
+                js: topology::context(client.clone()),
+                client,
+                region: unique_region(),
+                campaign: ids::random_id("camp"),
+                sim,
+                targets: Arc::new(targets),
+                key: RegionKey::generate(),
+            }
+        }
+
+        async fn worker(&self, faults: Faults) -> Worker {
+            Worker::start(
+                self.client.clone(),
+                WorkerOptions {
+                    region: self.region.clone(),
+                    worker_id: ids::random_id("w"),
+                    concurrency: 4,
+                    topology: test_topology(),
+                    faults,
+                },
+                self.key.clone(),
+                self.targets.clone(),
+            )
+            .await
+            .unwrap()
+        }
+
+        fn task(&self, cred: &str) -> RotationTask {
+            RotationTask {
+                v: SCHEMA_VERSION,
+                task_id: RotationTask::make_id(&self.campaign, 0, TaskAction::Rotate, cred),
+                campaign_id: self.campaign.clone(),
+                wave: 0,
+                index: 0,
+                action: TaskAction::Rotate,
+                strategy: Strategy::Continuity,
+                credential_id: cred.into(),
+                region: self.region.clone(),
+                endpoint: "sim".into(),
+                kind: TargetKind::Sim,
+                principal: format!("p-{cred}"),
+                issued_at_ms: now_ms(),
+                deadline_ms: now_ms() + 60_000,
+            }
+        }
+
+        async fn publish_raw(&self, headers: async_nats::HeaderMap, payload: Vec<u8>) {
+            self.js
+                .publish_with_headers(
+                    subjects::task(&self.region, &self.campaign),
+                    headers,
+                    payload.into(),
+                )
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+
+        async fn publish_task(&self, t: &RotationTask) {
+            publish::send_and_confirm(
+                &self.js,
+                subjects::task(&self.region, &self.campaign),
+                Format::MsgPack,
+                &t.task_id,
+                t,
+            )
+            .await
+            .unwrap();
+        }
+
+        async fn cleanup(&self) {
+            if let Ok(s) = self.js.get_stream(topology::STREAM_TASKS).await {
+                let _ = s
+                    .delete_consumer(&topology::worker_consumer(&self.region))
+                    .await;
+                let _ = s
+                    .purge()
+                    .filter(subjects::task_region_filter(&self.region))
+                    .await;
+            }
+            for (stream, filter) in [
+                (
+                    topology::STREAM_RESULTS,
+                    format!("keywave.result.{}.>", self.region),
+                ),
+                (
+                    topology::STREAM_DEADLETTER,
+                    subjects::dead_letter(&self.region),
+                ),
+                (
+                    topology::STREAM_EVENTS,
+                    subjects::event_campaign_filter(&self.campaign),
+                ),
+            ] {
+                if let Ok(s) = self.js.get_stream(stream).await {
+                    let _ = s.purge().filter(filter).await;
+                }
+            }
+            let _ = self
+                .js
+                .delete_key_value(topology::kv_secrets(&self.region))
+                .await;
+        }
+    }
+
+    /// Collects messages of a core subscription in the background.
+    fn collect(mut sub: async_nats::Subscriber) -> Arc<Mutex<Vec<async_nats::Message>>> {
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let o = out.clone();
+        tokio::spawn(async move {
+            while let Some(m) = sub.next().await {
+                o.lock().unwrap().push(m);
+            }
+        });
+        out
+    }
+
+    #[tokio::test]
+    async fn poison_tasks_are_dead_lettered_and_good_tasks_still_complete() {
+        let env = Env::new().await;
+        let worker = env.worker(Faults::none()).await;
+        let store = worker.store().clone();
+        let results = collect(
+            env.client
+                .subscribe(format!("keywave.result.{}.>", env.region))
+                .await
+                .unwrap(),
+        );
+        let dead = collect(
+            env.client
+                .subscribe(subjects::dead_letter(&env.region))
+                .await
+                .unwrap(),
+        );
+        let events = collect(
+            env.client
+                .subscribe(subjects::event(&env.campaign, "dead_letter"))
+                .await
+                .unwrap(),
+        );
+        env.client.flush().await.unwrap();
+
+        // Poison first: garbage, then a task from a future schema version.
+        env.publish_raw(
+            codec::headers(Format::MsgPack, &ids::random_id("bad")),
+            b"\xc1\xff not msgpack".to_vec(),
+        )
+        .await;
+        let mut future_task = env.task("future");
+        future_task.v = 99;
+        env.publish_raw(
+            {
+                let mut h = async_nats::HeaderMap::new();
+                h.insert(codec::CONTENT_TYPE, codec::MSGPACK);
+                // Unique: the stream de-duplicates message ids across runs.
+                h.insert(codec::MSG_ID, ids::random_id("bad").as_str());
+                h
+            },
+            codec::encode(Format::MsgPack, &future_task)
+                .unwrap()
+                .to_vec(),
+        )
+        .await;
+        // Then good tasks.
+        let mut olds = HashMap::new();
+        for i in 0..3 {
+            let cred = format!("good-{i}");
+            let old = generate(&SecretPolicy::default());
+            env.sim.seed(&format!("p-{cred}"), &old);
+            store.enroll(&cred, old.clone()).await.unwrap();
+            olds.insert(cred.clone(), old);
+            env.publish_task(&env.task(&cred)).await;
+        }
+
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(worker.run(shutdown.clone()));
+        eventually(
+            Duration::from_secs(20),
+            "3 results and 2 dead letters",
+            || {
+                let (r, d) = (results.lock().unwrap().len(), dead.lock().unwrap().len());
+                async move { r >= 3 && d >= 2 }
+            },
+        )
+        .await;
+        eventually(Duration::from_secs(5), "2 dead-letter events", || {
+            let n = events.lock().unwrap().len();
+            async move { n >= 2 }
+        })
+        .await;
+        shutdown.cancel();
+        let stats = running.await.unwrap().unwrap();
+        assert_eq!(stats.terminated, 2, "{stats:?}");
+        assert_eq!(stats.succeeded, 3, "{stats:?}");
+        assert!(!stats.crashed);
+
+        let mut reasons: Vec<String> = dead
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                let dl: DeadLetter = codec::decode_plain(m.headers.as_ref(), &m.payload).unwrap();
+                assert_eq!(dl.region, env.region);
+                dl.reason.split(':').next().unwrap().to_string()
+            })
+            .collect();
+        reasons.sort();
+        assert_eq!(reasons, vec!["malformed", "unknown_version"]);
+
+        for m in results.lock().unwrap().iter() {
+            let r: RotationResult = codec::decode(m.headers.as_ref(), &m.payload).unwrap();
+            assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
+            let old = &olds[&r.credential_id];
+            let principal = format!("p-{}", r.credential_id);
+            assert!(!env.sim.accepts(&principal, old));
+            assert_eq!(env.sim.set_count(&principal), 1);
+        }
+
+        // Nothing left in the queue: poison was terminated, good tasks acked.
+        let mut consumer: Consumer<pull::Config> = env
+            .js
+            .get_stream(topology::STREAM_TASKS)
+            .await
+            .unwrap()
+            .get_consumer(&topology::worker_consumer(&env.region))
+            .await
+            .unwrap();
+        let info = consumer.info().await.unwrap();
+        assert_eq!(info.num_pending, 0);
+        assert_eq!(info.num_ack_pending, 0);
+        env.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn crash_after_set_is_resumed_by_another_worker() {
+        let env = Env::new().await;
+        let crashing = env
+            .worker(Faults::crash_after(Step::Set, CrashMode::StopWithoutAck))
+            .await;
+        let store = crashing.store().clone();
+        let results = collect(
+            env.client
+                .subscribe(format!("keywave.result.{}.>", env.region))
+                .await
+                .unwrap(),
+        );
+        env.client.flush().await.unwrap();
+        let old = generate(&SecretPolicy::default());
+        env.sim.seed("p-c1", &old);
+        store.enroll("c1", old.clone()).await.unwrap();
+        env.publish_task(&env.task("c1")).await;
+
+        // The first worker stops on its own, leaving the task un-acked.
+        let stats = tokio::time::timeout(
+            Duration::from_secs(20),
+            crashing.run(CancellationToken::new()),
+        )
+        .await
+        .expect("a crashed worker returns")
+        .unwrap();
+        assert!(stats.crashed);
+        assert_eq!(env.sim.set_count("p-c1"), 1);
+        assert!(results.lock().unwrap().is_empty());
+
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(env.worker(Faults::none()).await.run(shutdown.clone()));
+        eventually(Duration::from_secs(20), "the resumed result", || {
+            let n = results.lock().unwrap().len();
+            async move { n >= 1 }
+        })
+        .await;
+        shutdown.cancel();
+        let stats = running.await.unwrap().unwrap();
+        assert_eq!(stats.succeeded, 1);
+        let m = results.lock().unwrap()[0].clone();
+        let r: RotationResult = codec::decode(m.headers.as_ref(), &m.payload).unwrap();
+        assert_eq!(r.outcome, Outcome::Succeeded);
+        assert_eq!(env.sim.set_count("p-c1"), 1, "rotated exactly once");
+        assert!(!env.sim.accepts("p-c1", &old));
+        env.cleanup().await;
+    }
+
+    #[test]
+    fn foreign_and_invalid_tasks_are_refused() {
+        let env_task = |f: &dyn Fn(&mut RotationTask)| {
+            let mut t = RotationTask {
+                v: SCHEMA_VERSION,
+                task_id: "camp:w0:cred".into(),
+                campaign_id: "camp".into(),
+                wave: 0,
+                index: 0,
+                action: TaskAction::Rotate,
+                strategy: Strategy::Continuity,
+                credential_id: "cred".into(),
+                region: "eu".into(),
+                endpoint: "sim".into(),
+                kind: TargetKind::Sim,
+                principal: "app".into(),
+                issued_at_ms: 0,
+                deadline_ms: 0,
+            };
+            f(&mut t);
+            codec::encode(Format::Json, &t).unwrap()
+        };
+        let subject = subjects::task("eu", "camp");
+        let check = |payload: &[u8]| accept("eu", &subject, None, payload).map_err(|r| r.reason);
+        assert!(check(&env_task(&|_| {})).is_ok());
+        assert_eq!(
+            check(&env_task(&|t| t.region = "us".into())).unwrap_err(),
+            "wrong_region"
+        );
+        assert_eq!(
+            check(&env_task(&|t| t.credential_id = "a.b".into())).unwrap_err(),
+            "invalid_id"
+        );
+        assert_eq!(
+            check(&env_task(&|t| t.endpoint = "*".into())).unwrap_err(),
+            "invalid_id"
+        );
+        assert_eq!(
+            check(&env_task(&|t| t.task_id = "a b".into())).unwrap_err(),
+            "invalid_id"
+        );
+        assert_eq!(
+            check(&env_task(&|t| t.principal = "".into())).unwrap_err(),
+            "invalid_principal"
+        );
+        assert_eq!(
+            check(&env_task(&|t| t.campaign_id = "other".into())).unwrap_err(),
+            "subject_mismatch"
+        );
+        assert_eq!(
+            check(&env_task(&|t| t.v = 2)).unwrap_err(),
+            "unknown_version"
+        );
+        assert_eq!(check(b"{not json").unwrap_err(), "malformed");
+        assert_eq!(
+            check(&vec![b' '; codec::MAX_MESSAGE_BYTES + 1]).unwrap_err(),
+            "oversized"
+        );
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(codec::CONTENT_TYPE, "text/plain");
+        assert_eq!(
+            accept("eu", &subject, Some(&h), &env_task(&|_| {}))
+                .map_err(|r| r.reason)
+                .unwrap_err(),
+            "unsupported_content_type"
+        );
+    }
+}

@@ -1,0 +1,282 @@
+//! The systems whose credentials keywave rotates. A [`Target`] knows how to
+//! add, replace and remove a principal's secret and how to attempt a real
+//! login with one; [`Targets`] maps the endpoint names used by the inventory to
+//! targets and bounds the concurrent operations per endpoint.
+//!
+//! Error messages never carry a secret: drivers redact anything the server
+//! echoes back.
+
+pub mod redis;
+pub mod sim;
+
+use async_trait::async_trait;
+use keywave_common::crypto::{Secret, SecretPolicy};
+use keywave_common::wire::{ErrorClass, TargetKind};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use thiserror::Error;
+use tokio::sync::Semaphore;
+
+/// Upper bound on one target operation; past it the operation counts as
+/// [`TargetError::Unavailable`] (and is retried by the protocol).
+pub const OP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The answer of a real authentication attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthCheck {
+    Accepted,
+    Rejected,
+}
+
+/// Why a target operation failed. Messages never contain a secret.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum TargetError {
+    /// The target could not be reached, timed out or is loading: worth retrying.
+    #[error("target unavailable: {0}")]
+    Unavailable(String),
+    /// The target refused the operation (permissions, bad principal): not retried.
+    #[error("target rejected the operation: {0}")]
+    Rejected(String),
+    /// A failure injected on purpose (sim `fail_rate`).
+    #[error("injected failure")]
+    Injected,
+    /// The driver met a state it does not understand.
+    #[error("target driver error: {0}")]
+    Internal(String),
+}
+
+impl TargetError {
+    /// The class reported in results.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            TargetError::Unavailable(_) => ErrorClass::TargetUnavailable,
+            TargetError::Rejected(_) => ErrorClass::TargetRejected,
+            TargetError::Injected => ErrorClass::Injected,
+            TargetError::Internal(_) => ErrorClass::Internal,
+        }
+    }
+
+    /// Whether retrying the same operation later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, TargetError::Unavailable(_))
+    }
+}
+
+/// A credential system. Every operation is idempotent: the protocol may
+/// repeat any of them after a crash.
+#[async_trait]
+pub trait Target: Send + Sync {
+    fn kind(&self) -> TargetKind;
+    /// What a generated secret must look like for this target.
+    fn policy(&self) -> SecretPolicy;
+    /// Makes `new` valid in addition to the secrets already valid (continuity).
+    async fn add(&self, principal: &str, new: &Secret) -> Result<(), TargetError>;
+    /// Makes `new` the only valid secret (containment, revoke-all, rollback).
+    async fn replace(&self, principal: &str, new: &Secret) -> Result<(), TargetError>;
+    /// Makes `old` invalid; `Ok` if it already was not valid.
+    async fn remove(&self, principal: &str, old: &Secret) -> Result<(), TargetError>;
+    /// A real authentication attempt with `secret`.
+    async fn check(&self, principal: &str, secret: &Secret) -> Result<AuthCheck, TargetError>;
+}
+
+/// One configured endpoint: a target plus the semaphore that bounds the
+/// operations running against it at once. Cheap to clone.
+#[derive(Clone)]
+pub struct Endpoint {
+    name: Arc<str>,
+    target: Arc<dyn Target>,
+    permits: Arc<Semaphore>,
+    max_concurrency: usize,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("name", &self.name)
+            .field("kind", &self.target.kind())
+            .field("max_concurrency", &self.max_concurrency)
+            .finish()
+    }
+}
+
+impl Endpoint {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn kind(&self) -> TargetKind {
+        self.target.kind()
+    }
+    pub fn policy(&self) -> SecretPolicy {
+        self.target.policy()
+    }
+    pub fn max_concurrency(&self) -> usize {
+        self.max_concurrency
+    }
+    /// The underlying target, without the concurrency bound.
+    pub fn target(&self) -> &Arc<dyn Target> {
+        &self.target
+    }
+
+    /// Runs one operation under the endpoint's concurrency bound and [`OP_TIMEOUT`].
+    async fn bounded<T>(
+        &self,
+        op: impl std::future::Future<Output = Result<T, TargetError>>,
+    ) -> Result<T, TargetError> {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| TargetError::Internal("endpoint semaphore closed".into()))?;
+        match tokio::time::timeout(OP_TIMEOUT, op).await {
+            Ok(r) => r,
+            Err(_) => Err(TargetError::Unavailable(format!(
+                "operation timed out after {}s",
+                OP_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
+    pub async fn add(&self, principal: &str, new: &Secret) -> Result<(), TargetError> {
+        self.bounded(self.target.add(principal, new)).await
+    }
+    pub async fn replace(&self, principal: &str, new: &Secret) -> Result<(), TargetError> {
+        self.bounded(self.target.replace(principal, new)).await
+    }
+    pub async fn remove(&self, principal: &str, old: &Secret) -> Result<(), TargetError> {
+        self.bounded(self.target.remove(principal, old)).await
+    }
+    pub async fn check(&self, principal: &str, secret: &Secret) -> Result<AuthCheck, TargetError> {
+        self.bounded(self.target.check(principal, secret)).await
+    }
+}
+
+/// The endpoints of one worker, by name.
+#[derive(Default)]
+pub struct Targets {
+    endpoints: HashMap<String, Endpoint>,
+}
+
+impl std::fmt::Debug for Targets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.endpoints.values()).finish()
+    }
+}
+
+impl Targets {
+    pub fn new() -> Self {
+        Targets::default()
+    }
+
+    /// Registers `target` under `endpoint`, allowing at most `max_concurrency`
+    /// (at least 1) operations against it at once. Replaces a previous entry.
+    pub fn insert(&mut self, endpoint: &str, target: Arc<dyn Target>, max_concurrency: usize) {
+        let max_concurrency = max_concurrency.max(1);
+        self.endpoints.insert(
+            endpoint.to_string(),
+            Endpoint {
+                name: Arc::from(endpoint),
+                target,
+                permits: Arc::new(Semaphore::new(max_concurrency)),
+                max_concurrency,
+            },
+        );
+    }
+
+    pub fn get(&self, endpoint: &str) -> Option<Endpoint> {
+        self.endpoints.get(endpoint).cloned()
+    }
+
+    /// Endpoint names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.endpoints.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    pub fn len(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.endpoints.is_empty()
+    }
+}
+
+/// Replaces every occurrence of each secret in `text` by `<redacted>`: for
+/// server messages that echo their arguments.
+pub(crate) fn redact(text: &str, secrets: &[&Secret]) -> String {
+    let mut out = text.to_string();
+    for s in secrets {
+        let v = s.expose();
+        if !v.is_empty() {
+            out = out.replace(v, "<redacted>");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Counts how many operations run at once.
+    struct Gauge {
+        now: AtomicUsize,
+        peak: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl Target for Gauge {
+        fn kind(&self) -> TargetKind {
+            TargetKind::Sim
+        }
+        fn policy(&self) -> SecretPolicy {
+            SecretPolicy::default()
+        }
+        async fn add(&self, _: &str, _: &Secret) -> Result<(), TargetError> {
+            let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.peak.fetch_max(n, Ordering::SeqCst);
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            self.now.fetch_sub(1, Ordering::SeqCst);
+            Ok(())
+        }
+        async fn replace(&self, p: &str, s: &Secret) -> Result<(), TargetError> {
+            self.add(p, s).await
+        }
+        async fn remove(&self, _: &str, _: &Secret) -> Result<(), TargetError> {
+            Ok(())
+        }
+        async fn check(&self, _: &str, _: &Secret) -> Result<AuthCheck, TargetError> {
+            Ok(AuthCheck::Rejected)
+        }
+    }
+
+    #[tokio::test]
+    async fn endpoint_semaphore_bounds_concurrency() {
+        let g = Arc::new(Gauge {
+            now: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+        });
+        let mut t = Targets::new();
+        t.insert("e", g.clone(), 3);
+        let ep = t.get("e").unwrap();
+        let s = Secret::new("x".repeat(20));
+        let ops = (0..20).map(|_| ep.add("p", &s));
+        futures::future::join_all(ops).await;
+        assert!(g.peak.load(Ordering::SeqCst) <= 3);
+        assert!(t.get("other").is_none());
+        assert_eq!(t.names(), vec!["e".to_string()]);
+    }
+
+    #[test]
+    fn redaction() {
+        let s = Secret::new("hunter2hunter2".into());
+        assert_eq!(
+            redact("modifier '<hunter2hunter2': no such password", &[&s]),
+            "modifier '<<redacted>': no such password"
+        );
+    }
+}

@@ -1,0 +1,296 @@
+//! The `keywave-worker` binary against the local NATS (127.0.0.1:4222) and
+//! Redis (127.0.0.1:6379): enroll a real ACL user, kill the process for real
+//! (`abort()`) between Set and Promote, and let a second process finish the
+//! rotation exactly once; SIGTERM drains and exits 0; a bad config exits 2.
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use keywave_common::codec::{self, Format};
+use keywave_common::crypto::{generate, RegionKey, Secret, SecretPolicy};
+use keywave_common::wire::{
+    Outcome, RotationResult, RotationTask, Strategy, TargetKind, TaskAction, SCHEMA_VERSION,
+};
+use keywave_common::{ids, now_ms, publish, subjects, topology};
+use keywave_worker::store::SecretStore;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_keywave-worker");
+const REDIS: &str = "redis://127.0.0.1:6379";
+
+struct Scratch {
+    dir: PathBuf,
+}
+
+impl Scratch {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(ids::random_id("keywave-worker-test"));
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch { dir }
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn worker(config: &Path, key: &RegionKey, log: &Path) -> Command {
+    let mut c = Command::new(BIN);
+    c.arg("--config")
+        .arg(config)
+        .env("KEYWAVE_REGION_KEY", key.to_hex())
+        .env("RUST_LOG", "info")
+        .env_remove("KEYWAVE_FAULT_CRASH_AFTER")
+        .env_remove("KEYWAVE_NATS_URL")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap());
+    c
+}
+
+/// Waits for the child to exit, killing it after `timeout`.
+async fn wait_exit(child: &mut Child, timeout: Duration, log: &Path) -> ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "worker did not exit within {timeout:?}; log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn auth(user: &str, secret: &Secret) -> bool {
+    let client = redis::Client::open(REDIS).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("AUTH")
+        .arg(user)
+        .arg(secret.expose())
+        .query_async::<()>(&mut c)
+        .await
+        .is_ok()
+}
+
+async fn admin(args: &[&str]) -> redis::Value {
+    let client = redis::Client::open(REDIS).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query_async(&mut c).await.unwrap()
+}
+
+#[tokio::test]
+async fn killed_mid_rotation_then_resumed_by_a_new_process() {
+    let scratch = Scratch::new();
+    let region = ids::random_id("tbin");
+    let campaign = ids::random_id("camp");
+    let user = ids::random_id("kwtest-bin");
+    let key = RegionKey::generate();
+    let config = scratch.path("worker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+region = "{region}"
+worker_id = "bin-test"
+concurrency = 4
+shutdown_grace_secs = 10
+[jetstream]
+task_backoff_secs = [1, 1]
+task_max_deliver = 5
+[[endpoint]]
+name = "redis-local"
+kind = "redis"
+url = "{REDIS}"
+"#
+        ),
+    )
+    .unwrap();
+
+    // Today's secret, set by hand before keywave manages the user.
+    let today = generate(&SecretPolicy::default());
+    admin(&[
+        "ACL",
+        "SETUSER",
+        &user,
+        "on",
+        &format!(">{}", today.expose()),
+    ])
+    .await;
+
+    // Enroll through the binary; a wrong secret is refused first.
+    let log = scratch.path("enroll.log");
+    let status = worker(&config, &key, &log)
+        .args(["enroll", "--credential", "c1", "--endpoint", "redis-local"])
+        .args(["--principal", &user])
+        .env("KEYWAVE_ENROLL_SECRET", "not-the-secret")
+        .status()
+        .unwrap();
+    assert!(!status.success());
+    let status = worker(&config, &key, &log)
+        .args(["enroll", "--credential", "c1", "--endpoint", "redis-local"])
+        .args(["--principal", &user])
+        .env("KEYWAVE_ENROLL_SECRET", today.expose())
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(!std::fs::read_to_string(&log)
+        .unwrap()
+        .contains(today.expose()));
+
+    // Subscribe to results, then publish one continuity task.
+    let client = async_nats::connect("nats://127.0.0.1:4222").await.unwrap();
+    let js = topology::context(client.clone());
+    let mut results = client
+        .subscribe(subjects::result(&region, &campaign))
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let task = RotationTask {
+        v: SCHEMA_VERSION,
+        task_id: RotationTask::make_id(&campaign, 0, TaskAction::Rotate, "c1"),
+        campaign_id: campaign.clone(),
+        wave: 0,
+        index: 0,
+        action: TaskAction::Rotate,
+        strategy: Strategy::Continuity,
+        credential_id: "c1".into(),
+        region: region.clone(),
+        endpoint: "redis-local".into(),
+        kind: TargetKind::Redis,
+        principal: user.clone(),
+        issued_at_ms: now_ms(),
+        deadline_ms: now_ms() + 120_000,
+    };
+    publish::send_and_confirm(
+        &js,
+        subjects::task(&region, &campaign),
+        Format::MsgPack,
+        &task.task_id,
+        &task,
+    )
+    .await
+    .unwrap();
+
+    // First process: aborts right after Set, for real.
+    let log1 = scratch.path("run1.log");
+    let mut first = worker(&config, &key, &log1)
+        .env("KEYWAVE_FAULT_CRASH_AFTER", "set")
+        .spawn()
+        .unwrap();
+    let status = wait_exit(&mut first, Duration::from_secs(30), &log1).await;
+    assert!(!status.success(), "the fault aborts the process");
+    // Continuity: the old and the staged secret are both valid now.
+    assert!(auth(&user, &today).await);
+    let store = SecretStore::open(&js, &region, key.clone()).await.unwrap();
+    let staged = store
+        .get("c1")
+        .await
+        .unwrap()
+        .unwrap()
+        .pending
+        .expect("staged before the crash");
+    assert!(auth(&user, &staged.secret).await);
+
+    // Second process: resumes, finishes, and drains on SIGTERM.
+    let log2 = scratch.path("run2.log");
+    let mut second = worker(&config, &key, &log2).arg("run").spawn().unwrap();
+    let msg = tokio::time::timeout(Duration::from_secs(30), results.next())
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "no result; log:\n{}",
+                std::fs::read_to_string(&log2).unwrap_or_default()
+            )
+        })
+        .unwrap();
+    let r: RotationResult = codec::decode(msg.headers.as_ref(), &msg.payload).unwrap();
+    assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
+    assert_eq!(r.old_rejected, Some(true));
+    assert_eq!(r.worker_id, "bin-test");
+
+    let status = Command::new("kill")
+        .args(["-TERM", &second.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let status = wait_exit(&mut second, Duration::from_secs(20), &log2).await;
+    assert!(status.success(), "SIGTERM drains and exits 0");
+
+    // Exactly one rotation: the staged secret is CURRENT, the only password.
+    let rec = store.get("c1").await.unwrap().unwrap();
+    let current = rec.current.unwrap();
+    assert_eq!(current.secret, staged.secret);
+    assert_eq!(
+        r.new_fingerprint.as_deref(),
+        Some(current.fingerprint.as_str())
+    );
+    assert!(auth(&user, &current.secret).await);
+    assert!(!auth(&user, &today).await);
+    let redis::Value::Array(info) = admin(&["ACL", "GETUSER", &user]).await else {
+        panic!("unexpected ACL GETUSER reply");
+    };
+    let pos = info
+        .iter()
+        .position(|v| matches!(v, redis::Value::BulkString(b) if b == b"passwords"))
+        .unwrap();
+    assert!(matches!(&info[pos + 1], redis::Value::Array(p) if p.len() == 1));
+    for log in [&log1, &log2] {
+        let text = std::fs::read_to_string(log).unwrap();
+        assert!(!text.contains(current.secret.expose()));
+        assert!(!text.contains(today.expose()));
+    }
+
+    // Clean up.
+    admin(&["ACL", "DELUSER", &user]).await;
+    cleanup(&js, &region, &campaign).await;
+}
+
+#[tokio::test]
+async fn bad_configuration_is_a_usage_error_naming_the_field() {
+    let scratch = Scratch::new();
+    let config = scratch.path("bad.toml");
+    std::fs::write(&config, "region = \"eu\"\nconcurrency = 0\n").unwrap();
+    let log = scratch.path("bad.log");
+    let status = worker(&config, &RegionKey::generate(), &log)
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(2));
+    assert!(std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("concurrency"));
+
+    let out = Command::new(BIN).arg("keygen").output().unwrap();
+    assert!(out.status.success());
+    let hex = String::from_utf8(out.stdout).unwrap();
+    assert!(RegionKey::parse(hex.trim()).is_ok());
+}
+
+async fn cleanup(js: &jetstream::Context, region: &str, campaign: &str) {
+    if let Ok(s) = js.get_stream(topology::STREAM_TASKS).await {
+        let _ = s.delete_consumer(&topology::worker_consumer(region)).await;
+        let _ = s.purge().filter(subjects::task_region_filter(region)).await;
+    }
+    if let Ok(s) = js.get_stream(topology::STREAM_RESULTS).await {
+        let _ = s.purge().filter(subjects::result(region, campaign)).await;
+    }
+    let _ = js.delete_key_value(topology::kv_secrets(region)).await;
+}
