@@ -4,7 +4,7 @@
 //! panics: oversized, malformed and unknown-version payloads are typed errors.
 
 use crate::wire::{Versioned, SCHEMA_VERSION};
-use async_nats::HeaderMap;
+use async_nats::{header::HeaderName, HeaderMap};
 use bytes::Bytes;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use thiserror::Error;
@@ -21,6 +21,18 @@ pub const TRACEPARENT: &str = "traceparent";
 
 /// Largest message body keywave accepts (tasks and results are a few hundred bytes).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+// The header names as prebuilt `HeaderName`s: building one from a `&str`
+// validates and copies it, once per insert and once per lookup, on every
+// message of the hot path.
+const CONTENT_TYPE_NAME: HeaderName = HeaderName::from_static(CONTENT_TYPE);
+const SCHEMA_HEADER_NAME: HeaderName = HeaderName::from_static(SCHEMA_HEADER);
+const MSG_ID_NAME: HeaderName = HeaderName::from_static(MSG_ID);
+/// [`SCHEMA_VERSION`] as the header carries it (a test keeps the two equal).
+const SCHEMA_VERSION_TEXT: &str = "1";
+/// Initial capacity of an encoding buffer: a task (~300 bytes) or a result
+/// (~550 bytes) is written without growing it.
+const ENCODE_CAPACITY: usize = 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -70,28 +82,30 @@ impl CodecError {
 /// Encodes `msg` in `format`. MessagePack uses named fields so that optional
 /// fields can be added without breaking older readers.
 pub fn encode<T: Serialize>(format: Format, msg: &T) -> Result<Bytes, CodecError> {
-    let out = match format {
-        Format::MsgPack => {
-            rmp_serde::to_vec_named(msg).map_err(|e| CodecError::Encode(e.to_string()))?
+    let mut out = Vec::with_capacity(ENCODE_CAPACITY);
+    match format {
+        Format::MsgPack => rmp_serde::encode::write_named(&mut out, msg)
+            .map_err(|e| CodecError::Encode(e.to_string()))?,
+        Format::Json => {
+            serde_json::to_writer(&mut out, msg).map_err(|e| CodecError::Encode(e.to_string()))?
         }
-        Format::Json => serde_json::to_vec(msg).map_err(|e| CodecError::Encode(e.to_string()))?,
-    };
+    }
     Ok(Bytes::from(out))
 }
 
 /// Headers for a published message: content type, schema version, message id.
 pub fn headers(format: Format, msg_id: &str) -> HeaderMap {
     let mut h = HeaderMap::new();
-    h.insert(CONTENT_TYPE, format.content_type());
-    h.insert(SCHEMA_HEADER, SCHEMA_VERSION.to_string().as_str());
-    h.insert(MSG_ID, msg_id);
+    h.insert(CONTENT_TYPE_NAME, format.content_type());
+    h.insert(SCHEMA_HEADER_NAME, SCHEMA_VERSION_TEXT);
+    h.insert(MSG_ID_NAME, msg_id);
     h
 }
 
 /// Picks the format from the headers; JSON when no `Content-Type` is given.
 pub fn format_of(headers: Option<&HeaderMap>) -> Result<Format, CodecError> {
     let ct = headers
-        .and_then(|h| h.get(CONTENT_TYPE))
+        .and_then(|h| h.get(CONTENT_TYPE_NAME))
         .map(|v| v.as_str());
     match ct {
         None => Ok(Format::Json),
@@ -158,7 +172,7 @@ pub fn decode_with_limit<T: DeserializeOwned + Versioned>(
         });
     }
     let format = format_of(headers)?;
-    if let Some(v) = headers.and_then(|h| h.get(SCHEMA_HEADER)) {
+    if let Some(v) = headers.and_then(|h| h.get(SCHEMA_HEADER_NAME)) {
         match v.as_str().parse::<u16>() {
             Ok(SCHEMA_VERSION) => {}
             Ok(found) => return Err(CodecError::UnknownVersion { found }),
@@ -170,15 +184,21 @@ pub fn decode_with_limit<T: DeserializeOwned + Versioned>(
             }
         }
     }
-    // The version is read first so that a message from a newer schema is
+    // One pass on the hot path. Only when the body does not parse as `T` is
+    // its version read on its own, so that a message from another schema is
     // reported as such rather than as a confusing field error.
-    let probe: Probe = from_bytes(format, payload)?;
-    if probe.v != SCHEMA_VERSION {
-        return Err(CodecError::UnknownVersion { found: probe.v });
+    match from_bytes::<T>(format, payload) {
+        Ok(msg) if msg.version() == SCHEMA_VERSION => Ok(msg),
+        Ok(msg) => Err(CodecError::UnknownVersion {
+            found: msg.version(),
+        }),
+        Err(e) => match from_bytes::<Probe>(format, payload) {
+            Ok(probe) if probe.v != SCHEMA_VERSION => {
+                Err(CodecError::UnknownVersion { found: probe.v })
+            }
+            _ => Err(e),
+        },
     }
-    let msg: T = from_bytes(format, payload)?;
-    debug_assert_eq!(msg.version(), SCHEMA_VERSION);
-    Ok(msg)
 }
 
 /// Decodes an unversioned body (API requests) as JSON or MessagePack.
@@ -300,6 +320,34 @@ mod tests {
             decode::<RotationTask>(None, b"{\"v\":1}"),
             Err(CodecError::Malformed { .. })
         ));
+    }
+
+    #[test]
+    fn schema_header_text_matches_the_version() {
+        assert_eq!(SCHEMA_VERSION_TEXT, SCHEMA_VERSION.to_string());
+        let h = headers(Format::MsgPack, "id-1");
+        assert_eq!(h.get(SCHEMA_HEADER).unwrap().as_str(), SCHEMA_VERSION_TEXT);
+        assert_eq!(h.get(CONTENT_TYPE).unwrap().as_str(), MSGPACK);
+        assert_eq!(h.get(MSG_ID).unwrap().as_str(), "id-1");
+    }
+
+    /// A body from a future schema whose fields no longer fit this build's
+    /// type is still reported as an unknown version, not as malformed.
+    #[test]
+    fn unknown_version_with_unparseable_fields_is_typed() {
+        for f in [Format::MsgPack, Format::Json] {
+            let future = serde_json::json!({"v": 2, "task_id": 17, "shape": "new"});
+            let bytes = encode(f, &future).unwrap();
+            let err = decode::<RotationTask>(Some(&headers(f, "x")), &bytes).unwrap_err();
+            assert_eq!(err, CodecError::UnknownVersion { found: 2 });
+            // The same body at this version is malformed.
+            let current = serde_json::json!({"v": 1, "task_id": 17, "shape": "new"});
+            let bytes = encode(f, &current).unwrap();
+            assert!(matches!(
+                decode::<RotationTask>(Some(&headers(f, "x")), &bytes).unwrap_err(),
+                CodecError::Malformed { .. }
+            ));
+        }
     }
 
     #[test]

@@ -6,9 +6,11 @@
 //! - [`ids`]: validation of the names that end up in subjects and KV keys.
 //! - [`subjects`]: every NATS subject keywave publishes or listens on.
 //! - [`wire`]: versioned message types (tasks, results, campaigns, events, inventory).
+//! - [`detect`]: leak detections (`keywave.detect.<source>`), their streams and keyed detection fingerprints.
 //! - [`api`]: request/response bodies of the operator API under `keywave.api.v1.`.
 //! - [`codec`]: MessagePack / JSON encoding chosen by `Content-Type`, with size and version checks.
 //! - [`topology`]: streams, consumers and KV buckets, created idempotently.
+//! - [`nats`]: connecting to a comma-separated list of NATS servers with keywave's client settings.
 //! - [`publish`]: JetStream publishing with `Nats-Msg-Id` and bounded windows of un-awaited acks.
 //! - [`crypto`]: secret generation, fingerprints and the regional AEAD.
 //! - [`planner`]: pure wave sizing and the failure-budget rule.
@@ -16,7 +18,9 @@
 pub mod api;
 pub mod codec;
 pub mod crypto;
+pub mod detect;
 pub mod ids;
+pub mod nats;
 pub mod planner;
 pub mod publish;
 pub mod subjects;

@@ -5,11 +5,15 @@
 //! pays a round trip per message.
 
 use crate::codec::{self, CodecError, Format};
+use async_nats::header::HeaderName;
 use async_nats::jetstream::{context::PublishAckFuture, Context};
+use async_nats::Subject;
 use futures::stream::{FuturesOrdered, StreamExt};
 use serde::Serialize;
 use std::future::IntoFuture;
 use thiserror::Error;
+
+const TRACEPARENT_NAME: HeaderName = HeaderName::from_static(codec::TRACEPARENT);
 
 #[derive(Debug, Error)]
 pub enum PublishError {
@@ -33,12 +37,14 @@ pub async fn send<T: Serialize>(
     let payload = codec::encode(format, msg)?;
     let mut headers = codec::headers(format, msg_id);
     if let Some(tp) = traceparent {
-        headers.insert(codec::TRACEPARENT, tp);
+        headers.insert(TRACEPARENT_NAME, tp);
     }
+    // A `Subject` shares its bytes: keeping it for the error costs no copy.
+    let subject = Subject::from(subject);
     js.publish_with_headers(subject.clone(), headers, payload)
         .await
         .map_err(|e| PublishError::Send {
-            subject,
+            subject: subject.to_string(),
             detail: e.to_string(),
         })
 }

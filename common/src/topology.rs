@@ -8,9 +8,13 @@
 //! | results | `KEYWAVE_RESULTS` on `keywave.result.>` | limits (audit, replayed by a restarted coordinator) |
 //! | events | `KEYWAVE_EVENTS` on `keywave.event.>` | limits (the audit trail of decisions) |
 //! | dead letters | `KEYWAVE_DEADLETTER` on `keywave.deadletter.>` | limits |
+//! | detections | `KEYWAVE_DETECTIONS` on `keywave.detect.>` | limits (see [`crate::detect`]) |
+//! | rotation notices | `KEYWAVE_ROTATED` on `keywave.rotated.>` | limits, latest per credential |
 //! | inventory | KV `keywave-inventory` | latest value per credential |
 //! | campaigns | KV `keywave-campaigns` | campaign snapshots and plans |
 //! | secrets | KV `keywave-secrets-<region>` | encrypted, per region |
+//! | advisories | `KEYWAVE_ADVISORIES` on the server's max-deliveries advisories of `KEYWAVE_TASKS` | limits (the poison handler's queue) |
+//! | lease | KV `keywave-leases` | which coordinator is active (compare-and-set, expiry in the value) |
 //!
 //! One durable pull consumer per region, `workers-<region>`, filtered on
 //! `keywave.task.<region>.>`, is shared by every worker of that region.
@@ -31,6 +35,13 @@ pub const STREAM_EVENTS: &str = "KEYWAVE_EVENTS";
 pub const STREAM_DEADLETTER: &str = "KEYWAVE_DEADLETTER";
 pub const KV_INVENTORY: &str = "keywave-inventory";
 pub const KV_CAMPAIGNS: &str = "keywave-campaigns";
+pub const STREAM_ADVISORIES: &str = "KEYWAVE_ADVISORIES";
+pub const KV_LEASES: &str = "keywave-leases";
+
+/// The advisory the server publishes when a task of a region's consumer
+/// reached its max deliveries: `...MAX_DELIVERIES.KEYWAVE_TASKS.workers-<region>`.
+pub const ADVISORY_MAX_DELIVERIES: &str =
+    "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.KEYWAVE_TASKS.>";
 
 /// Name of a region's secret store bucket.
 pub fn kv_secrets(region: &str) -> String {
@@ -211,9 +222,44 @@ pub async fn ensure_core(js: &Context, cfg: &Config) -> Result<(), TopologyError
         )
         .await?;
     }
+    // Captured in a stream so that no advisory is lost while no
+    // coordinator listens (core NATS advisories are fire-and-forget).
+    stream(
+        js,
+        stream::Config {
+            name: STREAM_ADVISORIES.into(),
+            description: Some("max-deliveries advisories of keywave tasks (poison)".into()),
+            subjects: vec![ADVISORY_MAX_DELIVERIES.into()],
+            retention: RetentionPolicy::Limits,
+            storage: cfg.storage(),
+            num_replicas: cfg.replicas,
+            max_age: cfg.audit_max_age,
+            ..Default::default()
+        },
+    )
+    .await?;
     inventory(js, cfg).await?;
     campaigns(js, cfg).await?;
+    // Leak detections and rotation notices (see `crate::detect`).
+    crate::detect::ensure_streams(js, cfg).await?;
     Ok(())
+}
+
+/// The coordinator lease bucket (one key per lease; no per-message TTL, which
+/// nats-server 2.9 lacks: expiry is a timestamp in the value).
+pub async fn leases(js: &Context, cfg: &Config) -> Result<kv::Store, TopologyError> {
+    bucket(
+        js,
+        kv::Config {
+            bucket: KV_LEASES.into(),
+            description: "keywave coordinator leases".into(),
+            history: 1,
+            storage: cfg.storage(),
+            num_replicas: cfg.replicas,
+            ..Default::default()
+        },
+    )
+    .await
 }
 
 /// The inventory bucket.

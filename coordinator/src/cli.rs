@@ -4,7 +4,7 @@
 //! [`CoordinatorOptions`], [`DevOptions`]) and name the bad flag on error.
 //! Durations are written like `500ms`, `30s`, `2m`, `1h` or `1m30s`.
 
-use crate::{dev::DevOptions, engine::CoordinatorOptions, inventory};
+use crate::{bench::BenchOptions, dev::DevOptions, engine::CoordinatorOptions, inventory};
 use clap::{Args, Parser, Subcommand};
 use keywave_common::{
     ids, topology,
@@ -111,7 +111,7 @@ through the coordinators' API, and runs a complete local demo (`keywave dev`).",
     after_help = "Examples:\n  keywave dev                                   # local demo: nats-server, sim workers, coordinator\n  keywave inventory import creds.csv\n  keywave campaign plan --selector 'region=eu tag=env=prod'\n  keywave campaign start --selector 'tag=env=prod' --waves 1,10%,50% --wait\n  keywave --json campaign status c-0123456789ab"
 )]
 pub struct Cli {
-    /// NATS server URL (ignored by `dev` unless given: `dev` then starts its own nats-server).
+    /// NATS server URL, or several comma-separated (cluster seeds) (ignored by `dev` unless given: `dev` then starts its own nats-server).
     #[arg(long, global = true, env = NATS_URL_ENV, value_name = "URL")]
     pub nats: Option<String>,
     /// Machine-readable output: one JSON document on stdout; errors as `{"ok":false,"error":...}`.
@@ -153,6 +153,26 @@ verifies a sample: the stored CURRENT secret authenticates, the PREVIOUS one is 
         after_help = "Examples:\n  keywave dev\n  keywave dev --credentials 100000 --regions eu,us --workers-per-region 2\n  keywave dev --fail-rate 0.2            # trips the failure budget: the wave is rolled back\n  keywave dev --json | tail -n1 | jq .credentials_per_s"
     )]
     Dev(DevArgs),
+    /// Measure one whole sim campaign end to end, and the bare broker path on the same server.
+    #[command(
+        long_about = "Runs one campaign of simulated credentials end to end (a private nats-server \
+unless --nats is given; workers and a coordinator in-process, or as keywave-worker and \
+keywave-coordinator processes with --workers-as-processes) and measures the bare broker path on \
+the same server: N task-sized messages through a work queue and N result-sized messages back, \
+all acked. Prints credentials/s from the start request to the last decision, the ratio to the \
+baseline, per-step latency percentiles, and peak memory. See BENCHMARKS.md.",
+        after_help = "Examples:\n  keywave bench --credentials 10000\n  keywave bench --credentials 100000 --workers-per-region 2 --target-latency 5ms\n  keywave bench --credentials 1000000 --workers-as-processes --json | tail -n1 | jq .ratio_to_baseline"
+    )]
+    Bench(BenchArgs),
+    /// Report a leak (publish a detection), or see what detections did: time to contain, unmatched.
+    #[command(
+        long_about = "Publishes a leak detection on keywave.detect.<source>: the coordinators match it \
+against the inventory and contain the credential (a containment campaign, coalesced with other \
+detections of the same window). `report` gives a containment campaign's time to contain and the \
+credentials still exposed; `unmatched` lists detections that started nothing. Schema: docs/detection.schema.json.",
+        after_help = "Examples:\n  keywave detect --credential billing-db-app --severity critical\n  keywave detect --principal sessions --endpoint redis-eu --source siem --source-id INC-1234\n  printf %s \"$LEAKED\" | keywave detect fingerprint   # sha256:... for --fingerprint\n  keywave detect report contain-0123456789ab\n  keywave detect unmatched"
+    )]
+    Detect(crate::detect::cli::DetectArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -441,6 +461,96 @@ impl DevArgs {
     }
 }
 
+/// Raw flags of `keywave bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Simulated credentials, spread round-robin over the regions.
+    #[arg(long, default_value_t = 10_000)]
+    pub credentials: u64,
+    /// Regions to simulate.
+    #[arg(long, default_value = "eu,us,ap")]
+    pub regions: String,
+    /// Workers per region.
+    #[arg(long, default_value_t = 1)]
+    pub workers_per_region: usize,
+    /// Tasks in flight per worker.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Time each simulated target operation takes (whole ms with --workers-as-processes).
+    #[arg(long, default_value = "0", value_name = "DURATION")]
+    pub target_latency: String,
+    /// Run each worker as a keywave-worker process and the coordinator as a keywave-coordinator process.
+    #[arg(long)]
+    pub workers_as_processes: bool,
+    /// Wave plan.
+    #[arg(long, default_value = "1,10%,50%")]
+    pub waves: String,
+    /// Task timeout: a task's deadline runs from its publication, so it must cover the largest wave.
+    #[arg(long, default_value = "1h", value_name = "DURATION")]
+    pub task_timeout: String,
+    /// Do not measure the bare broker path.
+    #[arg(long)]
+    pub skip_baseline: bool,
+    /// Keep worker configurations and the logs of every process (nats-server included) in DIR.
+    #[arg(long, value_name = "DIR")]
+    pub logs: Option<PathBuf>,
+}
+
+impl BenchArgs {
+    pub fn to_options(
+        &self,
+        nats_url: Option<String>,
+        json: bool,
+    ) -> Result<BenchOptions, UsageError> {
+        let regions: Vec<String> = self
+            .regions
+            .split(',')
+            .map(|r| r.trim().to_string())
+            .filter(|r| !r.is_empty())
+            .collect();
+        if regions.is_empty() {
+            return Err(usage("--regions", "at least one region is required"));
+        }
+        for r in &regions {
+            ids::validate("region", r).map_err(|e| usage("--regions", e.to_string()))?;
+        }
+        if self.credentials == 0 {
+            return Err(usage("--credentials", "must be at least 1"));
+        }
+        if self.workers_per_region == 0 {
+            return Err(usage("--workers-per-region", "must be at least 1"));
+        }
+        if self.concurrency == 0 {
+            return Err(usage("--concurrency", "must be at least 1"));
+        }
+        let target_latency = duration_flag("--target-latency", &self.target_latency)?;
+        if self.workers_as_processes && target_latency.subsec_nanos() % 1_000_000 != 0 {
+            return Err(usage(
+                "--target-latency",
+                "must be whole milliseconds with --workers-as-processes",
+            ));
+        }
+        let task_timeout = duration_flag("--task-timeout", &self.task_timeout)?;
+        if task_timeout.is_zero() {
+            return Err(usage("--task-timeout", "must be positive"));
+        }
+        Ok(BenchOptions {
+            nats_url,
+            credentials: self.credentials,
+            regions,
+            workers_per_region: self.workers_per_region,
+            concurrency: self.concurrency,
+            target_latency,
+            workers_as_processes: self.workers_as_processes,
+            waves: wire::parse_wave_plan(&self.waves).map_err(|e| usage("--waves", e))?,
+            task_timeout,
+            skip_baseline: self.skip_baseline,
+            json,
+            logs: self.logs.clone(),
+        })
+    }
+}
+
 /// `keywave-coordinator`: the coordinator daemon.
 #[derive(Debug, Parser)]
 #[command(
@@ -454,7 +564,7 @@ campaigns resume in the next coordinator. Logs go to stderr; set RUST_LOG (e.g. 
     after_help = "Examples:\n  keywave-coordinator --nats nats://127.0.0.1:4222\n  KEYWAVE_NATS_URL=nats://nats:4222 RUST_LOG=info keywave-coordinator --id coord-1 --replicas 3"
 )]
 pub struct DaemonArgs {
-    /// NATS server URL.
+    /// NATS server URL, or several comma-separated (cluster seeds): nats://a:4222,nats://b:4222.
     #[arg(long, env = NATS_URL_ENV, default_value = DEFAULT_NATS_URL, value_name = "URL")]
     pub nats: String,
     /// This coordinator's name in logs and control records (random by default).
@@ -466,6 +576,8 @@ pub struct DaemonArgs {
     /// How often campaign progress snapshots are saved.
     #[arg(long, default_value = "1s", value_name = "DURATION")]
     pub progress_interval: String,
+    #[command(flatten)]
+    pub detect: crate::detect::cli::DaemonDetectArgs,
 }
 
 impl DaemonArgs {

@@ -4,6 +4,7 @@
 //! one line and exits non-zero ([`CommandError::exit_code`]).
 
 use crate::{
+    bench,
     cli::{self, CampaignCommand, Cli, Command, InventoryCommand, UsageError},
     client::{ApiClient, ClientError},
     dev,
@@ -17,7 +18,6 @@ use keywave_common::{
     wire::{CampaignState, Credential, Decision, OnFailure},
 };
 use serde::Serialize;
-use std::time::Duration;
 use thiserror::Error;
 
 /// Exit code of `campaign start --wait` when the campaign did not complete.
@@ -41,6 +41,10 @@ pub enum CommandError {
     EmptySelection,
     #[error("{0}")]
     Dev(String),
+    #[error("{0}")]
+    Bench(String),
+    #[error("{0}")]
+    Detect(String),
 }
 
 impl CommandError {
@@ -55,10 +59,7 @@ impl CommandError {
 
 /// Connects to NATS with the CLI's client name.
 pub async fn connect(url: &str) -> Result<async_nats::Client, CommandError> {
-    async_nats::ConnectOptions::new()
-        .name("keywave-cli")
-        .connection_timeout(Duration::from_secs(5))
-        .connect(url)
+    keywave_common::nats::connect(url, "keywave-cli")
         .await
         .map_err(|e| CommandError::Connect {
             url: url.to_string(),
@@ -122,6 +123,23 @@ pub async fn run(cli: Cli) -> Result<u8, CommandError> {
                 print!("{}", report.render());
             }
             Ok(if report.verified_ok() { 0 } else { 1 })
+        }
+        Command::Detect(args) => crate::detect::cli::run(args, &url, json).await,
+        Command::Bench(args) => {
+            let opts = args.to_options(cli.nats.clone(), json)?;
+            let report = bench::run(opts)
+                .await
+                .map_err(|e| CommandError::Bench(format!("{e:#}")))?;
+            if json {
+                println!("{}", report.json_line());
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(if report.state == CampaignState::Completed {
+                0
+            } else {
+                EXIT_NOT_COMPLETED
+            })
         }
     }
 }

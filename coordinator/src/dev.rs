@@ -191,13 +191,14 @@ impl DevReport {
 }
 
 /// A `nats-server` child process with its own store directory; killed on drop.
-struct NatsServer {
+/// Shared with `keywave bench`.
+pub(crate) struct NatsServer {
     child: tokio::process::Child,
-    url: String,
+    pub(crate) url: String,
     _dir: tempfile::TempDir,
 }
 
-fn find_in_path(binary: &str) -> Option<PathBuf> {
+pub(crate) fn find_in_path(binary: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|d| d.join(binary))
@@ -210,7 +211,7 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 impl NatsServer {
-    async fn start() -> anyhow::Result<NatsServer> {
+    pub(crate) async fn start() -> anyhow::Result<NatsServer> {
         let Some(bin) = find_in_path("nats-server") else {
             bail!("nats-server was not found in PATH; install it (e.g. `apt-get install nats-server`) or pass --nats URL of a running server");
         };
@@ -254,13 +255,23 @@ impl NatsServer {
         }
     }
 
-    async fn stop(mut self) {
+    /// The server's process id (for its peak memory).
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// The server's log file (deleted with the server).
+    pub(crate) fn log_path(&self) -> PathBuf {
+        self._dir.path().join("nats-server.log")
+    }
+
+    pub(crate) async fn stop(mut self) {
         let _ = self.child.start_kill();
         let _ = self.child.wait().await;
     }
 }
 
-fn log_tail(path: &Path) -> String {
+pub(crate) fn log_tail(path: &Path) -> String {
     std::fs::read_to_string(path)
         .map(|s| {
             let lines: Vec<&str> = s.lines().collect();
@@ -541,9 +552,7 @@ async fn run_on(opts: &DevOptions, url: &str) -> anyhow::Result<DevReport> {
         }
     };
     let connect = |name: String| async move {
-        async_nats::ConnectOptions::new()
-            .name(name)
-            .connect(url)
+        keywave_common::nats::connect(url, &name)
             .await
             .with_context(|| format!("connecting to NATS at {url}"))
     };

@@ -1,7 +1,9 @@
 //! The credential inventory: the KV bucket `keywave-inventory`, one JSON
 //! [`Credential`] per key (the key is the credential id). Files are imported
 //! all-or-nothing: the whole file is parsed and validated first, and only a
-//! file without a single bad record is written.
+//! file without a single bad record is written. Both passes stream the file:
+//! what is held per record is a 128-bit keyed hash of its id (to find
+//! duplicates), so a million-record file imports in tens of MB.
 //!
 //! # File formats
 //!
@@ -42,6 +44,7 @@ use serde::de::{DeserializeSeed, Error as _, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::{BuildHasher, RandomState};
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use thiserror::Error;
@@ -370,14 +373,29 @@ fn raw_from_map(map: Map<String, Value>) -> Result<RawRecord, FieldError> {
     Ok(raw)
 }
 
-/// Collects validated credentials and rejects duplicate ids.
-#[derive(Default)]
-struct Collector {
-    creds: Vec<Credential>,
-    seen: HashMap<String, Position>,
+/// Where the records of a file go, each validated, in file order.
+type Sink<'a> = dyn FnMut(Credential) -> Result<(), ImportError> + 'a;
+
+/// Turns parsed records into errors or credentials for a [`Sink`], and
+/// rejects duplicate ids. Ids are remembered as 128-bit keyed hashes (two
+/// independently keyed SipHashes): a few dozen bytes per record whatever
+/// the record's size, with a chance of a false duplicate near 2^-100 for a
+/// million ids.
+struct Collector<'a> {
+    hashers: [RandomState; 2],
+    seen: HashMap<u128, Position>,
+    sink: &'a mut Sink<'a>,
 }
 
-impl Collector {
+impl<'a> Collector<'a> {
+    fn new(sink: &'a mut Sink<'a>) -> Self {
+        Collector {
+            hashers: [RandomState::new(), RandomState::new()],
+            seen: HashMap::new(),
+            sink,
+        }
+    }
+
     fn push(
         &mut self,
         at: Position,
@@ -385,34 +403,35 @@ impl Collector {
     ) -> Result<(), ImportError> {
         let cred =
             record.map_err(|(field, message)| ImportError::Invalid { at, field, message })?;
-        if let Some(first) = self.seen.get(&cred.id) {
+        let key = (u128::from(self.hashers[0].hash_one(&cred.id)) << 64)
+            | u128::from(self.hashers[1].hash_one(&cred.id));
+        if let Some(first) = self.seen.get(&key) {
             return Err(ImportError::Duplicate {
                 at,
                 id: cred.id,
                 first: *first,
             });
         }
-        self.seen.insert(cred.id.clone(), at);
-        self.creds.push(cred);
-        Ok(())
+        self.seen.insert(key, at);
+        (self.sink)(cred)
     }
 }
 
 /// Streams the elements of a top-level JSON array through the collector, so a
 /// large file never exists as one big `Value` tree.
-struct ArraySeed<'a> {
-    collector: &'a mut Collector,
+struct ArraySeed<'a, 'b> {
+    collector: &'a mut Collector<'b>,
     failure: &'a mut Option<ImportError>,
 }
 
-impl<'de> DeserializeSeed<'de> for ArraySeed<'_> {
+impl<'de> DeserializeSeed<'de> for ArraySeed<'_, '_> {
     type Value = ();
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
         d.deserialize_seq(self)
     }
 }
 
-impl<'de> Visitor<'de> for ArraySeed<'_> {
+impl<'de> Visitor<'de> for ArraySeed<'_, '_> {
     type Value = ();
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a JSON array of credential objects")
@@ -430,7 +449,7 @@ impl<'de> Visitor<'de> for ArraySeed<'_> {
     }
 }
 
-fn parse_json(reader: impl Read, collector: &mut Collector) -> Result<(), ImportError> {
+fn parse_json(reader: impl Read, collector: &mut Collector<'_>) -> Result<(), ImportError> {
     let mut failure = None;
     let mut de = serde_json::Deserializer::from_reader(reader);
     let result = ArraySeed {
@@ -448,7 +467,7 @@ fn parse_json(reader: impl Read, collector: &mut Collector) -> Result<(), Import
     })
 }
 
-fn parse_json_lines(reader: impl Read, collector: &mut Collector) -> Result<(), ImportError> {
+fn parse_json_lines(reader: impl Read, collector: &mut Collector<'_>) -> Result<(), ImportError> {
     for (i, line) in BufReader::new(reader).lines().enumerate() {
         let at = Position::Line(i + 1);
         let line = line.map_err(|e| ImportError::Syntax {
@@ -487,7 +506,7 @@ fn split_list(s: &str) -> Vec<String> {
         .collect()
 }
 
-fn parse_csv(reader: impl Read, collector: &mut Collector) -> Result<(), ImportError> {
+fn parse_csv(reader: impl Read, collector: &mut Collector<'_>) -> Result<(), ImportError> {
     let mut rdr = csv::ReaderBuilder::new()
         .has_headers(true)
         .trim(csv::Trim::All)
@@ -563,20 +582,43 @@ fn parse_csv(reader: impl Read, collector: &mut Collector) -> Result<(), ImportE
     Ok(())
 }
 
-/// Parses and validates a whole inventory file. Any bad record fails the
-/// whole file; duplicate ids are an error.
+/// Parses and validates a whole inventory file into memory. Any bad record
+/// fails the whole file; duplicate ids are an error.
 pub fn parse_reader(format: Format, reader: impl Read) -> Result<Vec<Credential>, ImportError> {
-    let mut collector = Collector::default();
+    let mut creds = Vec::new();
+    scan(format, reader, &mut |c| {
+        creds.push(c);
+        Ok(())
+    })?;
+    Ok(creds)
+}
+
+/// Parses and validates an inventory file record by record, handing each
+/// valid credential to `sink` as soon as it is read; stops at the first bad
+/// record or duplicate id (or error of `sink`). Returns the records read.
+pub fn scan(format: Format, reader: impl Read, sink: &mut Sink<'_>) -> Result<u64, ImportError> {
+    let mut count = 0u64;
+    let mut counting = |c: Credential| {
+        count += 1;
+        sink(c)
+    };
+    let mut collector = Collector::new(&mut counting);
     match format {
         Format::Json => parse_json(reader, &mut collector)?,
         Format::JsonLines => parse_json_lines(reader, &mut collector)?,
         Format::Csv => parse_csv(reader, &mut collector)?,
     }
-    Ok(collector.creds)
+    drop(collector);
+    Ok(count)
 }
 
-/// Imports a file: parse and validate everything, then write every record.
-/// `format` overrides the extension.
+/// Imports a file in two streaming passes: the first parses and validates
+/// every record (nothing is written unless the whole file is good), the
+/// second reads the file again and writes each record as it is read, at most
+/// [`PUT_CONCURRENCY`] writes in flight. Memory does not grow with the
+/// file beyond the ids' hashes. `format` overrides the extension. The file
+/// must not change in between: should the second pass find a bad record, it
+/// stops there with that error and the records before it stay written.
 pub async fn import_file(
     kv: &kv::Store,
     path: &Path,
@@ -588,24 +630,91 @@ pub async fn import_file(
             .ok_or_else(|| ImportError::UnknownFormat {
                 path: path.to_path_buf(),
             })?;
-    let file = std::fs::File::open(path).map_err(|source| ImportError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let owned = path.to_path_buf();
-    // Parsing is CPU-bound and reads a file: keep it off the async workers.
-    let creds = tokio::task::spawn_blocking(move || parse_reader(format, BufReader::new(file)))
-        .await
-        .map_err(|e| ImportError::Io {
-            path: owned,
+    let open = |path: &Path| {
+        std::fs::File::open(path)
+            .map(BufReader::new)
+            .map_err(|source| ImportError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+    };
+    let joined = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e: tokio::task::JoinError| ImportError::Io {
+            path,
             source: std::io::Error::other(e.to_string()),
-        })??;
-    let imported = put_all(kv, &creds).await?;
+        }
+    };
+
+    // Pass 1. Parsing is CPU-bound and reads a file: off the async workers.
+    let file = open(path)?;
+    let validated = tokio::task::spawn_blocking(move || scan(format, file, &mut |_| Ok(())))
+        .await
+        .map_err(joined(path))??;
+
+    // Pass 2: the parser feeds a bounded channel, the writer drains it.
+    let file = open(path)?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Credential>(PUT_CONCURRENCY * 4);
+    let owned = path.to_path_buf();
+    let reader = tokio::task::spawn_blocking(move || {
+        scan(format, file, &mut |c| {
+            tx.blocking_send(c).map_err(|_| ImportError::Io {
+                path: owned.clone(),
+                source: std::io::Error::other("the inventory writer stopped"),
+            })
+        })
+    });
+    let written = put_stream(kv, futures::stream::poll_fn(move |cx| rx.poll_recv(cx))).await;
+    let read = reader.await.map_err(joined(path))?;
+    // A failed write stops the reader too: report the write.
+    let imported = written?;
+    let read = read?;
+    if read != validated || imported != validated {
+        return Err(ImportError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(format!(
+                "the file changed during the import: {validated} records validated, {read} read and {imported} written afterwards"
+            )),
+        });
+    }
     Ok(ImportReport {
         path: path.to_path_buf(),
         format: format.as_str().to_string(),
         imported,
     })
+}
+
+/// Writes one credential (key = id).
+async fn put_one(kv: &kv::Store, c: &Credential) -> Result<(), InventoryError> {
+    let put = |detail: String| InventoryError::Put {
+        id: c.id.clone(),
+        detail,
+    };
+    let body = serde_json::to_vec(c).map_err(|e| put(e.to_string()))?;
+    kv.put(&c.id, body.into())
+        .await
+        .map_err(|e| put(e.to_string()))?;
+    Ok(())
+}
+
+/// Writes a stream of credentials, at most [`PUT_CONCURRENCY`] writes in
+/// flight; stops at the first invalid id or failed write. Returns how many
+/// were written.
+pub async fn put_stream(
+    kv: &kv::Store,
+    creds: impl futures::Stream<Item = Credential>,
+) -> Result<u64, InventoryError> {
+    creds
+        .map(|c| async move {
+            ids::validate("credential id", &c.id).map_err(|source| InventoryError::InvalidId {
+                id: c.id.clone(),
+                source,
+            })?;
+            put_one(kv, &c).await
+        })
+        .buffer_unordered(PUT_CONCURRENCY)
+        .try_fold(0u64, |n, ()| async move { Ok(n + 1) })
+        .await
 }
 
 /// Writes credentials to the inventory (key = id), at most
@@ -619,24 +728,7 @@ pub async fn put_all(kv: &kv::Store, creds: &[Credential]) -> Result<u64, Invent
     }
     // Indexes rather than borrowed items: the future stays `Send`.
     futures::stream::iter(0..creds.len())
-        .map(|i| {
-            let c = &creds[i];
-            let id = c.id.clone();
-            let body = serde_json::to_vec(c);
-            async move {
-                let body = body.map_err(|e| InventoryError::Put {
-                    id: id.clone(),
-                    detail: e.to_string(),
-                })?;
-                kv.put(&id, body.into())
-                    .await
-                    .map_err(|e| InventoryError::Put {
-                        id: id.clone(),
-                        detail: e.to_string(),
-                    })?;
-                Ok::<_, InventoryError>(())
-            }
-        })
+        .map(|i| put_one(kv, &creds[i]))
         .buffer_unordered(PUT_CONCURRENCY)
         .try_fold(0u64, |n, ()| async move { Ok(n + 1) })
         .await
@@ -645,11 +737,24 @@ pub async fn put_all(kv: &kv::Store, creds: &[Credential]) -> Result<u64, Invent
 /// Every credential matching `selector`, sorted by id. Reads the whole bucket
 /// in one streamed pass; entries that do not decode are skipped with a warning.
 pub async fn list(kv: &kv::Store, selector: &Selector) -> Result<Vec<Credential>, InventoryError> {
+    select(kv, selector, |c| c, |c| &c.id).await
+}
+
+/// Like [`list`], but each matching credential is turned by `f` into what the
+/// caller keeps (a campaign plan keeps a `PlanEntry`: id, region, endpoint,
+/// kind, principal) as it is read, so a million-credential selection never
+/// holds a million whole [`Credential`]s. Sorted by `id_of`.
+pub async fn select<T>(
+    kv: &kv::Store,
+    selector: &Selector,
+    mut f: impl FnMut(Credential) -> T,
+    id_of: impl Fn(&T) -> &str,
+) -> Result<Vec<T>, InventoryError> {
     let mut out = Vec::new();
     let mut corrupt = 0u64;
     kvscan::for_each_latest(kv, ">", |entry| {
         match serde_json::from_slice::<Credential>(&entry.value) {
-            Ok(c) if selector.matches(&c) => out.push(c),
+            Ok(c) if selector.matches(&c) => out.push(f(c)),
             Ok(_) => {}
             Err(e) => {
                 corrupt += 1;
@@ -667,7 +772,7 @@ pub async fn list(kv: &kv::Store, selector: &Selector) -> Result<Vec<Credential>
             "Skipped inventory entries that are not credentials"
         );
     }
-    out.sort_by(|a, b| a.id.cmp(&b.id));
+    out.sort_by(|a, b| id_of(a).cmp(id_of(b)));
     Ok(out)
 }
 
@@ -815,6 +920,34 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn scan_streams_records_to_the_sink_and_stops_on_its_error() {
+        let text: String = (0..5)
+            .map(|i| format!("{{\"id\":\"c{i}\",\"region\":\"eu\",\"endpoint\":\"e\",\"kind\":\"sim\",\"principal\":\"p\"}}\n"))
+            .collect();
+        let mut ids = Vec::new();
+        let n = scan(Format::JsonLines, text.as_bytes(), &mut |c| {
+            ids.push(c.id);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(n, 5);
+        assert_eq!(ids, ["c0", "c1", "c2", "c3", "c4"]);
+        let mut seen = 0;
+        let err = scan(Format::JsonLines, text.as_bytes(), &mut |_| {
+            seen += 1;
+            if seen == 2 {
+                return Err(ImportError::UnknownFormat {
+                    path: PathBuf::from("stop"),
+                });
+            }
+            Ok(())
+        })
+        .unwrap_err();
+        assert!(matches!(err, ImportError::UnknownFormat { .. }));
+        assert_eq!(seen, 2, "nothing is read past the sink's error");
     }
 
     #[test]

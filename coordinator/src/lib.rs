@@ -8,21 +8,27 @@
 //! - [`inventory`]: import (JSON, JSON Lines, CSV) and listing of the `keywave-inventory` KV bucket.
 //! - [`engine`]: the [`Coordinator`]: campaign start, per-campaign driver, result
 //!   aggregation, wave decisions, rollback, snapshots and restart recovery.
+//! - [`lease`]: the coordinator lease (KV compare-and-set with expiry): one active coordinator, fenced.
 //! - [`api`]: the NATS request/reply server for `keywave.api.v1.<verb>`.
 //! - [`client`]: [`client::ApiClient`], the typed client of that API (CLI, tests, `keywave dev`).
 //! - [`cli`]: clap definitions of the `keywave` and `keywave-coordinator` binaries, and
 //!   their validation into typed configuration (durations, campaign specs).
 //! - [`commands`]: what each `keywave` command does and prints (human or `--json`).
+//! - [`detect`]: leak detections in (NATS, webhooks, CLI), containment campaigns out, time to contain.
 //! - [`dev`]: `keywave dev`, a complete in-process demo (nats-server, sim workers, coordinator).
+//! - [`bench`]: `keywave bench`, one measured sim campaign next to the bare broker path's throughput.
 //! - `kvscan` (private): reading the latest value of every key of a KV bucket in one pass.
 
 pub mod api;
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod commands;
+pub mod detect;
 pub mod dev;
 pub mod engine;
 pub mod inventory;
 mod kvscan;
+pub mod lease;
 
 pub use engine::{Coordinator, CoordinatorError, CoordinatorOptions};

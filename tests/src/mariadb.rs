@@ -35,6 +35,10 @@ impl MariaDbServer {
             .tempdir()
             .expect("temporary directory");
         let data = dir.path().join("data");
+        // A private tmpdir: servers bootstrapping at once in the shared /tmp
+        // collide on their temporary table files.
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir(&tmp).expect("create the MariaDB tmpdir");
         // mariadbd refuses to run as root unless told so explicitly.
         let user = if is_root() {
             "root".to_string()
@@ -45,7 +49,8 @@ impl MariaDbServer {
         cmd.arg("--no-defaults")
             .arg(format!("--datadir={}", data.display()))
             .arg(format!("--user={user}"))
-            .args(["--auth-root-authentication-method=normal", "--skip-test-db"]);
+            .args(["--auth-root-authentication-method=normal", "--skip-test-db"])
+            .arg(format!("--tmpdir={}", tmp.display()));
         run_logged("mariadb-install-db", cmd, &dir.path().join("install.log"))
             .unwrap_or_else(|e| panic!("{e}"));
 
@@ -60,6 +65,7 @@ impl MariaDbServer {
                 .arg(format!("--port={port}"))
                 .arg("--bind-address=127.0.0.1")
                 .arg(format!("--socket={}", socket.display()))
+                .arg(format!("--tmpdir={}", tmp.display()))
                 .arg(format!(
                     "--pid-file={}",
                     dir.path().join("mariadbd.pid").display()

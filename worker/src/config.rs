@@ -4,20 +4,26 @@
 //! documentation; `keywave-worker.example.toml` shows every field.
 //!
 //! Secrets never sit in the file: the region key comes from `region_key_file`
-//! or `KEYWAVE_REGION_KEY`, an endpoint's admin password from the environment
-//! variable or file the endpoint names. Environment lookups go through [`Env`]
+//! or `KEYWAVE_REGION_KEY`, the optional detection key from
+//! `detect_key_file`, `KEYWAVE_DETECT_KEY_FILE` or `KEYWAVE_DETECT_KEY`, an
+//! endpoint's admin password from the environment variable or file the
+//! endpoint names. Environment lookups go through [`Env`]
 //! so tests pass a map.
 
+use crate::targets::db::{self, Admin, Continuity, Logins, Tls};
+use crate::targets::mysql::{self, MysqlOptions, MysqlTarget};
+use crate::targets::postgres::{self, PostgresOptions, PostgresTarget};
 use crate::targets::redis::RedisTarget;
 use crate::targets::sim::{SimOptions, SimTarget};
 use crate::targets::{Target, TargetError, Targets};
 use ::redis::{ConnectionInfo, IntoConnectionInfo};
-use keywave_common::crypto::{RegionKey, Secret};
+use keywave_common::crypto::{Charset, RegionKey, Secret, SecretPolicy};
+use keywave_common::detect::DetectKey;
 use keywave_common::ids;
 use keywave_common::topology;
 use keywave_common::wire::TargetKind;
 use serde::Deserialize;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +32,12 @@ use tracing::warn;
 
 /// Environment variable holding the region key when `region_key_file` is not set.
 pub const ENV_REGION_KEY: &str = "KEYWAVE_REGION_KEY";
+/// Environment variable naming the detection-key file when `detect_key_file`
+/// is not set (the same name the coordinator reads).
+pub const ENV_DETECT_KEY_FILE: &str = "KEYWAVE_DETECT_KEY_FILE";
+/// Environment variable holding the detection key itself (hex or base64),
+/// read when neither `detect_key_file` nor `KEYWAVE_DETECT_KEY_FILE` is set.
+pub const ENV_DETECT_KEY: &str = "KEYWAVE_DETECT_KEY";
 /// Environment variable with the NATS URL (overridden by `--nats`).
 pub const ENV_NATS_URL: &str = "KEYWAVE_NATS_URL";
 /// Environment variable with today's secret for `keywave-worker enroll`.
@@ -37,6 +49,12 @@ pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 pub const DEFAULT_CONCURRENCY: usize = 64;
 pub const DEFAULT_MAX_CONCURRENCY: usize = 16;
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 30;
+pub const DEFAULT_POSTGRES_PORT: u16 = 5432;
+pub const DEFAULT_POSTGRES_DBNAME: &str = "postgres";
+pub const DEFAULT_MYSQL_PORT: u16 = 3306;
+pub const DEFAULT_ACCOUNT_HOST: &str = "%";
+/// Admin connections per database endpoint, unless `max_concurrency` is lower.
+pub const DEFAULT_ADMIN_CONNECTIONS: usize = 4;
 
 /// Where environment variables come from.
 pub trait Env {
@@ -111,6 +129,15 @@ pub struct File {
     /// only. When absent, the key is read from `KEYWAVE_REGION_KEY`.
     #[serde(default)]
     pub region_key_file: Option<PathBuf>,
+    /// File holding the detection key shared with the coordinator (hex or
+    /// base64 of 32 bytes; it can only fingerprint, never decrypt). With a
+    /// key, the worker announces the keyed fingerprint of every secret it
+    /// makes CURRENT on `keywave.rotated.<region>.<credential>`, so leak
+    /// detections that carry a `sha256:` fingerprint find the credential.
+    /// When absent, `KEYWAVE_DETECT_KEY_FILE` or `KEYWAVE_DETECT_KEY` is read;
+    /// with none of them, nothing is announced.
+    #[serde(default)]
+    pub detect_key_file: Option<PathBuf>,
     /// Seconds the worker lets in-flight tasks finish after SIGTERM or SIGINT;
     /// tasks still running then are redelivered to another worker. Default 30.
     #[serde(default)]
@@ -153,30 +180,122 @@ pub struct JetStreamFile {
 pub struct EndpointFile {
     /// The endpoint name used by the inventory (`Credential.endpoint`).
     pub name: String,
-    /// `redis` (Redis ACL users) or `sim` (in-memory simulation for demos).
+    /// `postgres` (PostgreSQL login roles), `mysql` (MariaDB / MySQL user
+    /// accounts), `redis` (Redis ACL users) or `sim` (in-memory simulation for
+    /// demos).
     pub kind: TargetKind,
     /// Operations this worker runs against the endpoint at once. Default 16.
+    /// A database endpoint sees at most `admin_connections` + this many
+    /// connections from one worker (each login check opens its own).
     #[serde(default)]
     pub max_concurrency: Option<usize>,
     /// redis: admin connection URL without a password, e.g.
     /// `redis://10.0.0.5:6379`.
     #[serde(default)]
     pub url: Option<String>,
-    /// redis: the admin ACL user (needs `ACL SETUSER`). Default: the `default` user.
+    /// postgres, mysql: server host name or IP address. Required.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// postgres, mysql: server TCP port. Default 5432 (postgres) or 3306 (mysql).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// postgres: database every connection opens, the admin's and each
+    /// login check's (roles must be allowed to `CONNECT` to it). Default
+    /// `postgres`.
+    #[serde(default)]
+    pub dbname: Option<String>,
+    /// The admin login used to rotate, never itself rotated. redis: the ACL
+    /// user (needs `ACL SETUSER`), default the `default` user. postgres
+    /// (required): a superuser, or a `CREATEROLE` role with `ADMIN OPTION` on
+    /// the roles it rotates. mysql (required): a user with `CREATE USER` (and
+    /// `SELECT` on `mysql.global_priv` / `mysql.user` for alternating users).
     #[serde(default)]
     pub admin_user: Option<String>,
-    /// redis: name of the environment variable holding the admin password.
+    /// redis, postgres, mysql: name of the environment variable holding the
+    /// admin password.
     #[serde(default)]
     pub admin_password_env: Option<String>,
-    /// redis: file holding the admin password (trailing newline ignored).
+    /// redis, postgres, mysql: file holding the admin password (trailing
+    /// newline ignored). Set this or `admin_password_env` (or neither for no
+    /// password).
     #[serde(default)]
     pub admin_password_file: Option<PathBuf>,
+    /// postgres, mysql: `disable` (plain TCP: loopback, a private network or
+    /// a tunnel) or `require` (TLS with a verified certificate; not supported
+    /// by this build yet, refused at start-up). Default `disable`.
+    #[serde(default)]
+    pub tls: Option<Tls>,
+    /// postgres, mysql: admin connections kept open at most, shared by every
+    /// task of this worker. Default 4 (or `max_concurrency` if lower).
+    #[serde(default)]
+    pub admin_connections: Option<usize>,
+    /// postgres, mysql: how a continuity rotation keeps the old secret valid
+    /// on a server with one password per login. `auto` (default): principals
+    /// listed in `alternating` alternate, others use MySQL 8.0.14+ dual
+    /// passwords, else continuity is refused; `refuse`: only containment
+    /// runs (except for `alternating` principals); `alternating`: every
+    /// principal alternates with its clone; `overwrite`: continuity sets the
+    /// one password, the old one dies at once; `dual` (mysql): dual passwords.
+    #[serde(default)]
+    pub continuity: Option<Continuity>,
+    /// postgres, mysql: with `continuity = "alternating"`, the clone of a
+    /// principal without an `alternating` entry is principal + this suffix.
+    /// Default `_clone`.
+    #[serde(default)]
+    pub clone_suffix: Option<String>,
+    /// postgres, mysql: principals rotated with alternating users and their
+    /// clone login, e.g. `{ app = "app_clone" }`. Both logins must exist with
+    /// the same privileges; between rotations exactly one can log in (the
+    /// other has `NOLOGIN` / `ACCOUNT LOCK`).
+    #[serde(default)]
+    pub alternating: Option<BTreeMap<String, String>>,
+    /// mysql: host part of the account when a principal is a bare user name;
+    /// a principal `user@host` names it itself (split at the last `@`).
+    /// Default `%`.
+    #[serde(default)]
+    pub account_host: Option<String>,
+    /// postgres, mysql: length of generated secrets. Default 40; 16 to 512
+    /// (postgres) or 16 to 128 (mysql).
+    #[serde(default)]
+    pub secret_length: Option<usize>,
+    /// postgres, mysql: characters of generated secrets: `alphanumeric`
+    /// (default), `alphanumeric_symbols` (adds `-_.~!#%^*+=`) or `hex`.
+    #[serde(default)]
+    pub secret_charset: Option<Charset>,
     /// sim: milliseconds each operation takes. Default 0.
     #[serde(default)]
     pub latency_ms: Option<u64>,
     /// sim: probability (0 to 1) that a set fails on purpose. Default 0.
     #[serde(default)]
     pub fail_rate: Option<f64>,
+}
+
+impl EndpointFile {
+    /// The fields that are set, by name, for refusing those a kind ignores.
+    fn set_fields(&self) -> Vec<&'static str> {
+        [
+            ("url", self.url.is_some()),
+            ("host", self.host.is_some()),
+            ("port", self.port.is_some()),
+            ("dbname", self.dbname.is_some()),
+            ("admin_user", self.admin_user.is_some()),
+            ("admin_password_env", self.admin_password_env.is_some()),
+            ("admin_password_file", self.admin_password_file.is_some()),
+            ("tls", self.tls.is_some()),
+            ("admin_connections", self.admin_connections.is_some()),
+            ("continuity", self.continuity.is_some()),
+            ("clone_suffix", self.clone_suffix.is_some()),
+            ("alternating", self.alternating.is_some()),
+            ("account_host", self.account_host.is_some()),
+            ("secret_length", self.secret_length.is_some()),
+            ("secret_charset", self.secret_charset.is_some()),
+            ("latency_ms", self.latency_ms.is_some()),
+            ("fail_rate", self.fail_rate.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(f, set)| set.then_some(f))
+        .collect()
+    }
 }
 
 /// Values given on the command line, which win over the file.
@@ -194,6 +313,8 @@ pub struct Config {
     pub concurrency: usize,
     pub nats_url: String,
     pub region_key: RegionKey,
+    /// The detection key, when rotation notices are announced.
+    pub detect_key: Option<DetectKey>,
     pub shutdown_grace: Duration,
     pub topology: topology::Config,
     pub endpoints: Vec<EndpointConfig>,
@@ -211,6 +332,8 @@ pub struct EndpointConfig {
 pub enum EndpointSpec {
     /// Admin connection settings, admin credentials included.
     Redis(ConnectionInfo),
+    Postgres(PostgresOptions),
+    Mysql(MysqlOptions),
     Sim(SimOptions),
 }
 
@@ -219,6 +342,9 @@ impl std::fmt::Debug for EndpointSpec {
         match self {
             // ConnectionInfo may hold the admin password: show the address only.
             EndpointSpec::Redis(info) => write!(f, "Redis({})", info.addr()),
+            // Admin's Debug redacts the password.
+            EndpointSpec::Postgres(o) => write!(f, "Postgres({o:?})"),
+            EndpointSpec::Mysql(o) => write!(f, "Mysql({o:?})"),
             EndpointSpec::Sim(o) => write!(f, "Sim({o:?})"),
         }
     }
@@ -278,6 +404,8 @@ impl Config {
         if nats_url.trim().is_empty() {
             return Err(invalid("nats_url", "must not be empty"));
         }
+        keywave_common::nats::server_addrs(&nats_url)
+            .map_err(|e| invalid("nats_url", format!("{nats_url:?}: {e}")))?;
 
         let region_key = match &file.region_key_file {
             Some(p) => {
@@ -294,6 +422,8 @@ impl Config {
                 RegionKey::parse(&v).map_err(|e| invalid(ENV_REGION_KEY, e.to_string()))?
             }
         };
+
+        let detect_key = detect_key(file.detect_key_file.as_deref(), env)?;
 
         let shutdown_grace = Duration::from_secs(
             file.shutdown_grace_secs
@@ -322,6 +452,7 @@ impl Config {
             concurrency,
             nats_url,
             region_key,
+            detect_key,
             shutdown_grace,
             topology,
             endpoints,
@@ -332,7 +463,7 @@ impl Config {
         self.endpoints.iter().find(|e| e.name == name)
     }
 
-    /// Builds every endpoint's target. A Redis server that cannot be reached
+    /// Builds every endpoint's target. A server that cannot be reached
     /// now is logged and connected on first use, so one endpoint being down
     /// does not keep the worker from serving the others.
     pub async fn targets(&self) -> Result<Targets, TargetError> {
@@ -349,6 +480,8 @@ impl EndpointConfig {
     pub async fn connect(&self) -> Result<Arc<dyn Target>, TargetError> {
         Ok(match &self.spec {
             EndpointSpec::Redis(info) => RedisTarget::connect_info(info.clone()).await?,
+            EndpointSpec::Postgres(o) => PostgresTarget::connect(o.clone()).await?,
+            EndpointSpec::Mysql(o) => MysqlTarget::connect(o.clone()).await?,
             EndpointSpec::Sim(o) => SimTarget::new(*o),
         })
     }
@@ -360,11 +493,35 @@ impl EndpointConfig {
                 warn!(endpoint = %self.name, error = %why, "Endpoint unreachable at start-up; will connect on first use");
                 match &self.spec {
                     EndpointSpec::Redis(info) => Ok(RedisTarget::lazy(info.clone())?),
+                    EndpointSpec::Postgres(o) => Ok(PostgresTarget::new(o.clone())?),
+                    EndpointSpec::Mysql(o) => Ok(MysqlTarget::new(o.clone())?),
                     EndpointSpec::Sim(o) => Ok(SimTarget::new(*o)),
                 }
             }
             Err(e) => Err(e),
         }
+    }
+}
+
+/// The detection key from `detect_key_file`, else from the file named by
+/// [`ENV_DETECT_KEY_FILE`], else from [`ENV_DETECT_KEY`]; none when no source
+/// is set (empty environment variables count as unset).
+fn detect_key(file: Option<&Path>, env: &dyn Env) -> Result<Option<DetectKey>, ConfigError> {
+    let from_file = |p: &Path, field: &str| {
+        warn_if_readable_by_others(p);
+        DetectKey::from_file(p).map_err(|e| invalid(field, e.to_string()))
+    };
+    if let Some(p) = file {
+        return from_file(p, "detect_key_file").map(Some);
+    }
+    if let Some(p) = env.var(ENV_DETECT_KEY_FILE).filter(|v| !v.is_empty()) {
+        return from_file(Path::new(&p), ENV_DETECT_KEY_FILE).map(Some);
+    }
+    match env.var(ENV_DETECT_KEY).filter(|v| !v.is_empty()) {
+        Some(k) => DetectKey::parse(&k)
+            .map(Some)
+            .map_err(|e| invalid(ENV_DETECT_KEY, e.to_string())),
+        None => Ok(None),
     }
 }
 
@@ -406,6 +563,195 @@ fn jetstream_config(js: &JetStreamFile) -> Result<topology::Config, ConfigError>
     Ok(t)
 }
 
+/// Refuses every field in `set` that is not in `allowed` for `kind`.
+fn only_fields(
+    at: &str,
+    e: &EndpointFile,
+    kind: TargetKind,
+    allowed: &[&str],
+) -> Result<(), ConfigError> {
+    match e.set_fields().into_iter().find(|f| !allowed.contains(f)) {
+        Some(f) => Err(invalid(
+            format!("{at}.{f}"),
+            format!("not valid for kind = \"{kind}\""),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The admin password named by `admin_password_env` or `admin_password_file`.
+fn admin_password(
+    at: &str,
+    e: &EndpointFile,
+    env: &dyn Env,
+) -> Result<Option<Secret>, ConfigError> {
+    Ok(match (&e.admin_password_env, &e.admin_password_file) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                format!("{at}.admin_password_env"),
+                "set admin_password_env or admin_password_file, not both",
+            ))
+        }
+        (Some(var), None) => Some(Secret::new(env.var(var).ok_or_else(|| {
+            invalid(
+                format!("{at}.admin_password_env"),
+                format!("environment variable {var} is not set"),
+            )
+        })?)),
+        (None, Some(path)) => {
+            let s = std::fs::read_to_string(path).map_err(|err| {
+                invalid(
+                    format!("{at}.admin_password_file"),
+                    format!("cannot read {}: {err}", path.display()),
+                )
+            })?;
+            warn_if_readable_by_others(path);
+            Some(Secret::new(s.trim_end_matches(['\n', '\r']).to_string()))
+        }
+        (None, None) => None,
+    })
+}
+
+/// Fields every database kind takes.
+const DB_FIELDS: &[&str] = &[
+    "host",
+    "port",
+    "admin_user",
+    "admin_password_env",
+    "admin_password_file",
+    "tls",
+    "admin_connections",
+    "continuity",
+    "clone_suffix",
+    "alternating",
+    "secret_length",
+    "secret_charset",
+];
+
+/// The settings postgres and mysql endpoints share, validated.
+struct DbCommon {
+    admin: Admin,
+    logins: Logins,
+    policy: SecretPolicy,
+}
+
+fn db_common(
+    at: &str,
+    e: &EndpointFile,
+    env: &dyn Env,
+    default_port: u16,
+    max_concurrency: usize,
+    lengths: std::ops::RangeInclusive<usize>,
+    login_name: &dyn Fn(&str) -> Result<(), String>,
+) -> Result<DbCommon, ConfigError> {
+    let kind = e.kind;
+    let host = e.host.clone().ok_or_else(|| {
+        invalid(
+            format!("{at}.host"),
+            format!("required for kind = \"{kind}\""),
+        )
+    })?;
+    if host.trim().is_empty() {
+        return Err(invalid(format!("{at}.host"), "must not be empty"));
+    }
+    let port = e.port.unwrap_or(default_port);
+    if port == 0 {
+        return Err(invalid(format!("{at}.port"), "must be between 1 and 65535"));
+    }
+    let user = e.admin_user.clone().ok_or_else(|| {
+        invalid(
+            format!("{at}.admin_user"),
+            format!("required for kind = \"{kind}\""),
+        )
+    })?;
+    login_name(&user).map_err(|m| invalid(format!("{at}.admin_user"), m))?;
+    let tls = e.tls.unwrap_or_default();
+    if tls != Tls::Disable {
+        return Err(invalid(
+            format!("{at}.tls"),
+            format!(
+                "tls = \"{}\" is not supported by this build yet; use \"disable\" over loopback, a private network or a tunnel",
+                tls.as_str()
+            ),
+        ));
+    }
+    let connections = e
+        .admin_connections
+        .unwrap_or(DEFAULT_ADMIN_CONNECTIONS.min(max_concurrency));
+    if connections == 0 {
+        return Err(invalid(
+            format!("{at}.admin_connections"),
+            "must be at least 1",
+        ));
+    }
+
+    let continuity = e.continuity.unwrap_or_default();
+    if continuity == Continuity::Dual && kind != TargetKind::Mysql {
+        return Err(invalid(
+            format!("{at}.continuity"),
+            format!("\"dual\" needs MySQL 8.0.14+; {kind} keeps one password per login"),
+        ));
+    }
+    let clone_suffix = e
+        .clone_suffix
+        .clone()
+        .unwrap_or_else(|| db::DEFAULT_CLONE_SUFFIX.to_string());
+    if clone_suffix.is_empty() {
+        return Err(invalid(format!("{at}.clone_suffix"), "must not be empty"));
+    }
+    let alternating = e.alternating.clone().unwrap_or_default();
+    let mut clones = HashSet::new();
+    for (principal, clone) in &alternating {
+        let field = format!("{at}.alternating.{principal:?}");
+        for name in [principal, clone] {
+            login_name(name).map_err(|m| invalid(&field, m))?;
+            if *name == user {
+                return Err(invalid(&field, "the admin login is never rotated"));
+            }
+        }
+        if principal == clone {
+            return Err(invalid(&field, "a principal cannot be its own clone"));
+        }
+        if !clones.insert(clone.clone()) || alternating.contains_key(clone) {
+            return Err(invalid(
+                &field,
+                format!("{clone:?} is already used by another pair"),
+            ));
+        }
+    }
+
+    let policy = SecretPolicy {
+        length: e.secret_length.unwrap_or(SecretPolicy::default().length),
+        charset: e.secret_charset.unwrap_or(SecretPolicy::default().charset),
+    };
+    if !lengths.contains(&policy.length) {
+        return Err(invalid(
+            format!("{at}.secret_length"),
+            format!(
+                "must be between {} and {} for kind = \"{kind}\"",
+                lengths.start(),
+                lengths.end()
+            ),
+        ));
+    }
+    Ok(DbCommon {
+        admin: Admin {
+            host,
+            port,
+            user,
+            password: admin_password(at, e, env)?,
+            tls,
+            connections,
+        },
+        logins: Logins {
+            continuity,
+            clone_suffix,
+            alternating,
+        },
+        policy,
+    })
+}
+
 fn endpoint(at: &str, e: EndpointFile, env: &dyn Env) -> Result<EndpointConfig, ConfigError> {
     let max_concurrency = e.max_concurrency.unwrap_or(DEFAULT_MAX_CONCURRENCY);
     if max_concurrency == 0 {
@@ -414,22 +760,22 @@ fn endpoint(at: &str, e: EndpointFile, env: &dyn Env) -> Result<EndpointConfig, 
             "must be at least 1",
         ));
     }
-    let only = |set: bool, field: &str, kind: &str| -> Result<(), ConfigError> {
-        if set {
-            Err(invalid(
-                format!("{at}.{field}"),
-                format!("only valid for kind = \"{kind}\""),
-            ))
-        } else {
-            Ok(())
-        }
-    };
     let spec = match e.kind {
         TargetKind::Redis => {
-            only(e.latency_ms.is_some(), "latency_ms", "sim")?;
-            only(e.fail_rate.is_some(), "fail_rate", "sim")?;
+            only_fields(
+                at,
+                &e,
+                e.kind,
+                &[
+                    "url",
+                    "admin_user",
+                    "admin_password_env",
+                    "admin_password_file",
+                ],
+            )?;
             let url = e
                 .url
+                .clone()
                 .ok_or_else(|| invalid(format!("{at}.url"), "required for kind = \"redis\""))?;
             // Parse errors may quote the URL: report without it.
             let info = url
@@ -442,31 +788,7 @@ fn endpoint(at: &str, e: EndpointFile, env: &dyn Env) -> Result<EndpointConfig, 
                     "must not contain a password; use admin_password_env or admin_password_file",
                 ));
             }
-            let password = match (&e.admin_password_env, &e.admin_password_file) {
-                (Some(_), Some(_)) => {
-                    return Err(invalid(
-                        format!("{at}.admin_password_env"),
-                        "set admin_password_env or admin_password_file, not both",
-                    ))
-                }
-                (Some(var), None) => Some(Secret::new(env.var(var).ok_or_else(|| {
-                    invalid(
-                        format!("{at}.admin_password_env"),
-                        format!("environment variable {var} is not set"),
-                    )
-                })?)),
-                (None, Some(path)) => {
-                    let s = std::fs::read_to_string(path).map_err(|err| {
-                        invalid(
-                            format!("{at}.admin_password_file"),
-                            format!("cannot read {}: {err}", path.display()),
-                        )
-                    })?;
-                    warn_if_readable_by_others(path);
-                    Some(Secret::new(s.trim_end_matches(['\n', '\r']).to_string()))
-                }
-                (None, None) => None,
-            };
+            let password = admin_password(at, &e, env)?;
             let mut redis = info.redis_settings().clone();
             if let Some(u) = &e.admin_user {
                 if u.is_empty() {
@@ -479,15 +801,72 @@ fn endpoint(at: &str, e: EndpointFile, env: &dyn Env) -> Result<EndpointConfig, 
             }
             EndpointSpec::Redis(info.set_redis_settings(redis))
         }
-        TargetKind::Sim => {
-            for (set, field) in [
-                (e.url.is_some(), "url"),
-                (e.admin_user.is_some(), "admin_user"),
-                (e.admin_password_env.is_some(), "admin_password_env"),
-                (e.admin_password_file.is_some(), "admin_password_file"),
-            ] {
-                only(set, field, "redis")?;
+        TargetKind::Postgres => {
+            let mut allowed = DB_FIELDS.to_vec();
+            allowed.push("dbname");
+            only_fields(at, &e, e.kind, &allowed)?;
+            let role = |n: &str| {
+                postgres::quote_ident(n)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            };
+            let c = db_common(
+                at,
+                &e,
+                env,
+                DEFAULT_POSTGRES_PORT,
+                max_concurrency,
+                postgres::SECRET_LENGTHS,
+                &role,
+            )?;
+            let dbname = e
+                .dbname
+                .clone()
+                .unwrap_or_else(|| DEFAULT_POSTGRES_DBNAME.to_string());
+            if dbname.is_empty() || dbname.contains('\0') {
+                return Err(invalid(format!("{at}.dbname"), "must be a database name"));
             }
+            EndpointSpec::Postgres(PostgresOptions {
+                admin: c.admin,
+                dbname,
+                logins: c.logins,
+                policy: c.policy,
+            })
+        }
+        TargetKind::Mysql => {
+            let mut allowed = DB_FIELDS.to_vec();
+            allowed.push("account_host");
+            only_fields(at, &e, e.kind, &allowed)?;
+            let account_host = e
+                .account_host
+                .clone()
+                .unwrap_or_else(|| DEFAULT_ACCOUNT_HOST.to_string());
+            mysql::account("u", &account_host)
+                .and_then(|_| mysql::quote_literal("account_host", &account_host))
+                .map_err(|err| invalid(format!("{at}.account_host"), err.to_string()))?;
+            let user = |n: &str| {
+                mysql::account(n, &account_host)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            };
+            let c = db_common(
+                at,
+                &e,
+                env,
+                DEFAULT_MYSQL_PORT,
+                max_concurrency,
+                mysql::SECRET_LENGTHS,
+                &user,
+            )?;
+            EndpointSpec::Mysql(MysqlOptions {
+                admin: c.admin,
+                account_host,
+                logins: c.logins,
+                policy: c.policy,
+            })
+        }
+        TargetKind::Sim => {
+            only_fields(at, &e, e.kind, &["latency_ms", "fail_rate"])?;
             let fail_rate = e.fail_rate.unwrap_or(0.0);
             if !(0.0..=1.0).contains(&fail_rate) {
                 return Err(invalid(
@@ -499,14 +878,6 @@ fn endpoint(at: &str, e: EndpointFile, env: &dyn Env) -> Result<EndpointConfig, 
                 latency: Duration::from_millis(e.latency_ms.unwrap_or(0)),
                 fail_rate,
             })
-        }
-        other => {
-            return Err(invalid(
-                format!("{at}.kind"),
-                format!(
-                    "{other} endpoints are not supported by this worker yet (use redis or sim)"
-                ),
-            ))
         }
     };
     Ok(EndpointConfig {
@@ -544,6 +915,8 @@ mod tests {
         env(&[
             (ENV_REGION_KEY, &RegionKey::generate().to_hex()),
             ("REDIS_PW", "s3cret"),
+            ("KEYWAVE_PG_MAIN_PASSWORD", "pg-s3cret"),
+            ("KEYWAVE_MARIADB_MAIN_PASSWORD", "my-s3cret"),
         ])
     }
 
@@ -565,6 +938,14 @@ mod tests {
         assert_eq!(c.region, "eu");
         assert!(c.endpoint("redis-main").is_some());
         assert!(c.endpoint("sim-demo").is_some());
+        assert!(matches!(
+            c.endpoint("pg-main").unwrap().spec,
+            EndpointSpec::Postgres(_)
+        ));
+        assert!(matches!(
+            c.endpoint("mariadb-main").unwrap().spec,
+            EndpointSpec::Mysql(_)
+        ));
     }
 
     #[test]
@@ -590,6 +971,76 @@ mod tests {
         .unwrap();
         assert_eq!(c.region, "us");
         assert_eq!(c.nats_url, "nats://env:4222");
+    }
+
+    #[test]
+    fn nats_url_takes_a_comma_separated_server_list() {
+        let c = parse("region = \"eu\"\nnats_url = \"nats://a:4222, nats://b:4222\"").unwrap();
+        assert_eq!(c.nats_url, "nats://a:4222, nats://b:4222");
+        assert_eq!(
+            bad_field("region = \"eu\"\nnats_url = \"nats://a:4222,http://b\""),
+            "nats_url"
+        );
+        assert_eq!(bad_field("region = \"eu\"\nnats_url = \" , \""), "nats_url");
+    }
+
+    #[test]
+    fn detect_key_from_file_or_environment() {
+        let with = |file_field: &str, extra: &[(&str, &str)]| {
+            let mut e = key_env();
+            for (k, v) in extra {
+                e.insert(k.to_string(), v.to_string());
+            }
+            Config::parse(
+                &format!("region = \"eu\"\n{file_field}"),
+                "t",
+                &Overrides::default(),
+                &e,
+            )
+        };
+        // None configured: no key, nothing is announced.
+        assert!(with("", &[]).unwrap().detect_key.is_none());
+        assert!(with("", &[(ENV_DETECT_KEY, "")])
+            .unwrap()
+            .detect_key
+            .is_none());
+
+        let k = DetectKey::generate();
+        let from_env = with("", &[(ENV_DETECT_KEY, &k.to_hex())]).unwrap();
+        assert_eq!(from_env.detect_key.unwrap().to_hex(), k.to_hex());
+
+        let dir = std::env::temp_dir().join(ids::random_id("kw-detect"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("detect.key");
+        std::fs::write(&path, format!("{}\n", k.to_hex())).unwrap();
+        let p = path.display().to_string();
+        let other = DetectKey::generate().to_hex();
+        // The file field wins over both variables; the file variable over the key one.
+        let c = with(
+            &format!("detect_key_file = {p:?}"),
+            &[(ENV_DETECT_KEY_FILE, "/nope"), (ENV_DETECT_KEY, &other)],
+        )
+        .unwrap();
+        assert_eq!(c.detect_key.unwrap().to_hex(), k.to_hex());
+        let c = with("", &[(ENV_DETECT_KEY_FILE, &p), (ENV_DETECT_KEY, &other)]).unwrap();
+        assert_eq!(c.detect_key.as_ref().unwrap().to_hex(), k.to_hex());
+        // Its Debug never shows the key.
+        assert!(!format!("{c:?}").contains(&k.to_hex()));
+
+        let field = |r: Result<Config, ConfigError>| r.unwrap_err().field().map(str::to_string);
+        assert_eq!(
+            field(with("detect_key_file = \"/nonexistent/kw.key\"", &[])).as_deref(),
+            Some("detect_key_file")
+        );
+        assert_eq!(
+            field(with("", &[(ENV_DETECT_KEY_FILE, "/nonexistent/kw.key")])).as_deref(),
+            Some(ENV_DETECT_KEY_FILE)
+        );
+        assert_eq!(
+            field(with("", &[(ENV_DETECT_KEY, "not-a-key")])).as_deref(),
+            Some(ENV_DETECT_KEY)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -627,7 +1078,7 @@ mod tests {
         );
         assert_eq!(
             bad_field("region = \"eu\"\n[[endpoint]]\nname = \"p\"\nkind = \"postgres\""),
-            "endpoint[0].kind"
+            "endpoint[0].host"
         );
         assert_eq!(
             bad_field(
@@ -647,6 +1098,140 @@ mod tests {
         ));
         assert!(matches!(
             parse("region = \"eu\"\n[[endpoint]]\nname = \"s\"\nkind = \"sim\"\nlatency = 3"),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+
+    const PG: &str = "region = \"eu\"\n[[endpoint]]\nname = \"pg\"\nkind = \"postgres\"\nhost = \"127.0.0.1\"\nadmin_user = \"keywave\"\nadmin_password_env = \"REDIS_PW\"\n";
+    const MY: &str = "region = \"eu\"\n[[endpoint]]\nname = \"my\"\nkind = \"mysql\"\nhost = \"127.0.0.1\"\nadmin_user = \"keywave\"\n";
+
+    #[test]
+    fn database_endpoints_with_their_defaults() {
+        let c = parse(PG).unwrap();
+        let EndpointSpec::Postgres(o) = &c.endpoints[0].spec else {
+            panic!("postgres endpoint expected");
+        };
+        assert_eq!(o.admin.port, DEFAULT_POSTGRES_PORT);
+        assert_eq!(o.dbname, "postgres");
+        assert_eq!(o.admin.user, "keywave");
+        assert_eq!(o.admin.password.as_ref().unwrap().expose(), "s3cret");
+        assert_eq!(o.admin.tls, Tls::Disable);
+        assert_eq!(o.admin.connections, DEFAULT_ADMIN_CONNECTIONS);
+        assert_eq!(o.logins, Logins::default());
+        assert_eq!(o.policy, SecretPolicy::default());
+        assert!(!format!("{c:?}").contains("s3cret"));
+
+        let c = parse(&format!(
+            "{MY}port = 3307\nmax_concurrency = 2\ncontinuity = \"alternating\"\nclone_suffix = \"_b\"\n\
+             account_host = \"10.0.%\"\nsecret_length = 32\nsecret_charset = \"hex\"\n\
+             alternating = {{ app = \"app_green\", \"o'brien\" = \"o'brien_2\" }}"
+        ))
+        .unwrap();
+        let EndpointSpec::Mysql(o) = &c.endpoints[0].spec else {
+            panic!("mysql endpoint expected");
+        };
+        assert_eq!(o.admin.port, 3307);
+        assert_eq!(o.admin.connections, 2, "capped by max_concurrency");
+        assert_eq!(o.admin.password, None);
+        assert_eq!(o.account_host, "10.0.%");
+        assert_eq!(o.logins.continuity, Continuity::Alternating);
+        assert_eq!(o.logins.clone_suffix, "_b");
+        assert_eq!(o.logins.alternating["o'brien"], "o'brien_2");
+        assert_eq!(o.policy.length, 32);
+        assert_eq!(o.policy.charset, Charset::Hex);
+    }
+
+    #[test]
+    fn the_readme_database_endpoint_is_valid() {
+        let readme = include_str!("../../README.md");
+        let start = readme
+            .find("```toml\n")
+            .expect("a toml block in the README")
+            + 8;
+        let len = readme[start..].find("```").unwrap();
+        let text = format!("region = \"eu\"\n{}", &readme[start..start + len]);
+        let c = Config::parse(
+            &text,
+            "README.md",
+            &Overrides::default(),
+            &env(&[
+                (ENV_REGION_KEY, &RegionKey::generate().to_hex()),
+                ("KEYWAVE_PG_MAIN_PASSWORD", "pw"),
+            ]),
+        )
+        .unwrap();
+        let EndpointSpec::Postgres(o) = &c.endpoints[0].spec else {
+            panic!("postgres endpoint expected");
+        };
+        assert_eq!(o.logins.alternating.len(), 1);
+    }
+
+    #[test]
+    fn database_endpoint_errors_name_the_field() {
+        let cases = [
+            (format!("{PG}tls = \"require\""), "endpoint[0].tls"),
+            (
+                format!("{PG}continuity = \"dual\""),
+                "endpoint[0].continuity",
+            ),
+            (
+                format!("{PG}account_host = \"%\""),
+                "endpoint[0].account_host",
+            ),
+            (format!("{PG}url = \"redis://h\""), "endpoint[0].url"),
+            (
+                format!("{PG}secret_length = 8"),
+                "endpoint[0].secret_length",
+            ),
+            (
+                format!("{MY}secret_length = 200"),
+                "endpoint[0].secret_length",
+            ),
+            (
+                format!("{PG}admin_connections = 0"),
+                "endpoint[0].admin_connections",
+            ),
+            (
+                format!("{PG}clone_suffix = \"\""),
+                "endpoint[0].clone_suffix",
+            ),
+            (format!("{PG}port = 0"), "endpoint[0].port"),
+            (format!("{MY}dbname = \"x\""), "endpoint[0].dbname"),
+            (
+                format!("{MY}account_host = \"a\\\\b\""),
+                "endpoint[0].account_host",
+            ),
+            (
+                format!("{PG}alternating = {{ app = \"{}\" }}", "r".repeat(64)),
+                "endpoint[0].alternating.\"app\"",
+            ),
+            (
+                format!("{PG}alternating = {{ app = \"app\" }}"),
+                "endpoint[0].alternating.\"app\"",
+            ),
+            (
+                format!("{PG}alternating = {{ app = \"keywave\" }}"),
+                "endpoint[0].alternating.\"app\"",
+            ),
+            (
+                format!("{PG}alternating = {{ a = \"c\", b = \"c\" }}"),
+                "endpoint[0].alternating.\"b\"",
+            ),
+            (
+                "region = \"eu\"\n[[endpoint]]\nname = \"my\"\nkind = \"mysql\"\nhost = \"h\""
+                    .into(),
+                "endpoint[0].admin_user",
+            ),
+            (
+                "region = \"eu\"\n[[endpoint]]\nname = \"s\"\nkind = \"sim\"\nhost = \"h\"".into(),
+                "endpoint[0].host",
+            ),
+        ];
+        for (text, field) in cases {
+            assert_eq!(bad_field(&text), field, "{text}");
+        }
+        assert!(matches!(
+            parse(&format!("{PG}tls = \"verify-full\"")),
             Err(ConfigError::Parse { .. })
         ));
     }

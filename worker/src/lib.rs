@@ -4,15 +4,23 @@
 //! that carry fingerprints only.
 //!
 //! # Layout
-//! - [`config`]: the worker's TOML configuration (region, key source, endpoints), validated at start-up.
+//! - [`config`]: the worker's TOML configuration (region, NATS servers, region and detection keys, endpoints), validated at start-up.
 //! - [`store`]: the regional secret store (KV `keywave-secrets-<region>`), sealed with the region key, updated by CAS.
-//! - [`targets`]: the [`targets::Target`] trait, the per-endpoint registry with concurrency bounds, and the sim and Redis targets.
+//! - [`targets`]: the [`targets::Target`] trait and the per-endpoint registry with concurrency bounds.
+//!   - [`targets::sim`]: in-memory simulation, for demos, benchmarks and protocol tests.
+//!   - [`targets::redis`]: Redis ACL users (native dual passwords).
+//!   - [`targets::postgres`]: PostgreSQL login roles (SCRAM verifiers computed on the worker).
+//!   - [`targets::mysql`]: MariaDB / MySQL user accounts (native hashes, MySQL dual passwords).
+//!   - [`targets::db`]: what the SQL targets share: continuity schemes (alternating users), admin settings, redacted errors.
 //! - [`protocol`]: the rotation / rollback state machine (stage, set, test, promote, revoke, verify), resumable and idempotent.
+//! - [`notice`]: rotation notices (`keywave.rotated.<region>.<credential>`): keyed detection fingerprints of each new CURRENT secret, only with a detection key.
 //! - [`runner`]: the JetStream consume loop: bounded concurrency, one ack decision per message, dead letters, graceful drain.
 //! - [`fault`]: fault-injection points for crash tests (off by default).
+//! - `testutil` (tests only): a private `nats-server` per test, unique regions, a secret-store bucket.
 
 pub mod config;
 pub mod fault;
+pub mod notice;
 pub mod protocol;
 pub mod runner;
 pub mod store;

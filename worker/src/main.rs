@@ -8,6 +8,7 @@ use keywave_common::crypto::{RegionKey, Secret};
 use keywave_common::{ids, topology};
 use keywave_worker::config::{self, Config, ConfigError, Overrides, ProcessEnv};
 use keywave_worker::fault::Faults;
+use keywave_worker::notice::Notifier;
 use keywave_worker::store::SecretStore;
 use keywave_worker::targets::AuthCheck;
 use keywave_worker::{Worker, WorkerOptions};
@@ -30,7 +31,7 @@ struct Cli {
     /// Region to serve (overrides `region` in the file).
     #[arg(long, global = true)]
     region: Option<String>,
-    /// NATS server URL [default: `nats_url` in the file, else nats://127.0.0.1:4222].
+    /// NATS server URL, or several comma-separated (cluster seeds) [default: `nats_url` in the file, else nats://127.0.0.1:4222].
     #[arg(long, env = config::ENV_NATS_URL, global = true)]
     nats: Option<String>,
     #[command(subcommand)]
@@ -138,16 +139,14 @@ fn load_config(cli: &Cli) -> Result<Config> {
 }
 
 async fn connect(cfg: &Config) -> Result<async_nats::Client> {
-    async_nats::ConnectOptions::new()
-        .name(format!("keywave-worker {}", cfg.worker_id))
-        .connect(cfg.nats_url.as_str())
+    keywave_common::nats::connect(&cfg.nats_url, &format!("keywave-worker {}", cfg.worker_id))
         .await
         .with_context(|| format!("connecting to NATS at {}", cfg.nats_url))
 }
 
 async fn run(cfg: Config) -> Result<()> {
     let faults = Faults::from_env()?;
-    if faults.crash_after.is_some() {
+    if faults.any() {
         warn!(?faults, "Fault injection is ON");
     }
     let client = connect(&cfg).await?;
@@ -161,6 +160,7 @@ async fn run(cfg: Config) -> Result<()> {
             concurrency: cfg.concurrency,
             topology: cfg.topology.clone(),
             faults,
+            detect_key: cfg.detect_key.clone(),
         },
         cfg.region_key.clone(),
         targets,
@@ -282,7 +282,14 @@ async fn enroll(cfg: &Config, credential: &str, endpoint: &str, principal: &str)
     let (_, kv) = topology::ensure_region(&js, &cfg.region, &cfg.topology).await?;
     let store = SecretStore::from_kv(kv, &cfg.region, cfg.region_key.clone());
     let fingerprint = store.fingerprint(&secret);
-    store.enroll(credential, secret).await?;
+    store.enroll(credential, secret.clone()).await?;
+    if let Some(key) = &cfg.detect_key {
+        // Advisory, like after a rotation: a lost notice is logged, the
+        // enrolment stands.
+        Notifier::new(js, key.clone(), &cfg.region)
+            .announce(credential, &secret, None)
+            .await;
+    }
     println!(
         "enrolled {credential} ({principal} at {endpoint}, region {}): fingerprint {fingerprint}",
         cfg.region

@@ -10,8 +10,11 @@
 //! Durable writes per rotated credential are kept at three: PENDING (stage),
 //! the promote CAS, and the result publish done by the runner. Everything else
 //! is idempotent and re-derived on redelivery. A rollback writes once (the swap).
+//! With a detection key, each secret made CURRENT is also announced (see
+//! [`crate::notice`]); that publish is advisory and never fails a task.
 
-use crate::fault::{Crash, Faults};
+use crate::fault::{Crash, Faults, Point};
+use crate::notice::Notifier;
 use crate::store::{Applied, Loaded, SecretStore, StoreError, Version};
 use crate::targets::{AuthCheck, Endpoint, TargetError, Targets};
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -34,6 +37,10 @@ const MAX_CONFLICTS: usize = 5;
 
 /// Longest error text put in a result.
 const MAX_ERROR_TEXT: usize = 300;
+
+/// Redelivery delay of a task handed back because the secret store was
+/// unavailable (long enough for a JetStream leader election).
+pub const STORE_REQUEUE_DELAY: Duration = Duration::from_secs(2);
 
 /// Retries of a transient failure (target unavailable, store unavailable)
 /// inside one task: exponential backoff with jitter, bounded by `attempts` and
@@ -61,11 +68,16 @@ impl Default for RetryPolicy {
 pub enum Flow {
     /// The task ended, in any outcome: publish this result, then ack the task.
     Finished(Box<RotationResult>),
-    /// A crash was injected after this step: leave the task un-acked.
-    Crashed(Step),
+    /// A crash was injected at this point: leave the task un-acked.
+    Crashed(Point),
     /// Shutdown interrupted a retry wait: give the task back for redelivery
     /// (it resumes where it stopped).
     Interrupted,
+    /// The secret store stayed unavailable through the in-task retries (a
+    /// NATS leader election, a partition) while the deadline still allows a
+    /// later try: give the task back after `delay`. Nothing is lost: every
+    /// step done so far is recorded or can be read back.
+    Retry { delay: Duration },
 }
 
 /// Why a task failed (or must stop) before it finished.
@@ -95,8 +107,8 @@ enum Fail {
     /// Lost a CAS race: restart from the top with a fresh read.
     #[error("record changed concurrently")]
     Conflict,
-    #[error("injected crash after {0}")]
-    Crashed(Step),
+    #[error("injected crash {0}")]
+    Crashed(Point),
     #[error("interrupted by shutdown")]
     Interrupted,
 }
@@ -112,7 +124,7 @@ impl From<StoreError> for Fail {
 
 impl From<Crash> for Fail {
     fn from(c: Crash) -> Self {
-        Fail::Crashed(c.step)
+        Fail::Crashed(c.point)
     }
 }
 
@@ -185,6 +197,8 @@ pub struct Protocol {
     worker_id: String,
     faults: Faults,
     retry: RetryPolicy,
+    /// Announces secrets made CURRENT when a detection key is configured.
+    notifier: Option<Notifier>,
 }
 
 impl std::fmt::Debug for Protocol {
@@ -193,6 +207,7 @@ impl std::fmt::Debug for Protocol {
             .field("worker_id", &self.worker_id)
             .field("faults", &self.faults)
             .field("retry", &self.retry)
+            .field("notifier", &self.notifier)
             .finish_non_exhaustive()
     }
 }
@@ -210,7 +225,14 @@ impl Protocol {
             worker_id: worker_id.into(),
             faults,
             retry: RetryPolicy::default(),
+            notifier: None,
         }
+    }
+
+    /// Announces every secret this protocol makes CURRENT with `notifier`.
+    pub fn with_notifier(mut self, notifier: Notifier) -> Self {
+        self.notifier = Some(notifier);
+        self
     }
 
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
@@ -237,7 +259,20 @@ impl Protocol {
                 );
                 Flow::Finished(Box::new(self.result(&run, outcome, None)))
             }
-            Err(Fail::Crashed(step)) => Flow::Crashed(step),
+            Err(Fail::Crashed(point)) => Flow::Crashed(point),
+            Err(Fail::Store(e)) if e.is_transient() && self.may_retry_later(task) => {
+                warn!(
+                    task = %task.task_id,
+                    credential = %task.credential_id,
+                    step = %run.step,
+                    error = %e,
+                    retry_in_ms = STORE_REQUEUE_DELAY.as_millis() as u64,
+                    "Secret store unavailable; handing the task back for a later try"
+                );
+                Flow::Retry {
+                    delay: STORE_REQUEUE_DELAY,
+                }
+            }
             Err(Fail::Interrupted) => {
                 info!(task = %task.task_id, step = %run.step, "Task interrupted by shutdown");
                 Flow::Interrupted
@@ -290,6 +325,22 @@ impl Protocol {
                 other => return other,
             }
         }
+    }
+
+    /// Whether a task handed back now would still be inside its deadline
+    /// when it comes back.
+    fn may_retry_later(&self, task: &RotationTask) -> bool {
+        let d = task.deadline_ms;
+        d == 0 || now_ms() + (STORE_REQUEUE_DELAY.as_millis() as u64) < d
+    }
+
+    /// Before `step` starts: the deadline check, then the fault-injection
+    /// point (a delay or a crash). An injected delay stands for a slow
+    /// operation, so shutdown does not cut it short (a drain waits for it).
+    async fn enter(&self, run: &Run<'_>, step: Step) -> Result<(), Fail> {
+        run.before_step()?;
+        self.faults.before(step).await?;
+        Ok(())
     }
 
     /// Marks `step` complete: timing, log, then the fault-injection point.
@@ -435,6 +486,8 @@ impl Protocol {
                     .ok_or_else(|| Fail::Internal("promoted task is not CURRENT".into()))?;
                 let old = loaded.record.previous.clone();
                 info!(task = %task.task_id, credential = %task.credential_id, "Resuming after promote");
+                // The first delivery may have stopped before its notice.
+                self.announce(task, &new, old.as_ref()).await;
                 return self
                     .revoke_and_verify(run, ep, shutdown, &new, old.as_ref())
                     .await;
@@ -454,7 +507,7 @@ impl Protocol {
 
         // Stage: reuse this task's staged secret, or generate one and record it
         // as PENDING (durable write #1).
-        run.before_step()?;
+        self.enter(run, Step::Staged).await?;
         let t0 = Instant::now();
         let pending = match loaded.record.pending.clone() {
             Some(p) if p.task_id.as_deref() == Some(task.task_id.as_str()) => {
@@ -483,7 +536,7 @@ impl Protocol {
         self.done(run, Step::Staged, t0)?;
 
         // Set, unless reading back shows it happened before a crash.
-        run.before_step()?;
+        self.enter(run, Step::Set).await?;
         let t0 = Instant::now();
         let already_set =
             self.check(run, shutdown, ep, &pending.secret).await? == AuthCheck::Accepted;
@@ -501,7 +554,7 @@ impl Protocol {
 
         // Test: a real login with the new secret (already proven when the set
         // was skipped because of it).
-        run.before_step()?;
+        self.enter(run, Step::Tested).await?;
         let t0 = Instant::now();
         if !already_set
             && self.check(run, shutdown, ep, &pending.secret).await? != AuthCheck::Accepted
@@ -511,7 +564,7 @@ impl Protocol {
         self.done(run, Step::Tested, t0)?;
 
         // Promote (durable write #2): PREVIOUS = CURRENT, CURRENT = PENDING.
-        run.before_step()?;
+        self.enter(run, Step::Promoted).await?;
         let t0 = Instant::now();
         let old = loaded.record.current.take();
         let new = Version {
@@ -531,6 +584,7 @@ impl Protocol {
         });
         self.save(run, shutdown, &loaded).await?;
         run.new_is_current = true;
+        self.announce(task, &new, old.as_ref()).await;
         self.done(run, Step::Promoted, t0)?;
 
         self.revoke_and_verify(run, ep, shutdown, &new, old.as_ref())
@@ -547,7 +601,7 @@ impl Protocol {
         new: &Version,
         old: Option<&Version>,
     ) -> Result<Outcome, Fail> {
-        run.before_step()?;
+        self.enter(run, Step::Revoked).await?;
         let t0 = Instant::now();
         match (run.task.strategy, old) {
             (Strategy::Continuity, Some(old)) => {
@@ -565,7 +619,7 @@ impl Protocol {
         }
         self.done(run, Step::Revoked, t0)?;
 
-        run.before_step()?;
+        self.enter(run, Step::Verified).await?;
         let t0 = Instant::now();
         if let Some(old) = old {
             let r = self.check(run, shutdown, ep, &old.secret).await?;
@@ -593,6 +647,14 @@ impl Protocol {
             run.new_fp = applied.new_fingerprint.clone();
             run.new_is_current = true;
             run.old_fp = applied.old_fingerprint.clone();
+            // Announce again (that delivery may have stopped before its
+            // notice), unless a later task has changed CURRENT since.
+            if loaded.record.last_task.as_deref() == Some(task.task_id.as_str()) {
+                if let Some(cur) = &loaded.record.current {
+                    self.announce(task, cur, loaded.record.previous.as_ref())
+                        .await;
+                }
+            }
             return Ok(Outcome::RolledBack);
         }
         let current = loaded.record.current.clone();
@@ -609,15 +671,24 @@ impl Protocol {
         run.new_fp = Some(prev.fingerprint.clone());
         run.old_fp = Some(cur.fingerprint.clone());
 
-        // Set: the previous secret becomes the only valid one.
-        run.before_step()?;
+        // Set: the previous secret becomes the only valid one, unless reading
+        // back shows that an earlier delivery did it already (the previous
+        // secret logs in again and the rolled-back one does not: after a
+        // complete rotation, only the reverse can be true).
+        self.enter(run, Step::Set).await?;
         let t0 = Instant::now();
-        self.target_op(run, shutdown, ep, TargetOp::Replace, &prev.secret)
-            .await?;
+        let already_set = self.check(run, shutdown, ep, &prev.secret).await? == AuthCheck::Accepted
+            && self.check(run, shutdown, ep, &cur.secret).await? == AuthCheck::Rejected;
+        if already_set {
+            info!(task = %task.task_id, credential = %task.credential_id, "Previous secret already restored at the target; skipping the set");
+        } else {
+            self.target_op(run, shutdown, ep, TargetOp::Replace, &prev.secret)
+                .await?;
+        }
         self.done(run, Step::Set, t0)?;
 
         // Test: the previous secret logs in, the rolled-back one does not.
-        run.before_step()?;
+        self.enter(run, Step::Tested).await?;
         let t0 = Instant::now();
         if self.check(run, shutdown, ep, &prev.secret).await? != AuthCheck::Accepted {
             return Err(Fail::NewSecretRejected);
@@ -630,7 +701,7 @@ impl Protocol {
         self.done(run, Step::Tested, t0)?;
 
         // Swap in the store (the rollback's one durable write).
-        run.before_step()?;
+        self.enter(run, Step::Restored).await?;
         let t0 = Instant::now();
         loaded.record.current = Some(Version {
             since_ms: now_ms(),
@@ -652,8 +723,25 @@ impl Protocol {
         });
         self.save(run, shutdown, &loaded).await?;
         run.new_is_current = true;
+        if let Some(restored) = &loaded.record.current {
+            self.announce(task, restored, loaded.record.previous.as_ref())
+                .await;
+        }
         self.done(run, Step::Restored, t0)?;
         Ok(Outcome::RolledBack)
+    }
+
+    /// Announces `current` as the credential's CURRENT secret, when a
+    /// detection key is configured. Advisory: never fails the task.
+    async fn announce(&self, task: &RotationTask, current: &Version, previous: Option<&Version>) {
+        if let Some(n) = &self.notifier {
+            n.announce(
+                &task.credential_id,
+                &current.secret,
+                previous.map(|p| &p.secret),
+            )
+            .await;
+        }
     }
 
     fn result(&self, run: &Run<'_>, outcome: Outcome, fail: Option<&Fail>) -> RotationResult {
@@ -725,11 +813,15 @@ fn short(mut s: String) -> String {
 mod tests {
     use super::*;
     use crate::fault::CrashMode;
+    use crate::notice::Notifier;
     use crate::targets::sim::{SimOptions, SimTarget};
     use crate::targets::Target;
     use crate::testutil::TestBucket;
     use async_trait::async_trait;
+    use keywave_common::crypto::RegionKey;
     use keywave_common::crypto::SecretPolicy;
+    use keywave_common::detect::{self, DetectKey, RotatedNotice};
+    use keywave_common::{subjects, topology};
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     struct Fixture {
@@ -845,7 +937,6 @@ mod tests {
         assert_eq!(fx.sim.set_count(principal), 1);
         let rec2 = fx.bucket.store.get("c1").await.unwrap().unwrap();
         assert_eq!(rec2.current, rec.current);
-        fx.bucket.cleanup().await;
     }
 
     #[tokio::test]
@@ -854,7 +945,10 @@ mod tests {
         let old = fx.enrolled("c2").await;
         let task = fx.task(TaskAction::Rotate, Strategy::Containment, "c2");
         let p = fx.protocol(Faults::crash_after(Step::Set, CrashMode::StopWithoutAck));
-        assert_eq!(fx.run(&p, &task).await, Flow::Crashed(Step::Set));
+        assert_eq!(
+            fx.run(&p, &task).await,
+            Flow::Crashed(Point::After(Step::Set))
+        );
         // Right after Set the old secret is already dead.
         assert!(!fx.sim.accepts("user-c2", &old));
         assert_eq!(fx.sim.valid_count("user-c2"), 1);
@@ -868,7 +962,6 @@ mod tests {
             rec.current.as_ref().unwrap().strategy,
             Some(Strategy::Containment)
         );
-        fx.bucket.cleanup().await;
     }
 
     #[tokio::test]
@@ -877,7 +970,10 @@ mod tests {
         let old = fx.enrolled("c3").await;
         let task = fx.task(TaskAction::Rotate, Strategy::Continuity, "c3");
         let crashing = fx.protocol(Faults::crash_after(Step::Set, CrashMode::StopWithoutAck));
-        assert_eq!(fx.run(&crashing, &task).await, Flow::Crashed(Step::Set));
+        assert_eq!(
+            fx.run(&crashing, &task).await,
+            Flow::Crashed(Point::After(Step::Set))
+        );
         let staged = fx
             .bucket
             .store
@@ -899,7 +995,6 @@ mod tests {
         let rec = fx.bucket.store.get("c3").await.unwrap().unwrap();
         assert_eq!(rec.current.unwrap().secret, staged.secret);
         assert!(!fx.sim.accepts("user-c3", &old));
-        fx.bucket.cleanup().await;
     }
 
     #[tokio::test]
@@ -913,7 +1008,7 @@ mod tests {
         ));
         assert_eq!(
             fx.run(&crashing, &task).await,
-            Flow::Crashed(Step::Promoted)
+            Flow::Crashed(Point::After(Step::Promoted))
         );
         assert!(fx.sim.accepts("user-c4", &old), "not yet revoked");
 
@@ -923,7 +1018,6 @@ mod tests {
         assert_eq!(r.old_rejected, Some(true));
         assert!(!fx.sim.accepts("user-c4", &old));
         assert_eq!(fx.sim.set_count("user-c4"), 1);
-        fx.bucket.cleanup().await;
     }
 
     #[tokio::test]
@@ -938,7 +1032,6 @@ mod tests {
         assert_eq!(r.old_fingerprint, None);
         assert!(!fx.sim.accepts("user-c5", &unknown));
         assert_eq!(fx.sim.valid_count("user-c5"), 1);
-        fx.bucket.cleanup().await;
     }
 
     #[tokio::test]
@@ -982,7 +1075,6 @@ mod tests {
         assert_eq!(late.outcome, Outcome::Succeeded);
         assert!(fx.sim.accepts("user-c6", &old));
         assert_eq!(fx.sim.set_count("user-c6"), sets);
-        fx.bucket.cleanup().await;
     }
 
     #[tokio::test]
@@ -1019,7 +1111,6 @@ mod tests {
         );
         assert_eq!(r.outcome, Outcome::Failed);
         assert_eq!(r.error_class, Some(ErrorClass::NoPrevious));
-        fx.bucket.cleanup().await;
     }
 
     #[tokio::test]
@@ -1044,7 +1135,216 @@ mod tests {
         assert_eq!(r.error_class, Some(ErrorClass::DeadlineExceeded));
         assert_eq!(fx.sim.set_count("user-c9"), 0);
         assert!(fx.bucket.store.get("c9").await.unwrap().is_none());
-        fx.bucket.cleanup().await;
+    }
+
+    /// Every fault point of both protocols, each on its own credential: the
+    /// first delivery crashes there, a fresh worker (no faults) runs the
+    /// redelivery, and the credential ends consistent, set once by the task.
+    #[tokio::test]
+    async fn a_crash_before_or_after_any_step_is_recovered_consistently() {
+        let fx = Fixture::new().await;
+        let rotation_steps = [
+            Step::Staged,
+            Step::Set,
+            Step::Tested,
+            Step::Promoted,
+            Step::Revoked,
+            Step::Verified,
+        ];
+        let mut n = 0;
+        for strategy in [Strategy::Continuity, Strategy::Containment] {
+            for step in rotation_steps {
+                for point in [Point::Before(step), Point::After(step)] {
+                    n += 1;
+                    let cred = format!("rot{n}");
+                    let principal = format!("user-{cred}");
+                    let old = fx.enrolled(&cred).await;
+                    let task = fx.task(TaskAction::Rotate, strategy, &cred);
+                    let crashing = fx.protocol(Faults::crash_at(point, CrashMode::StopWithoutAck));
+                    assert_eq!(fx.run(&crashing, &task).await, Flow::Crashed(point));
+                    let r = finished(fx.run(&fx.protocol(Faults::none()), &task).await);
+                    let at = format!("{strategy} crash {point}");
+                    assert_eq!(r.outcome, Outcome::Succeeded, "{at}: {r:?}");
+                    assert_eq!(r.old_rejected, Some(true), "{at}");
+                    let rec = fx.bucket.store.get(&cred).await.unwrap().unwrap();
+                    let cur = rec.current.expect("current");
+                    assert!(rec.pending.is_none(), "{at}");
+                    assert_eq!(rec.previous.expect("previous").secret, old, "{at}");
+                    assert_eq!(r.new_fingerprint.as_deref(), Some(cur.fingerprint.as_str()));
+                    assert!(fx.sim.accepts(&principal, &cur.secret), "{at}");
+                    assert!(!fx.sim.accepts(&principal, &old), "{at}");
+                    assert_eq!(fx.sim.valid_count(&principal), 1, "{at}");
+                    assert_eq!(fx.sim.set_count(&principal), 1, "{at}: set once");
+                }
+            }
+        }
+        for step in [Step::Set, Step::Tested, Step::Restored] {
+            for point in [Point::Before(step), Point::After(step)] {
+                n += 1;
+                let cred = format!("rb{n}");
+                let principal = format!("user-{cred}");
+                let old = fx.enrolled(&cred).await;
+                let p = fx.protocol(Faults::none());
+                let rot = fx.task(TaskAction::Rotate, Strategy::Continuity, &cred);
+                assert_eq!(finished(fx.run(&p, &rot).await).outcome, Outcome::Succeeded);
+                let rotated = fx
+                    .bucket
+                    .store
+                    .get(&cred)
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .current
+                    .unwrap();
+                let rb = fx.task(TaskAction::Rollback, Strategy::Continuity, &cred);
+                let crashing = fx.protocol(Faults::crash_at(point, CrashMode::StopWithoutAck));
+                assert_eq!(fx.run(&crashing, &rb).await, Flow::Crashed(point));
+                let r = finished(fx.run(&p, &rb).await);
+                let at = format!("rollback crash {point}");
+                assert_eq!(r.outcome, Outcome::RolledBack, "{at}: {r:?}");
+                let rec = fx.bucket.store.get(&cred).await.unwrap().unwrap();
+                assert_eq!(rec.current.unwrap().secret, old, "{at}");
+                assert_eq!(rec.previous.unwrap().secret, rotated.secret, "{at}");
+                assert!(fx.sim.accepts(&principal, &old), "{at}");
+                assert!(!fx.sim.accepts(&principal, &rotated.secret), "{at}");
+                assert_eq!(
+                    fx.sim.set_count(&principal),
+                    2,
+                    "{at}: one rotation, one restore"
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unavailable_store_hands_the_task_back_within_the_deadline() {
+        let fx = Fixture::new().await;
+        // A handle whose requests time out quickly, on a bucket whose stream
+        // is then deleted: every store operation fails as it does while a
+        // cluster elects a new stream leader.
+        let quick = async_nats::jetstream::ContextBuilder::new()
+            .timeout(Duration::from_millis(200))
+            .build(fx.bucket.server.client().await);
+        let bucket = topology::kv_secrets(&fx.bucket.region);
+        let kv = quick.get_key_value(&bucket).await.unwrap();
+        let store = SecretStore::from_kv(kv, &fx.bucket.region, RegionKey::generate());
+        fx.bucket
+            .js
+            .delete_stream(format!("KV_{bucket}"))
+            .await
+            .unwrap();
+        let task = fx.task(TaskAction::Rotate, Strategy::Continuity, "gone");
+        let p = Protocol::new(store, fx.targets.clone(), "w-test", Faults::none()).with_retry(
+            RetryPolicy {
+                attempts: 2,
+                min_delay: Duration::from_millis(5),
+                max_delay: Duration::from_millis(20),
+            },
+        );
+        assert_eq!(
+            fx.run(&p, &task).await,
+            Flow::Retry {
+                delay: STORE_REQUEUE_DELAY
+            }
+        );
+        // Past the deadline it is a failure the wave counts.
+        let mut late = task.clone();
+        late.deadline_ms = now_ms() + 500;
+        let r = finished(fx.run(&p, &late).await);
+        assert_eq!(r.outcome, Outcome::Failed);
+        assert_eq!(r.error_class, Some(ErrorClass::Store));
+        assert_eq!(fx.sim.set_count("user-gone"), 0);
+    }
+
+    /// The rotation notice last published for `cred`, if any.
+    async fn last_notice(fx: &Fixture, cred: &str) -> Option<RotatedNotice> {
+        let stream = fx.bucket.js.get_stream(detect::STREAM_ROTATED).await.ok()?;
+        let m = stream
+            .get_last_raw_message_by_subject(&subjects::rotated(&fx.bucket.region, cred))
+            .await
+            .ok()?;
+        Some(serde_json::from_slice(&m.payload).expect("a rotation notice"))
+    }
+
+    #[tokio::test]
+    async fn with_a_detect_key_promote_and_restore_announce_keyed_fingerprints() {
+        let fx = Fixture::new().await;
+        detect::ensure_streams(&fx.bucket.js, &topology::Config::default())
+            .await
+            .unwrap();
+        let key = DetectKey::generate();
+        let notifier = Notifier::new(fx.bucket.js.clone(), key.clone(), &fx.bucket.region);
+        let p = fx.protocol(Faults::none()).with_notifier(notifier);
+        let old = fx.enrolled("n1").await;
+
+        let rot = fx.task(TaskAction::Rotate, Strategy::Continuity, "n1");
+        assert_eq!(finished(fx.run(&p, &rot).await).outcome, Outcome::Succeeded);
+        let rec = fx.bucket.store.get("n1").await.unwrap().unwrap();
+        let new = rec.current.unwrap().secret;
+        let n = last_notice(&fx, "n1")
+            .await
+            .expect("a notice after promote");
+        assert_eq!(n.detect_fp, key.fingerprint_secret(&new));
+        assert_eq!(n.previous_detect_fp, Some(key.fingerprint_secret(&old)));
+        assert_eq!(
+            (n.credential_id.as_str(), n.region.as_str()),
+            ("n1", fx.bucket.region.as_str())
+        );
+
+        // A rollback announces the restored secret as CURRENT.
+        let rb = fx.task(TaskAction::Rollback, Strategy::Continuity, "n1");
+        assert_eq!(finished(fx.run(&p, &rb).await).outcome, Outcome::RolledBack);
+        let n = last_notice(&fx, "n1").await.unwrap();
+        assert_eq!(n.detect_fp, key.fingerprint_secret(&old));
+        assert_eq!(n.previous_detect_fp, Some(key.fingerprint_secret(&new)));
+
+        // Fingerprints only: no secret on the wire.
+        let stream = fx
+            .bucket
+            .js
+            .get_stream(detect::STREAM_ROTATED)
+            .await
+            .unwrap();
+        let raw = stream
+            .get_last_raw_message_by_subject(&subjects::rotated(&fx.bucket.region, "n1"))
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&raw.payload);
+        assert!(!text.contains(old.expose()) && !text.contains(new.expose()));
+    }
+
+    #[tokio::test]
+    async fn without_a_detect_key_nothing_is_announced() {
+        let fx = Fixture::new().await;
+        detect::ensure_streams(&fx.bucket.js, &topology::Config::default())
+            .await
+            .unwrap();
+        fx.enrolled("n2").await;
+        let p = fx.protocol(Faults::none());
+        let rot = fx.task(TaskAction::Rotate, Strategy::Continuity, "n2");
+        assert_eq!(finished(fx.run(&p, &rot).await).outcome, Outcome::Succeeded);
+        let mut stream = fx
+            .bucket
+            .js
+            .get_stream(detect::STREAM_ROTATED)
+            .await
+            .unwrap();
+        assert_eq!(stream.info().await.unwrap().state.messages, 0);
+    }
+
+    #[tokio::test]
+    async fn a_notice_that_cannot_be_published_does_not_fail_the_rotation() {
+        // No rotation-notice stream: every publish is refused.
+        let fx = Fixture::new().await;
+        let key = DetectKey::generate();
+        let notifier = Notifier::new(fx.bucket.js.clone(), key, &fx.bucket.region);
+        let p = fx.protocol(Faults::none()).with_notifier(notifier);
+        let old = fx.enrolled("n3").await;
+        let rot = fx.task(TaskAction::Rotate, Strategy::Continuity, "n3");
+        let r = finished(fx.run(&p, &rot).await);
+        assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
+        assert_eq!(r.step, Step::Verified);
+        assert!(!fx.sim.accepts("user-n3", &old));
     }
 
     /// A target that is unavailable for the first `failures` operations.
@@ -1144,6 +1444,5 @@ mod tests {
             slow.execute(&fx_task("c"), &shutdown).await,
             Flow::Interrupted
         );
-        bucket.cleanup().await;
     }
 }

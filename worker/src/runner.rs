@@ -5,7 +5,8 @@
 //! dead-lettered so the queue behind them keeps moving. Shutdown stops the
 //! pulling, lets the tasks in hand finish and ack, and returns the counts.
 
-use crate::fault::Faults;
+use crate::fault::{Faults, Point};
+use crate::notice::Notifier;
 use crate::protocol::{Flow, Protocol};
 use crate::store::SecretStore;
 use crate::targets::Targets;
@@ -18,11 +19,12 @@ use base64::Engine;
 use futures::StreamExt;
 use keywave_common::codec::{self, Format};
 use keywave_common::crypto::RegionKey;
+use keywave_common::detect::DetectKey;
 use keywave_common::ids;
 use keywave_common::publish::{self, PublishError};
 use keywave_common::topology::{self, TopologyError};
 use keywave_common::wire::{
-    CampaignEvent, DeadLetter, EventKind, Outcome, RotationResult, RotationTask, Step,
+    CampaignEvent, DeadLetter, ErrorClass, EventKind, Outcome, RotationResult, RotationTask, Step,
     SCHEMA_VERSION,
 };
 use keywave_common::{now_ms, subjects};
@@ -70,6 +72,10 @@ pub struct WorkerOptions {
     pub topology: topology::Config,
     /// Fault injection (none by default).
     pub faults: Faults,
+    /// The detection key: when set, every secret made CURRENT is announced
+    /// on `keywave.rotated.<region>.<credential>` by its keyed fingerprint.
+    /// None by default: nothing is announced.
+    pub detect_key: Option<DetectKey>,
 }
 
 impl Default for WorkerOptions {
@@ -80,6 +86,7 @@ impl Default for WorkerOptions {
             concurrency: 64,
             topology: topology::Config::default(),
             faults: Faults::default(),
+            detect_key: None,
         }
     }
 }
@@ -161,7 +168,7 @@ enum Handled {
     /// It could not be finished now; hand it back after `delay`.
     Requeue { delay: Option<Duration> },
     /// An injected crash: behave as a killed process.
-    Crashed(Step),
+    Crashed(Point),
 }
 
 /// The one place where a handling outcome becomes an acknowledgement.
@@ -195,6 +202,8 @@ struct Ctx {
     shutdown: CancellationToken,
     /// Cancelled by an injected `StopWithoutAck` crash.
     crash: CancellationToken,
+    faults: Faults,
+    worker_id: String,
     counters: Counters,
 }
 
@@ -230,8 +239,18 @@ impl Worker {
         topology::ensure_core(&js, &opts.topology).await?;
         let (consumer, kv) = topology::ensure_region(&js, &opts.region, &opts.topology).await?;
         let store = SecretStore::from_kv(kv, &opts.region, key);
-        let protocol = Protocol::new(store.clone(), targets, opts.worker_id.clone(), opts.faults);
-        info!(region = %opts.region, worker = %opts.worker_id, concurrency = opts.concurrency, "Worker started");
+        let mut protocol =
+            Protocol::new(store.clone(), targets, opts.worker_id.clone(), opts.faults);
+        if let Some(key) = &opts.detect_key {
+            protocol = protocol.with_notifier(Notifier::new(js.clone(), key.clone(), &opts.region));
+        }
+        info!(
+            region = %opts.region,
+            worker = %opts.worker_id,
+            concurrency = opts.concurrency,
+            rotation_notices = opts.detect_key.is_some(),
+            "Worker started"
+        );
         Ok(Worker {
             js,
             consumer,
@@ -258,6 +277,8 @@ impl Worker {
             progress_every: (ack_wait / 3).max(Duration::from_millis(100)),
             shutdown: shutdown.clone(),
             crash: CancellationToken::new(),
+            faults: self.opts.faults,
+            worker_id: self.opts.worker_id.clone(),
             counters: Counters::default(),
         });
         let slots = Arc::new(Semaphore::new(self.opts.concurrency));
@@ -293,7 +314,10 @@ impl Worker {
                 // stream that cannot start at once.
                 let permit = tokio::select! {
                     biased;
-                    _ = shutdown.cancelled() => break 'pull,
+                    _ = shutdown.cancelled() => {
+                        hand_back(&mut messages).await;
+                        break 'pull;
+                    }
                     _ = ctx.crash.cancelled() => break 'pull,
                     p = slots.clone().acquire_owned() => match p {
                         Ok(p) => p,
@@ -302,7 +326,11 @@ impl Worker {
                 };
                 let next = tokio::select! {
                     biased;
-                    _ = shutdown.cancelled() => break 'pull,
+                    _ = shutdown.cancelled() => {
+                        drop(permit);
+                        hand_back(&mut messages).await;
+                        break 'pull;
+                    }
                     _ = ctx.crash.cancelled() => break 'pull,
                     m = messages.next() => m,
                 };
@@ -366,6 +394,22 @@ impl Worker {
     }
 }
 
+/// On shutdown: naks (without delay) the tasks the client already pulled but
+/// never started, so that another worker of the region gets them now instead
+/// of after the ack wait.
+async fn hand_back(messages: &mut pull::Stream) {
+    use futures::FutureExt;
+    let mut handed = 0u64;
+    while let Some(Some(Ok(msg))) = messages.next().now_or_never() {
+        if msg.ack_with(AckKind::Nak(None)).await.is_ok() {
+            handed += 1;
+        }
+    }
+    if handed > 0 {
+        info!(handed, "Handed back tasks pulled but not started");
+    }
+}
+
 /// Sleeps `d` unless shutdown or a crash comes first; false if it did.
 async fn pause(shutdown: &CancellationToken, crash: &CancellationToken, d: Duration) -> bool {
     tokio::select! {
@@ -413,6 +457,10 @@ impl Ctx {
         // Durable write #3 of a rotation. The message id makes a republished
         // result (after a redelivery) a duplicate the server drops.
         let msg_id = format!("{}:result", result.task_id);
+        if self.faults.drop_result() {
+            warn!(task = %result.task_id, "Fault injection: dropping the result publish");
+            return Err(PublishError::Ack("dropped by fault injection".into()));
+        }
         publish::send(
             &self.js,
             subjects::result(&result.region, &result.campaign_id),
@@ -496,6 +544,50 @@ struct Refusal {
     detail: String,
     task_id: Option<String>,
     campaign_id: Option<String>,
+    /// The task, when it decoded.
+    task: Option<Box<RotationTask>>,
+}
+
+impl Refusal {
+    /// The `Failed` result that counts a refused task in its wave at once,
+    /// so the wave does not wait for its deadline. Only for a task that
+    /// decoded and was published under its own campaign: anything else may
+    /// not be what it claims to be, and its wave counts it at the deadline.
+    fn failed_result(
+        &self,
+        region: &str,
+        subject: &str,
+        worker_id: &str,
+    ) -> Option<RotationResult> {
+        let t = self.task.as_deref()?;
+        let (_, campaign) = subjects::parse_task(subject)?;
+        if campaign != t.campaign_id
+            || ids::validate("campaign id", campaign).is_err()
+            || !valid_task_id(&t.task_id)
+        {
+            return None;
+        }
+        Some(RotationResult {
+            v: SCHEMA_VERSION,
+            task_id: t.task_id.clone(),
+            campaign_id: t.campaign_id.clone(),
+            wave: t.wave,
+            index: t.index,
+            action: t.action,
+            credential_id: t.credential_id.clone(),
+            region: region.to_string(),
+            outcome: Outcome::Failed,
+            step: Step::Received,
+            error_class: Some(ErrorClass::Malformed),
+            error: Some(format!("task refused and dead-lettered: {}", self.reason)),
+            timings: Vec::new(),
+            new_fingerprint: None,
+            old_fingerprint: None,
+            old_rejected: None,
+            worker_id: worker_id.to_string(),
+            finished_at_ms: now_ms(),
+        })
+    }
 }
 
 /// Decodes a task and checks that this worker may run it.
@@ -510,6 +602,7 @@ fn accept(
         detail: e.to_string(),
         task_id: None,
         campaign_id: None,
+        task: None,
     })?;
     let refuse = |reason: &'static str, detail: String| Refusal {
         reason,
@@ -517,6 +610,7 @@ fn accept(
         task_id: Some(task.task_id.clone()).filter(|t| valid_task_id(t)),
         campaign_id: Some(task.campaign_id.clone())
             .filter(|c| ids::validate("campaign id", c).is_ok()),
+        task: Some(Box::new(task.clone())),
     };
     if !valid_task_id(&task.task_id) {
         return Err(refuse(
@@ -595,7 +689,15 @@ async fn handle(ctx: &Ctx, msg: &jetstream::Message) -> Handled {
     ) {
         Ok(t) => t,
         Err(refusal) => {
-            return match ctx.dead_letter(msg, refusal).await {
+            let failed = refusal.failed_result(&ctx.region, msg.subject.as_str(), &ctx.worker_id);
+            let recorded = match ctx.dead_letter(msg, refusal).await {
+                Ok(()) => match failed {
+                    Some(r) => ctx.publish_result(&r, None).await,
+                    None => Ok(()),
+                },
+                Err(e) => Err(e),
+            };
+            return match recorded {
                 Ok(()) => Handled::Poison,
                 // Never drop a message without its record: try again later.
                 Err(e) => {
@@ -626,7 +728,13 @@ async fn handle(ctx: &Ctx, msg: &jetstream::Message) -> Handled {
             match ctx.protocol.execute(&task, &ctx.shutdown).await {
                 Flow::Finished(result) => {
                     match ctx.publish_result(&result, traceparent.as_deref()).await {
-                        Ok(()) => Handled::Completed(result.outcome),
+                        Ok(()) => match ctx.faults.after_publish() {
+                            Ok(()) => Handled::Completed(result.outcome),
+                            Err(c) => {
+                                ctx.crash.cancel();
+                                Handled::Crashed(c.point)
+                            }
+                        },
                         Err(e) => {
                             warn!(error = %e, "Could not publish the result; requeueing");
                             Handled::Requeue {
@@ -635,11 +743,12 @@ async fn handle(ctx: &Ctx, msg: &jetstream::Message) -> Handled {
                         }
                     }
                 }
-                Flow::Crashed(step) => {
+                Flow::Crashed(point) => {
                     ctx.crash.cancel();
-                    Handled::Crashed(step)
+                    Handled::Crashed(point)
                 }
                 Flow::Interrupted => Handled::Requeue { delay: None },
+                Flow::Retry { delay } => Handled::Requeue { delay: Some(delay) },
             }
         };
         with_progress(msg, ctx.progress_every, work).await
@@ -653,9 +762,10 @@ mod tests {
     use super::*;
     use crate::fault::CrashMode;
     use crate::targets::sim::{SimOptions, SimTarget};
-    use crate::testutil::{connect, eventually, unique_region};
+    use crate::testutil::{eventually, nats, unique_region};
     use keywave_common::crypto::{generate, SecretPolicy};
     use keywave_common::wire::{Strategy, TargetKind, TaskAction};
+    use keywave_tests::NatsServer;
     use std::collections::HashMap;
     use std::sync::Mutex;
 
@@ -668,6 +778,8 @@ mod tests {
     }
 
     struct Env {
+        /// The private server (killed on drop).
+        _server: NatsServer,
         client: async_nats::Client,
         js: jetstream::Context,
         region: String,
@@ -679,11 +791,12 @@ mod tests {
 
     impl Env {
         async fn new() -> Self {
-            let client = connect().await;
+            let (server, client) = nats().await;
             let sim = SimTarget::new(SimOptions::default());
             let mut targets = Targets::new();
             targets.insert("sim", sim.clone(), 16);
             Env {
+                _server: server,
                 js: topology::context(client.clone()),
                 client,
                 region: unique_region(),
@@ -703,6 +816,7 @@ mod tests {
                     concurrency: 4,
                     topology: test_topology(),
                     faults,
+                    ..Default::default()
                 },
                 self.key.clone(),
                 self.targets.clone(),
@@ -753,40 +867,6 @@ mod tests {
             )
             .await
             .unwrap();
-        }
-
-        async fn cleanup(&self) {
-            if let Ok(s) = self.js.get_stream(topology::STREAM_TASKS).await {
-                let _ = s
-                    .delete_consumer(&topology::worker_consumer(&self.region))
-                    .await;
-                let _ = s
-                    .purge()
-                    .filter(subjects::task_region_filter(&self.region))
-                    .await;
-            }
-            for (stream, filter) in [
-                (
-                    topology::STREAM_RESULTS,
-                    format!("keywave.result.{}.>", self.region),
-                ),
-                (
-                    topology::STREAM_DEADLETTER,
-                    subjects::dead_letter(&self.region),
-                ),
-                (
-                    topology::STREAM_EVENTS,
-                    subjects::event_campaign_filter(&self.campaign),
-                ),
-            ] {
-                if let Ok(s) = self.js.get_stream(stream).await {
-                    let _ = s.purge().filter(filter).await;
-                }
-            }
-            let _ = self
-                .js
-                .delete_key_value(topology::kv_secrets(&self.region))
-                .await;
         }
     }
 
@@ -915,7 +995,6 @@ mod tests {
         let info = consumer.info().await.unwrap();
         assert_eq!(info.num_pending, 0);
         assert_eq!(info.num_ack_pending, 0);
-        env.cleanup().await;
     }
 
     #[tokio::test]
@@ -964,7 +1043,60 @@ mod tests {
         assert_eq!(r.outcome, Outcome::Succeeded);
         assert_eq!(env.sim.set_count("p-c1"), 1, "rotated exactly once");
         assert!(!env.sim.accepts("p-c1", &old));
-        env.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn a_worker_with_a_detect_key_announces_the_promoted_secret() {
+        let env = Env::new().await;
+        let key = keywave_common::detect::DetectKey::generate();
+        let worker = Worker::start(
+            env.client.clone(),
+            WorkerOptions {
+                region: env.region.clone(),
+                concurrency: 2,
+                topology: test_topology(),
+                detect_key: Some(key.clone()),
+                ..Default::default()
+            },
+            env.key.clone(),
+            env.targets.clone(),
+        )
+        .await
+        .unwrap();
+        let store = worker.store().clone();
+        let old = generate(&SecretPolicy::default());
+        env.sim.seed("p-d1", &old);
+        store.enroll("d1", old.clone()).await.unwrap();
+        env.publish_task(&env.task("d1")).await;
+
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(worker.run(shutdown.clone()));
+        let rotated = env
+            .js
+            .get_stream(keywave_common::detect::STREAM_ROTATED)
+            .await
+            .unwrap();
+        let subject = subjects::rotated(&env.region, "d1");
+        eventually(Duration::from_secs(20), "the rotation notice", || {
+            let (rotated, subject) = (rotated.clone(), subject.clone());
+            async move {
+                rotated
+                    .get_last_raw_message_by_subject(&subject)
+                    .await
+                    .is_ok()
+            }
+        })
+        .await;
+        shutdown.cancel();
+        assert_eq!(running.await.unwrap().unwrap().succeeded, 1);
+        let m = rotated
+            .get_last_raw_message_by_subject(&subject)
+            .await
+            .unwrap();
+        let n: keywave_common::detect::RotatedNotice = serde_json::from_slice(&m.payload).unwrap();
+        let new = store.get("d1").await.unwrap().unwrap().current.unwrap();
+        assert_eq!(n.detect_fp, key.fingerprint_secret(&new.secret));
+        assert_eq!(n.previous_detect_fp, Some(key.fingerprint_secret(&old)));
     }
 
     #[test]

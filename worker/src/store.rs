@@ -438,7 +438,6 @@ mod tests {
             store.get("a.b").await.unwrap_err(),
             StoreError::InvalidId(_)
         ));
-        b.cleanup().await;
     }
 
     #[test]

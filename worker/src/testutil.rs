@@ -1,19 +1,21 @@
-//! Helpers for the crate's tests against the local NATS server: unique
-//! regions and buckets, cleaned up afterwards.
+//! Helpers for the crate's tests: a private `nats-server` per test (started
+//! by the `keywave-tests` harness on a random port, killed with its store
+//! when the guard drops), unique regions, and a secret-store bucket on it.
 
 use crate::store::SecretStore;
 use async_nats::jetstream::{self, kv};
 use keywave_common::crypto::RegionKey;
 use keywave_common::topology;
+use keywave_tests::NatsServer;
 use std::future::Future;
 use std::time::Duration;
 
-pub const NATS_URL: &str = "nats://127.0.0.1:4222";
-
-pub async fn connect() -> async_nats::Client {
-    async_nats::connect(NATS_URL)
-        .await
-        .expect("these tests need nats-server with JetStream on 127.0.0.1:4222")
+/// Starts a private JetStream server and connects to it. Keep the server
+/// alive as long as the client is used: dropping it kills the process.
+pub async fn nats() -> (NatsServer, async_nats::Client) {
+    let server = NatsServer::start();
+    let client = server.client().await;
+    (server, client)
 }
 
 /// A region name no other test uses.
@@ -21,8 +23,10 @@ pub fn unique_region() -> String {
     keywave_common::ids::random_id("t")
 }
 
-/// A secret-store bucket of a unique region, deleted by [`TestBucket::cleanup`].
+/// A secret-store bucket of a unique region on a private server.
 pub struct TestBucket {
+    /// The server the bucket lives on (killed, store and all, on drop).
+    pub server: NatsServer,
     pub js: jetstream::Context,
     pub kv: kv::Store,
     pub store: SecretStore,
@@ -31,7 +35,8 @@ pub struct TestBucket {
 
 impl TestBucket {
     pub async fn new() -> Self {
-        let js = topology::context(connect().await);
+        let (server, client) = nats().await;
+        let js = topology::context(client.clone());
         let region = unique_region();
         // `create_key_value` does not work against nats-server 2.9.
         let bucket = topology::kv_secrets(&region);
@@ -46,18 +51,12 @@ impl TestBucket {
         let kv = js.get_key_value(&bucket).await.unwrap();
         let store = SecretStore::from_kv(kv.clone(), &region, RegionKey::generate());
         TestBucket {
+            server,
             js,
             kv,
             store,
             region,
         }
-    }
-
-    pub async fn cleanup(self) {
-        let _ = self
-            .js
-            .delete_key_value(topology::kv_secrets(&self.region))
-            .await;
     }
 }
 

@@ -26,24 +26,80 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
+/// Lease ttl (a duration such as `15s`): how long a standby waits for a dead
+/// coordinator's lease to expire.
+const ENV_LEASE_TTL: &str = "KEYWAVE_LEASE_TTL";
+/// How often the active coordinator renews its lease (at most half the ttl).
+const ENV_LEASE_RENEW: &str = "KEYWAVE_LEASE_RENEW";
+
+/// Lease timings and fault injection from the environment.
+fn from_env(opts: &mut keywave_coordinator::CoordinatorOptions) -> Result<(), String> {
+    use keywave_coordinator::cli::parse_duration;
+    if let Ok(v) = std::env::var(ENV_LEASE_TTL) {
+        opts.lease.ttl = parse_duration(&v).map_err(|e| format!("{ENV_LEASE_TTL}: {e}"))?;
+        opts.lease.renew_every = opts.lease.ttl / 3;
+    }
+    if let Ok(v) = std::env::var(ENV_LEASE_RENEW) {
+        opts.lease.renew_every =
+            parse_duration(&v).map_err(|e| format!("{ENV_LEASE_RENEW}: {e}"))?;
+    }
+    opts.lease
+        .validate()
+        .map_err(|(field, message)| format!("{field}: {message}"))?;
+    opts.faults =
+        keywave_coordinator::engine::fault::Faults::from_env().map_err(|e| e.to_string())?;
+    if opts.faults.crash.is_some() {
+        tracing::warn!(faults = ?opts.faults, "Fault injection is ON");
+    }
+    Ok(())
+}
+
 async fn run(args: DaemonArgs) -> anyhow::Result<()> {
-    let opts = match args.to_options() {
+    let mut opts = match args.to_options() {
         Ok(o) => o,
         Err(e) => {
             eprintln!("error: {e}");
             std::process::exit(2);
         }
     };
-    let client = async_nats::ConnectOptions::new()
-        .name(format!("keywave-coordinator {}", opts.coordinator_id))
-        .retry_on_initial_connect()
-        .connect(&args.nats)
-        .await
-        .with_context(|| format!("connecting to NATS at {}", args.nats))?;
-    let coordinator = Coordinator::start(client, opts).await?;
+    if let Err(e) = from_env(&mut opts) {
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    }
+    // Detection intake (`--detections`, default on): see keywave_coordinator::detect.
+    let detect = match args
+        .detect
+        .to_options(opts.topology.clone(), |k| std::env::var(k).ok())
+    {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
+    let client = keywave_common::nats::connect_with(
+        &args.nats,
+        keywave_common::nats::options(format!("keywave-coordinator {}", opts.coordinator_id))
+            .retry_on_initial_connect(),
+    )
+    .await
+    .with_context(|| format!("connecting to NATS at {}", args.nats))?;
+    let coordinator = Coordinator::start(client.clone(), opts).await?;
     let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone()));
-    coordinator.run(shutdown).await?;
+    let detector = match detect {
+        Some(d) => Some(tokio::spawn(
+            keywave_coordinator::detect::Detector::start(client, d)
+                .await?
+                .run(shutdown.clone()),
+        )),
+        None => None,
+    };
+    coordinator.run(shutdown.clone()).await?;
+    if let Some(d) = detector {
+        shutdown.cancel();
+        d.await??;
+    }
     Ok(())
 }
 

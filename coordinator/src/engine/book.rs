@@ -247,9 +247,12 @@ impl Book {
         tally.finished_at_ms = Some(now_ms);
         ws.finished_at_ms = Some(now_ms);
         ws.no_result = ws.size - tally.seen.count();
+        // Failed results of that class (poison tasks dead-lettered by the
+        // coordinator) plus the indexes that never got a result.
         let key = ErrorClass::NoResult.as_str().to_string();
-        if ws.no_result > 0 {
-            ws.failures.insert(key, ws.no_result);
+        let total = ws.failures.get(&key).copied().unwrap_or(0) + ws.no_result;
+        if total > 0 {
+            ws.failures.insert(key, total);
         } else {
             ws.failures.remove(&key);
         }

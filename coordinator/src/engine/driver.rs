@@ -9,10 +9,12 @@ use super::{
     book::{Applied, Book},
     decide::decide,
     events,
+    fault::{Crash, CrashPoint},
     plan::{PlanError, PlanReader},
     snapshot_key, ControlAction, Engine, Handle, DEADLINE_GRACE, TASK_ACK_WINDOW,
 };
-use async_nats::jetstream::consumer::{pull, DeliverPolicy, ReplayPolicy};
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, ReplayPolicy};
+use async_nats::jetstream::kv;
 use futures::StreamExt;
 use keywave_common::{
     codec::{self, Format},
@@ -42,10 +44,34 @@ enum DriveError {
     Save(String),
     #[error("coordinator shutting down")]
     Shutdown,
+    /// This coordinator lost its lease (or somebody else wrote the
+    /// snapshot): stop at once, publish and save nothing.
+    #[error("fenced: {0}")]
+    Fenced(String),
+    /// The lease cannot be checked right now: retried.
+    #[error("cannot check the coordinator lease: {0}")]
+    Lease(String),
+    #[error(transparent)]
+    Crashed(#[from] Crash),
 }
 
-/// A results consumer that delivered nothing for this long is replaced.
-const RESULTS_IDLE: Duration = Duration::from_secs(30);
+impl From<crate::lease::LeaseError> for DriveError {
+    fn from(e: crate::lease::LeaseError) -> Self {
+        match e {
+            crate::lease::LeaseError::Unavailable(d) => DriveError::Lease(d),
+            other => DriveError::Fenced(other.to_string()),
+        }
+    }
+}
+
+/// A results consumer that delivered nothing for this long is replaced
+/// (from the message after the last one applied, so nothing is counted
+/// twice). Ordered consumers can stall without an error when the stream's
+/// leader moves (a cluster node lost); well under any task timeout, so a
+/// stalled consumer never turns a wave's results into `no_result`.
+const RESULTS_IDLE: Duration = Duration::from_secs(5);
+/// Longest wait before a failed driver step is tried again.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 
 /// What woke a waiting driver.
 enum Wake {
@@ -76,20 +102,34 @@ pub(super) async fn run(engine: Arc<Engine>, h: Arc<Handle>) {
     loop {
         match d.drive().await {
             Ok(()) | Err(DriveError::Shutdown) => break,
+            Err(DriveError::Fenced(why)) => {
+                warn!(campaign = %d.h.cid, reason = %why, "Campaign driver fenced: another coordinator drives it now");
+                d.engine.halted.cancel();
+                break;
+            }
+            Err(DriveError::Crashed(c)) => {
+                warn!(campaign = %d.h.cid, error = %c, "Campaign driver crashed (fault injection)");
+                d.engine.halted.cancel();
+                d.engine.crashed.cancel();
+                break;
+            }
             Err(e) => {
                 warn!(campaign = %d.h.cid, error = %e, retry_in = ?backoff, "Campaign driver failed; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = d.h.stop.cancelled() => break,
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                backoff = (backoff * 2).min(MAX_RETRY_DELAY);
             }
         }
     }
     d.h.stop.cancel();
     let _ = aggregator.await;
-    if let Err(e) = d.save().await {
-        warn!(campaign = %d.h.cid, error = %e, "Could not save the final campaign snapshot");
+    // A fenced or killed coordinator saves nothing.
+    if !d.engine.halted.is_cancelled() {
+        if let Err(e) = d.save().await {
+            warn!(campaign = %d.h.cid, error = %e, "Could not save the final campaign snapshot");
+        }
     }
     if d.state().is_terminal() {
         d.engine.forget(&d.h.cid);
@@ -120,18 +160,46 @@ impl Driver {
         self.book().status.state
     }
 
+    /// Saves the snapshot: a compare-and-set on the revision this driver
+    /// last read or wrote, so a coordinator that lost its lease can never
+    /// overwrite what the new one saved.
     async fn save(&self) -> Result<(), DriveError> {
+        if self.engine.halted.is_cancelled() {
+            return Err(DriveError::Fenced("the coordinator is halted".into()));
+        }
         let body = {
             let b = self.book();
             self.h.dirty.store(false, Ordering::Relaxed);
             serde_json::to_vec(&b.status).map_err(|e| DriveError::Save(e.to_string()))?
         };
-        self.engine
+        let expected = self.h.snapshot_rev.load(Ordering::SeqCst);
+        match self
+            .engine
             .campaigns
-            .put(snapshot_key(self.cid()), body.into())
+            .update(snapshot_key(self.cid()), body.into(), expected)
             .await
-            .map_err(|e| DriveError::Save(e.to_string()))?;
-        Ok(())
+        {
+            Ok(rev) => {
+                self.h.snapshot_rev.store(rev, Ordering::SeqCst);
+                Ok(())
+            }
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                self.engine.halted.cancel();
+                Err(DriveError::Fenced(format!(
+                    "the snapshot of {} was written by somebody else",
+                    self.cid()
+                )))
+            }
+            Err(e) => {
+                self.h.dirty.store(true, Ordering::Relaxed);
+                Err(DriveError::Save(e.to_string()))
+            }
+        }
+    }
+
+    /// The lease fence: before publishing a wave, deciding or changing state.
+    async fn fence(&self) -> Result<(), DriveError> {
+        self.engine.fence().await.map_err(DriveError::from)
     }
 
     async fn save_if_dirty(&self) -> Result<(), DriveError> {
@@ -142,6 +210,9 @@ impl Driver {
     }
 
     async fn event(&self, kind: EventKind) -> Result<(), DriveError> {
+        if self.engine.halted.is_cancelled() {
+            return Err(DriveError::Fenced("the coordinator is halted".into()));
+        }
         events::publish(&self.engine.js, self.cid(), kind).await?;
         Ok(())
     }
@@ -149,6 +220,7 @@ impl Driver {
     /// Moves to `state` with `reason`: event first (so a failed publish
     /// changes nothing), then memory and snapshot.
     async fn transition(&self, state: CampaignState, reason: String) -> Result<(), DriveError> {
+        self.fence().await?;
         if self.state() != state {
             self.event(EventKind::StateChanged {
                 state,
@@ -337,9 +409,14 @@ impl Driver {
         let started_at = if published {
             started_at.unwrap_or_else(now_ms)
         } else {
+            self.fence().await?;
             let started_at = match started_at {
                 Some(t) => t,
                 None => {
+                    self.engine
+                        .opts
+                        .faults
+                        .hit(CrashPoint::BetweenWaves { wave: w })?;
                     self.event(EventKind::WaveStarted { wave: w, size }).await?;
                     let t = now_ms();
                     self.book().status.waves[w as usize].started_at_ms = Some(t);
@@ -391,6 +468,8 @@ impl Driver {
         let mut pos = offset;
         let cid = self.h.cid.clone();
         let js = self.engine.js.clone();
+        let faults = self.engine.opts.faults;
+        let mut sent = 0u64;
         while pos < end {
             self.poll_control().await?;
             match self.state() {
@@ -409,6 +488,7 @@ impl Driver {
             if self.h.stop.is_cancelled() {
                 return Err(DriveError::Shutdown);
             }
+            self.fence().await?;
             let (chunk, range) = self.plan.slice_at(pos, end).await?;
             for e in &chunk[range] {
                 let index = pos - offset;
@@ -443,6 +523,16 @@ impl Driver {
                 )
                 .await?;
                 window.push(ack).await?;
+                sent += 1;
+                if action == TaskAction::Rotate {
+                    if let Err(c) = faults.hit(CrashPoint::MidPublish {
+                        wave: w,
+                        after: sent,
+                    }) {
+                        window.drain().await?;
+                        return Err(c.into());
+                    }
+                }
             }
         }
         window.drain().await?;
@@ -453,6 +543,7 @@ impl Driver {
 
     /// Closes wave `w`, publishes its result and decision, and moves on.
     async fn finish_wave(&mut self, w: u32) -> Result<(), DriveError> {
+        self.fence().await?;
         let (ws, is_last) = {
             let mut b = self.book();
             b.finalize_wave(w, now_ms());
@@ -530,6 +621,7 @@ impl Driver {
         let Some(targets) = targets else {
             return Ok(());
         };
+        self.fence().await?;
         self.event(EventKind::RollbackStarted { wave: w, tasks })
             .await?;
         self.save().await?;
@@ -540,6 +632,10 @@ impl Driver {
         {
             return Ok(());
         }
+        self.engine
+            .opts
+            .faults
+            .hit(CrashPoint::Rollback { wave: w })?;
         let deadline = now_ms() + self.spec.task_timeout_ms + DEADLINE_GRACE.as_millis() as u64;
         loop {
             if self.state().is_terminal() {
@@ -580,27 +676,32 @@ impl Driver {
     }
 }
 
-/// Replays and follows the campaign's results into its book: one ordered
-/// consumer on `KEYWAVE_RESULTS` filtered to the campaign, from the first
-/// message. Should the consumer fail for good, a new one starts after the
-/// last applied message, so nothing is counted twice.
+/// Replays and follows the campaign's results into its book: one durable
+/// pull consumer per campaign and term on `KEYWAVE_RESULTS`, filtered to the
+/// campaign, from the first message. Durable rather than ordered: it lives
+/// in the stream's replicas, so losing a cluster node moves it to another
+/// node instead of requiring a new consumer (which a cluster that just lost a
+/// node may not manage to create for a while). Results are acked once
+/// applied; a redelivered one is a duplicate the book ignores.
 async fn aggregate(engine: Arc<Engine>, h: Arc<Handle>) {
     let filter = subjects::result_campaign_filter(&h.cid);
-    let mut next_seq: Option<u64> = None;
+    let name = format!("results-{}-{}", h.cid, engine.term);
     loop {
-        let deliver_policy = match next_seq {
-            None => DeliverPolicy::All,
-            Some(start_sequence) => DeliverPolicy::ByStartSequence { start_sequence },
-        };
         let created = tokio::select! {
-            c = engine.results.create_consumer(pull::OrderedConfig {
+            c = engine.results.get_or_create_consumer(&name, pull::Config {
+                durable_name: Some(name.clone()),
                 description: Some(format!("keywave coordinator results of {}", h.cid)),
                 filter_subject: filter.clone(),
-                deliver_policy,
+                deliver_policy: DeliverPolicy::All,
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                max_ack_pending: 50_000,
                 replay_policy: ReplayPolicy::Instant,
+                // Left behind by a coordinator that died: removed by the server.
+                inactive_threshold: Duration::from_secs(600),
                 ..Default::default()
             }) => c,
-            _ = h.stop.cancelled() => return,
+            _ = h.stop.cancelled() => break,
         };
         let consumer = match created {
             Ok(c) => c,
@@ -608,11 +709,11 @@ async fn aggregate(engine: Arc<Engine>, h: Arc<Handle>) {
                 warn!(campaign = %h.cid, error = %e, "Cannot create the results consumer; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    _ = h.stop.cancelled() => return,
+                    _ = h.stop.cancelled() => break,
                 }
             }
         };
-        if consumer.cached_info().num_pending == 0 {
+        if consumer.cached_info().num_pending == 0 && consumer.cached_info().num_ack_pending == 0 {
             h.caught_up.send_replace(true);
             h.progress.notify_one();
         }
@@ -622,25 +723,22 @@ async fn aggregate(engine: Arc<Engine>, h: Arc<Handle>) {
                 warn!(campaign = %h.cid, error = %e, "Cannot read results; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    _ = h.stop.cancelled() => return,
+                    _ = h.stop.cancelled() => break,
                 }
             }
         };
         loop {
             let next = tokio::select! {
                 m = tokio::time::timeout(RESULTS_IDLE, messages.next()) => m,
-                _ = h.stop.cancelled() => return,
+                _ = h.stop.cancelled() => break,
             };
             let msg = match next {
-                // Quiet for a while: re-create the consumer anyway, in case
-                // it stalled without reporting an error.
+                // Quiet for a while: pull afresh anyway, in case the stream
+                // stalled without reporting an error.
                 Err(_) => break,
                 Ok(None) => break,
                 Ok(Some(Err(e))) => {
-                    // E.g. "consumer not found" after a server restart: the
-                    // ordered stream does not always recover by itself, so
-                    // start a new consumer after the last applied message.
-                    warn!(campaign = %h.cid, error = %e, resume_at = ?next_seq, "Results consumer failed; re-creating it");
+                    warn!(campaign = %h.cid, error = %e, "Results consumer failed; pulling again");
                     break;
                 }
                 Ok(Some(Ok(m))) => m,
@@ -648,7 +746,6 @@ async fn aggregate(engine: Arc<Engine>, h: Arc<Handle>) {
             let Ok(info) = msg.info() else { continue };
             let (pending, seq) = (info.pending, info.stream_sequence);
             let published_ms = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
-            next_seq = Some(seq + 1);
             match codec::decode::<RotationResult>(msg.headers.as_ref(), &msg.payload) {
                 Ok(r) if r.campaign_id == h.cid => {
                     let (applied, completes) = {
@@ -668,14 +765,27 @@ async fn aggregate(engine: Arc<Engine>, h: Arc<Handle>) {
                     debug!(campaign = %h.cid, seq, error = %e, "Ignoring undecodable result");
                 }
             }
+            if let Err(e) = msg.ack().await {
+                debug!(campaign = %h.cid, seq, error = %e, "Could not ack a result; it comes again");
+            }
             if pending == 0 && !*h.caught_up.borrow() {
                 h.caught_up.send_replace(true);
                 h.progress.notify_one();
             }
         }
+        if h.stop.is_cancelled() {
+            break;
+        }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            _ = h.stop.cancelled() => return,
+            _ = h.stop.cancelled() => break,
+        }
+    }
+    // A coordinator that is killed or fenced leaves it to the server's
+    // inactivity threshold, as a dead process would.
+    if !engine.halted.is_cancelled() {
+        if let Err(e) = engine.results.delete_consumer(&name).await {
+            debug!(campaign = %h.cid, error = %e, "Could not delete the results consumer");
         }
     }
 }

@@ -12,14 +12,26 @@
 //! drives the campaign whichever coordinator answered it).
 //!
 //! Waves are numbered from 0 (wave 0 is the canary).
+//!
+//! Only the holder of the coordinator lease (see [`crate::lease`]) acts: it
+//! serves the API, drives the campaigns and handles poison tasks, for one
+//! *term*. A standby polls the lease and starts a term when it gets it. A term
+//! ends on shutdown (snapshots saved, lease released: the handover), when the
+//! lease is lost (nothing saved: somebody else drives now), or when the
+//! coordinator is killed (in tests, [`Coordinator::kill_switch`]).
+//! Snapshots are written with compare-and-set on their revision, so even a
+//! stale holder that missed the loss of its lease cannot overwrite them.
 
 pub mod book;
 pub mod decide;
 mod driver;
 pub mod events;
+pub mod fault;
 pub mod plan;
+mod poison;
 
 use crate::inventory;
+use crate::lease::{self, Lease};
 use async_nats::jetstream::{self, kv, Context};
 use book::Book;
 use futures::StreamExt;
@@ -32,7 +44,7 @@ use keywave_common::{
 use plan::{PlanEntry, PlanManifest};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use thiserror::Error;
@@ -65,6 +77,10 @@ pub struct CoordinatorOptions {
     /// How often a campaign's progress snapshot is saved while results flow
     /// (state changes are saved at once). Default 1s.
     pub progress_interval: Duration,
+    /// Lease timings: how fast a standby takes over from a dead coordinator.
+    pub lease: lease::Config,
+    /// Fault injection (none by default).
+    pub faults: fault::Faults,
 }
 
 impl Default for CoordinatorOptions {
@@ -73,6 +89,8 @@ impl Default for CoordinatorOptions {
             topology: topology::Config::default(),
             coordinator_id: ids::random_id("coordinator"),
             progress_interval: Duration::from_secs(1),
+            lease: lease::Config::default(),
+            faults: fault::Faults::none(),
         }
     }
 }
@@ -165,13 +183,22 @@ pub(crate) struct Handle {
     /// Cancelled when the campaign's driver ends (or the coordinator stops).
     pub stop: CancellationToken,
     pub manifest: PlanManifest,
+    /// KV revision of the last snapshot written or read: the next save is a
+    /// compare-and-set on it.
+    pub snapshot_rev: AtomicU64,
 }
 
 impl Handle {
-    fn new(status: CampaignStatus, manifest: PlanManifest, stop: CancellationToken) -> Self {
+    fn new(
+        status: CampaignStatus,
+        revision: u64,
+        manifest: PlanManifest,
+        stop: CancellationToken,
+    ) -> Self {
         let (control, control_rx) = watch::channel(None);
         let state = status.state;
         Handle {
+            snapshot_rev: AtomicU64::new(revision),
             cid: status.campaign_id.clone(),
             book: Mutex::new(Book::new(status)),
             dirty: AtomicBool::new(false),
@@ -198,7 +225,24 @@ impl Handle {
     }
 }
 
-/// Shared by the API server, the drivers and the control watcher.
+/// What every term of a coordinator shares.
+#[derive(Clone)]
+struct Shared {
+    client: async_nats::Client,
+    js: Context,
+    opts: CoordinatorOptions,
+    inventory: kv::Store,
+    campaigns: kv::Store,
+    results: jetstream::stream::Stream,
+    tasks: jetstream::stream::Stream,
+    advisories: jetstream::stream::Stream,
+    leases: kv::Store,
+    /// Random per process, recorded in the lease.
+    instance: String,
+}
+
+/// One term of an active coordinator, shared by the API server, the drivers,
+/// the control watcher and the poison handler.
 pub(crate) struct Engine {
     pub client: async_nats::Client,
     pub js: Context,
@@ -206,23 +250,44 @@ pub(crate) struct Engine {
     pub inventory: kv::Store,
     pub campaigns: kv::Store,
     pub results: jetstream::stream::Stream,
+    pub tasks: jetstream::stream::Stream,
+    pub advisories: jetstream::stream::Stream,
     registry: Mutex<HashMap<String, Arc<Handle>>>,
     pub tracker: TaskTracker,
+    /// Stops the drivers (they save their snapshots unless `halted`).
     pub stop: CancellationToken,
+    pub lease: Arc<Lease>,
+    /// Cancelled once this coordinator may not act any more (lease lost, a
+    /// snapshot written by somebody else, killed): drivers stop without
+    /// publishing or saving anything.
+    pub halted: CancellationToken,
+    /// Cancelled by an injected crash: the coordinator stops as if killed.
+    pub crashed: CancellationToken,
+    /// Random per term: names the term's consumers.
+    pub term: String,
+}
+
+/// Why a term ended.
+enum TermEnd {
+    Shutdown,
+    Killed,
+    Lost,
+    Failed(CoordinatorError),
 }
 
 /// A keywave coordinator. See the module documentation.
 pub struct Coordinator {
-    engine: Arc<Engine>,
-    /// The API subscription, made in [`Coordinator::start`] so that requests
-    /// sent once `start` returned wait for [`Coordinator::run`] instead of
-    /// finding no responder.
-    api: async_nats::Subscriber,
+    shared: Shared,
+    /// The lease and API subscription taken in [`Coordinator::start`] when the
+    /// lease was free, so that requests sent once `start` returned wait for
+    /// [`Coordinator::run`] instead of finding no responder.
+    first: Option<(Lease, async_nats::Subscriber)>,
+    kill: CancellationToken,
 }
 
 impl Coordinator {
     /// Connects the coordinator to JetStream, creating streams and buckets
-    /// that do not exist yet.
+    /// that do not exist yet, and takes the lease if it is free.
     pub async fn start(
         client: async_nats::Client,
         opts: CoordinatorOptions,
@@ -239,56 +304,220 @@ impl Coordinator {
                 message: "must be positive".into(),
             });
         }
+        if let Err((field, message)) = opts.lease.validate() {
+            return Err(CoordinatorError::Options { field, message });
+        }
         let js = topology::context(client.clone());
         topology::ensure_core(&js, &opts.topology).await?;
         let inventory = topology::inventory(&js, &opts.topology).await?;
         let campaigns = topology::campaigns(&js, &opts.topology).await?;
-        let results = js
-            .get_stream(topology::STREAM_RESULTS)
-            .await
-            .map_err(|e| TopologyError {
-                what: format!("stream {}", topology::STREAM_RESULTS),
-                detail: e.to_string(),
-            })?;
-        let api = crate::api::subscribe(&client).await?;
+        let leases = topology::leases(&js, &opts.topology).await?;
+        let stream = |name: &'static str| {
+            let js = js.clone();
+            async move {
+                js.get_stream(name).await.map_err(|e| TopologyError {
+                    what: format!("stream {name}"),
+                    detail: e.to_string(),
+                })
+            }
+        };
+        let results = stream(topology::STREAM_RESULTS).await?;
+        let tasks = stream(topology::STREAM_TASKS).await?;
+        let advisories = stream(topology::STREAM_ADVISORIES).await?;
+        let shared = Shared {
+            client: client.clone(),
+            js,
+            instance: ids::random_id("instance"),
+            opts,
+            inventory,
+            campaigns,
+            results,
+            tasks,
+            advisories,
+            leases,
+        };
+        let first = match Lease::try_acquire(
+            &shared.leases,
+            shared.opts.lease,
+            &shared.opts.coordinator_id,
+            &shared.instance,
+        )
+        .await
+        {
+            Ok(Some(lease)) => match crate::api::subscribe(&client).await {
+                Ok(api) => Some((lease, api)),
+                Err(e) => {
+                    lease.release().await;
+                    return Err(e);
+                }
+            },
+            Ok(None) => None,
+            Err(e) => {
+                warn!(error = %e, "Cannot read the coordinator lease yet; run() keeps trying");
+                None
+            }
+        };
         Ok(Coordinator {
-            api,
-            engine: Arc::new(Engine {
-                client,
-                js,
-                opts,
-                inventory,
-                campaigns,
-                results,
-                registry: Mutex::new(HashMap::new()),
-                tracker: TaskTracker::new(),
-                stop: CancellationToken::new(),
-            }),
+            shared,
+            first,
+            kill: CancellationToken::new(),
         })
     }
 
     /// This coordinator's id.
     pub fn id(&self) -> &str {
-        &self.engine.opts.coordinator_id
+        &self.shared.opts.coordinator_id
     }
 
-    /// Resumes every unfinished campaign, then serves the API until
-    /// `shutdown` is cancelled; drivers then save their snapshots (waiting at
-    /// most [`SHUTDOWN_GRACE`]). Campaigns stay where they are and are resumed
-    /// by the next coordinator.
+    /// Whether [`Coordinator::start`] got the lease (it is active from the
+    /// start rather than standing by).
+    pub fn is_active(&self) -> bool {
+        self.first.is_some()
+    }
+
+    /// A token that, when cancelled, stops this coordinator as a killed
+    /// process would: nothing more is published or saved and the lease is
+    /// not released (another coordinator takes over once it expires). For
+    /// tests of crashes and fail-over.
+    pub fn kill_switch(&self) -> CancellationToken {
+        self.kill.clone()
+    }
+
+    /// Waits for the lease, then resumes every unfinished campaign and serves
+    /// the API until `shutdown` is cancelled (drivers then save their
+    /// snapshots, waiting at most [`SHUTDOWN_GRACE`], and the lease is
+    /// released so a standby takes over at once). Losing the lease ends the
+    /// term and this coordinator stands by again.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), CoordinatorError> {
-        let Coordinator { engine, api } = self;
-        info!(coordinator = %engine.opts.coordinator_id, "Coordinator starting");
-        let result = async {
-            let watcher = control_watch(engine.clone()).await?;
-            engine.resume_all().await?;
-            engine.tracker.spawn(watcher);
-            crate::api::serve(engine.clone(), api, shutdown.clone()).await
+        let Coordinator {
+            shared,
+            mut first,
+            kill,
+        } = self;
+        let id = shared.opts.coordinator_id.clone();
+        info!(coordinator = %id, "Coordinator starting");
+        loop {
+            let (lease, api) = match first.take() {
+                Some(x) => x,
+                None => {
+                    let acquiring = Lease::acquire(
+                        &shared.leases,
+                        shared.opts.lease,
+                        &id,
+                        &shared.instance,
+                        &kill,
+                    );
+                    let lease = tokio::select! {
+                        l = acquiring => l,
+                        _ = shutdown.cancelled() => None,
+                    };
+                    let Some(lease) = lease else {
+                        info!(coordinator = %id, "Coordinator stopped while standing by");
+                        return Ok(());
+                    };
+                    match crate::api::subscribe(&shared.client).await {
+                        Ok(api) => (lease, api),
+                        Err(e) => {
+                            lease.release().await;
+                            return Err(e);
+                        }
+                    }
+                }
+            };
+            let engine = Arc::new(Engine::new(&shared, Arc::new(lease)));
+            match engine.clone().term(api, &shutdown, &kill).await {
+                TermEnd::Shutdown => {
+                    engine.lease.release().await;
+                    info!(coordinator = %id, "Coordinator stopped");
+                    return Ok(());
+                }
+                TermEnd::Killed => {
+                    warn!(coordinator = %id, "Coordinator killed");
+                    return Ok(());
+                }
+                TermEnd::Lost => {
+                    warn!(coordinator = %id, "Lease lost: standing by");
+                }
+                TermEnd::Failed(e) => {
+                    engine.lease.release().await;
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+impl Engine {
+    fn new(shared: &Shared, lease: Arc<Lease>) -> Engine {
+        Engine {
+            client: shared.client.clone(),
+            js: shared.js.clone(),
+            opts: shared.opts.clone(),
+            inventory: shared.inventory.clone(),
+            campaigns: shared.campaigns.clone(),
+            results: shared.results.clone(),
+            tasks: shared.tasks.clone(),
+            advisories: shared.advisories.clone(),
+            registry: Mutex::new(HashMap::new()),
+            tracker: TaskTracker::new(),
+            stop: CancellationToken::new(),
+            lease,
+            halted: CancellationToken::new(),
+            crashed: CancellationToken::new(),
+            term: format!("{:08x}", rand::random::<u32>()),
+        }
+    }
+
+    /// One term as the active coordinator.
+    async fn term(
+        self: Arc<Self>,
+        api: async_nats::Subscriber,
+        shutdown: &CancellationToken,
+        kill: &CancellationToken,
+    ) -> TermEnd {
+        info!(coordinator = %self.opts.coordinator_id, lease_revision = self.lease.revision(), "Active: driving campaigns");
+        let keep = {
+            let (lease, stop) = (self.lease.clone(), self.stop.clone());
+            tokio::spawn(async move { lease.keep(&stop).await })
+        };
+        let api_stop = CancellationToken::new();
+        let started = async {
+            let watcher = control_watch(self.clone()).await?;
+            self.resume_all().await?;
+            self.tracker.spawn(watcher);
+            self.tracker.spawn(poison::run(self.clone()));
+            Ok::<(), CoordinatorError>(())
         }
         .await;
-        engine.stop.cancel();
-        engine.tracker.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, engine.tracker.wait())
+        // Boxed so that it can be dropped (the API subscription with it)
+        // before the drivers are waited for.
+        let mut serving = Box::pin(crate::api::serve(self.clone(), api, api_stop.clone()));
+        let end = match started {
+            Err(e) => TermEnd::Failed(e),
+            Ok(()) => tokio::select! {
+                r = &mut serving => match r {
+                    Ok(()) => TermEnd::Shutdown,
+                    Err(e) => TermEnd::Failed(e),
+                },
+                _ = shutdown.cancelled() => TermEnd::Shutdown,
+                _ = kill.cancelled() => TermEnd::Killed,
+                _ = self.crashed.cancelled() => TermEnd::Killed,
+                _ = self.lease.lost().cancelled() => TermEnd::Lost,
+                _ = self.halted.cancelled() => TermEnd::Lost,
+            },
+        };
+        match end {
+            TermEnd::Shutdown | TermEnd::Failed(_) => {
+                api_stop.cancel();
+                let _ = tokio::time::timeout(CONTROL_WAIT, &mut serving).await;
+            }
+            // As a dead or fenced process: act no more, save nothing.
+            TermEnd::Killed | TermEnd::Lost => self.halted.cancel(),
+        }
+        drop(serving);
+        self.stop.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait())
             .await
             .is_err()
         {
@@ -297,8 +526,24 @@ impl Coordinator {
                 "Shutdown grace period ran out before every campaign saved its snapshot; the next coordinator replays their results"
             );
         }
-        info!(coordinator = %engine.opts.coordinator_id, "Coordinator stopped");
-        result
+        keep.abort();
+        end
+    }
+
+    /// The fence, before anything is published or decided: fails once this
+    /// coordinator may not act any more.
+    pub(crate) async fn fence(&self) -> Result<(), lease::LeaseError> {
+        if self.halted.is_cancelled() {
+            return Err(lease::LeaseError::Expired);
+        }
+        match self.lease.check().await {
+            Ok(()) => Ok(()),
+            Err(e @ lease::LeaseError::Unavailable(_)) => Err(e),
+            Err(e) => {
+                self.halted.cancel();
+                Err(e)
+            }
+        }
     }
 }
 
@@ -384,11 +629,17 @@ impl Engine {
     fn spawn_driver(
         self: &Arc<Self>,
         status: CampaignStatus,
+        revision: u64,
         manifest: PlanManifest,
         pending: Option<ControlAction>,
     ) {
         let cid = status.campaign_id.clone();
-        let handle = Arc::new(Handle::new(status, manifest, self.stop.child_token()));
+        let handle = Arc::new(Handle::new(
+            status,
+            revision,
+            manifest,
+            self.stop.child_token(),
+        ));
         if pending.is_some() {
             handle.control.send_replace(pending);
         }
@@ -446,7 +697,7 @@ impl Engine {
                 .filter(|(_, rev)| *rev > revision)
                 .map(|(rec, _)| rec.action);
             info!(campaign = %cid, state = %status.state, wave = status.current_wave, "Resuming campaign");
-            self.spawn_driver(status, manifest, pending);
+            self.spawn_driver(status, revision, manifest, pending);
         }
         Ok(())
     }
@@ -546,8 +797,9 @@ impl Engine {
         .await
         .map_err(internal)?;
         let body = serde_json::to_vec(&status).map_err(internal)?;
-        if let Err(e) = self.campaigns.create(snapshot_key(&cid), body.into()).await {
-            if e.kind() == kv::CreateErrorKind::AlreadyExists {
+        let revision = match self.campaigns.create(snapshot_key(&cid), body.into()).await {
+            Ok(r) => r,
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
                 // A concurrent start with the same id won the race.
                 return match self.load_status(&cid).await? {
                     Some(s) if s.spec == spec => Ok(cid),
@@ -556,8 +808,8 @@ impl Engine {
                     ))),
                 };
             }
-            return Err(internal(e));
-        }
+            Err(e) => return Err(internal(e)),
+        };
         if let Err(e) = events::publish(
             &self.js,
             &cid,
@@ -571,7 +823,7 @@ impl Engine {
             warn!(campaign = %cid, error = %e, "Could not publish the campaign's first state event");
         }
         info!(campaign = %cid, total, waves = sizes.len(), strategy = %spec.strategy, "Campaign started");
-        self.spawn_driver(status, manifest, None);
+        self.spawn_driver(status, revision, manifest, None);
         Ok(cid)
     }
 

@@ -15,16 +15,12 @@ use std::time::Duration;
 
 const TOTAL: usize = 200;
 
-// Known failures (about half of the runs), both seen with nats-server 2.9:
-// - coordinator: after the node dies, every result of the running wave is on
-//   KEYWAVE_RESULTS and the task queue is empty, but the coordinator's results
-//   consumer stops delivering (no warning) and the wave ends as no_result;
-// - worker: while the R3 secret-store bucket elects a new leader (several
-//   seconds), saves fail with "no stream found for given subject"; the
-//   in-task retries give up first and the task is reported failed (class
-//   store) instead of being handed back for redelivery.
-// Run it with `cargo test -p keywave-tests --test it -- --ignored cluster`.
-#[ignore = "coordinator results consumer and worker store retries do not survive a node loss yet"]
+// Losing a node moves stream, bucket and consumer leaders: for a few seconds
+// result publishes and secret-store writes fail with "no stream found". The
+// workers hand such tasks back for a later try (nak with delay) instead of
+// failing them, and the coordinator reads results through a replicated
+// durable consumer, which survives the node loss (a new ordered consumer may
+// not be creatable for a while).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn campaign_on_a_cluster_survives_losing_a_node() {
     support::init_tracing();

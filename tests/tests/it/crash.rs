@@ -38,6 +38,7 @@ async fn worker_stopped_between_set_and_promote_is_resumed_and_rotates_once() {
         Faults {
             crash_after: Some(Step::Set),
             mode: CrashMode::StopWithoutAck,
+            ..Default::default()
         },
     )
     .await;

@@ -45,7 +45,13 @@ async fn poison_tasks_are_dead_lettered_and_the_queue_keeps_moving() {
     let server = NatsServer::start();
     let client = server.client().await;
     let js = topology::context(client.clone());
-    let cfg = support::topology();
+    // Nothing here relies on redelivery: a generous ack wait keeps a CPU-starved
+    // run (2 cores, other tests alongside) from redelivering the good tasks
+    // until they run out of deliveries.
+    let cfg = topology::Config {
+        task_backoff: vec![Duration::from_secs(20)],
+        ..support::topology()
+    };
     topology::ensure_core(&js, &cfg).await.unwrap();
     let (_, kv) = topology::ensure_region(&js, "eu", &cfg).await.unwrap();
     let key = RegionKey::generate();
@@ -111,8 +117,9 @@ async fn poison_tasks_are_dead_lettered_and_the_queue_keeps_moving() {
             region: "eu".into(),
             worker_id: unique("worker-eu"),
             concurrency: 1,
-            topology: support::topology(),
+            topology: cfg.clone(),
             faults: Faults::none(),
+            ..Default::default()
         };
         let w = keywave_worker::Worker::start(client.clone(), opts, key, Arc::new(targets))
             .await

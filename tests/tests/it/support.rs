@@ -144,6 +144,7 @@ pub async fn start_worker_on(
         concurrency: 32,
         topology,
         faults,
+        ..Default::default()
     };
     let worker = Worker::start(client.clone(), opts, key.clone(), targets)
         .await

@@ -6,6 +6,9 @@
 //! Error messages never carry a secret: drivers redact anything the server
 //! echoes back.
 
+pub mod db;
+pub mod mysql;
+pub mod postgres;
 pub mod redis;
 pub mod sim;
 

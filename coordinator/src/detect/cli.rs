@@ -1,0 +1,517 @@
+//! `keywave detect` (publish a detection, report time to contain, list
+//! detections that started nothing) and the `keywave-coordinator` flags of
+//! the detection intake. Raw flags here; validated into [`DetectOptions`]
+//! and [`Detection`] with the bad flag named.
+
+use super::{report, store, DetectOptions, IntakeConfig, WebhookConfig};
+use crate::cli::{parse_duration, UsageError};
+use crate::client::ApiClient;
+use crate::commands::{connect, CommandError};
+use clap::{ArgAction, Args, Subcommand};
+use keywave_common::{
+    detect::{self, CredentialRef, DetectKey, Detection, Severity, Timestamp},
+    ids, topology,
+    wire::{self, SCHEMA_VERSION},
+};
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::PathBuf;
+
+/// Environment variable holding the detection key (hex or base64).
+pub const DETECT_KEY_ENV: &str = "KEYWAVE_DETECT_KEY";
+/// Environment variable naming a file holding the detection key.
+pub const DETECT_KEY_FILE_ENV: &str = "KEYWAVE_DETECT_KEY_FILE";
+/// Environment variable of `--http-listen`.
+pub const HTTP_LISTEN_ENV: &str = "KEYWAVE_HTTP_LISTEN";
+
+fn usage(flag: &str, message: impl Into<String>) -> UsageError {
+    UsageError {
+        flag: flag.to_string(),
+        message: message.into(),
+    }
+}
+
+/// `keywave detect`: report a leak, or inspect what detections did.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct DetectArgs {
+    #[command(subcommand)]
+    pub command: Option<DetectCommand>,
+    #[command(flatten)]
+    pub publish: PublishArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DetectCommand {
+    /// Time to contain of a containment campaign, per credential, and the credentials still exposed.
+    #[command(
+        after_help = "Examples:\n  keywave detect report contain-0123456789ab\n  keywave --json detect report contain-0123456789ab | jq .time_to_contain"
+    )]
+    Report {
+        /// The containment campaign id (see `keywave campaign list`).
+        campaign: String,
+    },
+    /// Detections that started nothing: unmatched, unidentified, rejected, already contained.
+    #[command(
+        after_help = "Examples:\n  keywave detect unmatched\n  keywave --json detect unmatched --limit 500"
+    )]
+    Unmatched {
+        /// Most recent records shown.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Print the sha256: fingerprint of a secret read from stdin (what a scanner sends).
+    #[command(after_help = "Example:\n  printf %s \"$LEAKED\" | keywave detect fingerprint")]
+    Fingerprint,
+}
+
+/// Raw flags of a detection published from the CLI.
+#[derive(Debug, Args, Default)]
+pub struct PublishArgs {
+    /// The leaked credential's keywave id.
+    #[arg(long, value_name = "ID", conflicts_with_all = ["principal", "fingerprint"])]
+    pub credential: Option<String>,
+    /// The leaked login (with --endpoint).
+    #[arg(
+        long,
+        value_name = "P",
+        requires = "endpoint",
+        conflicts_with = "fingerprint"
+    )]
+    pub principal: Option<String>,
+    /// The endpoint of --principal, as named in the inventory.
+    #[arg(long, value_name = "E", requires = "principal")]
+    pub endpoint: Option<String>,
+    /// sha256:<hex> of the leaked value (see `keywave detect fingerprint`), or a dfp1: fingerprint.
+    #[arg(long, value_name = "FP")]
+    pub fingerprint: Option<String>,
+    /// Who found it (subject token).
+    #[arg(long, default_value = "cli")]
+    pub source: String,
+    /// The source's id of the finding (de-duplication key); random by default.
+    #[arg(long)]
+    pub source_id: Option<String>,
+    /// low, medium, high or critical.
+    #[arg(long, default_value = "high")]
+    pub severity: String,
+    /// Link to the evidence.
+    #[arg(long, value_name = "URL")]
+    pub evidence_url: Option<String>,
+    /// When the leak was found (RFC 3339); now by default.
+    #[arg(long, value_name = "RFC3339")]
+    pub detected_at: Option<String>,
+    /// Context labels, key=value (repeatable).
+    #[arg(long = "label", value_name = "K=V")]
+    pub labels: Vec<String>,
+}
+
+impl PublishArgs {
+    /// The validated detection.
+    pub fn to_detection(&self) -> Result<Detection, UsageError> {
+        let credential = match (&self.credential, &self.principal, &self.endpoint, &self.fingerprint) {
+            (Some(id), None, None, None) => CredentialRef::by_id(id),
+            (None, Some(p), Some(e), None) => CredentialRef::by_login(p, e),
+            (None, None, None, Some(fp)) => CredentialRef::by_fingerprint(fp.trim()),
+            _ => {
+                return Err(usage(
+                    "--credential",
+                    "name the leaked credential with exactly one of --credential ID, --principal P --endpoint E, or --fingerprint FP",
+                ))
+            }
+        };
+        let mut labels = BTreeMap::new();
+        for l in &self.labels {
+            let (k, v) = l
+                .split_once('=')
+                .ok_or_else(|| usage("--label", format!("{l:?} is not key=value")))?;
+            labels.insert(k.to_string(), v.to_string());
+        }
+        let d = Detection {
+            v: SCHEMA_VERSION,
+            source: self.source.clone(),
+            source_id: self
+                .source_id
+                .clone()
+                .unwrap_or_else(|| ids::random_id("cli")),
+            detected_at: match &self.detected_at {
+                Some(s) => {
+                    Timestamp(detect::parse_rfc3339(s).map_err(|e| usage("--detected-at", e))?)
+                }
+                None => Timestamp::now(),
+            },
+            credential,
+            severity: self
+                .severity
+                .parse::<Severity>()
+                .map_err(|e| usage("--severity", e))?,
+            evidence_url: self.evidence_url.clone(),
+            labels,
+        };
+        d.validate().map_err(|e| {
+            let flag = match e.field {
+                "source" => "--source",
+                "source_id" => "--source-id",
+                "credential.id" => "--credential",
+                "credential.principal" => "--principal",
+                "credential.endpoint" => "--endpoint",
+                "credential.fingerprint" => "--fingerprint",
+                "evidence_url" => "--evidence-url",
+                "labels" => "--label",
+                _ => "--credential",
+            };
+            usage(flag, e.message)
+        })?;
+        Ok(d)
+    }
+}
+
+/// The detection flags of `keywave-coordinator`.
+#[derive(Debug, Args, Clone)]
+pub struct DaemonDetectArgs {
+    /// Run the detection intake (containment campaigns from `keywave.detect.*`).
+    #[arg(long, default_value_t = true, action = ArgAction::Set, value_name = "true|false")]
+    pub detections: bool,
+    /// Detections arriving within this window are coalesced into one containment campaign.
+    #[arg(long, default_value = "2s", value_name = "DURATION")]
+    pub detect_window: String,
+    /// Wave plan of containment campaigns.
+    #[arg(long, default_value = "1,100%")]
+    pub containment_waves: String,
+    /// Failure budget of containment waves (a failed wave pauses for an operator).
+    #[arg(long, default_value_t = 0.0)]
+    pub containment_failure_budget: f64,
+    /// How long one containment task may take.
+    #[arg(long, default_value = "60s", value_name = "DURATION")]
+    pub containment_task_timeout: String,
+    /// File holding the detection-fingerprint key (hex or base64); also KEYWAVE_DETECT_KEY.
+    #[arg(long, env = DETECT_KEY_FILE_ENV, value_name = "FILE")]
+    pub detect_key_file: Option<PathBuf>,
+    /// Serve the webhook intake on this address (e.g. 0.0.0.0:8088); off by default.
+    /// Secrets: KEYWAVE_GITHUB_WEBHOOK_SECRET, KEYWAVE_GITGUARDIAN_WEBHOOK_SECRET,
+    /// KEYWAVE_DETECT_WEBHOOK_SECRET (or the same names with _FILE).
+    #[arg(long, env = HTTP_LISTEN_ENV, value_name = "ADDR")]
+    pub http_listen: Option<String>,
+    /// Largest accepted distance between a webhook's signed timestamp and now.
+    #[arg(long, default_value = "5m", value_name = "DURATION")]
+    pub webhook_max_skew: String,
+}
+
+impl DaemonDetectArgs {
+    /// The validated options (`None` with `--detections false`); secrets
+    /// are read through `env`.
+    pub fn to_options(
+        &self,
+        topology: topology::Config,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<DetectOptions>, UsageError> {
+        if !self.detections {
+            return Ok(None);
+        }
+        let window =
+            parse_duration(&self.detect_window).map_err(|e| usage("--detect-window", e))?;
+        if window.is_zero() {
+            return Err(usage("--detect-window", "must be positive"));
+        }
+        let task_timeout = parse_duration(&self.containment_task_timeout)
+            .map_err(|e| usage("--containment-task-timeout", e))?;
+        if task_timeout.is_zero() {
+            return Err(usage("--containment-task-timeout", "must be positive"));
+        }
+        if !(0.0..=1.0).contains(&self.containment_failure_budget) {
+            return Err(usage(
+                "--containment-failure-budget",
+                "must be between 0 and 1",
+            ));
+        }
+        let detect_key = match (&self.detect_key_file, env(DETECT_KEY_ENV)) {
+            (Some(path), _) => Some(
+                DetectKey::from_file(path)
+                    .map_err(|e| usage("--detect-key-file", e.to_string()))?,
+            ),
+            (None, Some(k)) if !k.is_empty() => {
+                Some(DetectKey::parse(&k).map_err(|e| usage(DETECT_KEY_ENV, e.to_string()))?)
+            }
+            _ => None,
+        };
+        let webhook = match &self.http_listen {
+            None => None,
+            Some(addr) => {
+                let listen = addr.parse().map_err(|_| {
+                    usage(
+                        "--http-listen",
+                        format!("{addr:?} is not an address like 0.0.0.0:8088"),
+                    )
+                })?;
+                let mut cfg = WebhookConfig::new(listen)
+                    .secrets_from_env(&env)
+                    .map_err(|e| usage("--http-listen", e))?;
+                if cfg.github_secret.is_none()
+                    && cfg.gitguardian_secret.is_none()
+                    && cfg.generic_secret.is_none()
+                {
+                    return Err(usage(
+                        "--http-listen",
+                        "no webhook secret is configured: set KEYWAVE_GITHUB_WEBHOOK_SECRET, KEYWAVE_GITGUARDIAN_WEBHOOK_SECRET or KEYWAVE_DETECT_WEBHOOK_SECRET (or *_FILE)",
+                    ));
+                }
+                cfg.max_skew = parse_duration(&self.webhook_max_skew)
+                    .map_err(|e| usage("--webhook-max-skew", e))?;
+                Some(cfg)
+            }
+        };
+        Ok(Some(DetectOptions {
+            topology,
+            intake: IntakeConfig {
+                window,
+                waves: wire::parse_wave_plan(&self.containment_waves)
+                    .map_err(|e| usage("--containment-waves", e))?,
+                failure_budget: self.containment_failure_budget,
+                task_timeout,
+                ..Default::default()
+            },
+            detect_key,
+            webhook,
+        }))
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    println!(
+        "{}",
+        serde_json::to_string(v).unwrap_or_else(|e| format!("{{\"ok\":false,\"error\":\"{e}\"}}"))
+    );
+}
+
+fn fail(e: impl std::fmt::Display) -> CommandError {
+    CommandError::Detect(e.to_string())
+}
+
+/// Runs `keywave detect ...`; returns the exit code.
+pub async fn run(args: DetectArgs, url: &str, json: bool) -> Result<u8, CommandError> {
+    match args.command {
+        None => {
+            let d = args.publish.to_detection()?;
+            let js = topology::context(connect(url).await?);
+            detect::ensure_streams(&js, &topology::Config::default())
+                .await
+                .map_err(fail)?;
+            let duplicate = detect::publish(&js, &d).await.map_err(fail)?;
+            if json {
+                print_json(
+                    &serde_json::json!({ "ok": true, "detection": d.msg_id(), "subject": d.subject(), "duplicate": duplicate }),
+                );
+            } else if duplicate {
+                println!("detection {} was already recorded", d.msg_id());
+            } else {
+                println!(
+                    "detection {} published on {} ({})",
+                    d.msg_id(),
+                    d.subject(),
+                    d.credential.describe()
+                );
+            }
+            Ok(0)
+        }
+        Some(DetectCommand::Report { campaign }) => {
+            ids::validate("campaign id", &campaign)
+                .map_err(|e| usage("CAMPAIGN", e.to_string()))?;
+            let client = connect(url).await?;
+            let js = topology::context(client.clone());
+            let kv = store::bucket(&js, &topology::Config::default())
+                .await
+                .map_err(fail)?;
+            let r = report::build(&js, &ApiClient::new(client), &kv, &campaign)
+                .await
+                .map_err(fail)?;
+            if json {
+                print_json(&r);
+            } else {
+                print!("{}", r.render());
+            }
+            Ok(if r.exposed.is_empty() {
+                0
+            } else {
+                crate::commands::EXIT_NOT_COMPLETED
+            })
+        }
+        Some(DetectCommand::Unmatched { limit }) => {
+            let js = topology::context(connect(url).await?);
+            let recs = recent_records(&js, limit).await.map_err(fail)?;
+            if json {
+                print_json(&recs);
+            } else {
+                println!("{:<24} {:<18} {:<40} REASON", "AT", "OUTCOME", "DETECTION");
+                for r in &recs {
+                    let det = r
+                        .detection
+                        .as_ref()
+                        .map(|d| format!("{} ({})", d.msg_id(), d.credential.describe()))
+                        .unwrap_or_else(|| format!("seq {}", r.stream_seq));
+                    println!(
+                        "{:<24} {:<18} {:<40} {}",
+                        detect::format_rfc3339(r.at_ms),
+                        r.outcome.as_str(),
+                        det,
+                        r.reason
+                    );
+                }
+            }
+            Ok(0)
+        }
+        Some(DetectCommand::Fingerprint) => {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .map_err(|e| usage("stdin", e.to_string()))?;
+            let secret =
+                keywave_common::crypto::Secret::new(s.trim_end_matches(['\n', '\r']).to_string());
+            drop(s);
+            println!("{}", detect::sha256_fingerprint(&secret));
+            Ok(0)
+        }
+    }
+}
+
+/// The last `limit` detection records other than `contained`.
+async fn recent_records(
+    js: &async_nats::jetstream::Context,
+    limit: usize,
+) -> Result<Vec<store::DetectionRecord>, String> {
+    use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+    use futures::StreamExt;
+    let stream = match js.get_stream(topology::STREAM_EVENTS).await {
+        Ok(s) => s,
+        Err(_) => return Ok(Vec::new()),
+    };
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: format!("keywave.event.{}.>", store::EVENT_SCOPE),
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = std::collections::VecDeque::new();
+    if consumer.cached_info().num_pending == 0 {
+        return Ok(Vec::new());
+    }
+    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    loop {
+        let next = tokio::time::timeout(std::time::Duration::from_secs(10), messages.next())
+            .await
+            .map_err(|_| "records stopped arriving".to_string())?;
+        let Some(m) = next else { break };
+        let m = m.map_err(|e| e.to_string())?;
+        let pending = m.info().map_err(|e| e.to_string())?.pending;
+        if let Ok(r) = serde_json::from_slice::<store::DetectionRecord>(&m.payload) {
+            if r.outcome != store::Outcome::Contained {
+                out.push_back(r);
+                if out.len() > limit {
+                    out.pop_front();
+                }
+            }
+        }
+        if pending == 0 {
+            break;
+        }
+    }
+    Ok(out.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        d: DetectArgs,
+    }
+
+    fn publish(args: &[&str]) -> Result<Detection, UsageError> {
+        let mut argv = vec!["t"];
+        argv.extend_from_slice(args);
+        T::try_parse_from(argv).unwrap().d.publish.to_detection()
+    }
+
+    #[test]
+    fn cli_detections_validate() {
+        let d = publish(&["--credential", "db-1", "--severity", "critical"]).unwrap();
+        assert_eq!(d.credential, CredentialRef::by_id("db-1"));
+        assert_eq!(d.source, "cli");
+        assert_eq!(d.severity, Severity::Critical);
+        let d = publish(&[
+            "--principal",
+            "app",
+            "--endpoint",
+            "redis-eu",
+            "--source",
+            "siem",
+            "--source-id",
+            "42",
+        ])
+        .unwrap();
+        assert_eq!(d.msg_id(), "siem:42");
+        assert_eq!(publish(&[]).unwrap_err().flag, "--credential");
+        assert_eq!(
+            publish(&["--fingerprint", "md5:x"]).unwrap_err().flag,
+            "--fingerprint"
+        );
+        assert_eq!(
+            publish(&["--credential", "a", "--severity", "urgent"])
+                .unwrap_err()
+                .flag,
+            "--severity"
+        );
+        assert!(
+            T::try_parse_from(["t", "--principal", "p"]).is_err(),
+            "principal needs endpoint"
+        );
+    }
+
+    #[derive(Parser)]
+    struct D {
+        #[command(flatten)]
+        d: DaemonDetectArgs,
+    }
+
+    #[test]
+    fn daemon_flags_validate() {
+        let none = |_: &str| None;
+        let o = D::try_parse_from(["d"])
+            .unwrap()
+            .d
+            .to_options(Default::default(), none)
+            .unwrap()
+            .unwrap();
+        assert_eq!(o.intake.window, std::time::Duration::from_secs(2));
+        assert!(o.webhook.is_none());
+        assert!(D::try_parse_from(["d", "--detections", "false"])
+            .unwrap()
+            .d
+            .to_options(Default::default(), none)
+            .unwrap()
+            .is_none());
+        let err = D::try_parse_from(["d", "--http-listen", "0.0.0.0:8088"])
+            .unwrap()
+            .d
+            .to_options(Default::default(), none)
+            .unwrap_err();
+        assert_eq!(err.flag, "--http-listen");
+        let env = |k: &str| (k == "KEYWAVE_GITHUB_WEBHOOK_SECRET").then(|| "x".to_string());
+        let o = D::try_parse_from(["d", "--http-listen", "127.0.0.1:0"])
+            .unwrap()
+            .d
+            .to_options(Default::default(), env)
+            .unwrap()
+            .unwrap();
+        assert!(o.webhook.unwrap().github_secret.is_some());
+        let err = D::try_parse_from(["d", "--detect-window", "0"])
+            .unwrap()
+            .d
+            .to_options(Default::default(), none)
+            .unwrap_err();
+        assert_eq!(err.flag, "--detect-window");
+    }
+}

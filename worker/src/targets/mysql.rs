@@ -1,0 +1,876 @@
+//! MariaDB and MySQL user accounts as a target. A password is set with
+//! `ALTER USER '<user>'@'<host>' IDENTIFIED BY ...`: on MariaDB as the
+//! `mysql_native_password` hash computed on the worker (`IDENTIFIED BY
+//! PASSWORD '*…'`, so the clear secret never reaches the server or its logs);
+//! on MySQL in the clear, which MySQL rewrites out of its logs, because its
+//! dual passwords need it. `check` is a real login as the user (then
+//! `SELECT 1`) from the worker.
+//!
+//! Continuity comes from the endpoint's [`Logins`]: MySQL 8.0.14+ dual
+//! passwords (`RETAIN CURRENT PASSWORD` / `DISCARD OLD PASSWORD`), or
+//! alternating users (between rotations exactly one account of the pair is
+//! unlocked), or an explicit overwrite, or a clear refusal.
+//!
+//! `ALTER USER` cannot take placeholders, so user, host and password are
+//! string literals built by [`quote_literal`]: quotes doubled, and anything
+//! whose meaning depends on the session (backslashes, control characters) is
+//! refused rather than escaped. Catalog lookups bind their parameters.
+
+use super::db::{describe, Admin, Logins, Scheme, Tls, CONNECT_TIMEOUT};
+use super::{AuthCheck, Target, TargetError};
+use async_trait::async_trait;
+use keywave_common::crypto::{generate, Secret, SecretPolicy};
+use keywave_common::wire::TargetKind;
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts};
+use sha1::{Digest, Sha1};
+use std::sync::Arc;
+use tokio::sync::OnceCell;
+
+/// What the target accepts as a secret length.
+pub const SECRET_LENGTHS: std::ops::RangeInclusive<usize> = 16..=128;
+
+/// Server error codes (MariaDB and MySQL share them unless noted).
+mod code {
+    pub const ACCESS_DENIED: u16 = 1045;
+    /// MariaDB: "this account is locked".
+    pub const MARIADB_ACCOUNT_LOCKED: u16 = 4151;
+    /// MySQL: "Access denied for user ... Account is locked."
+    pub const MYSQL_ACCOUNT_LOCKED: u16 = 3118;
+    pub const DB_ACCESS_DENIED: u16 = 1044;
+    pub const TABLE_ACCESS_DENIED: u16 = 1142;
+    pub const SPECIFIC_ACCESS_DENIED: u16 = 1227;
+    pub const TOO_MANY_CONNECTIONS: u16 = 1040;
+    pub const SERVER_SHUTDOWN: u16 = 1053;
+    pub const USER_LIMIT_REACHED: u16 = 1203;
+    pub const LOCK_WAIT_TIMEOUT: u16 = 1205;
+    pub const DEADLOCK: u16 = 1213;
+}
+
+/// How to reach a MariaDB / MySQL endpoint and what to rotate there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MysqlOptions {
+    pub admin: Admin,
+    /// Host part of the account when a principal has none (`user` rather
+    /// than `user@host`).
+    pub account_host: String,
+    pub logins: Logins,
+    pub policy: SecretPolicy,
+}
+
+/// Which server answered, read once per target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Server {
+    pub mariadb: bool,
+    /// MySQL 8.0.14+: `RETAIN CURRENT PASSWORD`.
+    pub dual_passwords: bool,
+}
+
+impl Server {
+    /// From `SELECT VERSION()`, e.g. `10.11.6-MariaDB-0+deb12u1` or `8.0.36`.
+    pub fn from_version(v: &str) -> Server {
+        let mariadb = v.to_ascii_lowercase().contains("mariadb");
+        let mut parts = v
+            .split(|c: char| !c.is_ascii_digit())
+            .take(3)
+            .map(|p| p.parse::<u32>().unwrap_or(0));
+        let version = (
+            parts.next().unwrap_or(0),
+            parts.next().unwrap_or(0),
+            parts.next().unwrap_or(0),
+        );
+        Server {
+            mariadb,
+            dual_passwords: !mariadb && version >= (8, 0, 14),
+        }
+    }
+}
+
+/// A MariaDB or MySQL server whose accounts keywave rotates.
+pub struct MysqlTarget {
+    opts: MysqlOptions,
+    pool: Pool,
+    server: OnceCell<Server>,
+}
+
+impl std::fmt::Debug for MysqlTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MysqlTarget")
+            .field("opts", &self.opts)
+            .field("server", &self.server.get())
+            .finish_non_exhaustive()
+    }
+}
+
+/// `'value'` with every `'` doubled. Refuses NUL, backslashes and other
+/// control characters: their meaning depends on the session's `sql_mode`
+/// (`NO_BACKSLASH_ESCAPES`), so they are never quoted, whatever the mode.
+pub fn quote_literal(what: &str, value: &str) -> Result<String, TargetError> {
+    if let Some(c) = value.chars().find(|c| *c == '\\' || c.is_control()) {
+        return Err(TargetError::Rejected(format!(
+            "{what} contains {c:?}, which keywave does not put in SQL"
+        )));
+    }
+    Ok(format!("'{}'", value.replace('\'', "''")))
+}
+
+/// The `user@host` account a principal names: split at the last `@`, or the
+/// whole principal with `default_host`.
+pub fn account(principal: &str, default_host: &str) -> Result<(String, String), TargetError> {
+    let (user, host) = match principal.rsplit_once('@') {
+        Some((u, h)) => (u, h),
+        None => (principal, default_host),
+    };
+    if user.is_empty() {
+        return Err(TargetError::Rejected("empty user name".into()));
+    }
+    if host.is_empty() {
+        return Err(TargetError::Rejected("empty host in user@host".into()));
+    }
+    quote_literal("user name", user)?;
+    quote_literal("host", host)?;
+    Ok((user.to_string(), host.to_string()))
+}
+
+/// The `mysql_native_password` hash: `*` + upper-case hex of SHA1(SHA1(pw)).
+pub fn native_hash(secret: &Secret) -> String {
+    let inner = Sha1::digest(secret.expose().as_bytes());
+    let outer = Sha1::digest(inner);
+    let mut s = String::with_capacity(41);
+    s.push('*');
+    for b in outer {
+        s.push_str(&format!("{b:02X}"));
+    }
+    s
+}
+
+/// Maps a driver error to a secret-free [`TargetError`].
+fn classify(e: &mysql_async::Error, secrets: &[&Secret]) -> TargetError {
+    match e {
+        mysql_async::Error::Server(s) => {
+            let text = format!("{} ({})", describe(&s.message, secrets), s.code);
+            match s.code {
+                code::ACCESS_DENIED => {
+                    TargetError::Rejected(format!("admin authentication failed: {text}"))
+                }
+                code::DB_ACCESS_DENIED
+                | code::TABLE_ACCESS_DENIED
+                | code::SPECIFIC_ACCESS_DENIED => {
+                    TargetError::Rejected(format!("permission denied: {text}"))
+                }
+                code::TOO_MANY_CONNECTIONS
+                | code::SERVER_SHUTDOWN
+                | code::USER_LIMIT_REACHED
+                | code::LOCK_WAIT_TIMEOUT
+                | code::DEADLOCK => TargetError::Unavailable(text),
+                _ => TargetError::Rejected(text),
+            }
+        }
+        mysql_async::Error::Url(_) => TargetError::Internal("invalid connection settings".into()),
+        // I/O, a dropped connection, a driver-level failure.
+        other => TargetError::Unavailable(describe(&other.to_string(), secrets)),
+    }
+}
+
+fn opts_for(admin: &Admin, user: &str, password: Option<&str>) -> OptsBuilder {
+    OptsBuilder::default()
+        .ip_or_hostname(admin.host.clone())
+        .tcp_port(admin.port)
+        .prefer_socket(false)
+        .user(Some(user))
+        .pass(password)
+        .stmt_cache_size(0)
+}
+
+impl MysqlTarget {
+    /// A target that connects on first use. Fails on settings this build
+    /// cannot honour.
+    pub fn new(opts: MysqlOptions) -> Result<Arc<Self>, TargetError> {
+        if opts.admin.tls != Tls::Disable {
+            return Err(TargetError::Internal(format!(
+                "tls = \"{}\" is not supported by this build (only \"disable\")",
+                opts.admin.tls.as_str()
+            )));
+        }
+        quote_literal("account_host", &opts.account_host)?;
+        let size = opts.admin.connections.max(1);
+        let constraints = PoolConstraints::new(0, size)
+            .ok_or_else(|| TargetError::Internal("invalid admin pool size".into()))?;
+        let builder = opts_for(
+            &opts.admin,
+            &opts.admin.user,
+            opts.admin.password.as_ref().map(|p| p.expose()),
+        )
+        .pool_opts(PoolOpts::default().with_constraints(constraints));
+        let pool = Pool::new(Opts::from(builder));
+        Ok(Arc::new(MysqlTarget {
+            opts,
+            pool,
+            server: OnceCell::new(),
+        }))
+    }
+
+    /// [`MysqlTarget::new`], then an admin connection to prove the address
+    /// and the admin login work (and to learn the server's flavour).
+    pub async fn connect(opts: MysqlOptions) -> Result<Arc<Self>, TargetError> {
+        let t = Self::new(opts)?;
+        t.server().await?;
+        Ok(t)
+    }
+
+    pub fn options(&self) -> &MysqlOptions {
+        &self.opts
+    }
+
+    async fn admin(&self) -> Result<Conn, TargetError> {
+        match tokio::time::timeout(CONNECT_TIMEOUT, self.pool.get_conn()).await {
+            Ok(r) => r.map_err(|e| classify(&e, &[])),
+            Err(_) => Err(TargetError::Unavailable(format!(
+                "connect timed out after {}s",
+                CONNECT_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
+    /// The server's flavour, asked once.
+    pub async fn server(&self) -> Result<Server, TargetError> {
+        self.server
+            .get_or_try_init(|| async {
+                let mut c = self.admin().await?;
+                let v: Option<String> = c
+                    .query_first("SELECT VERSION()")
+                    .await
+                    .map_err(|e| classify(&e, &[]))?;
+                Ok(Server::from_version(&v.unwrap_or_default()))
+            })
+            .await
+            .copied()
+    }
+
+    /// The scheme of `principal` and its account(s), validated: quotable and
+    /// never the admin login.
+    async fn scheme(&self, principal: &str) -> Result<Scheme, TargetError> {
+        let server = self.server().await?;
+        let scheme = self.opts.logins.scheme(principal, server.dual_passwords);
+        let logins: Vec<&str> = match &scheme {
+            Scheme::Alternating { primary, clone } => vec![primary, clone],
+            _ => vec![principal],
+        };
+        for l in logins {
+            let (user, _) = account(l, &self.opts.account_host)?;
+            if user == self.opts.admin.user {
+                return Err(TargetError::Rejected(format!(
+                    "{user:?} is the endpoint's admin login; keywave never rotates it"
+                )));
+            }
+        }
+        Ok(scheme)
+    }
+
+    /// `'user'@'host'` for `login`.
+    fn account_sql(&self, login: &str) -> Result<String, TargetError> {
+        let (user, host) = account(login, &self.opts.account_host)?;
+        Ok(format!(
+            "{}@{}",
+            quote_literal("user name", &user)?,
+            quote_literal("host", &host)?
+        ))
+    }
+
+    /// `IDENTIFIED BY ...` for `secret` on this server.
+    async fn identified_by(&self, secret: &Secret) -> Result<String, TargetError> {
+        Ok(if self.server().await?.mariadb {
+            format!(
+                "IDENTIFIED BY PASSWORD {}",
+                quote_literal("password hash", &native_hash(secret))?
+            )
+        } else {
+            format!(
+                "IDENTIFIED BY {}",
+                quote_literal("secret", secret.expose()).map_err(|_| {
+                    TargetError::Rejected("the secret holds a character keywave does not put in SQL; check the endpoint's secret_charset".into())
+                })?
+            )
+        })
+    }
+
+    /// Runs admin statements one after the other, redacting `secrets` (and
+    /// their hashes) from errors.
+    async fn exec(&self, statements: &[String], secrets: &[&Secret]) -> Result<(), TargetError> {
+        let hashes: Vec<Secret> = secrets
+            .iter()
+            .map(|s| Secret::new(native_hash(s)))
+            .collect();
+        let mut all: Vec<&Secret> = secrets.to_vec();
+        all.extend(hashes.iter());
+        let mut c = self.admin().await?;
+        for sql in statements {
+            c.query_drop(sql.as_str())
+                .await
+                .map_err(|e| classify(&e, &all))?;
+        }
+        Ok(())
+    }
+
+    /// `ALTER USER <account> IDENTIFIED BY ... [suffix]`.
+    async fn set_sql(
+        &self,
+        login: &str,
+        secret: &Secret,
+        suffix: &str,
+    ) -> Result<String, TargetError> {
+        Ok(format!(
+            "ALTER USER {} {}{suffix}",
+            self.account_sql(login)?,
+            self.identified_by(secret).await?
+        ))
+    }
+
+    /// Locks `login` and gives it a password nobody knows.
+    async fn deactivate_sql(&self, login: &str) -> Result<String, TargetError> {
+        let unknown = generate(&SecretPolicy::default());
+        self.set_sql(login, &unknown, " ACCOUNT LOCK").await
+    }
+
+    /// Whether each login's account is unlocked; a missing account is an error.
+    async fn unlocked(&self, logins: [&str; 2]) -> Result<[bool; 2], TargetError> {
+        let mariadb = self.server().await?.mariadb;
+        let sql = if mariadb {
+            "SELECT IFNULL(JSON_VALUE(Priv, '$.account_locked'), 'false') FROM mysql.global_priv WHERE User = ? AND Host = ?"
+        } else {
+            "SELECT account_locked FROM mysql.user WHERE User = ? AND Host = ?"
+        };
+        let mut c = self.admin().await?;
+        let mut out = [false; 2];
+        for (i, login) in logins.iter().enumerate() {
+            let (user, host) = account(login, &self.opts.account_host)?;
+            let v: Option<String> = c
+                .exec_first(sql, (user.as_str(), host.as_str()))
+                .await
+                .map_err(|e| classify(&e, &[]))?;
+            let v = v.ok_or_else(|| {
+                TargetError::Rejected(format!(
+                    "alternating users: account {user:?}@{host:?} does not exist (create both accounts of the pair)"
+                ))
+            })?;
+            out[i] = !matches!(v.as_str(), "1" | "true" | "Y");
+        }
+        Ok(out)
+    }
+
+    /// One real login as `login` with `secret`, then `SELECT 1`.
+    pub async fn login(&self, login: &str, secret: &Secret) -> Result<AuthCheck, TargetError> {
+        let (user, _) = account(login, &self.opts.account_host)?;
+        let opts = opts_for(&self.opts.admin, &user, Some(secret.expose()));
+        let mut conn = match tokio::time::timeout(CONNECT_TIMEOUT, Conn::new(opts)).await {
+            Err(_) => {
+                return Err(TargetError::Unavailable(format!(
+                    "connect timed out after {}s",
+                    CONNECT_TIMEOUT.as_secs()
+                )))
+            }
+            Ok(Err(mysql_async::Error::Server(s)))
+                if matches!(
+                    s.code,
+                    code::ACCESS_DENIED | code::MARIADB_ACCOUNT_LOCKED | code::MYSQL_ACCOUNT_LOCKED
+                ) =>
+            {
+                return Ok(AuthCheck::Rejected)
+            }
+            Ok(Err(e)) => return Err(classify(&e, &[secret])),
+            Ok(Ok(c)) => c,
+        };
+        let r = conn.query_drop("SELECT 1").await;
+        let _ = conn.disconnect().await;
+        match r {
+            Ok(()) => Ok(AuthCheck::Accepted),
+            Err(e) => Err(classify(&e, &[secret])),
+        }
+    }
+
+    /// Which login of `principal`'s scheme `secret` opens, if any.
+    pub async fn active_login(
+        &self,
+        principal: &str,
+        secret: &Secret,
+    ) -> Result<Option<String>, TargetError> {
+        let logins = match self.scheme(principal).await? {
+            Scheme::Alternating { primary, clone } => vec![primary, clone],
+            _ => vec![principal.to_string()],
+        };
+        for l in logins {
+            if self.login(&l, secret).await? == AuthCheck::Accepted {
+                return Ok(Some(l));
+            }
+        }
+        Ok(None)
+    }
+}
+
+#[async_trait]
+impl Target for MysqlTarget {
+    fn kind(&self) -> TargetKind {
+        TargetKind::Mysql
+    }
+
+    fn policy(&self) -> SecretPolicy {
+        self.opts.policy
+    }
+
+    async fn add(&self, principal: &str, new: &Secret) -> Result<(), TargetError> {
+        match self.scheme(principal).await? {
+            Scheme::Refuse => Err(TargetError::Rejected(format!(
+                "this server keeps one password per account, so a continuity rotation of {principal:?} \
+                 needs alternating users (an `alternating` entry or continuity = \"alternating\") \
+                 or continuity = \"overwrite\"; or rotate it with containment"
+            ))),
+            Scheme::Dual if !self.server().await?.dual_passwords => Err(TargetError::Rejected(
+                "continuity = \"dual\" needs MySQL 8.0.14 or later (RETAIN CURRENT PASSWORD); \
+                 use alternating users on this server"
+                    .into(),
+            )),
+            Scheme::Dual => {
+                let sql = self
+                    .set_sql(principal, new, " RETAIN CURRENT PASSWORD")
+                    .await?;
+                self.exec(&[sql], &[new]).await
+            }
+            Scheme::Overwrite => {
+                let sql = self.set_sql(principal, new, "").await?;
+                self.exec(&[sql], &[new]).await
+            }
+            Scheme::Alternating { primary, clone } => {
+                let inactive = match self.unlocked([&primary, &clone]).await? {
+                    [true, false] => clone,
+                    [false, true] | [false, false] => primary,
+                    // Both unlocked: fine if `new` is what unlocked the
+                    // second one (a duplicate delivery got there first).
+                    [true, true] if self.active_login(principal, new).await?.is_some() => {
+                        return Ok(())
+                    }
+                    [true, true] => {
+                        return Err(TargetError::Rejected(format!(
+                            "alternating users: both {primary:?} and {clone:?} are unlocked, so keywave cannot tell which one is in use; \
+                             lock the unused one (ALTER USER ... ACCOUNT LOCK)"
+                        )))
+                    }
+                };
+                let sql = self.set_sql(&inactive, new, " ACCOUNT UNLOCK").await?;
+                self.exec(&[sql], &[new]).await
+            }
+        }
+    }
+
+    async fn replace(&self, principal: &str, new: &Secret) -> Result<(), TargetError> {
+        match self.scheme(principal).await? {
+            Scheme::Refuse | Scheme::Overwrite => {
+                let sql = self.set_sql(principal, new, "").await?;
+                self.exec(&[sql], &[new]).await
+            }
+            Scheme::Dual => {
+                // A primary change keeps a retained password: discard it too.
+                let set = self.set_sql(principal, new, "").await?;
+                let discard = format!(
+                    "ALTER USER {} DISCARD OLD PASSWORD",
+                    self.account_sql(principal)?
+                );
+                self.exec(&[set, discard], &[new]).await
+            }
+            Scheme::Alternating { primary, clone } => {
+                // Keep the login that already has `new`, else take the
+                // locked one; the other is locked first (containment: the
+                // exposed secret dies before the new one lives).
+                let (target, other) = match self.active_login(principal, new).await? {
+                    Some(l) if l == primary => (primary, clone),
+                    Some(_) => (clone, primary),
+                    None => match self.unlocked([&primary, &clone]).await? {
+                        [true, false] => (clone, primary),
+                        _ => (primary, clone),
+                    },
+                };
+                let off = self.deactivate_sql(&other).await?;
+                let on = self.set_sql(&target, new, " ACCOUNT UNLOCK").await?;
+                self.exec(&[off, on], &[new]).await
+            }
+        }
+    }
+
+    async fn remove(&self, principal: &str, old: &Secret) -> Result<(), TargetError> {
+        match self.scheme(principal).await? {
+            Scheme::Refuse | Scheme::Overwrite => {
+                if self.login(principal, old).await? == AuthCheck::Accepted {
+                    // A password nobody knows; no lock, which would also
+                    // keep out whatever is set next.
+                    let unknown = generate(&SecretPolicy::default());
+                    let sql = self.set_sql(principal, &unknown, "").await?;
+                    self.exec(&[sql], &[old]).await?;
+                }
+                Ok(())
+            }
+            Scheme::Dual => {
+                if self.login(principal, old).await? == AuthCheck::Rejected {
+                    return Ok(());
+                }
+                let sql = format!(
+                    "ALTER USER {} DISCARD OLD PASSWORD",
+                    self.account_sql(principal)?
+                );
+                self.exec(&[sql], &[old]).await?;
+                if self.login(principal, old).await? == AuthCheck::Accepted {
+                    // `old` was the primary password, not the retained one:
+                    // only a stale staged secret is removed this way.
+                    return Err(TargetError::Internal(
+                        "the secret to remove is the account's primary password; the retained password was discarded instead"
+                            .into(),
+                    ));
+                }
+                Ok(())
+            }
+            Scheme::Alternating { primary, clone } => {
+                for login in [&primary, &clone] {
+                    if self.login(login, old).await? == AuthCheck::Accepted {
+                        let sql = self.deactivate_sql(login).await?;
+                        self.exec(&[sql], &[old]).await?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn check(&self, principal: &str, secret: &Secret) -> Result<AuthCheck, TargetError> {
+        Ok(match self.active_login(principal, secret).await? {
+            Some(_) => AuthCheck::Accepted,
+            None => AuthCheck::Rejected,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::targets::db::Continuity;
+    use keywave_tests::mariadb::ADMIN_USER;
+    use keywave_tests::MariaDbServer;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn literals_double_quotes_and_refuse_what_sql_mode_changes() {
+        assert_eq!(quote_literal("u", "app").unwrap(), "'app'");
+        assert_eq!(quote_literal("u", "o'brien").unwrap(), "'o''brien'");
+        assert_eq!(quote_literal("u", "'").unwrap(), "''''");
+        assert_eq!(
+            quote_literal("u", "x'; DROP USER root; --").unwrap(),
+            "'x''; DROP USER root; --'"
+        );
+        assert_eq!(
+            quote_literal("u", "x\"; DROP ROLE postgres; --").unwrap(),
+            "'x\"; DROP ROLE postgres; --'"
+        );
+        assert_eq!(quote_literal("u", "Ünïcødé `%_").unwrap(), "'Ünïcødé `%_'");
+        for nasty in ["a\\", "\\'", "a\0b", "a\nb", "a\rb", "\u{1a}", "\u{7f}"] {
+            assert!(
+                matches!(quote_literal("u", nasty), Err(TargetError::Rejected(_))),
+                "{nasty:?}"
+            );
+        }
+        // Whatever goes in, exactly the outer quotes are unpaired.
+        for s in ["", "'", "''", "a'b''c'''", "'; --"] {
+            let q = quote_literal("u", s).unwrap();
+            let inner = &q[1..q.len() - 1];
+            assert_eq!(inner.replace("''", ""), s.replace('\'', ""), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn accounts_split_at_the_last_at_sign() {
+        assert_eq!(
+            account("app", "%").unwrap(),
+            ("app".to_string(), "%".to_string())
+        );
+        assert_eq!(
+            account("app@10.0.%", "%").unwrap(),
+            ("app".to_string(), "10.0.%".to_string())
+        );
+        assert_eq!(
+            account("a@b@localhost", "%").unwrap(),
+            ("a@b".to_string(), "localhost".to_string())
+        );
+        assert!(account("", "%").is_err());
+        assert!(account("@h", "%").is_err());
+        assert!(account("u@", "%").is_err());
+        assert!(account("u\\", "%").is_err());
+    }
+
+    #[test]
+    fn native_hash_matches_the_server_function() {
+        // SELECT PASSWORD('password') on MariaDB / MySQL 5.7.
+        assert_eq!(
+            native_hash(&Secret::new("password".into())),
+            "*2470C0C06DEE42FD1618BB99005ADCA2EC9D1E19"
+        );
+    }
+
+    #[test]
+    fn server_flavour_from_version() {
+        let mdb = Server::from_version("10.11.19-MariaDB-0+deb12u1");
+        assert!(mdb.mariadb && !mdb.dual_passwords);
+        assert!(Server::from_version("8.0.14").dual_passwords);
+        assert!(Server::from_version("8.4.0-commercial").dual_passwords);
+        assert!(!Server::from_version("8.0.13").dual_passwords);
+        assert!(!Server::from_version("5.7.44-log").dual_passwords);
+    }
+
+    struct Fixture {
+        server: MariaDbServer,
+    }
+
+    impl Fixture {
+        async fn new() -> Fixture {
+            let server = tokio::task::spawn_blocking(MariaDbServer::start)
+                .await
+                .unwrap();
+            Fixture { server }
+        }
+
+        fn options(&self, logins: Logins) -> MysqlOptions {
+            MysqlOptions {
+                admin: Admin {
+                    host: "127.0.0.1".into(),
+                    port: self.server.port(),
+                    user: ADMIN_USER.into(),
+                    password: Some(Secret::new(self.server.password().into())),
+                    tls: Tls::Disable,
+                    connections: 2,
+                },
+                account_host: "%".into(),
+                logins,
+                policy: SecretPolicy::default(),
+            }
+        }
+
+        async fn target(&self, logins: Logins) -> Arc<MysqlTarget> {
+            MysqlTarget::connect(self.options(logins)).await.unwrap()
+        }
+
+        /// Runs SQL with the `mariadb` client as the admin user.
+        fn sql(&self, sql: &str) -> String {
+            self.server
+                .sql(sql)
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        }
+
+        fn create_user(&self, quoted_user: &str, password: &Secret) {
+            self.sql(&format!(
+                "CREATE USER {quoted_user}@'%' IDENTIFIED BY '{}'",
+                password.expose()
+            ));
+        }
+
+        fn users(&self) -> String {
+            self.sql("SELECT User, Host, Priv FROM mysql.global_priv ORDER BY User, Host")
+        }
+    }
+
+    fn unique(prefix: &str) -> String {
+        keywave_tests::unique(prefix).replace('-', "_")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn single_password_and_alternating_users_against_real_mariadb() {
+        let fx = Fixture::new().await;
+        let p = SecretPolicy::default();
+        let user = unique("kw_user");
+        let (a, b, c) = (generate(&p), generate(&p), generate(&p));
+        fx.create_user(&format!("'{user}'"), &a);
+
+        let t = fx.target(Logins::default()).await;
+        assert_eq!(
+            t.server().await.unwrap(),
+            Server {
+                mariadb: true,
+                dual_passwords: false
+            }
+        );
+        assert_eq!(t.check(&user, &a).await.unwrap(), AuthCheck::Accepted);
+        assert_eq!(t.check(&user, &b).await.unwrap(), AuthCheck::Rejected);
+        // MariaDB has no dual passwords: continuity is refused clearly.
+        let err = t.add(&user, &b).await.unwrap_err();
+        assert!(err.to_string().contains("alternating"), "{err}");
+        t.replace(&user, &b).await.unwrap();
+        assert_eq!(t.check(&user, &b).await.unwrap(), AuthCheck::Accepted);
+        assert_eq!(t.check(&user, &a).await.unwrap(), AuthCheck::Rejected);
+        // The server holds the hash computed on the worker.
+        let stored = fx.sql(&format!(
+            "SELECT JSON_VALUE(Priv, '$.authentication_string') FROM mysql.global_priv WHERE User = '{user}'"
+        ));
+        assert_eq!(stored, native_hash(&b));
+        t.remove(&user, &a).await.unwrap();
+        assert_eq!(t.check(&user, &b).await.unwrap(), AuthCheck::Accepted);
+        t.remove(&user, &b).await.unwrap();
+        assert_eq!(t.check(&user, &b).await.unwrap(), AuthCheck::Rejected);
+        // The admin is never rotated; an unknown user is not created.
+        assert!(matches!(
+            t.replace(ADMIN_USER, &c).await,
+            Err(TargetError::Rejected(_))
+        ));
+        let ghost = unique("kw_ghost");
+        assert!(matches!(
+            t.replace(&ghost, &c).await,
+            Err(TargetError::Rejected(_))
+        ));
+        assert!(!fx.users().contains(&ghost));
+
+        // Alternating users.
+        let app = unique("kw_app");
+        let clone = format!("{app}_clone");
+        fx.create_user(&format!("'{app}'"), &a);
+        fx.create_user(&format!("'{clone}'"), &c);
+        fx.sql(&format!("ALTER USER '{clone}'@'%' ACCOUNT LOCK"));
+        let t = fx
+            .target(Logins {
+                continuity: Continuity::Alternating,
+                ..Logins::default()
+            })
+            .await;
+        let next = generate(&p);
+        t.add(&app, &next).await.unwrap();
+        assert_eq!(
+            t.active_login(&app, &next).await.unwrap(),
+            Some(clone.clone())
+        );
+        assert_eq!(t.check(&app, &a).await.unwrap(), AuthCheck::Accepted);
+        t.remove(&app, &a).await.unwrap();
+        t.remove(&app, &a).await.unwrap();
+        assert_eq!(t.check(&app, &a).await.unwrap(), AuthCheck::Rejected);
+        assert_eq!(t.check(&app, &next).await.unwrap(), AuthCheck::Accepted);
+        assert_eq!(t.unlocked([&app, &clone]).await.unwrap(), [false, true]);
+        // The clone's old password was never revealed, and stays dead.
+        assert_eq!(t.login(&clone, &c).await.unwrap(), AuthCheck::Rejected);
+
+        let third = generate(&p);
+        t.add(&app, &third).await.unwrap();
+        assert_eq!(
+            t.active_login(&app, &third).await.unwrap(),
+            Some(app.clone())
+        );
+        t.remove(&app, &next).await.unwrap();
+
+        // Containment moves to the other login, locking this one first; a
+        // repeated replace leaves it where it is.
+        let fourth = generate(&p);
+        t.replace(&app, &fourth).await.unwrap();
+        assert_eq!(t.check(&app, &third).await.unwrap(), AuthCheck::Rejected);
+        assert_eq!(
+            t.active_login(&app, &fourth).await.unwrap(),
+            Some(clone.clone())
+        );
+        t.replace(&app, &fourth).await.unwrap();
+        assert_eq!(
+            t.active_login(&app, &fourth).await.unwrap(),
+            Some(clone.clone())
+        );
+        assert_eq!(t.unlocked([&app, &clone]).await.unwrap(), [false, true]);
+
+        // Both unlocked: add refuses instead of guessing.
+        fx.sql(&format!("ALTER USER '{app}'@'%' ACCOUNT UNLOCK"));
+        assert!(matches!(
+            t.add(&app, &generate(&p)).await,
+            Err(TargetError::Rejected(_))
+        ));
+        let t2 = fx
+            .target(Logins {
+                alternating: BTreeMap::from([(user.clone(), unique("kw_missing"))]),
+                ..Logins::default()
+            })
+            .await;
+        let err = t2.add(&user, &next).await.unwrap_err();
+        assert!(err.to_string().contains("does not exist"), "{err}");
+        for u in [&user, &app, &clone] {
+            fx.sql(&format!("DROP USER '{u}'@'%'"));
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hostile_user_names_change_nothing_else() {
+        let fx = Fixture::new().await;
+        let p = SecretPolicy {
+            length: 64,
+            charset: keywave_common::crypto::Charset::AlphanumericSymbols,
+        };
+        fx.sql("CREATE DATABASE canary; CREATE TABLE canary.t (v TEXT); INSERT INTO canary.t VALUES ('alive')");
+        // (principal, the same user quoted for the mariadb client)
+        let hostile = [
+            ("o'brien", "'o''brien'"),
+            (
+                "x\"; DROP ROLE postgres; --",
+                "'x\"; DROP ROLE postgres; --'",
+            ),
+            (
+                "x'; DROP DATABASE canary; --",
+                "'x''; DROP DATABASE canary; --'",
+            ),
+            ("`; DROP USER keywave; `", "'`; DROP USER keywave; `'"),
+        ];
+        for (_, quoted) in &hostile {
+            fx.create_user(quoted, &generate(&p));
+        }
+        // A backslash name exists but is refused, not mangled.
+        fx.create_user("'back\\\\slash'", &generate(&p));
+        let before = fx.users();
+        let t = fx.target(Logins::default()).await;
+        for (name, _) in &hostile {
+            let s = generate(&p);
+            t.replace(name, &s).await.unwrap();
+            assert_eq!(
+                t.check(name, &s).await.unwrap(),
+                AuthCheck::Accepted,
+                "{name}"
+            );
+        }
+        let err = t.replace("back\\slash", &generate(&p)).await.unwrap_err();
+        assert!(matches!(err, TargetError::Rejected(_)), "{err:?}");
+        // Only the authentication strings changed: same accounts.
+        let names = |s: &str| -> Vec<String> {
+            s.lines()
+                .map(|l| l.split('\t').take(2).collect::<Vec<_>>().join("@"))
+                .collect()
+        };
+        assert_eq!(names(&fx.users()), names(&before));
+        assert_eq!(fx.sql("SELECT v FROM canary.t"), "alive");
+        assert!(fx.server.sql("SELECT 1").is_ok(), "admin still logs in");
+    }
+
+    #[tokio::test]
+    async fn unreachable_server_is_unavailable() {
+        let opts = MysqlOptions {
+            admin: Admin {
+                host: "127.0.0.1".into(),
+                port: 1,
+                user: "keywave".into(),
+                password: None,
+                tls: Tls::Disable,
+                connections: 1,
+            },
+            account_host: "%".into(),
+            logins: Logins::default(),
+            policy: SecretPolicy::default(),
+        };
+        let s = generate(&SecretPolicy::default());
+        let t = MysqlTarget::new(opts.clone()).unwrap();
+        assert!(matches!(
+            t.check("app", &s).await,
+            Err(TargetError::Unavailable(_))
+        ));
+        assert!(matches!(
+            t.replace("app", &s).await,
+            Err(TargetError::Unavailable(_))
+        ));
+        let mut tls = opts;
+        tls.admin.tls = Tls::Require;
+        assert!(matches!(
+            MysqlTarget::new(tls),
+            Err(TargetError::Internal(_))
+        ));
+    }
+}

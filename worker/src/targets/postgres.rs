@@ -1,0 +1,881 @@
+//! PostgreSQL login roles as a target. A password is set with
+//! `ALTER ROLE "<role>" PASSWORD 'SCRAM-SHA-256$…'`: the verifier is computed
+//! on the worker, so the clear secret never reaches the server, its logs or
+//! `pg_stat_statements`. `check` is a real login as the role (then
+//! `SELECT 1`), exactly what an application does.
+//!
+//! PostgreSQL keeps one password per role, so continuity comes from the
+//! endpoint's [`Logins`]: alternating users (the inactive login of a pair
+//! takes the new secret; between rotations exactly one of the two has
+//! `LOGIN`), an explicit overwrite, or a clear refusal.
+//!
+//! Role names are always quoted identifiers and the only literal is the
+//! verifier (checked to hold nothing but base64, `$` and `:`); catalog
+//! lookups bind their parameters. Admin statements share a bounded pool of
+//! connections per endpoint.
+
+use super::db::{describe, Admin, Logins, Scheme, Tls, CONNECT_TIMEOUT};
+use super::{AuthCheck, Target, TargetError};
+use async_trait::async_trait;
+use keywave_common::crypto::{Secret, SecretPolicy};
+use keywave_common::wire::TargetKind;
+use std::sync::{Arc, Mutex};
+use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio_postgres::config::SslMode;
+use tokio_postgres::{Client, Config, NoTls};
+use tracing::debug;
+
+/// Longest role name PostgreSQL keeps (`NAMEDATALEN - 1` bytes). A longer
+/// name would be truncated by the server, silently naming another role, so it
+/// is refused instead.
+pub const MAX_ROLE_NAME: usize = 63;
+
+/// What the target accepts as a secret length.
+pub const SECRET_LENGTHS: std::ops::RangeInclusive<usize> = 16..=512;
+
+/// How to reach a PostgreSQL endpoint and what to rotate there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresOptions {
+    pub admin: Admin,
+    /// Database every connection opens (admin and login checks).
+    pub dbname: String,
+    pub logins: Logins,
+    pub policy: SecretPolicy,
+}
+
+/// A PostgreSQL server whose login roles keywave rotates.
+pub struct PostgresTarget {
+    opts: PostgresOptions,
+    pool: Pool,
+}
+
+impl std::fmt::Debug for PostgresTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresTarget")
+            .field("opts", &self.opts)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `"name"` with every `"` doubled, for a role name that is safe to send:
+/// non-empty, no NUL, at most [`MAX_ROLE_NAME`] bytes.
+pub fn quote_ident(name: &str) -> Result<String, TargetError> {
+    if name.is_empty() {
+        return Err(TargetError::Rejected("empty role name".into()));
+    }
+    if name.contains('\0') {
+        return Err(TargetError::Rejected(
+            "role name contains a NUL character".into(),
+        ));
+    }
+    if name.len() > MAX_ROLE_NAME {
+        return Err(TargetError::Rejected(format!(
+            "role name is {} bytes long; PostgreSQL keeps {MAX_ROLE_NAME} and would rotate a truncated name",
+            name.len()
+        )));
+    }
+    Ok(format!("\"{}\"", name.replace('"', "\"\"")))
+}
+
+/// The SCRAM-SHA-256 verifier of `secret` (random salt) as an SQL literal.
+/// The verifier is base64 pieces joined by `$` and `:` behind the
+/// `SCRAM-SHA-256$` prefix; anything else is refused rather than quoted.
+pub fn verifier_literal(secret: &Secret) -> Result<String, TargetError> {
+    let v = postgres_protocol::password::scram_sha_256(secret.expose().as_bytes());
+    let body = v.strip_prefix("SCRAM-SHA-256$").ok_or_else(|| {
+        TargetError::Internal("SCRAM verifier without its SCRAM-SHA-256$ prefix".into())
+    })?;
+    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '=' | '$' | ':');
+    if !body.chars().all(ok) {
+        return Err(TargetError::Internal(
+            "SCRAM verifier holds a character outside base64, '$' and ':'".into(),
+        ));
+    }
+    Ok(format!("'{v}'"))
+}
+
+/// Whether an SQLSTATE says "try again later".
+fn transient_state(code: &str) -> bool {
+    // 08: connection exception, 40: transaction rollback (serialization,
+    // deadlock), 53: insufficient resources (too many connections), 57:
+    // operator intervention (shutdown, cannot connect now), 58: system error.
+    ["08", "40", "53", "57", "58"]
+        .iter()
+        .any(|c| code.starts_with(c))
+}
+
+/// Maps a driver error of an admin statement to a secret-free
+/// [`TargetError`]; `secrets` are redacted from the text.
+fn classify(e: &tokio_postgres::Error, secrets: &[&Secret]) -> TargetError {
+    match e.as_db_error() {
+        Some(db) => {
+            let code = db.code().code();
+            let text = format!("{} ({code})", describe(db.message(), secrets));
+            if transient_state(code) {
+                TargetError::Unavailable(text)
+            } else if code == "42501" {
+                TargetError::Rejected(format!("permission denied: {text}"))
+            } else if code.starts_with("28") {
+                TargetError::Rejected(format!("admin authentication failed: {text}"))
+            } else {
+                TargetError::Rejected(text)
+            }
+        }
+        // No SQLSTATE: refused or dropped connection, timeout, I/O.
+        None => TargetError::Unavailable(describe(&e.to_string(), secrets)),
+    }
+}
+
+/// A bounded pool of admin connections: at most `size` open at once, idle
+/// ones reused, broken ones dropped.
+struct Pool {
+    config: Config,
+    idle: Mutex<Vec<Client>>,
+    permits: Semaphore,
+}
+
+/// An admin connection on loan from the [`Pool`].
+struct Pooled<'a> {
+    pool: &'a Pool,
+    client: Option<Client>,
+    _permit: SemaphorePermit<'a>,
+}
+
+impl std::ops::Deref for Pooled<'_> {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        self.client.as_ref().expect("present until drop")
+    }
+}
+
+impl Drop for Pooled<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.client.take() {
+            if !c.is_closed() {
+                self.pool.idle().push(c);
+            }
+        }
+    }
+}
+
+impl Pool {
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Client>> {
+        // A poisoned lock only means another thread panicked while pushing.
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn get(&self) -> Result<Pooled<'_>, TargetError> {
+        let permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| TargetError::Internal("admin pool closed".into()))?;
+        loop {
+            let Some(c) = self.idle().pop() else { break };
+            if !c.is_closed() {
+                return Ok(Pooled {
+                    pool: self,
+                    client: Some(c),
+                    _permit: permit,
+                });
+            }
+        }
+        let client = connect(&self.config).await.map_err(|e| match e {
+            Login::Refused(why) => {
+                TargetError::Rejected(format!("admin authentication failed: {why}"))
+            }
+            Login::Failed(e) => e,
+        })?;
+        Ok(Pooled {
+            pool: self,
+            client: Some(client),
+            _permit: permit,
+        })
+    }
+}
+
+/// Why a connection could not be opened.
+enum Login {
+    /// The server refused the credentials (SQLSTATE class 28).
+    Refused(String),
+    Failed(TargetError),
+}
+
+/// Opens a connection; its I/O runs on a spawned task until the client drops.
+async fn connect(config: &Config) -> Result<Client, Login> {
+    let connecting = tokio::time::timeout(CONNECT_TIMEOUT, config.connect(NoTls)).await;
+    let (client, connection) = match connecting {
+        Err(_) => {
+            return Err(Login::Failed(TargetError::Unavailable(format!(
+                "connect timed out after {}s",
+                CONNECT_TIMEOUT.as_secs()
+            ))))
+        }
+        Ok(Err(e)) => {
+            return Err(match e.code().map(|c| c.code()) {
+                Some(code) if code.starts_with("28") => {
+                    Login::Refused(describe(&format!("{e}"), &[]))
+                }
+                _ => Login::Failed(classify(&e, &[])),
+            })
+        }
+        Ok(Ok(pair)) => pair,
+    };
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            debug!(error = %e, "PostgreSQL connection ended");
+        }
+    });
+    Ok(client)
+}
+
+impl PostgresTarget {
+    /// A target that connects on first use (for a worker that starts while
+    /// the server is down). Fails on settings this build cannot honour.
+    pub fn new(opts: PostgresOptions) -> Result<Arc<Self>, TargetError> {
+        if opts.admin.tls != Tls::Disable {
+            return Err(TargetError::Internal(format!(
+                "tls = \"{}\" is not supported by this build (only \"disable\")",
+                opts.admin.tls.as_str()
+            )));
+        }
+        let mut config = base_config(&opts);
+        config.user(&opts.admin.user);
+        config.application_name("keywave-admin");
+        if let Some(p) = &opts.admin.password {
+            config.password(p.expose());
+        }
+        let size = opts.admin.connections.max(1);
+        Ok(Arc::new(PostgresTarget {
+            opts,
+            pool: Pool {
+                config,
+                idle: Mutex::new(Vec::new()),
+                permits: Semaphore::new(size),
+            },
+        }))
+    }
+
+    /// [`PostgresTarget::new`], then an admin connection to prove the
+    /// address and admin login work.
+    pub async fn connect(opts: PostgresOptions) -> Result<Arc<Self>, TargetError> {
+        let t = Self::new(opts)?;
+        let c = t.pool.get().await?;
+        c.simple_query("SELECT 1")
+            .await
+            .map_err(|e| classify(&e, &[]))?;
+        drop(c);
+        Ok(t)
+    }
+
+    pub fn options(&self) -> &PostgresOptions {
+        &self.opts
+    }
+
+    /// The logins a task on `principal` may change, validated: quotable and
+    /// never the admin login.
+    fn scheme(&self, principal: &str) -> Result<Scheme, TargetError> {
+        let scheme = self.opts.logins.scheme(principal, false);
+        let logins: Vec<&str> = match &scheme {
+            Scheme::Alternating { primary, clone } => vec![primary, clone],
+            _ => vec![principal],
+        };
+        for l in logins {
+            quote_ident(l)?;
+            if l == self.opts.admin.user {
+                return Err(TargetError::Rejected(format!(
+                    "{l:?} is the endpoint's admin login; keywave never rotates it"
+                )));
+            }
+        }
+        Ok(scheme)
+    }
+
+    /// Runs admin statements (one implicit transaction when there are
+    /// several), redacting `secrets` from errors.
+    async fn exec(&self, sql: &str, secrets: &[&Secret]) -> Result<(), TargetError> {
+        let c = self.pool.get().await?;
+        c.batch_execute(sql)
+            .await
+            .map_err(|e| classify(&e, secrets))
+    }
+
+    /// `ALTER ROLE <role> [LOGIN] PASSWORD '<verifier>'`.
+    fn set_sql(role: &str, secret: &Secret, login: bool) -> Result<String, TargetError> {
+        Ok(format!(
+            "ALTER ROLE {}{} PASSWORD {}",
+            quote_ident(role)?,
+            if login { " LOGIN" } else { "" },
+            verifier_literal(secret)?
+        ))
+    }
+
+    /// `ALTER ROLE <role> NOLOGIN PASSWORD NULL`: no secret opens it.
+    fn deactivate_sql(role: &str) -> Result<String, TargetError> {
+        Ok(format!(
+            "ALTER ROLE {} NOLOGIN PASSWORD NULL",
+            quote_ident(role)?
+        ))
+    }
+
+    /// Whether each of `roles` has `LOGIN`; a missing role is an error.
+    async fn can_login(&self, roles: [&str; 2]) -> Result<[bool; 2], TargetError> {
+        let c = self.pool.get().await?;
+        let names: Vec<String> = roles.iter().map(|r| r.to_string()).collect();
+        let rows = c
+            .query(
+                "SELECT rolname, rolcanlogin FROM pg_catalog.pg_roles WHERE rolname = ANY($1)",
+                &[&names],
+            )
+            .await
+            .map_err(|e| classify(&e, &[]))?;
+        let mut out = [false; 2];
+        for (i, role) in roles.iter().enumerate() {
+            let row = rows
+                .iter()
+                .find(|r| r.get::<_, &str>(0) == *role)
+                .ok_or_else(|| {
+                    TargetError::Rejected(format!(
+                        "alternating users: role {role:?} does not exist (create both logins of the pair)"
+                    ))
+                })?;
+            out[i] = row.get(1);
+        }
+        Ok(out)
+    }
+
+    /// One real login as `role` with `secret`, then `SELECT 1`.
+    pub async fn login(&self, role: &str, secret: &Secret) -> Result<AuthCheck, TargetError> {
+        quote_ident(role)?;
+        let mut config = base_config(&self.opts);
+        config
+            .user(role)
+            .password(secret.expose())
+            .application_name("keywave-check");
+        let client = match connect(&config).await {
+            Ok(c) => c,
+            // 28P01 (wrong password, unknown role) and 28000 (no LOGIN, no
+            // pg_hba entry): the secret does not open this role.
+            Err(Login::Refused(_)) => return Ok(AuthCheck::Rejected),
+            Err(Login::Failed(e)) => return Err(redacted(e, secret)),
+        };
+        match client.simple_query("SELECT 1").await {
+            Ok(_) => Ok(AuthCheck::Accepted),
+            Err(e) => Err(classify(&e, &[secret])),
+        }
+    }
+
+    /// Which login of `principal`'s scheme `secret` opens, if any: the role
+    /// itself, or for alternating users either login of the pair.
+    pub async fn active_login(
+        &self,
+        principal: &str,
+        secret: &Secret,
+    ) -> Result<Option<String>, TargetError> {
+        let logins = match self.scheme(principal)? {
+            Scheme::Alternating { primary, clone } => vec![primary, clone],
+            _ => vec![principal.to_string()],
+        };
+        for l in logins {
+            if self.login(&l, secret).await? == AuthCheck::Accepted {
+                return Ok(Some(l));
+            }
+        }
+        Ok(None)
+    }
+}
+
+fn base_config(opts: &PostgresOptions) -> Config {
+    let mut c = Config::new();
+    c.host(&opts.admin.host)
+        .port(opts.admin.port)
+        .dbname(&opts.dbname)
+        .ssl_mode(SslMode::Disable)
+        .connect_timeout(CONNECT_TIMEOUT);
+    c
+}
+
+fn redacted(e: TargetError, secret: &Secret) -> TargetError {
+    match e {
+        TargetError::Unavailable(t) => TargetError::Unavailable(describe(&t, &[secret])),
+        TargetError::Rejected(t) => TargetError::Rejected(describe(&t, &[secret])),
+        TargetError::Internal(t) => TargetError::Internal(describe(&t, &[secret])),
+        TargetError::Injected => TargetError::Injected,
+    }
+}
+
+#[async_trait]
+impl Target for PostgresTarget {
+    fn kind(&self) -> TargetKind {
+        TargetKind::Postgres
+    }
+
+    fn policy(&self) -> SecretPolicy {
+        self.opts.policy
+    }
+
+    async fn add(&self, principal: &str, new: &Secret) -> Result<(), TargetError> {
+        match self.scheme(principal)? {
+            Scheme::Refuse | Scheme::Dual => Err(TargetError::Rejected(format!(
+                "PostgreSQL keeps one password per role, so a continuity rotation of {principal:?} \
+                 needs alternating users (an `alternating` entry or continuity = \"alternating\") \
+                 or continuity = \"overwrite\"; or rotate it with containment"
+            ))),
+            Scheme::Overwrite => {
+                self.exec(&Self::set_sql(principal, new, false)?, &[new])
+                    .await
+            }
+            Scheme::Alternating { primary, clone } => {
+                // The inactive login takes the new secret; the primary when
+                // neither is active.
+                let inactive = match self.can_login([&primary, &clone]).await? {
+                    [true, false] => clone,
+                    [false, true] | [false, false] => primary,
+                    // Both active: fine if `new` is what made the second one
+                    // active (a duplicate delivery of this task got there
+                    // first), else ambiguous.
+                    [true, true] if self.active_login(principal, new).await?.is_some() => {
+                        return Ok(())
+                    }
+                    [true, true] => {
+                        return Err(TargetError::Rejected(format!(
+                            "alternating users: both {primary:?} and {clone:?} can log in, so keywave cannot tell which one is in use; \
+                             give the unused one NOLOGIN (ALTER ROLE ... NOLOGIN PASSWORD NULL)"
+                        )))
+                    }
+                };
+                self.exec(&Self::set_sql(&inactive, new, true)?, &[new])
+                    .await
+            }
+        }
+    }
+
+    async fn replace(&self, principal: &str, new: &Secret) -> Result<(), TargetError> {
+        match self.scheme(principal)? {
+            Scheme::Refuse | Scheme::Dual | Scheme::Overwrite => {
+                self.exec(&Self::set_sql(principal, new, false)?, &[new])
+                    .await
+            }
+            Scheme::Alternating { primary, clone } => {
+                // Keep the login that already has `new` (a redelivery, or the
+                // revoke step after `add`), else take the inactive one; the
+                // other login is switched off in the same transaction.
+                let (target, other) = match self.active_login(principal, new).await? {
+                    Some(l) if l == primary => (primary.as_str(), clone.as_str()),
+                    Some(_) => (clone.as_str(), primary.as_str()),
+                    None => match self.can_login([&primary, &clone]).await? {
+                        [true, false] => (clone.as_str(), primary.as_str()),
+                        _ => (primary.as_str(), clone.as_str()),
+                    },
+                };
+                let sql = format!(
+                    "{}; {}",
+                    Self::deactivate_sql(other)?,
+                    Self::set_sql(target, new, true)?
+                );
+                self.exec(&sql, &[new]).await
+            }
+        }
+    }
+
+    async fn remove(&self, principal: &str, old: &Secret) -> Result<(), TargetError> {
+        match self.scheme(principal)? {
+            // One password: `old` is invalid unless it is the password.
+            Scheme::Refuse | Scheme::Dual | Scheme::Overwrite => {
+                if self.login(principal, old).await? == AuthCheck::Accepted {
+                    let sql = format!("ALTER ROLE {} PASSWORD NULL", quote_ident(principal)?);
+                    self.exec(&sql, &[old]).await?;
+                }
+                Ok(())
+            }
+            Scheme::Alternating { primary, clone } => {
+                for role in [&primary, &clone] {
+                    if self.login(role, old).await? == AuthCheck::Accepted {
+                        self.exec(&Self::deactivate_sql(role)?, &[old]).await?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn check(&self, principal: &str, secret: &Secret) -> Result<AuthCheck, TargetError> {
+        Ok(match self.active_login(principal, secret).await? {
+            Some(_) => AuthCheck::Accepted,
+            None => AuthCheck::Rejected,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::targets::db::Continuity;
+    use keywave_common::crypto::generate;
+    use keywave_tests::PostgresServer;
+    use postgres_protocol::escape::escape_identifier;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn identifiers_are_quoted_with_doubled_quotes() {
+        assert_eq!(quote_ident("app").unwrap(), "\"app\"");
+        assert_eq!(
+            quote_ident("x\"; DROP ROLE postgres; --").unwrap(),
+            "\"x\"\"; DROP ROLE postgres; --\""
+        );
+        assert_eq!(quote_ident("o'brien").unwrap(), "\"o'brien\"");
+        assert_eq!(quote_ident("\"").unwrap(), "\"\"\"\"");
+        assert_eq!(quote_ident("Ünïcødé").unwrap(), "\"Ünïcødé\"");
+        // The same as libpq's PQescapeIdentifier for everything we accept.
+        for name in [
+            "a",
+            "x\"; DROP ROLE postgres; --",
+            "o'brien",
+            "\\",
+            "a b\tc",
+        ] {
+            assert_eq!(quote_ident(name).unwrap(), escape_identifier(name));
+        }
+        assert!(matches!(quote_ident(""), Err(TargetError::Rejected(_))));
+        assert!(matches!(quote_ident("a\0b"), Err(TargetError::Rejected(_))));
+        assert!(quote_ident(&"r".repeat(63)).is_ok());
+        assert!(matches!(
+            quote_ident(&"r".repeat(64)),
+            Err(TargetError::Rejected(_))
+        ));
+        // 32 two-byte characters = 64 bytes: over the limit.
+        assert!(quote_ident(&"é".repeat(32)).is_err());
+    }
+
+    #[test]
+    fn verifier_is_a_safe_literal_never_the_secret() {
+        let s = generate(&SecretPolicy::default());
+        let lit = verifier_literal(&s).unwrap();
+        assert!(lit.starts_with("'SCRAM-SHA-256$4096:"), "{lit}");
+        assert!(lit.ends_with('\''));
+        assert!(!lit.contains(s.expose()));
+        assert_eq!(lit.matches('\'').count(), 2);
+        // A fresh salt every time.
+        assert_ne!(lit, verifier_literal(&s).unwrap());
+    }
+
+    /// A private server, a target on it and a helper to run admin SQL.
+    struct Fixture {
+        server: PostgresServer,
+        admin: Client,
+    }
+
+    impl Fixture {
+        async fn new() -> Fixture {
+            let server = tokio::task::spawn_blocking(PostgresServer::start)
+                .await
+                .unwrap();
+            let mut c = Config::new();
+            c.host("127.0.0.1")
+                .port(server.port())
+                .user("postgres")
+                .password(server.password())
+                .dbname("postgres");
+            let admin = match connect(&c).await {
+                Ok(c) => c,
+                Err(_) => panic!("admin connection"),
+            };
+            Fixture { server, admin }
+        }
+
+        fn options(&self, logins: Logins) -> PostgresOptions {
+            PostgresOptions {
+                admin: Admin {
+                    host: "127.0.0.1".into(),
+                    port: self.server.port(),
+                    user: "postgres".into(),
+                    password: Some(Secret::new(self.server.password().into())),
+                    tls: Tls::Disable,
+                    connections: 2,
+                },
+                dbname: "postgres".into(),
+                logins,
+                policy: SecretPolicy::default(),
+            }
+        }
+
+        async fn target(&self, logins: Logins) -> Arc<PostgresTarget> {
+            PostgresTarget::connect(self.options(logins)).await.unwrap()
+        }
+
+        /// Creates a login role with `password` (quoted by libpq's rules,
+        /// independently of the code under test).
+        async fn create_role(&self, name: &str, password: Option<&Secret>, login: bool) {
+            let pw = match password {
+                Some(p) => format!(" PASSWORD '{}'", p.expose()),
+                None => String::new(),
+            };
+            let sql = format!(
+                "CREATE ROLE {} {}{pw}",
+                escape_identifier(name),
+                if login { "LOGIN" } else { "NOLOGIN" }
+            );
+            self.admin.batch_execute(&sql).await.unwrap();
+        }
+
+        async fn roles(&self) -> Vec<String> {
+            self.admin
+                .query("SELECT rolname FROM pg_roles ORDER BY rolname", &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect()
+        }
+    }
+
+    fn unique(prefix: &str) -> String {
+        keywave_tests::unique(prefix).replace('-', "_")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn single_password_roles_against_real_postgres() {
+        let fx = Fixture::new().await;
+        let policy = SecretPolicy::default();
+        let role = unique("kw_role");
+        let (a, b, c) = (generate(&policy), generate(&policy), generate(&policy));
+        fx.create_role(&role, Some(&a), true).await;
+
+        // Default continuity: containment works, continuity is refused clearly.
+        let t = fx.target(Logins::default()).await;
+        assert_eq!(t.check(&role, &a).await.unwrap(), AuthCheck::Accepted);
+        assert_eq!(t.check(&role, &b).await.unwrap(), AuthCheck::Rejected);
+        let err = t.add(&role, &b).await.unwrap_err();
+        assert!(matches!(err, TargetError::Rejected(_)), "{err:?}");
+        assert!(err.to_string().contains("alternating"), "{err}");
+        assert_eq!(t.check(&role, &a).await.unwrap(), AuthCheck::Accepted);
+
+        t.replace(&role, &b).await.unwrap();
+        assert_eq!(t.check(&role, &b).await.unwrap(), AuthCheck::Accepted);
+        assert_eq!(t.check(&role, &a).await.unwrap(), AuthCheck::Rejected);
+        // The server stored a SCRAM verifier, never the clear secret.
+        let stored: String = fx
+            .admin
+            .query_one(
+                "SELECT rolpassword FROM pg_authid WHERE rolname = $1",
+                &[&role],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(stored.starts_with("SCRAM-SHA-256$4096:"));
+        assert!(!stored.contains(b.expose()));
+
+        // remove is idempotent and only touches a password it is given.
+        t.remove(&role, &a).await.unwrap();
+        assert_eq!(t.check(&role, &b).await.unwrap(), AuthCheck::Accepted);
+        t.remove(&role, &b).await.unwrap();
+        assert_eq!(t.check(&role, &b).await.unwrap(), AuthCheck::Rejected);
+
+        // Overwrite: add sets the one password.
+        let t = fx
+            .target(Logins {
+                continuity: Continuity::Overwrite,
+                ..Logins::default()
+            })
+            .await;
+        t.add(&role, &c).await.unwrap();
+        assert_eq!(t.check(&role, &c).await.unwrap(), AuthCheck::Accepted);
+
+        // Unknown role: rejected, not created.
+        let ghost = unique("kw_ghost");
+        assert!(matches!(
+            t.replace(&ghost, &a).await,
+            Err(TargetError::Rejected(_))
+        ));
+        assert_eq!(t.check(&ghost, &a).await.unwrap(), AuthCheck::Rejected);
+        assert!(!fx.roles().await.contains(&ghost));
+
+        // The admin login itself is never rotated.
+        assert!(matches!(
+            t.replace("postgres", &a).await,
+            Err(TargetError::Rejected(_))
+        ));
+        fx.admin
+            .batch_execute(&format!("DROP ROLE {}", escape_identifier(&role)))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn alternating_users_against_real_postgres() {
+        let fx = Fixture::new().await;
+        let policy = SecretPolicy::default();
+        let app = unique("kw_app");
+        let clone = format!("{app}_b");
+        let today = generate(&policy);
+        fx.create_role(&app, Some(&today), true).await;
+        fx.create_role(&clone, None, false).await;
+        let t = fx
+            .target(Logins {
+                alternating: BTreeMap::from([(app.clone(), clone.clone())]),
+                ..Logins::default()
+            })
+            .await;
+        assert_eq!(
+            t.active_login(&app, &today).await.unwrap(),
+            Some(app.clone())
+        );
+
+        // Continuity: add puts the new secret on the inactive login, both work
+        // until the old one is removed.
+        let next = generate(&policy);
+        t.add(&app, &next).await.unwrap();
+        assert_eq!(
+            t.active_login(&app, &next).await.unwrap(),
+            Some(clone.clone())
+        );
+        assert_eq!(t.check(&app, &today).await.unwrap(), AuthCheck::Accepted);
+        t.remove(&app, &today).await.unwrap();
+        t.remove(&app, &today).await.unwrap();
+        assert_eq!(t.check(&app, &today).await.unwrap(), AuthCheck::Rejected);
+        assert_eq!(t.check(&app, &next).await.unwrap(), AuthCheck::Accepted);
+        assert_eq!(t.can_login([&app, &clone]).await.unwrap(), [false, true]);
+
+        // The next rotation alternates back.
+        let third = generate(&policy);
+        t.add(&app, &third).await.unwrap();
+        assert_eq!(
+            t.active_login(&app, &third).await.unwrap(),
+            Some(app.clone())
+        );
+        t.remove(&app, &next).await.unwrap();
+
+        // Containment moves to the other login and switches this one off at
+        // once; a repeated replace keeps it where it is.
+        let fourth = generate(&policy);
+        t.replace(&app, &fourth).await.unwrap();
+        assert_eq!(t.check(&app, &third).await.unwrap(), AuthCheck::Rejected);
+        assert_eq!(
+            t.active_login(&app, &fourth).await.unwrap(),
+            Some(clone.clone())
+        );
+        t.replace(&app, &fourth).await.unwrap();
+        assert_eq!(
+            t.active_login(&app, &fourth).await.unwrap(),
+            Some(clone.clone())
+        );
+        assert_eq!(t.can_login([&app, &clone]).await.unwrap(), [false, true]);
+
+        // Both logins active: add refuses instead of guessing.
+        fx.admin
+            .batch_execute(&format!("ALTER ROLE {} LOGIN", escape_identifier(&app)))
+            .await
+            .unwrap();
+        assert!(matches!(
+            t.add(&app, &generate(&policy)).await,
+            Err(TargetError::Rejected(_))
+        ));
+        // A missing clone is a clear error.
+        let lonely = unique("kw_lonely");
+        fx.create_role(&lonely, Some(&today), true).await;
+        let t2 = fx
+            .target(Logins {
+                continuity: Continuity::Alternating,
+                ..Logins::default()
+            })
+            .await;
+        let err = t2.add(&lonely, &next).await.unwrap_err();
+        assert!(err.to_string().contains("does not exist"), "{err}");
+        for r in [&app, &clone, &lonely] {
+            fx.admin
+                .batch_execute(&format!("DROP ROLE {}", escape_identifier(r)))
+                .await
+                .unwrap();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hostile_role_names_change_nothing_else() {
+        let fx = Fixture::new().await;
+        let policy = SecretPolicy {
+            length: 64,
+            charset: keywave_common::crypto::Charset::AlphanumericSymbols,
+        };
+        fx.admin
+            .batch_execute("CREATE TABLE canary (v text); INSERT INTO canary VALUES ('alive')")
+            .await
+            .unwrap();
+        let hostile = [
+            "x\"; DROP ROLE postgres; --".to_string(),
+            "o'brien".to_string(),
+            "x'; DROP TABLE canary; --".to_string(),
+            "\"".to_string(),
+            "a\\b".to_string(),
+            "$$; DROP TABLE canary; $$".to_string(),
+        ];
+        for name in &hostile {
+            fx.create_role(name, Some(&generate(&policy)), true).await;
+        }
+        let before = fx.roles().await;
+        let t = fx.target(Logins::default()).await;
+        for name in &hostile {
+            let s = generate(&policy);
+            t.replace(name, &s).await.unwrap();
+            assert_eq!(
+                t.check(name, &s).await.unwrap(),
+                AuthCheck::Accepted,
+                "{name}"
+            );
+        }
+        // Names the server would truncate or cannot carry are refused.
+        for bad in ["r".repeat(64), "a\0b".to_string(), String::new()] {
+            assert!(matches!(
+                t.replace(&bad, &generate(&policy)).await,
+                Err(TargetError::Rejected(_))
+            ));
+        }
+        assert_eq!(fx.roles().await, before);
+        let canary: String = fx
+            .admin
+            .query_one("SELECT v FROM canary", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(canary, "alive");
+        // The superuser still logs in with its own password.
+        assert!(fx.server.psql("SELECT 1").is_ok());
+    }
+
+    #[tokio::test]
+    async fn unreachable_server_is_unavailable_and_tls_require_is_refused() {
+        let opts = PostgresOptions {
+            admin: Admin {
+                host: "127.0.0.1".into(),
+                port: 1,
+                user: "postgres".into(),
+                password: None,
+                tls: Tls::Disable,
+                connections: 1,
+            },
+            dbname: "postgres".into(),
+            logins: Logins::default(),
+            policy: SecretPolicy::default(),
+        };
+        let s = generate(&SecretPolicy::default());
+        let t = PostgresTarget::new(opts.clone()).unwrap();
+        assert!(matches!(
+            t.check("app", &s).await,
+            Err(TargetError::Unavailable(_))
+        ));
+        assert!(matches!(
+            t.replace("app", &s).await,
+            Err(TargetError::Unavailable(_))
+        ));
+        assert!(matches!(
+            PostgresTarget::connect(opts.clone()).await,
+            Err(TargetError::Unavailable(_))
+        ));
+        let mut tls = opts;
+        tls.admin.tls = Tls::Require;
+        assert!(matches!(
+            PostgresTarget::new(tls),
+            Err(TargetError::Internal(_))
+        ));
+    }
+}
