@@ -9,7 +9,7 @@ use chacha20poly1305::{
     XChaCha20Poly1305, XNonce,
 };
 use hmac::{Hmac, Mac};
-use rand::{rngs::OsRng, Rng, RngCore};
+use rand::{rngs::OsRng, RngCore};
 use sha2::Sha256;
 use thiserror::Error;
 use zeroize::{Zeroize, ZeroizeOnDrop};
@@ -81,11 +81,27 @@ impl Default for SecretPolicy {
 /// alphabet with the OS CSPRNG.
 pub fn generate(policy: &SecretPolicy) -> Secret {
     let alphabet = policy.charset.alphabet();
-    let mut rng = OsRng;
-    let s: String = (0..policy.length.max(16))
-        .map(|_| alphabet[rng.gen_range(0..alphabet.len())] as char)
-        .collect();
-    Secret(s)
+    let len = policy.length.max(16);
+    // Random bytes come from the OS in blocks (one system call per block,
+    // not per character) and are mapped by rejection sampling: a byte is
+    // used only below the largest multiple of the alphabet size, so every
+    // character is exactly uniform.
+    let limit = 256 - (256 % alphabet.len());
+    let mut out = String::with_capacity(len);
+    let mut block = [0u8; 128];
+    while out.len() < len {
+        OsRng.fill_bytes(&mut block);
+        for &b in &block {
+            if (b as usize) < limit {
+                out.push(alphabet[b as usize % alphabet.len()] as char);
+                if out.len() == len {
+                    break;
+                }
+            }
+        }
+    }
+    block.zeroize();
+    Secret(out)
 }
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -222,6 +238,27 @@ mod tests {
         assert!(s.expose().bytes().all(|b| b.is_ascii_hexdigit()));
         assert_ne!(generate(&p), s);
         assert_eq!(format!("{s:?}"), "Secret(<redacted>)");
+    }
+
+    #[test]
+    fn every_charset_and_length_is_honoured() {
+        for charset in [
+            Charset::Alphanumeric,
+            Charset::AlphanumericSymbols,
+            Charset::Hex,
+        ] {
+            for length in [16, 17, 129, 300] {
+                let s = generate(&SecretPolicy { length, charset });
+                assert_eq!(s.expose().len(), length);
+                assert!(s.expose().bytes().all(|b| charset.alphabet().contains(&b)));
+            }
+        }
+        // Short policies are raised to 16 characters.
+        let s = generate(&SecretPolicy {
+            length: 4,
+            charset: Charset::Hex,
+        });
+        assert_eq!(s.expose().len(), 16);
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! `keywave bench`: one whole campaign of simulated credentials, end to end,
-//! measured, next to a measurement of the bare broker path on the same
-//! server. In: a NATS URL (or a self-started `nats-server`), the fleet's
-//! size and shape. Out: a [`BenchReport`] (throughput, per-step latency
-//! percentiles read back from `KEYWAVE_RESULTS`, peak resident memory, and
-//! keywave's throughput as a ratio of the baseline's).
+//! measured, next to the bare broker path on the same server (measured
+//! before and after the campaign). In: a NATS URL (or a self-started
+//! `nats-server`), the fleet's size and shape. Out: a [`BenchReport`]
+//! (throughput, per-step latency percentiles read back from
+//! `KEYWAVE_RESULTS`, peak resident memory and CPU per credential of each
+//! process, and keywave's throughput as a ratio of the baseline's). Method
+//! and results: BENCHMARKS.md.
 //!
 //! Two modes. In-process (the default) runs the workers and the coordinator
 //! inside this process, like `keywave dev`: its peak memory is that of the
@@ -180,6 +182,8 @@ pub struct BenchReport {
     pub state: CampaignState,
     pub succeeded: u64,
     pub failed: u64,
+    /// Failed tasks by error class (`deadline_exceeded`, `no_result`, ...).
+    pub failures: BTreeMap<String, u64>,
     /// From the start request to the campaign's creation (inventory
     /// selection and plan writing), part of `elapsed_s`.
     pub plan_s: f64,
@@ -232,11 +236,23 @@ impl BenchReport {
         );
         let _ = writeln!(
             out,
-            "  campaign {} {}: {} succeeded, {} failed, waves {}",
+            "  campaign {} {}: {} succeeded, {} failed{}, waves {}",
             self.campaign_id,
             self.state,
             self.succeeded,
             self.failed,
+            if self.failures.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " ({})",
+                    self.failures
+                        .iter()
+                        .map(|(k, v)| format!("{k} {v}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            },
             self.waves.join(",")
         );
         let _ = writeln!(
@@ -790,6 +806,13 @@ async fn run_on(
         state: status.state,
         succeeded: status.succeeded(),
         failed: status.failed(),
+        failures: status.waves.iter().flat_map(|w| w.failures.iter()).fold(
+            BTreeMap::new(),
+            |mut m, (class, n)| {
+                *m.entry(class.clone()).or_insert(0) += n;
+                m
+            },
+        ),
         plan_s: (status.created_at_ms.saturating_sub(start_ms) as f64 / 1000.0),
         inventory_s,
         enroll_s,
@@ -1701,6 +1724,7 @@ mod tests {
             state: CampaignState::Completed,
             succeeded: 1,
             failed: 0,
+            failures: BTreeMap::new(),
             plan_s: 0.1,
             inventory_s: 0.1,
             enroll_s: 0.1,

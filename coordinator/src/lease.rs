@@ -161,6 +161,12 @@ impl Lease {
         instance: &str,
     ) -> Result<Option<Lease>, LeaseError> {
         let revision = match look(kv).await? {
+            // Our own record, left by this very process after it stopped
+            // trusting its lease (a renewal starved past the trusted window):
+            // nobody wrote since, and the compare-and-set below fails if
+            // anybody does first, so taking it back is safe and avoids
+            // standing by for our own expiry.
+            Seen::Held { record, revision } if record.instance == instance => revision,
             Seen::Held { .. } => return Ok(None),
             Seen::Free { revision } => revision,
         };

@@ -740,15 +740,23 @@ impl Engine {
                 )))
             };
         }
-        let creds = inventory::list(&self.inventory, &spec.selector)
-            .await
-            .map_err(internal)?;
-        if creds.is_empty() {
+        // Only the plan entries are kept while scanning (not whole inventory
+        // records): the selection of a million credentials stays in the
+        // low hundreds of megabytes at its peak.
+        let entries: Vec<PlanEntry> = inventory::select(
+            &self.inventory,
+            &spec.selector,
+            |c| PlanEntry::from(&c),
+            |e| e.id.as_str(),
+        )
+        .await
+        .map_err(internal)?;
+        if entries.is_empty() {
             return Err(RequestError::BadRequest(
                 "the selector matches no credential in the inventory (import some with `keywave inventory import`, or check the selector)".into(),
             ));
         }
-        let total = creds.len() as u64;
+        let total = entries.len() as u64;
         let sizes = planner::wave_sizes(total, &spec.waves);
         if sizes.len() > MAX_WAVES {
             return Err(RequestError::BadRequest(format!(
@@ -756,8 +764,6 @@ impl Engine {
                 sizes.len()
             )));
         }
-        let entries: Vec<PlanEntry> = creds.iter().map(PlanEntry::from).collect();
-        drop(creds);
         let manifest = plan::write(&self.campaigns, &cid, &entries)
             .await
             .map_err(internal)?;
