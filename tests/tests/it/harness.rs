@@ -138,16 +138,40 @@ async fn cluster_forms_and_survives_one_node_kill() {
     .expect("stream readable through the restarted node");
     assert!(n >= 2);
 
-    let consumer = js0
-        .get_stream(&name)
-        .await
-        .unwrap()
-        .create_consumer(async_nats::jetstream::consumer::pull::Config::default())
-        .await
-        .unwrap();
-    let mut msgs = consumer.fetch().max_messages(10).messages().await.unwrap();
-    let first = msgs.next().await.unwrap().unwrap();
-    assert_eq!(&first.payload[..], b"before");
+    // A restarted node may report the stream before its replica (or the
+    // consumer's) has caught up, so an early fetch can come back empty: read
+    // the first message through a durable consumer, retrying until it arrives.
+    let durable = unique("reader");
+    let first = wait_for(Duration::from_secs(30), || {
+        let js0 = js0.clone();
+        let name = name.clone();
+        let durable = durable.clone();
+        async move {
+            let stream = js0.get_stream(&name).await.ok()?;
+            let consumer = stream
+                .get_or_create_consumer(
+                    &durable,
+                    async_nats::jetstream::consumer::pull::Config {
+                        durable_name: Some(durable.clone()),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .ok()?;
+            let mut msgs = consumer
+                .fetch()
+                .max_messages(1)
+                .expires(Duration::from_secs(2))
+                .messages()
+                .await
+                .ok()?;
+            let msg = msgs.next().await?.ok()?;
+            Some(msg.payload.to_vec())
+        }
+    })
+    .await
+    .expect("first message readable through the restarted node");
+    assert_eq!(&first[..], b"before");
 }
 
 #[tokio::test]
