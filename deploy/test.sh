@@ -143,6 +143,16 @@ cargo fmt --all -- --check
 step "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
+# Supply chain (deny.toml): licenses, banned crates (the unmaintained
+# `backoff`, a second TLS stack) and sources. The
+# advisory database needs the network (see deny.toml).
+if cargo deny --version >/dev/null 2>&1; then
+    step "cargo deny check bans licenses sources"
+    cargo deny check bans licenses sources
+else
+    echo "cargo-deny not installed: supply-chain checks skipped (cargo install cargo-deny --locked)"
+fi
+
 timeout_="${KEYWAVE_TEST_TIMEOUT:-15m}"
 if cargo nextest --version >/dev/null 2>&1; then
     step "Tests with cargo-nextest ($(cargo nextest --version | head -n 1)), bounded by $timeout_"

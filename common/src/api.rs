@@ -13,6 +13,7 @@ pub mod verbs {
     pub const CAMPAIGN_PAUSE: &str = "campaign.pause";
     pub const CAMPAIGN_RESUME: &str = "campaign.resume";
     pub const CAMPAIGN_ABORT: &str = "campaign.abort";
+    pub const CAMPAIGN_APPROVE: &str = "campaign.approve";
     pub const PING: &str = "ping";
 }
 
@@ -65,6 +66,21 @@ pub struct CampaignRef {
     pub campaign_id: String,
 }
 
+/// Longest `by` of an approval, in bytes.
+pub const MAX_APPROVER_LEN: usize = 128;
+
+/// `campaign.approve`: lets a wave that waits for approval start.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApproveRequest {
+    pub campaign_id: String,
+    /// The wave to approve; by default the one the campaign waits at (or
+    /// else its next gated wave).
+    #[serde(default)]
+    pub wave: Option<u32>,
+    /// Who approves (recorded in the `approved` event).
+    pub by: String,
+}
+
 /// One wave as the coordinator sees it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct WaveStatus {
@@ -92,6 +108,14 @@ pub struct WaveStatus {
     pub started_at_ms: Option<u64>,
     #[serde(default)]
     pub finished_at_ms: Option<u64>,
+    /// The wave waits for a human approval before it starts.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub approval_required: bool,
+    /// Who approved it, when it needed an approval and got one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approved_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approved_at_ms: Option<u64>,
 }
 
 /// A campaign's snapshot (also what the coordinator keeps in the

@@ -22,6 +22,13 @@ pub const TRACEPARENT: &str = "traceparent";
 /// Largest message body keywave accepts (tasks and results are a few hundred bytes).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
+/// Deepest nesting accepted in a MessagePack body. keywave's messages nest
+/// four levels at most; rmp-serde's own default (1,024) recurses deep enough
+/// to overflow a 2 MiB thread stack in a debug build, so a hostile payload
+/// of nested one-element arrays could crash a worker. JSON bodies are bounded
+/// by serde_json's recursion limit (128).
+pub const MAX_DEPTH: usize = 32;
+
 // The header names as prebuilt `HeaderName`s: building one from a `&str`
 // validates and copies it, once per insert and once per lookup, on every
 // message of the hot path.
@@ -127,12 +134,18 @@ struct Probe {
     v: u16,
 }
 
-fn from_bytes<T: DeserializeOwned>(format: Format, payload: &[u8]) -> Result<T, CodecError> {
+/// Decodes a body in `format` with no size or version check (callers apply
+/// their own size limit), nesting bounded by [`MAX_DEPTH`] / serde_json.
+pub fn from_bytes<T: DeserializeOwned>(format: Format, payload: &[u8]) -> Result<T, CodecError> {
     match format {
-        Format::MsgPack => rmp_serde::from_slice(payload).map_err(|e| CodecError::Malformed {
-            format: "msgpack",
-            detail: truncate(e.to_string()),
-        }),
+        Format::MsgPack => {
+            let mut de = rmp_serde::Deserializer::from_read_ref(payload);
+            de.set_max_depth(MAX_DEPTH);
+            T::deserialize(&mut de).map_err(|e| CodecError::Malformed {
+                format: "msgpack",
+                detail: truncate(e.to_string()),
+            })
+        }
         Format::Json => serde_json::from_slice(payload).map_err(|e| CodecError::Malformed {
             format: "json",
             detail: truncate(e.to_string()),
@@ -356,5 +369,44 @@ mod tests {
         let bytes = encode(Format::Json, &t).unwrap();
         let back: RotationTask = decode(None, &bytes).unwrap();
         assert_eq!(back, t);
+    }
+
+    /// Nesting is bounded too: a payload that is all brackets (JSON) or all
+    /// one-element arrays (MessagePack), as deep as the size limit allows,
+    /// is a typed error and never exhausts the stack.
+    #[test]
+    fn deeply_nested_payloads_are_malformed_not_a_crash() {
+        let deep_json = format!(
+            "{{\"v\":1,\"x\":{}{}}}",
+            "[".repeat(60_000),
+            "]".repeat(60_000)
+        );
+        let json = headers(Format::Json, "m");
+        assert!(deep_json.len() > MAX_MESSAGE_BYTES);
+        assert!(matches!(
+            decode::<RotationTask>(Some(&json), deep_json.as_bytes()),
+            Err(CodecError::Oversized { .. })
+        ));
+        let nested = format!(
+            "{{\"v\":1,\"x\":{}{}}}",
+            "[".repeat(30_000),
+            "]".repeat(30_000)
+        );
+        assert!(nested.len() < MAX_MESSAGE_BYTES);
+        assert!(matches!(
+            decode::<RotationTask>(Some(&json), nested.as_bytes()),
+            Err(CodecError::Malformed { .. })
+        ));
+
+        // fixmap{ "v": 1, "x": [[[[...]]]] } in MessagePack: 0x91 is a
+        // one-element array.
+        let mut deep_mp = vec![0x82, 0xa1, b'v', 0x01, 0xa1, b'x'];
+        deep_mp.extend(std::iter::repeat_n(0x91, 60_000));
+        deep_mp.push(0xc0);
+        let mp = headers(Format::MsgPack, "m");
+        assert!(matches!(
+            decode::<RotationTask>(Some(&mp), &deep_mp),
+            Err(CodecError::Malformed { .. })
+        ));
     }
 }

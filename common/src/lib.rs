@@ -8,14 +8,19 @@
 //! - [`wire`]: versioned message types (tasks, results, campaigns, events, inventory).
 //! - [`detect`]: leak detections (`keywave.detect.<source>`), their streams and keyed detection fingerprints.
 //! - [`api`]: request/response bodies of the operator API under `keywave.api.v1.`.
+//! - [`admin`]: request/response bodies of the workers' admin service under `keywave.admin.v1.<region>.` (reconcile, discover).
 //! - [`codec`]: MessagePack / JSON encoding chosen by `Content-Type`, with size and version checks.
 //! - [`topology`]: streams, consumers and KV buckets, created idempotently.
 //! - [`nats`]: connecting to a comma-separated list of NATS servers with keywave's client settings.
 //! - [`publish`]: JetStream publishing with `Nats-Msg-Id` and bounded windows of un-awaited acks.
 //! - [`crypto`]: secret generation, fingerprints and the regional AEAD.
 //! - [`planner`]: pure wave sizing and the failure-budget rule.
+//! - [`sign`]: Ed25519 signatures of tasks (coordinator signs, workers verify).
+//! - [`audit`]: the hash-chained audit records of `KEYWAVE_AUDIT` and their verification.
 
+pub mod admin;
 pub mod api;
+pub mod audit;
 pub mod codec;
 pub mod crypto;
 pub mod detect;
@@ -23,6 +28,7 @@ pub mod ids;
 pub mod nats;
 pub mod planner;
 pub mod publish;
+pub mod sign;
 pub mod subjects;
 pub mod topology;
 pub mod wire;

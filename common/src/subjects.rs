@@ -34,6 +34,14 @@ pub fn event_campaign_filter(campaign: &str) -> String {
     format!("keywave.event.{campaign}.>")
 }
 
+/// A campaign's audit chain: `keywave.audit.<campaign>` (see [`crate::audit`]).
+pub fn audit(campaign: &str) -> String {
+    format!("keywave.audit.{campaign}")
+}
+
+/// Filter matching every audit chain.
+pub const AUDIT_ALL: &str = "keywave.audit.>";
+
 /// A leak detection from a named source: `keywave.detect.<source>`.
 pub fn detect(source: &str) -> String {
     format!("keywave.detect.{source}")
@@ -57,6 +65,17 @@ pub fn dead_letter(region: &str) -> String {
 /// The operator API: `keywave.api.v1.<verb>`, e.g. `keywave.api.v1.campaign.start`.
 pub fn api(verb: &str) -> String {
     format!("keywave.api.v1.{verb}")
+}
+
+/// The workers' admin service of one region: `keywave.admin.v1.<region>.<verb>`
+/// (verbs in [`crate::admin::verbs`]), answered by one worker of the region.
+pub fn admin(region: &str, verb: &str) -> String {
+    format!("keywave.admin.v1.{region}.{verb}")
+}
+
+/// Filter matching every admin request of one region.
+pub fn admin_region_filter(region: &str) -> String {
+    format!("keywave.admin.v1.{region}.>")
 }
 
 /// Parses `keywave.task.<region>.<campaign>` into its region and campaign.

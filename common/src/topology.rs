@@ -8,6 +8,7 @@
 //! | results | `KEYWAVE_RESULTS` on `keywave.result.>` | limits (audit, replayed by a restarted coordinator) |
 //! | events | `KEYWAVE_EVENTS` on `keywave.event.>` | limits (the audit trail of decisions) |
 //! | dead letters | `KEYWAVE_DEADLETTER` on `keywave.deadletter.>` | limits |
+//! | audit | `KEYWAVE_AUDIT` on `keywave.audit.>` | limits; one hash chain per campaign (see [`crate::audit`]) |
 //! | detections | `KEYWAVE_DETECTIONS` on `keywave.detect.>` | limits (see [`crate::detect`]) |
 //! | rotation notices | `KEYWAVE_ROTATED` on `keywave.rotated.>` | limits, latest per credential |
 //! | inventory | KV `keywave-inventory` | latest value per credential |
@@ -33,6 +34,8 @@ pub const STREAM_TASKS: &str = "KEYWAVE_TASKS";
 pub const STREAM_RESULTS: &str = "KEYWAVE_RESULTS";
 pub const STREAM_EVENTS: &str = "KEYWAVE_EVENTS";
 pub const STREAM_DEADLETTER: &str = "KEYWAVE_DEADLETTER";
+/// The hash-chained audit trail (see [`crate::audit`]).
+pub const STREAM_AUDIT: &str = "KEYWAVE_AUDIT";
 pub const KV_INVENTORY: &str = "keywave-inventory";
 pub const KV_CAMPAIGNS: &str = "keywave-campaigns";
 pub const STREAM_ADVISORIES: &str = "KEYWAVE_ADVISORIES";
@@ -205,6 +208,11 @@ pub async fn ensure_core(js: &Context, cfg: &Config) -> Result<(), TopologyError
             "keywave.deadletter.>",
             "keywave dead-lettered messages",
         ),
+        (
+            STREAM_AUDIT,
+            "keywave.audit.>",
+            "keywave audit trail: hash chains of events and result digests, one per campaign",
+        ),
     ] {
         stream(
             js,
@@ -346,6 +354,152 @@ pub async fn ensure_region(
     )
     .await?;
     Ok((consumer, secrets))
+}
+
+/// Why a region's consumer or secret store could not be bound.
+#[derive(Debug)]
+enum BindError {
+    /// The stream, consumer or bucket does not exist (yet).
+    Missing(String),
+    /// Anything else: no answer (a request the NATS user may not send
+    /// times out), a server error.
+    Failed(TopologyError),
+}
+
+fn not_found(e: &async_nats::jetstream::Error) -> bool {
+    use async_nats::jetstream::ErrorCode;
+    matches!(
+        e.error_code(),
+        ErrorCode::STREAM_NOT_FOUND | ErrorCode::CONSUMER_NOT_FOUND
+    )
+}
+
+/// The hint added to a lookup that got no answer: with least-privilege
+/// NATS users a denied request is dropped by the server and times out.
+fn permission_hint(subject: &str) -> String {
+    format!(
+        " (no answer: if the server uses per-user permissions, e.g. deploy/nats-secure.conf, this NATS user must be allowed to publish to {subject} and to subscribe to its inbox prefix)"
+    )
+}
+
+/// Looks up a region's existing task consumer and secret store without
+/// creating anything, with exactly the requests a least-privilege worker
+/// may send: `$JS.API.CONSUMER.INFO.KEYWAVE_TASKS.workers-<region>` and
+/// `$JS.API.STREAM.INFO.KV_keywave-secrets-<region>`.
+async fn bind_region_inner(
+    js: &Context,
+    region: &str,
+) -> Result<(jetstream::consumer::Consumer<pull::Config>, kv::Store), BindError> {
+    use async_nats::jetstream::{
+        context::{GetStreamErrorKind, KeyValueErrorKind},
+        stream::ConsumerErrorKind,
+    };
+    let name = worker_consumer(region);
+    let consumer = match js
+        .get_consumer_from_stream::<pull::Config, _, _>(&name, STREAM_TASKS)
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            return Err(match e.kind() {
+                ConsumerErrorKind::JetStream(j) if not_found(&j) => {
+                    BindError::Missing(format!("consumer {STREAM_TASKS}/{name}"))
+                }
+                ConsumerErrorKind::TimedOut | ConsumerErrorKind::Request => {
+                    BindError::Failed(terr(
+                        format!("consumer {name}"),
+                        format!(
+                            "{e}{}",
+                            permission_hint(&format!(
+                                "$JS.API.CONSUMER.INFO.{STREAM_TASKS}.{name}"
+                            ))
+                        ),
+                    ))
+                }
+                _ => BindError::Failed(terr(format!("consumer {name}"), e)),
+            })
+        }
+    };
+    let bucket = kv_secrets(region);
+    let stream = format!("KV_{bucket}");
+    match js.get_stream(&stream).await {
+        Ok(_) => {}
+        Err(e) => {
+            return Err(match e.kind() {
+                GetStreamErrorKind::JetStream(j) if not_found(&j) => {
+                    BindError::Missing(format!("bucket {bucket}"))
+                }
+                GetStreamErrorKind::Request => BindError::Failed(terr(
+                    format!("bucket {bucket}"),
+                    format!(
+                        "{e}{}",
+                        permission_hint(&format!("$JS.API.STREAM.INFO.{stream}"))
+                    ),
+                )),
+                _ => BindError::Failed(terr(format!("bucket {bucket}"), e)),
+            })
+        }
+    }
+    let store = js.get_key_value(&bucket).await.map_err(|e| {
+        BindError::Failed(match e.kind() {
+            KeyValueErrorKind::GetBucket => terr(
+                format!("bucket {bucket}"),
+                format!(
+                    "{e}{}",
+                    permission_hint(&format!("$JS.API.STREAM.INFO.{stream}"))
+                ),
+            ),
+            _ => terr(format!("bucket {bucket}"), e),
+        })
+    })?;
+    Ok((consumer, store))
+}
+
+/// A region's task consumer and secret store, looked up without creating
+/// anything (see [`bind_or_ensure_region`]). Fails when either is missing.
+pub async fn bind_region(
+    js: &Context,
+    region: &str,
+) -> Result<(jetstream::consumer::Consumer<pull::Config>, kv::Store), TopologyError> {
+    crate::ids::validate("region", region).map_err(|e| terr("region", e))?;
+    bind_region_inner(js, region).await.map_err(|e| match e {
+        BindError::Missing(what) => terr(
+            what,
+            "does not exist: create the topology first (start the coordinator with --regions, which creates each region's consumer and secret store)",
+        ),
+        BindError::Failed(e) => e,
+    })
+}
+
+/// How a worker gets its region's consumer and secret store: bind to the
+/// existing ones first (a least-privilege worker may only look them up), and
+/// only when one is missing create the whole topology ([`ensure_core`] and
+/// [`ensure_region`]), as a single-user development setup needs. A lookup
+/// that fails for any other reason (no answer because the user lacks
+/// permission, a server error) is returned as is, with a hint.
+pub async fn bind_or_ensure_region(
+    js: &Context,
+    region: &str,
+    cfg: &Config,
+) -> Result<(jetstream::consumer::Consumer<pull::Config>, kv::Store), TopologyError> {
+    crate::ids::validate("region", region).map_err(|e| terr("region", e))?;
+    match bind_region_inner(js, region).await {
+        Ok(bound) => Ok(bound),
+        Err(BindError::Missing(what)) => {
+            tracing::info!(region, missing = %what, "Region topology incomplete; creating it");
+            let created = match ensure_core(js, cfg).await {
+                Ok(()) => ensure_region(js, region, cfg).await,
+                Err(e) => Err(e),
+            };
+            created.map_err(|e| TopologyError {
+                what: what.clone(),
+                detail: format!(
+                    "does not exist, and creating it failed ({e}); with least-privilege NATS users only the coordinator creates the topology: start keywave-coordinator --regions {region} first"
+                ),
+            })
+        }
+        Err(BindError::Failed(e)) => Err(e),
+    }
 }
 
 /// A JetStream context whose publishes block (rather than fail) once 5,000

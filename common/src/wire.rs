@@ -523,6 +523,10 @@ pub struct CampaignSpec {
     pub on_failure: OnFailure,
     /// How long a task may take before it counts as failed, in milliseconds.
     pub task_timeout_ms: u64,
+    /// Waves (numbered from 0) that wait for a human approval
+    /// (`keywave campaign approve`) before they start.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approve_before_waves: Vec<u32>,
 }
 
 impl CampaignSpec {
@@ -543,6 +547,9 @@ impl CampaignSpec {
         for r in &self.selector.regions {
             crate::ids::validate("selector region", r).map_err(|e| e.to_string())?;
         }
+        if self.approve_before_waves.len() > 1_000 {
+            return Err("approve_before_waves: at most 1000 approval gates".into());
+        }
         Ok(())
     }
 }
@@ -554,6 +561,8 @@ pub enum CampaignState {
     Running,
     Baking,
     Paused,
+    /// Waiting for `keywave campaign approve` before the current wave starts.
+    AwaitingApproval,
     RollingBack,
     RolledBack,
     Completed,
@@ -572,6 +581,7 @@ impl CampaignState {
             CampaignState::Running => "running",
             CampaignState::Baking => "baking",
             CampaignState::Paused => "paused",
+            CampaignState::AwaitingApproval => "awaiting_approval",
             CampaignState::RollingBack => "rolling_back",
             CampaignState::RolledBack => "rolled_back",
             CampaignState::Completed => "completed",
@@ -608,6 +618,8 @@ pub struct CampaignEvent {
     pub kind: EventKind,
 }
 
+// `Created` carries the whole spec; events are few and short-lived.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum EventKind {
@@ -652,6 +664,16 @@ pub enum EventKind {
         state: CampaignState,
         reason: String,
     },
+    /// The campaign reached a wave that needs a human approval.
+    ApprovalRequired {
+        wave: u32,
+        size: u64,
+    },
+    /// A human approved the wave (`keywave campaign approve`).
+    Approved {
+        wave: u32,
+        by: String,
+    },
     DeadLetter {
         region: String,
         task_id: Option<String>,
@@ -671,6 +693,8 @@ impl EventKind {
             EventKind::RollbackRefused { .. } => "rollback_refused",
             EventKind::RollbackFinished { .. } => "rollback_finished",
             EventKind::StateChanged { .. } => "state_changed",
+            EventKind::ApprovalRequired { .. } => "approval_required",
+            EventKind::Approved { .. } => "approved",
             EventKind::DeadLetter { .. } => "dead_letter",
         }
     }

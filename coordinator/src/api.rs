@@ -10,13 +10,14 @@
 //! | `campaign.status` | [`CampaignRef`] | [`CampaignStatus`](keywave_common::api::CampaignStatus) |
 //! | `campaign.list` | (empty) | list of [`CampaignSummary`](keywave_common::api::CampaignSummary) |
 //! | `campaign.pause`, `.resume`, `.abort` | [`CampaignRef`] | `CampaignStatus` after the change |
+//! | `campaign.approve` | [`ApproveRequest`] | `CampaignStatus` after the approval |
 //! | `ping` | (empty) | [`Pong`] |
 
 use crate::engine::{ControlAction, CoordinatorError, Engine, RequestError, API_CONCURRENCY};
 use bytes::Bytes;
 use futures::StreamExt;
 use keywave_common::{
-    api::{verbs, ApiReply, CampaignRef, StartRequest},
+    api::{verbs, ApiReply, ApproveRequest, CampaignRef, StartRequest},
     codec, subjects,
 };
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -111,10 +112,8 @@ fn parse<T: DeserializeOwned>(
             payload.len()
         )));
     }
-    match codec::format_of(headers).map_err(|e| bad(e.to_string()))? {
-        codec::Format::Json => serde_json::from_slice(payload).map_err(|e| bad(e.to_string())),
-        codec::Format::MsgPack => rmp_serde::from_slice(payload).map_err(|e| bad(e.to_string())),
-    }
+    let format = codec::format_of(headers).map_err(|e| bad(e.to_string()))?;
+    codec::from_bytes(format, payload).map_err(|e| bad(e.to_string()))
 }
 
 /// Handles one request; always returns a reply body.
@@ -148,6 +147,13 @@ pub(crate) async fn handle(
         verbs::CAMPAIGN_PAUSE => reply(control(ControlAction::Pause).await),
         verbs::CAMPAIGN_RESUME => reply(control(ControlAction::Resume).await),
         verbs::CAMPAIGN_ABORT => reply(control(ControlAction::Abort).await),
+        verbs::CAMPAIGN_APPROVE => reply(
+            async {
+                let r: ApproveRequest = parse(headers, payload)?;
+                engine.approve(r).await
+            }
+            .await,
+        ),
         verbs::PING => reply(Ok(Pong {
             coordinator_id: engine.opts.coordinator_id.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),

@@ -892,6 +892,12 @@ async fn start_in_process(
 ) -> anyhow::Result<Fleet> {
     let stop = CancellationToken::new();
     let mut tasks = Vec::new();
+    // Tasks are signed with an ephemeral key and the workers verify it, so
+    // the signed path is what runs (and what is measured).
+    let signing = keywave_common::sign::SigningKey::generate();
+    let task_keys = keywave_common::sign::Verifier::new(vec![signing.public().clone()]);
+    let signer =
+        keywave_common::sign::TaskSigner::new(signing, keywave_common::sign::DEFAULT_EXPIRY_MARGIN);
     for (name, key, sim) in regions {
         let mut targets = Targets::new();
         targets.insert("sim", sim.clone(), SIM_ENDPOINT_CONCURRENCY);
@@ -905,6 +911,8 @@ async fn start_in_process(
                     worker_id: format!("bench-{name}-{i}"),
                     concurrency: opts.concurrency,
                     topology: cfg.clone(),
+                    task_keys: task_keys.clone(),
+                    require_signed_tasks: true,
                     ..Default::default()
                 },
                 key.clone(),
@@ -924,6 +932,7 @@ async fn start_in_process(
         CoordinatorOptions {
             topology: cfg.clone(),
             coordinator_id: format!("coordinator-{run_id}"),
+            signer: Some(signer),
             ..Default::default()
         },
     )
@@ -957,6 +966,13 @@ async fn start_processes(
             (Some(t), p)
         }
     };
+    // Tasks are signed with an ephemeral key, so the signed path is measured.
+    let signing = keywave_common::sign::SigningKey::generate();
+    let key_file = dir.join(format!("coordinator-{run_id}.key"));
+    signing
+        .to_file(&key_file)
+        .context("writing the ephemeral task-signing key")?;
+    let public = signing.public().to_hex();
     let mut workers = Vec::new();
     for (name, key, _) in regions {
         for i in 0..opts.workers_per_region {
@@ -966,7 +982,7 @@ async fn start_processes(
             std::fs::write(
                 &config,
                 format!(
-                    "region = \"{name}\"\nworker_id = \"{id}\"\nconcurrency = {}\nnats_url = \"{url}\"\nshutdown_grace_secs = 5\n\n[[endpoint]]\nname = \"sim\"\nkind = \"sim\"\nmax_concurrency = {SIM_ENDPOINT_CONCURRENCY}\nlatency_ms = {}\n",
+                    "region = \"{name}\"\nworker_id = \"{id}\"\nconcurrency = {}\nnats_url = \"{url}\"\nshutdown_grace_secs = 5\ncoordinator_public_keys = [\"{public}\"]\nrequire_signed_tasks = true\n\n[[endpoint]]\nname = \"sim\"\nkind = \"sim\"\nmax_concurrency = {SIM_ENDPOINT_CONCURRENCY}\nlatency_ms = {}\n",
                     opts.concurrency,
                     opts.target_latency.as_millis()
                 ),
@@ -984,7 +1000,9 @@ async fn start_processes(
         }
     }
     let mut cmd = tokio::process::Command::new(&coordinator_bin);
-    cmd.args(["--nats", url, "--id", &format!("coordinator-{run_id}")]);
+    cmd.args(["--nats", url, "--id", &format!("coordinator-{run_id}")])
+        .arg("--signing-key-file")
+        .arg(&key_file);
     let coordinator = Child::spawn(
         "keywave-coordinator".into(),
         cmd,
@@ -1058,6 +1076,7 @@ async fn campaign(
             bake_ms: 0,
             on_failure: OnFailure::Pause,
             task_timeout_ms: opts.task_timeout.as_millis() as u64,
+            approve_before_waves: Vec::new(),
         };
         let start_ms = now_ms();
         let cid = api.start(spec).await?;

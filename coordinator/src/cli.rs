@@ -16,6 +16,8 @@ use thiserror::Error;
 
 /// Environment variable holding the NATS URL.
 pub const NATS_URL_ENV: &str = "KEYWAVE_NATS_URL";
+/// Environment variable listing the regions whose topology the coordinator creates.
+pub const REGIONS_ENV: &str = "KEYWAVE_REGIONS";
 /// Environment variable holding the coordinator's id.
 pub const COORDINATOR_ID_ENV: &str = "KEYWAVE_COORDINATOR_ID";
 /// NATS URL used when neither `--nats` nor [`NATS_URL_ENV`] is given.
@@ -117,8 +119,77 @@ pub struct Cli {
     /// Machine-readable output: one JSON document on stdout; errors as `{"ok":false,"error":...}`.
     #[arg(long, global = true)]
     pub json: bool,
+    #[command(flatten)]
+    pub nats_auth: NatsAuthArgs,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// Who this process is on NATS, and TLS to the server (see
+/// `deploy/nats-secure.conf` for the users of a least-privilege server).
+/// Passwords and seeds are only read from files or the environment
+/// (`KEYWAVE_NATS_PASSWORD`), never taken on the command line.
+#[derive(Debug, Args, Clone, Default)]
+pub struct NatsAuthArgs {
+    /// NATS credentials file (user JWT and nkey seed, as written by `nsc`).
+    #[arg(long, global = true, env = keywave_common::nats::ENV_CREDS, value_name = "FILE")]
+    pub nats_creds: Option<PathBuf>,
+    /// File holding a NATS user nkey seed (SU...).
+    #[arg(long, global = true, env = keywave_common::nats::ENV_NKEY, value_name = "FILE")]
+    pub nats_nkey: Option<PathBuf>,
+    /// NATS user name; the password comes from --nats-password-file or KEYWAVE_NATS_PASSWORD.
+    #[arg(long, global = true, env = keywave_common::nats::ENV_USER, value_name = "USER")]
+    pub nats_user: Option<String>,
+    /// File holding the NATS password of --nats-user.
+    #[arg(long, global = true, env = keywave_common::nats::ENV_PASSWORD_FILE, value_name = "FILE")]
+    pub nats_password_file: Option<PathBuf>,
+    /// Prefix of this process's reply subjects (deploy/nats-secure.conf: _INBOX_<user>, e.g. _INBOX_operator).
+    #[arg(long, global = true, env = keywave_common::nats::ENV_INBOX_PREFIX, value_name = "PREFIX")]
+    pub nats_inbox_prefix: Option<String>,
+    /// CA certificate (PEM) that signed the NATS server's certificate; implies TLS.
+    #[arg(long, global = true, env = keywave_common::nats::ENV_CA, value_name = "FILE")]
+    pub nats_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a server that verifies clients (with --nats-key).
+    #[arg(long, global = true, env = keywave_common::nats::ENV_CERT, value_name = "FILE")]
+    pub nats_cert: Option<PathBuf>,
+    /// Private key (PEM) of --nats-cert.
+    #[arg(long, global = true, env = keywave_common::nats::ENV_KEY, value_name = "FILE")]
+    pub nats_key: Option<PathBuf>,
+    /// Refuse to connect to NATS without TLS.
+    #[arg(long, global = true, env = keywave_common::nats::ENV_TLS_REQUIRED)]
+    pub nats_tls_required: bool,
+}
+
+impl NatsAuthArgs {
+    /// The validated connection identity (no secret is read yet).
+    pub fn to_config(&self) -> Result<keywave_common::nats::ConnectConfig, UsageError> {
+        let cfg = keywave_common::nats::ConnectConfig {
+            creds_file: self.nats_creds.clone(),
+            nkey_seed_file: self.nats_nkey.clone(),
+            user: self.nats_user.clone(),
+            password_file: self.nats_password_file.clone(),
+            password_env: None,
+            inbox_prefix: self.nats_inbox_prefix.clone(),
+            ca_file: self.nats_ca.clone(),
+            client_cert_file: self.nats_cert.clone(),
+            client_key_file: self.nats_key.clone(),
+            tls_required: self.nats_tls_required,
+        };
+        cfg.validate().map_err(|e| {
+            let flag = match e.field.as_str() {
+                "nats.creds_file" => "--nats-creds",
+                "nats.nkey_seed_file" => "--nats-nkey",
+                "nats.password_file" => "--nats-password-file",
+                "nats.inbox_prefix" => "--nats-inbox-prefix",
+                "nats.ca_file" => "--nats-ca",
+                "nats.client_cert_file" => "--nats-cert",
+                "nats.client_key_file" => "--nats-key",
+                _ => "--nats-user",
+            };
+            usage(flag, e.message)
+        })?;
+        Ok(cfg)
+    }
 }
 
 impl Cli {
@@ -173,10 +244,62 @@ credentials still exposed; `unmatched` lists detections that started nothing. Sc
         after_help = "Examples:\n  keywave detect --credential billing-db-app --severity critical\n  keywave detect --principal sessions --endpoint redis-eu --source siem --source-id INC-1234\n  printf %s \"$LEAKED\" | keywave detect fingerprint   # sha256:... for --fingerprint\n  keywave detect report contain-0123456789ab\n  keywave detect unmatched"
     )]
     Detect(crate::detect::cli::DetectArgs),
+    /// Check the tamper-evident audit trail (hash chains on KEYWAVE_AUDIT).
+    #[command(
+        subcommand,
+        long_about = "Every campaign event and a digest of every result is appended by the active \
+coordinator to the campaign's hash chain on keywave.audit.<campaign> (stream KEYWAVE_AUDIT). \
+`verify` reads the chains and reports the first broken link: a record whose content does not \
+match its hash (edited), one that does not chain to the record before it (replaced), or a gap \
+(deleted). Exits 4 when a chain is broken.",
+        after_help = "Examples:\n  keywave audit verify\n  keywave audit verify --campaign c-0123456789ab\n  keywave --json audit verify | jq .chains[0]"
+    )]
+    Audit(AuditCommand),
+    /// Compare the regional secret stores with what the targets accept; repair half-done rotations.
+    #[command(
+        long_about = "For each selected credential, one worker of its region checks that the CURRENT \
+secret logs in at the target, that PREVIOUS is refused and that no staged (PENDING) secret was left \
+behind by a task that is no longer running. With --repair it finishes what a crashed rotation left \
+half done (a PENDING that already logs in is promoted and the old secret revoked and proven refused; \
+a PENDING that never reached the target is discarded); anything else, such as a CURRENT secret \
+changed outside keywave, is reported, never guessed at. A credential whose task may still be running \
+(its campaign's task timeout plus 35 s, at most --stale-after) is reported in_flight and left alone. \
+Statuses: consistent, repaired, would_repair, in_flight, needs_attention, unreachable. Exit code 4 \
+when something needs attention or was unreachable, 5 when a dry run found repairs, else 0. Reports \
+carry fingerprints, never secrets.",
+        after_help = "Examples:\n  keywave reconcile --selector 'tag=env=prod'\n  keywave reconcile --region eu --repair\n  keywave --json reconcile --selector 'kind=redis' | jq .summary"
+    )]
+    Reconcile(crate::reconcile::ReconcileArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Verify the audit chains; report the first broken link of each and exit 4 if any is broken.
+    #[command(
+        after_help = "Examples:\n  keywave audit verify\n  keywave audit verify --campaign c-0123456789ab --json"
+    )]
+    Verify {
+        /// Verify only this campaign's chain (default: every chain).
+        #[arg(long, value_name = "ID")]
+        campaign: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum InventoryCommand {
+    /// Propose inventory records for the logins of an endpoint (asks the region's workers); --import adds them.
+    #[command(
+        long_about = "One worker of the region lists the logins of an endpoint it administers \
+(PostgreSQL: pg_roles with rolcanlogin; MariaDB/MySQL: mysql.user; Redis: ACL USERS) and the CLI \
+prints them as inventory records (JSON Lines on stdout, importable with `keywave inventory import`; \
+id = <endpoint>-<principal>, tag `discovered`). Superusers and privileged logins (PostgreSQL \
+rolsuper/rolreplication/rolbypassrls; MariaDB SUPER, GRANT OPTION, ALL ON *.*; Redis +@all and \
+`default`) and the endpoint's admin login are left out unless --include-privileged; the clone login \
+of an alternating pair is always left out (its primary is the principal). --import adds the records \
+whose id is not in the inventory yet.",
+        after_help = "Examples:\n  keywave inventory discover --endpoint pg-main --region eu\n  keywave inventory discover --endpoint pg-main --region eu --match 'app_*' > found.jsonl\n  keywave inventory discover --endpoint pg-main --region eu --match 'app_*' --import --tag env=prod"
+    )]
+    Discover(crate::discover::DiscoverArgs),
     /// Import credentials from a JSON, JSON Lines or CSV file (all or nothing).
     #[command(
         long_about = "Imports credentials into the keywave-inventory bucket. The whole file is \
@@ -259,6 +382,27 @@ rolls the wave back (continuity) or pauses. Containment campaigns never roll bac
     /// Abort a campaign: no more tasks are issued; tasks in flight finish.
     #[command(after_help = "Example:\n  keywave campaign abort c-0123456789ab")]
     Abort(IdArg),
+    /// Approve a wave that waits for approval (see `campaign start --approve-before-wave`); it starts at once.
+    #[command(
+        long_about = "Records an approval (who and when, an `approved` event in the campaign's audit \
+trail) for a wave started with --approve-before-wave. Without --wave it approves the wave the \
+campaign is waiting at, or else its next gated wave. Approving a wave that needs no approval, one \
+that already started, or a finished campaign is a conflict (exit 1).",
+        after_help = "Examples:\n  keywave campaign approve c-0123456789ab\n  keywave campaign approve c-0123456789ab --wave 2 --by alice"
+    )]
+    Approve(ApproveArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ApproveArgs {
+    /// The campaign id (as printed by `campaign start` or `campaign list`).
+    pub id: String,
+    /// The wave to approve (0 is the canary); by default the one the campaign waits at.
+    #[arg(long, value_name = "N")]
+    pub wave: Option<u32>,
+    /// Who approves (recorded in the audit trail); $USER by default.
+    #[arg(long, env = "USER", value_name = "NAME")]
+    pub by: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -304,12 +448,15 @@ pub struct SpecArgs {
     /// Why the campaign runs (ticket, incident).
     #[arg(long)]
     pub reason: Option<String>,
+    /// Wave N (0 is the canary) waits for `keywave campaign approve` before it starts (repeatable).
+    #[arg(long = "approve-before-wave", value_name = "N")]
+    pub approve_before_wave: Vec<u32>,
 }
 
 impl SpecArgs {
     /// The validated campaign spec.
     pub fn to_spec(&self) -> Result<CampaignSpec, UsageError> {
-        let spec = if let Some(path) = &self.spec {
+        let mut spec = if let Some(path) = &self.spec {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| usage("--spec", format!("cannot read {}: {e}", path.display())))?;
             serde_json::from_str::<CampaignSpec>(&text)
@@ -339,8 +486,13 @@ impl SpecArgs {
                     .map_err(|e| usage("--on-failure", e))?,
                 task_timeout_ms: duration_flag("--task-timeout", &self.task_timeout)?.as_millis()
                     as u64,
+                approve_before_waves: Vec::new(),
             }
         };
+        spec.approve_before_waves
+            .extend(self.approve_before_wave.iter().copied());
+        spec.approve_before_waves.sort_unstable();
+        spec.approve_before_waves.dedup();
         spec.validate().map_err(|e| {
             let (field, msg) = e.split_once(": ").unwrap_or(("spec", e.as_str()));
             let flag = match field {
@@ -578,9 +730,57 @@ pub struct DaemonArgs {
     pub progress_interval: String,
     #[command(flatten)]
     pub detect: crate::detect::cli::DaemonDetectArgs,
+    /// Regions whose task consumer (`workers-<region>`) and secret store
+    /// (`keywave-secrets-<region>`) this coordinator creates at start-up, so
+    /// that least-privilege workers only have to look them up (comma-separated).
+    #[arg(long, env = REGIONS_ENV, value_name = "REGIONS", default_value = "")]
+    pub regions: String,
+    #[command(flatten)]
+    pub nats_auth: NatsAuthArgs,
+    /// Ed25519 key that signs every task (create one with `keywave-coordinator keygen`); workers check it against their coordinator_public_keys.
+    #[arg(long, env = SIGNING_KEY_FILE_ENV, value_name = "FILE")]
+    pub signing_key_file: Option<PathBuf>,
+    /// A signed task expires this long after its deadline (replays after that are refused).
+    #[arg(long, env = TASK_EXPIRY_MARGIN_ENV, default_value = "5m", value_name = "DURATION")]
+    pub task_expiry_margin: String,
+    #[command(subcommand)]
+    pub command: Option<DaemonCommand>,
+}
+
+/// Environment variable naming the coordinator's task-signing key file.
+pub const SIGNING_KEY_FILE_ENV: &str = "KEYWAVE_SIGNING_KEY_FILE";
+/// Environment variable with the margin from a task's deadline to its expiry.
+pub const TASK_EXPIRY_MARGIN_ENV: &str = "KEYWAVE_TASK_EXPIRY_MARGIN";
+
+/// Subcommands of `keywave-coordinator` (without one it runs the daemon).
+#[derive(Debug, Subcommand)]
+pub enum DaemonCommand {
+    /// Write a new Ed25519 task-signing key to FILE (mode 0600) and print its public key.
+    #[command(
+        after_help = "Example:\n  keywave-coordinator keygen --out /etc/keywave/coordinator.key\n  # put the printed public key in every worker's coordinator_public_keys,\n  # then start the coordinator with --signing-key-file /etc/keywave/coordinator.key"
+    )]
+    Keygen {
+        /// Where to write the private key (refuses to overwrite).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
 }
 
 impl DaemonArgs {
+    /// The validated `--regions` list (possibly empty).
+    pub fn region_list(&self) -> Result<Vec<String>, UsageError> {
+        let regions: Vec<String> = self
+            .regions
+            .split(',')
+            .map(|r| r.trim().to_string())
+            .filter(|r| !r.is_empty())
+            .collect();
+        for r in &regions {
+            ids::validate("region", r).map_err(|e| usage("--regions", e.to_string()))?;
+        }
+        Ok(regions)
+    }
+
     pub fn to_options(&self) -> Result<CoordinatorOptions, UsageError> {
         let mut opts = CoordinatorOptions::default();
         if let Some(id) = &self.id {
@@ -597,6 +797,12 @@ impl DaemonArgs {
         opts.progress_interval = duration_flag("--progress-interval", &self.progress_interval)?;
         if opts.progress_interval.is_zero() {
             return Err(usage("--progress-interval", "must be positive"));
+        }
+        let margin = duration_flag("--task-expiry-margin", &self.task_expiry_margin)?;
+        if let Some(path) = &self.signing_key_file {
+            let key = keywave_common::sign::SigningKey::from_file(path)
+                .map_err(|e| usage("--signing-key-file", e.to_string()))?;
+            opts.signer = Some(keywave_common::sign::TaskSigner::new(key, margin));
         }
         Ok(opts)
     }
@@ -713,6 +919,65 @@ mod tests {
                 .flag,
             "--spec"
         );
+    }
+
+    #[test]
+    fn nats_identity_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "pw").unwrap();
+        let pw = pw.to_str().unwrap();
+        let cli = Cli::try_parse_from([
+            "keywave",
+            "campaign",
+            "list",
+            "--nats-user",
+            "operator",
+            "--nats-password-file",
+            pw,
+            "--nats-inbox-prefix",
+            "_INBOX_operator",
+        ])
+        .unwrap();
+        let c = cli.nats_auth.to_config().unwrap();
+        assert_eq!(c.user.as_deref(), Some("operator"));
+        assert_eq!(c.inbox_prefix.as_deref(), Some("_INBOX_operator"));
+        // No password on the command line, ever.
+        assert!(
+            Cli::try_parse_from(["keywave", "--nats-password", "x", "campaign", "list"]).is_err()
+        );
+        let cli = Cli::try_parse_from([
+            "keywave",
+            "--nats-user",
+            "operator",
+            "--nats-creds",
+            pw,
+            "campaign",
+            "list",
+        ])
+        .unwrap();
+        assert!(cli.nats_auth.to_config().is_err());
+        let cli = Cli::try_parse_from([
+            "keywave",
+            "--nats-ca",
+            "/nonexistent/ca.pem",
+            "campaign",
+            "list",
+        ])
+        .unwrap();
+        assert_eq!(cli.nats_auth.to_config().unwrap_err().flag, "--nats-ca");
+        let d = DaemonArgs::try_parse_from([
+            "keywave-coordinator",
+            "--regions",
+            "eu, us",
+            "--nats-user",
+            "coordinator",
+        ])
+        .unwrap();
+        assert_eq!(d.region_list().unwrap(), ["eu", "us"]);
+        assert_eq!(d.nats_auth.nats_user.as_deref(), Some("coordinator"));
+        let d = DaemonArgs::try_parse_from(["keywave-coordinator", "--regions", "e.u"]).unwrap();
+        assert_eq!(d.region_list().unwrap_err().flag, "--regions");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use crate::api::Pong;
 use bytes::Bytes;
 use keywave_common::{
-    api::{verbs, CampaignRef, CampaignStatus, CampaignSummary, StartRequest},
+    api::{verbs, ApproveRequest, CampaignRef, CampaignStatus, CampaignSummary, StartRequest},
     subjects,
     wire::{CampaignSpec, CampaignState},
 };
@@ -196,6 +196,27 @@ impl ApiClient {
             .await
     }
 
+    /// Approves wave `wave` (by default the one the campaign waits at) of a
+    /// campaign started with approval gates, as `by`. Returns the status
+    /// after the approval (the wave has started when it was waiting).
+    pub async fn approve(
+        &self,
+        id: &str,
+        wave: Option<u32>,
+        by: &str,
+    ) -> Result<CampaignStatus, ClientError> {
+        self.call(
+            verbs::CAMPAIGN_APPROVE,
+            &ApproveRequest {
+                campaign_id: id.to_string(),
+                wave,
+                by: by.to_string(),
+            },
+            self.timeout,
+        )
+        .await
+    }
+
     /// Asks a coordinator who it is.
     pub async fn ping(&self) -> Result<Pong, ClientError> {
         self.call(verbs::PING, &serde_json::json!({}), self.timeout)
@@ -203,7 +224,7 @@ impl ApiClient {
     }
 
     /// Polls the status every [`POLL_INTERVAL`] until the campaign is
-    /// terminal or paused. Transient failures (no coordinator, timeouts)
+    /// terminal, paused or waiting for an approval. Transient failures (no coordinator, timeouts)
     /// are retried until `timeout`.
     pub async fn wait_terminal(
         &self,
@@ -214,7 +235,15 @@ impl ApiClient {
         let mut last_state = CampaignState::Running;
         loop {
             match self.status(id).await {
-                Ok(s) if s.state.is_terminal() || s.state == CampaignState::Paused => return Ok(s),
+                Ok(s)
+                    if s.state.is_terminal()
+                        || matches!(
+                            s.state,
+                            CampaignState::Paused | CampaignState::AwaitingApproval
+                        ) =>
+                {
+                    return Ok(s)
+                }
                 Ok(s) => last_state = s.state,
                 Err(
                     e @ (ClientError::NoCoordinator { .. }

@@ -22,6 +22,8 @@ use thiserror::Error;
 
 /// Exit code of `campaign start --wait` when the campaign did not complete.
 pub const EXIT_NOT_COMPLETED: u8 = 3;
+/// Exit code of `audit verify` when a chain is broken.
+pub const EXIT_AUDIT_BROKEN: u8 = 4;
 
 #[derive(Debug, Error)]
 pub enum CommandError {
@@ -45,6 +47,12 @@ pub enum CommandError {
     Bench(String),
     #[error("{0}")]
     Detect(String),
+    /// A worker admin request (reconcile, discover) failed.
+    #[error("{0}")]
+    Admin(String),
+    /// The audit stream could not be read.
+    #[error("{0}")]
+    Audit(String),
 }
 
 impl CommandError {
@@ -125,6 +133,13 @@ pub async fn run(cli: Cli) -> Result<u8, CommandError> {
             Ok(if report.verified_ok() { 0 } else { 1 })
         }
         Command::Detect(args) => crate::detect::cli::run(args, &url, json).await,
+        Command::Audit(cli::AuditCommand::Verify { campaign }) => {
+            audit_verify(&url, campaign.as_deref(), json).await
+        }
+        Command::Reconcile(args) => crate::reconcile::run_cli(args, &url, json).await,
+        Command::Inventory(InventoryCommand::Discover(args)) => {
+            crate::discover::run_cli(args, &url, json).await
+        }
         Command::Bench(args) => {
             let opts = args.to_options(cli.nats.clone(), json)?;
             let report = bench::run(opts)
@@ -298,6 +313,33 @@ async fn campaign(cmd: CampaignCommand, url: &str, json: bool) -> Result<u8, Com
         CampaignCommand::Pause(id) => control("pause", &id.id, url, json).await,
         CampaignCommand::Resume(id) => control("resume", &id.id, url, json).await,
         CampaignCommand::Abort(id) => control("abort", &id.id, url, json).await,
+        CampaignCommand::Approve(args) => {
+            let by = args
+                .by
+                .clone()
+                .filter(|b| !b.trim().is_empty())
+                .ok_or_else(|| UsageError {
+                    flag: "--by".into(),
+                    message: "say who approves (--by NAME; $USER is not set)".into(),
+                })?;
+            let api = ApiClient::new(connect(url).await?);
+            let status = api.approve(&args.id, args.wave, &by).await?;
+            if json {
+                print_json(&status);
+            } else {
+                println!(
+                    "campaign {}: {}{}",
+                    status.campaign_id,
+                    status.state,
+                    status
+                        .reason
+                        .as_deref()
+                        .map(|r| format!(" ({r})"))
+                        .unwrap_or_default()
+                );
+            }
+            Ok(0)
+        }
     }
 }
 
@@ -393,6 +435,11 @@ pub fn render_status(s: &CampaignStatus) -> String {
                 w.rolled_back, w.rollback_refused, w.rollback_failed, w.rollback_tasks
             );
         }
+        if let Some(by) = &w.approved_by {
+            let _ = write!(out, ", approved by {by}");
+        } else if w.approval_required {
+            let _ = write!(out, ", needs approval");
+        }
         if let Some(d) = w.decision {
             let _ = write!(out, " → {}", decision_str(d));
         }
@@ -430,4 +477,39 @@ pub fn render_list(list: &[CampaignSummary]) -> String {
         );
     }
     out
+}
+
+/// `keywave audit verify`: checks the hash chains, prints each chain's
+/// verdict (the first broken link when there is one).
+async fn audit_verify(url: &str, campaign: Option<&str>, json: bool) -> Result<u8, CommandError> {
+    if let Some(c) = campaign {
+        keywave_common::ids::validate("campaign id", c).map_err(|e| cli::UsageError {
+            flag: "--campaign".into(),
+            message: e.to_string(),
+        })?;
+    }
+    let js = topology::context(connect(url).await?);
+    let report = crate::audit::verify(&js, campaign)
+        .await
+        .map_err(|e| CommandError::Audit(e.to_string()))?;
+    if json {
+        print_json(&report);
+    } else {
+        if report.chains.is_empty() {
+            println!("no audit chain found");
+        }
+        for c in &report.chains {
+            match &c.broken {
+                None => println!(
+                    "{}: ok, {} records, head {} {}",
+                    c.campaign_id, c.records, c.last_seq, c.last_hash
+                ),
+                Some(b) => println!(
+                    "{}: BROKEN after record {} ({} read): {b}",
+                    c.campaign_id, c.last_seq, c.records
+                ),
+            }
+        }
+    }
+    Ok(if report.ok { 0 } else { EXIT_AUDIT_BROKEN })
 }

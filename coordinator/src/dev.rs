@@ -602,6 +602,12 @@ async fn run_on(opts: &DevOptions, url: &str) -> anyhow::Result<DevReport> {
     // Workers and a coordinator, in-process.
     let stop = CancellationToken::new();
     let mut tasks = Vec::new();
+    // Tasks are signed with an ephemeral key and the workers verify it, so
+    // the signed path is what runs (and what is measured).
+    let signing = keywave_common::sign::SigningKey::generate();
+    let task_keys = keywave_common::sign::Verifier::new(vec![signing.public().clone()]);
+    let signer =
+        keywave_common::sign::TaskSigner::new(signing, keywave_common::sign::DEFAULT_EXPIRY_MARGIN);
     for region in &regions {
         let mut targets = Targets::new();
         targets.insert("sim", region.sim.clone(), SIM_ENDPOINT_CONCURRENCY);
@@ -615,6 +621,8 @@ async fn run_on(opts: &DevOptions, url: &str) -> anyhow::Result<DevReport> {
                     worker_id: format!("dev-{}-{i}", region.name),
                     concurrency: opts.concurrency,
                     topology: cfg.clone(),
+                    task_keys: task_keys.clone(),
+                    require_signed_tasks: true,
                     ..Default::default()
                 },
                 region.key.clone(),
@@ -634,6 +642,7 @@ async fn run_on(opts: &DevOptions, url: &str) -> anyhow::Result<DevReport> {
         CoordinatorOptions {
             topology: cfg.clone(),
             coordinator_id: format!("coordinator-{run_id}"),
+            signer: Some(signer),
             ..Default::default()
         },
     )
@@ -660,6 +669,7 @@ async fn run_on(opts: &DevOptions, url: &str) -> anyhow::Result<DevReport> {
         bake_ms: opts.bake_ms,
         on_failure: OnFailure::Rollback,
         task_timeout_ms: 60_000,
+        approve_before_waves: Vec::new(),
     };
     let api = ApiClient::new(client.clone());
     let outcome = async {

@@ -9,6 +9,7 @@
 //! - [`engine`]: the [`Coordinator`]: campaign start, per-campaign driver, result
 //!   aggregation, wave decisions, rollback, snapshots and restart recovery.
 //! - [`lease`]: the coordinator lease (KV compare-and-set with expiry): one active coordinator, fenced.
+//! - [`audit`]: the audit writer (hash chains on `KEYWAVE_AUDIT`) and `keywave audit verify`.
 //! - [`api`]: the NATS request/reply server for `keywave.api.v1.<verb>`.
 //! - [`client`]: [`client::ApiClient`], the typed client of that API (CLI, tests, `keywave dev`).
 //! - [`cli`]: clap definitions of the `keywave` and `keywave-coordinator` binaries, and
@@ -17,18 +18,23 @@
 //! - [`detect`]: leak detections in (NATS, webhooks, CLI), containment campaigns out, time to contain.
 //! - [`dev`]: `keywave dev`, a complete in-process demo (nats-server, sim workers, coordinator).
 //! - [`bench`]: `keywave bench`, one measured sim campaign next to the bare broker path's throughput.
+//! - [`reconcile`]: `keywave reconcile`: the regional stores against the targets, through the workers' admin service; repairs half-done rotations.
+//! - [`discover`]: `keywave inventory discover`: an endpoint's logins as proposed inventory records (`--import` adds them).
 //! - `kvscan` (private): reading the latest value of every key of a KV bucket in one pass.
 
 pub mod api;
+pub mod audit;
 pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod commands;
 pub mod detect;
 pub mod dev;
+pub mod discover;
 pub mod engine;
 pub mod inventory;
 mod kvscan;
 pub mod lease;
+pub mod reconcile;
 
 pub use engine::{Coordinator, CoordinatorError, CoordinatorOptions};

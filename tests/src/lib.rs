@@ -7,6 +7,8 @@
 //! - [`nats`]: [`NatsServer`] (single JetStream node, restartable on the same
 //!   port and store) and [`NatsCluster`] (3-node JetStream cluster).
 //! - [`redis`]: [`RedisServer`], a private `redis-server` for ACL-user rotation.
+//! - [`secure`]: [`SecureNats`], a `nats-server` running the least-privilege
+//!   `deploy/nats-secure.conf` (optionally with TLS), one user per role.
 //! - [`postgres`]: [`PostgresServer`], a private PostgreSQL (scram-sha-256) for role rotation.
 //! - [`mariadb`]: [`MariaDbServer`], a private MariaDB for MariaDB/MySQL user rotation.
 //! - [`process`]: [`require`] a binary or fail with how to install it, free
@@ -22,6 +24,7 @@ pub mod nats;
 pub mod postgres;
 pub mod process;
 pub mod redis;
+pub mod secure;
 pub mod wait;
 
 pub use mariadb::MariaDbServer;
@@ -29,4 +32,5 @@ pub use nats::{NatsCluster, NatsServer};
 pub use postgres::PostgresServer;
 pub use process::require;
 pub use redis::RedisServer;
+pub use secure::SecureNats;
 pub use wait::{unique, wait_for, wait_until, TimedOut};

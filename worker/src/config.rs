@@ -20,6 +20,7 @@ use ::redis::{ConnectionInfo, IntoConnectionInfo};
 use keywave_common::crypto::{Charset, RegionKey, Secret, SecretPolicy};
 use keywave_common::detect::DetectKey;
 use keywave_common::ids;
+use keywave_common::sign::PublicKey;
 use keywave_common::topology;
 use keywave_common::wire::TargetKind;
 use serde::Deserialize;
@@ -38,6 +39,9 @@ pub const ENV_DETECT_KEY_FILE: &str = "KEYWAVE_DETECT_KEY_FILE";
 /// Environment variable holding the detection key itself (hex or base64),
 /// read when neither `detect_key_file` nor `KEYWAVE_DETECT_KEY_FILE` is set.
 pub const ENV_DETECT_KEY: &str = "KEYWAVE_DETECT_KEY";
+/// Environment variable listing coordinator public keys (comma-separated hex)
+/// when `coordinator_public_keys` is empty.
+pub const ENV_COORDINATOR_PUBLIC_KEYS: &str = "KEYWAVE_COORDINATOR_PUBLIC_KEYS";
 /// Environment variable with the NATS URL (overridden by `--nats`).
 pub const ENV_NATS_URL: &str = "KEYWAVE_NATS_URL";
 /// Environment variable with today's secret for `keywave-worker enroll`.
@@ -124,6 +128,16 @@ pub struct File {
     /// `KEYWAVE_NATS_URL` override it. Default `nats://127.0.0.1:4222`.
     #[serde(default)]
     pub nats_url: Option<String>,
+    /// `[nats]`: who this worker is on NATS and TLS to the server: at most
+    /// one of `creds_file`, `nkey_seed_file` or `user` (with `password_file`
+    /// or `password_env`; default variable `KEYWAVE_NATS_PASSWORD`), plus
+    /// `inbox_prefix` (e.g. `_INBOX_worker_eu` with `deploy/nats-secure.conf`),
+    /// `ca_file`, `client_cert_file`, `client_key_file`, `tls_required`.
+    /// The `KEYWAVE_NATS_*` variables (`KEYWAVE_NATS_USER`,
+    /// `KEYWAVE_NATS_PASSWORD_FILE`, `KEYWAVE_NATS_CREDS`, `KEYWAVE_NATS_NKEY`,
+    /// `KEYWAVE_NATS_CA`, ...) override it. Default: anonymous, plain TCP.
+    #[serde(default)]
+    pub nats: keywave_common::nats::ConnectConfig,
     /// File holding the region key (64 hex characters or base64 of 32 bytes;
     /// create one with `keywave-worker keygen`). Keep it readable by the worker
     /// only. When absent, the key is read from `KEYWAVE_REGION_KEY`.
@@ -138,6 +152,19 @@ pub struct File {
     /// with none of them, nothing is announced.
     #[serde(default)]
     pub detect_key_file: Option<PathBuf>,
+    /// Coordinator public keys (64 hex digits each, as printed by
+    /// `keywave-coordinator keygen`) whose Ed25519 signatures this worker
+    /// accepts on tasks. List two while the coordinator's key is rotated.
+    /// With keys, unsigned, wrongly signed, altered or expired tasks are
+    /// refused and dead-lettered. `KEYWAVE_COORDINATOR_PUBLIC_KEYS`
+    /// (comma-separated) is used when this is empty. Default: none (tasks
+    /// are not checked; a warning is logged at start).
+    #[serde(default)]
+    pub coordinator_public_keys: Vec<String>,
+    /// Refuse to start without `coordinator_public_keys`. Default false for
+    /// now; production sets it to true.
+    #[serde(default)]
+    pub require_signed_tasks: bool,
     /// Seconds the worker lets in-flight tasks finish after SIGTERM or SIGINT;
     /// tasks still running then are redelivered to another worker. Default 30.
     #[serde(default)]
@@ -312,9 +339,15 @@ pub struct Config {
     pub worker_id: String,
     pub concurrency: usize,
     pub nats_url: String,
+    /// Identity and TLS settings of the NATS connection (no secret inside).
+    pub nats: keywave_common::nats::ConnectConfig,
     pub region_key: RegionKey,
     /// The detection key, when rotation notices are announced.
     pub detect_key: Option<DetectKey>,
+    /// Coordinator public keys task signatures are checked against.
+    pub coordinator_keys: Vec<PublicKey>,
+    /// Refuse to start without `coordinator_keys`.
+    pub require_signed_tasks: bool,
     pub shutdown_grace: Duration,
     pub topology: topology::Config,
     pub endpoints: Vec<EndpointConfig>,
@@ -406,6 +439,11 @@ impl Config {
         }
         keywave_common::nats::server_addrs(&nats_url)
             .map_err(|e| invalid("nats_url", format!("{nats_url:?}: {e}")))?;
+        let nats = file
+            .nats
+            .with_env(|k| env.var(k))
+            .map_err(|e| invalid(e.field, e.message))?;
+        nats.validate().map_err(|e| invalid(e.field, e.message))?;
 
         let region_key = match &file.region_key_file {
             Some(p) => {
@@ -424,6 +462,15 @@ impl Config {
         };
 
         let detect_key = detect_key(file.detect_key_file.as_deref(), env)?;
+        let coordinator_keys = coordinator_keys(&file.coordinator_public_keys, env)?;
+        if file.require_signed_tasks && coordinator_keys.is_empty() {
+            return Err(invalid(
+                "require_signed_tasks",
+                format!(
+                    "is true but no coordinator public key is configured (coordinator_public_keys or {ENV_COORDINATOR_PUBLIC_KEYS})"
+                ),
+            ));
+        }
 
         let shutdown_grace = Duration::from_secs(
             file.shutdown_grace_secs
@@ -451,8 +498,11 @@ impl Config {
             worker_id,
             concurrency,
             nats_url,
+            nats,
             region_key,
             detect_key,
+            coordinator_keys,
+            require_signed_tasks: file.require_signed_tasks,
             shutdown_grace,
             topology,
             endpoints,
@@ -500,6 +550,33 @@ impl EndpointConfig {
             }
             Err(e) => Err(e),
         }
+    }
+}
+
+/// The coordinator public keys from the file, else from
+/// [`ENV_COORDINATOR_PUBLIC_KEYS`] (comma-separated).
+fn coordinator_keys(listed: &[String], env: &dyn Env) -> Result<Vec<PublicKey>, ConfigError> {
+    if !listed.is_empty() {
+        return listed
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                PublicKey::from_hex(k)
+                    .map_err(|e| invalid(format!("coordinator_public_keys[{i}]"), e.to_string()))
+            })
+            .collect();
+    }
+    match env.var(ENV_COORDINATOR_PUBLIC_KEYS) {
+        Some(v) => v
+            .split(',')
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(|k| {
+                PublicKey::from_hex(k)
+                    .map_err(|e| invalid(ENV_COORDINATOR_PUBLIC_KEYS, e.to_string()))
+            })
+            .collect(),
+        None => Ok(Vec::new()),
     }
 }
 
@@ -985,6 +1062,69 @@ mod tests {
     }
 
     #[test]
+    fn nats_identity_from_the_file_or_the_environment() {
+        let dir = std::env::temp_dir().join(format!("keywave-nats-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pw = dir.join("nats.pw");
+        std::fs::write(&pw, "pw\n").unwrap();
+        let text = format!(
+            "region = \"eu\"\n[nats]\nuser = \"worker-eu\"\npassword_file = {:?}\ninbox_prefix = \"_INBOX_worker_eu\"\n",
+            pw.display().to_string()
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.nats.user.as_deref(), Some("worker-eu"));
+        assert_eq!(c.nats.inbox_prefix.as_deref(), Some("_INBOX_worker_eu"));
+        // The environment wins.
+        let mut e = key_env();
+        e.insert(keywave_common::nats::ENV_USER.into(), "worker-us".into());
+        let c = Config::parse(&text, "t", &Overrides::default(), &e).unwrap();
+        assert_eq!(c.nats.user.as_deref(), Some("worker-us"));
+        assert_eq!(c.nats.password_file.as_deref(), Some(pw.as_path()));
+        // Errors name the field; unknown keys are refused.
+        assert_eq!(
+            bad_field("region = \"eu\"\n[nats]\npassword_file = \"/nonexistent\"\n"),
+            "nats.user"
+        );
+        assert_eq!(
+            bad_field(
+                "region = \"eu\"\n[nats]\nuser = \"w\"\npassword_file = \"/nonexistent/pw\"\n"
+            ),
+            "nats.password_file"
+        );
+        assert!(parse("region = \"eu\"\n[nats]\npassword = \"x\"\n").is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn coordinator_keys_from_file_or_environment() {
+        use keywave_common::sign::SigningKey;
+        let (a, b) = (SigningKey::generate(), SigningKey::generate());
+        let (pa, pb) = (a.public().to_hex(), b.public().to_hex());
+        let c = parse(&format!(
+            "region = \"eu\"\ncoordinator_public_keys = [{pa:?}, {pb:?}]\nrequire_signed_tasks = true"
+        ))
+        .unwrap();
+        assert_eq!(c.coordinator_keys.len(), 2);
+        assert!(c.require_signed_tasks);
+        let mut e = key_env();
+        e.insert(ENV_COORDINATOR_PUBLIC_KEYS.into(), format!("{pa}, {pb}"));
+        let c = Config::parse("region = \"eu\"", "t", &Overrides::default(), &e).unwrap();
+        assert_eq!(c.coordinator_keys[1].id(), b.id());
+        assert!(parse("region = \"eu\"")
+            .unwrap()
+            .coordinator_keys
+            .is_empty());
+        assert_eq!(
+            bad_field("region = \"eu\"\nrequire_signed_tasks = true"),
+            "require_signed_tasks"
+        );
+        assert_eq!(
+            bad_field("region = \"eu\"\ncoordinator_public_keys = [\"xyz\"]"),
+            "coordinator_public_keys[0]"
+        );
+    }
+
+    #[test]
     fn detect_key_from_file_or_environment() {
         let with = |file_field: &str, extra: &[(&str, &str)]| {
             let mut e = key_env();
@@ -1143,13 +1283,16 @@ mod tests {
 
     #[test]
     fn the_readme_database_endpoint_is_valid() {
+        // The README's database example is its toml block with a postgres
+        // endpoint (other toml blocks show single settings).
         let readme = include_str!("../../README.md");
-        let start = readme
-            .find("```toml\n")
-            .expect("a toml block in the README")
-            + 8;
-        let len = readme[start..].find("```").unwrap();
-        let text = format!("region = \"eu\"\n{}", &readme[start..start + len]);
+        let block = readme
+            .split("```toml\n")
+            .skip(1)
+            .map(|b| &b[..b.find("```").unwrap()])
+            .find(|b| b.contains("kind = \"postgres\""))
+            .expect("a toml block with a postgres endpoint in the README");
+        let text = format!("region = \"eu\"\n{block}");
         let c = Config::parse(
             &text,
             "README.md",

@@ -16,8 +16,10 @@
 //! - [`notice`]: rotation notices (`keywave.rotated.<region>.<credential>`): keyed detection fingerprints of each new CURRENT secret, only with a detection key.
 //! - [`runner`]: the JetStream consume loop: bounded concurrency, one ack decision per message, dead letters, graceful drain.
 //! - [`fault`]: fault-injection points for crash tests (off by default).
+//! - [`admin`]: the admin service (`keywave.admin.v1.<region>.<verb>`): reconcile the store against the targets, discover an endpoint's logins.
 //! - `testutil` (tests only): a private `nats-server` per test, unique regions, a secret-store bucket.
 
+pub mod admin;
 pub mod config;
 pub mod fault;
 pub mod notice;

@@ -139,9 +139,13 @@ fn load_config(cli: &Cli) -> Result<Config> {
 }
 
 async fn connect(cfg: &Config) -> Result<async_nats::Client> {
-    keywave_common::nats::connect(&cfg.nats_url, &format!("keywave-worker {}", cfg.worker_id))
-        .await
-        .with_context(|| format!("connecting to NATS at {}", cfg.nats_url))
+    keywave_common::nats::connect_as(
+        &cfg.nats_url,
+        keywave_common::nats::options(format!("keywave-worker {}", cfg.worker_id)),
+        &cfg.nats,
+    )
+    .await
+    .with_context(|| format!("connecting to NATS at {}", cfg.nats_url))
 }
 
 async fn run(cfg: Config) -> Result<()> {
@@ -161,13 +165,30 @@ async fn run(cfg: Config) -> Result<()> {
             topology: cfg.topology.clone(),
             faults,
             detect_key: cfg.detect_key.clone(),
+            task_keys: keywave_common::sign::Verifier::new(cfg.coordinator_keys.clone()),
+            require_signed_tasks: cfg.require_signed_tasks,
         },
         cfg.region_key.clone(),
-        targets,
+        targets.clone(),
     )
     .await?;
 
     let shutdown = CancellationToken::new();
+    // The admin service (reconcile, discover) answers next to the consume loop.
+    let admin = keywave_worker::admin::AdminService::new(
+        client.clone(),
+        keywave_worker::admin::AdminOptions {
+            region: cfg.region.clone(),
+            worker_id: cfg.worker_id.clone(),
+            concurrency: keywave_worker::admin::DEFAULT_CONCURRENCY,
+        },
+        worker.store().clone(),
+        targets,
+        cfg.detect_key
+            .clone()
+            .map(|k| Notifier::new(topology::context(client.clone()), k, &cfg.region)),
+    );
+    let _admin = admin.spawn(shutdown.clone()).await?;
     let mut running = tokio::spawn(worker.run(shutdown.clone()));
     tokio::select! {
         r = &mut running => {
@@ -278,8 +299,7 @@ async fn enroll(cfg: &Config, credential: &str, endpoint: &str, principal: &str)
     }
     let client = connect(cfg).await?;
     let js = topology::context(client);
-    topology::ensure_core(&js, &cfg.topology).await?;
-    let (_, kv) = topology::ensure_region(&js, &cfg.region, &cfg.topology).await?;
+    let (_, kv) = topology::bind_or_ensure_region(&js, &cfg.region, &cfg.topology).await?;
     let store = SecretStore::from_kv(kv, &cfg.region, cfg.region_key.clone());
     let fingerprint = store.fingerprint(&secret);
     store.enroll(credential, secret.clone()).await?;

@@ -22,6 +22,7 @@ use keywave_common::crypto::RegionKey;
 use keywave_common::detect::DetectKey;
 use keywave_common::ids;
 use keywave_common::publish::{self, PublishError};
+use keywave_common::sign::Verifier;
 use keywave_common::topology::{self, TopologyError};
 use keywave_common::wire::{
     CampaignEvent, DeadLetter, ErrorClass, EventKind, Outcome, RotationResult, RotationTask, Step,
@@ -76,6 +77,13 @@ pub struct WorkerOptions {
     /// on `keywave.rotated.<region>.<credential>` by its keyed fingerprint.
     /// None by default: nothing is announced.
     pub detect_key: Option<DetectKey>,
+    /// The coordinator public keys task signatures are checked against
+    /// (see `keywave_common::sign`). With keys, unsigned, wrongly signed,
+    /// altered or expired tasks are refused; with none, tasks are not
+    /// checked (and a warning is logged at start).
+    pub task_keys: Verifier,
+    /// Refuse to start without `task_keys` (production sets it).
+    pub require_signed_tasks: bool,
 }
 
 impl Default for WorkerOptions {
@@ -87,6 +95,8 @@ impl Default for WorkerOptions {
             topology: topology::Config::default(),
             faults: Faults::default(),
             detect_key: None,
+            task_keys: Verifier::default(),
+            require_signed_tasks: false,
         }
     }
 }
@@ -107,6 +117,13 @@ impl WorkerOptions {
             return Err(WorkerError::InvalidOptions {
                 field: "concurrency",
                 message: "must be at least 1".into(),
+            });
+        }
+        if self.require_signed_tasks && self.task_keys.is_empty() {
+            return Err(WorkerError::InvalidOptions {
+                field: "coordinator_public_keys",
+                message: "require_signed_tasks is set but no coordinator public key is configured"
+                    .into(),
             });
         }
         Ok(())
@@ -205,6 +222,8 @@ struct Ctx {
     faults: Faults,
     worker_id: String,
     counters: Counters,
+    /// Checks task signatures (no keys: nothing checked).
+    verifier: Verifier,
 }
 
 /// A region worker. Build with [`Worker::start`], then [`Worker::run`].
@@ -226,8 +245,11 @@ impl std::fmt::Debug for Worker {
 }
 
 impl Worker {
-    /// Creates the topology the worker needs (core streams, the region's
-    /// consumer and secret store) and opens the store.
+    /// Binds to the region's consumer and secret store, creating the
+    /// topology (core streams, the region's consumer and secret store) only
+    /// when they are missing, so a least-privilege worker that may only look
+    /// them up starts too (see [`topology::bind_or_ensure_region`]); then
+    /// opens the store.
     pub async fn start(
         client: async_nats::Client,
         opts: WorkerOptions,
@@ -236,8 +258,8 @@ impl Worker {
     ) -> Result<Worker, WorkerError> {
         opts.validate()?;
         let js = topology::context(client);
-        topology::ensure_core(&js, &opts.topology).await?;
-        let (consumer, kv) = topology::ensure_region(&js, &opts.region, &opts.topology).await?;
+        let (consumer, kv) =
+            topology::bind_or_ensure_region(&js, &opts.region, &opts.topology).await?;
         let store = SecretStore::from_kv(kv, &opts.region, key);
         let mut protocol =
             Protocol::new(store.clone(), targets, opts.worker_id.clone(), opts.faults);
@@ -251,6 +273,17 @@ impl Worker {
             rotation_notices = opts.detect_key.is_some(),
             "Worker started"
         );
+        if opts.task_keys.is_empty() {
+            warn!(
+                region = %opts.region,
+                "NO COORDINATOR PUBLIC KEY CONFIGURED: this worker runs UNSIGNED tasks; anyone who can \
+                 publish on keywave.task.{}.> can make it rotate credentials. Set coordinator_public_keys \
+                 and require_signed_tasks = true in production",
+                opts.region
+            );
+        } else {
+            info!(keys = ?opts.task_keys.key_ids(), "Task signatures are verified");
+        }
         Ok(Worker {
             js,
             consumer,
@@ -280,6 +313,7 @@ impl Worker {
             faults: self.opts.faults,
             worker_id: self.opts.worker_id.clone(),
             counters: Counters::default(),
+            verifier: self.opts.task_keys.clone(),
         });
         let slots = Arc::new(Semaphore::new(self.opts.concurrency));
         let batch = self.opts.concurrency.min(MAX_PULL_BATCH);
@@ -301,7 +335,9 @@ impl Worker {
                     }
                     // The consumer may have been deleted: create it again.
                     let region = &self.opts.region;
-                    match topology::ensure_region(&self.js, region, &self.opts.topology).await {
+                    match topology::bind_or_ensure_region(&self.js, region, &self.opts.topology)
+                        .await
+                    {
                         Ok((c, _)) => consumer = c,
                         Err(e) => warn!(error = %e, "Cannot ensure the region's consumer"),
                     }
@@ -596,6 +632,7 @@ fn accept(
     subject: &str,
     headers: Option<&async_nats::HeaderMap>,
     payload: &[u8],
+    verifier: &Verifier,
 ) -> Result<RotationTask, Refusal> {
     let task: RotationTask = codec::decode(headers, payload).map_err(|e| Refusal {
         reason: e.reason(),
@@ -604,6 +641,20 @@ fn accept(
         campaign_id: None,
         task: None,
     })?;
+    // The signature first: a task moved to another subject or altered is
+    // refused as such, before anything it claims is looked at.
+    if let Err(e) = verifier.verify(subject, headers, &task, payload, now_ms()) {
+        return Err(Refusal {
+            reason: e.reason(),
+            detail: e.to_string(),
+            task_id: Some(task.task_id.clone()).filter(|t| valid_task_id(t)),
+            campaign_id: Some(task.campaign_id.clone())
+                .filter(|c| ids::validate("campaign id", c).is_ok()),
+            // Only an authentic task (expired, not forged) is counted in its
+            // wave at once; a forgery must not be able to fail a real task.
+            task: e.is_authentic().then(|| Box::new(task.clone())),
+        });
+    }
     let refuse = |reason: &'static str, detail: String| Refusal {
         reason,
         detail,
@@ -686,6 +737,7 @@ async fn handle(ctx: &Ctx, msg: &jetstream::Message) -> Handled {
         msg.subject.as_str(),
         msg.headers.as_ref(),
         &msg.payload,
+        &ctx.verifier,
     ) {
         Ok(t) => t,
         Err(refusal) => {
@@ -1122,7 +1174,9 @@ mod tests {
             codec::encode(Format::Json, &t).unwrap()
         };
         let subject = subjects::task("eu", "camp");
-        let check = |payload: &[u8]| accept("eu", &subject, None, payload).map_err(|r| r.reason);
+        let check = |payload: &[u8]| {
+            accept("eu", &subject, None, payload, &Verifier::default()).map_err(|r| r.reason)
+        };
         assert!(check(&env_task(&|_| {})).is_ok());
         assert_eq!(
             check(&env_task(&|t| t.region = "us".into())).unwrap_err(),
@@ -1160,9 +1214,15 @@ mod tests {
         let mut h = async_nats::HeaderMap::new();
         h.insert(codec::CONTENT_TYPE, "text/plain");
         assert_eq!(
-            accept("eu", &subject, Some(&h), &env_task(&|_| {}))
-                .map_err(|r| r.reason)
-                .unwrap_err(),
+            accept(
+                "eu",
+                &subject,
+                Some(&h),
+                &env_task(&|_| {}),
+                &Verifier::default()
+            )
+            .map_err(|r| r.reason)
+            .unwrap_err(),
             "unsupported_content_type"
         );
     }

@@ -10,6 +10,20 @@ use tracing_subscriber::EnvFilter;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = DaemonArgs::parse();
+    if let Some(keywave_coordinator::cli::DaemonCommand::Keygen { out }) = &args.command {
+        let key = keywave_common::sign::SigningKey::generate();
+        if let Err(e) = key.to_file(out) {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+        eprintln!(
+            "wrote the task-signing key {} to {} (mode 0600); its public key (for coordinator_public_keys):",
+            key.id(),
+            out.display()
+        );
+        println!("{}", key.public());
+        return std::process::ExitCode::SUCCESS;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -77,13 +91,38 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
-    let client = keywave_common::nats::connect_with(
+    // Who this coordinator is on NATS (--nats-user, --nats-creds, ...).
+    let (nats_auth, regions) = match (args.nats_auth.to_config(), args.region_list()) {
+        (Ok(a), Ok(r)) => (a, r),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
+    let client = keywave_common::nats::connect_as(
         &args.nats,
         keywave_common::nats::options(format!("keywave-coordinator {}", opts.coordinator_id))
             .retry_on_initial_connect(),
+        &nats_auth,
     )
     .await
     .with_context(|| format!("connecting to NATS at {}", args.nats))?;
+    // With least-privilege NATS users only the coordinator creates the
+    // topology: each --regions region's task consumer and secret store.
+    if !regions.is_empty() {
+        let js = keywave_common::topology::context(client.clone());
+        keywave_common::topology::ensure_core(&js, &opts.topology).await?;
+        for r in &regions {
+            keywave_common::topology::ensure_region(&js, r, &opts.topology).await?;
+        }
+        tracing::info!(regions = ?regions, "Region topology ready");
+    }
+    match &opts.signer {
+        Some(s) => tracing::info!(key_id = %s.key_id(), "Tasks are signed"),
+        None => tracing::warn!(
+            "NO SIGNING KEY (--signing-key-file / KEYWAVE_SIGNING_KEY_FILE): tasks are published UNSIGNED; workers that require signed tasks will refuse them"
+        ),
+    }
     let coordinator = Coordinator::start(client.clone(), opts).await?;
     let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone()));

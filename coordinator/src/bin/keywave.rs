@@ -18,6 +18,23 @@ async fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let json = cli.json;
+    // Who this CLI is on NATS (--nats-user, --nats-creds, ...): every
+    // connection the commands make uses it.
+    match cli.nats_auth.to_config() {
+        Ok(auth) => {
+            if auth != keywave_common::nats::ConnectConfig::default() {
+                keywave_common::nats::install(auth);
+            }
+        }
+        Err(e) => {
+            let line = e.to_string();
+            if json {
+                println!("{}", serde_json::json!({ "ok": false, "error": line }));
+            }
+            eprintln!("error: {line}");
+            return std::process::ExitCode::from(2);
+        }
+    }
     match commands::run(cli).await {
         Ok(code) => std::process::ExitCode::from(code),
         Err(e) => {

@@ -92,12 +92,90 @@ pub fn github(event: &str, body: &[u8]) -> Result<Translated, AdapterError> {
     }
     let action = v["action"].as_str().ok_or(AdapterError::Field("action"))?;
     let alert = &v["alert"];
-    let number = alert["number"]
+    alert["number"]
         .as_u64()
         .ok_or(AdapterError::Field("alert.number"))?;
     let repo = v["repository"]["full_name"]
         .as_str()
         .ok_or(AdapterError::Field("repository.full_name"))?;
+    github_alert(alert, repo, action)
+}
+
+/// `owner/repo` from a GitHub API URL such as
+/// `https://api.github.com/repos/acme/app/secret-scanning/alerts?state=open`.
+pub fn github_repo_of_url(url: &str) -> Option<String> {
+    let rest = url.split_once("/repos/")?.1;
+    let mut parts = rest.split(['/', '?', '#']);
+    let (owner, repo) = (parts.next()?, parts.next()?);
+    (!owner.is_empty() && !repo.is_empty()).then(|| format!("{owner}/{repo}"))
+}
+
+/// The body of GitHub's REST "list secret scanning alerts" (for a
+/// repository, `GET /repos/{owner}/{repo}/secret-scanning/alerts?state=open`,
+/// or an organization): a JSON array of alerts. Each alert becomes what
+/// [`github`] makes of a webhook delivery of it (same `source_id`
+/// `owner/repo#number`, so an alert that also arrived by webhook is one
+/// detection); open alerts count as `created`, resolved ones are ignored.
+/// `url` is where the list came from: the repository of alerts that do not
+/// name theirs.
+pub fn github_alerts_list(
+    body: &[u8],
+    url: &str,
+) -> Result<Vec<Result<Translated, AdapterError>>, AdapterError> {
+    let v = parse(body)?;
+    let alerts = v.as_array().ok_or(AdapterError::Invalid(
+        "expected a JSON array of secret scanning alerts".into(),
+    ))?;
+    let fallback = github_repo_of_url(url);
+    Ok(alerts
+        .iter()
+        .map(|alert| {
+            alert["number"]
+                .as_u64()
+                .ok_or(AdapterError::Field("number"))?;
+            let repo = alert["repository"]["full_name"]
+                .as_str()
+                .map(String::from)
+                .or_else(|| alert["url"].as_str().and_then(github_repo_of_url))
+                .or_else(|| fallback.clone())
+                .ok_or(AdapterError::Field("repository.full_name"))?;
+            match alert["state"].as_str() {
+                None | Some("open") => github_alert(alert, &repo, "created"),
+                Some(other) => Ok(Translated::Ignored(format!(
+                    "alert state {:?} is not open",
+                    other.chars().take(64).collect::<String>()
+                ))),
+            }
+        })
+        .collect())
+}
+
+/// A JSON array of normalized [`Detection`]s (docs/detection.schema.json),
+/// e.g. from a SIEM's "open alerts" endpoint.
+pub fn detections_list(body: &[u8]) -> Result<Vec<Result<Translated, AdapterError>>, AdapterError> {
+    let v = parse(body)?;
+    let items = v.as_array().ok_or(AdapterError::Invalid(
+        "expected a JSON array of detections".into(),
+    ))?;
+    Ok(items
+        .iter()
+        .map(|item| {
+            let d: Detection = serde_json::from_value(item.clone()).map_err(|e| {
+                let mut s = e.to_string();
+                s.truncate(200);
+                AdapterError::Invalid(s)
+            })?;
+            validated(d)
+        })
+        .collect())
+}
+
+/// One GitHub secret scanning alert (the webhook's `alert` object or an
+/// element of the REST list) of repository `repo`, under `action`.
+fn github_alert(alert: &Value, repo: &str, action: &str) -> Result<Translated, AdapterError> {
+    let number = alert["number"]
+        .as_u64()
+        .ok_or(AdapterError::Field("alert.number"))?;
     if !GITHUB_LEAK_ACTIONS.contains(&action) {
         return Ok(Translated::Ignored(format!(
             "action {:?} does not expose a secret",

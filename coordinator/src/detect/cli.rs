@@ -183,6 +183,10 @@ pub struct DaemonDetectArgs {
     /// How long one containment task may take.
     #[arg(long, default_value = "60s", value_name = "DURATION")]
     pub containment_task_timeout: String,
+    /// Inventory tag of credentials that are contained only once a human approves
+    /// (`keywave campaign approve`); untagged ones go ahead at once. Empty: none.
+    #[arg(long, default_value = super::intake::DEFAULT_APPROVAL_TAG, value_name = "TAG")]
+    pub containment_approval_tag: String,
     /// File holding the detection-fingerprint key (hex or base64); also KEYWAVE_DETECT_KEY.
     #[arg(long, env = DETECT_KEY_FILE_ENV, value_name = "FILE")]
     pub detect_key_file: Option<PathBuf>,
@@ -194,7 +198,15 @@ pub struct DaemonDetectArgs {
     /// Largest accepted distance between a webhook's signed timestamp and now.
     #[arg(long, default_value = "5m", value_name = "DURATION")]
     pub webhook_max_skew: String,
+    /// Poll sources for open alerts (the webhook fallback): a JSON file, an array of
+    /// {"name","url","format":"detections"|"github_alerts","token_env"|"token_file",
+    /// "interval","timeout","max_body_bytes","max_pages"}. Off unless given.
+    #[arg(long, env = POLL_CONFIG_ENV, value_name = "FILE")]
+    pub poll_config: Option<PathBuf>,
 }
+
+/// Environment variable of `--poll-config`.
+pub const POLL_CONFIG_ENV: &str = "KEYWAVE_POLL_CONFIG";
 
 impl DaemonDetectArgs {
     /// The validated options (`None` with `--detections false`); secrets
@@ -259,7 +271,21 @@ impl DaemonDetectArgs {
                 Some(cfg)
             }
         };
+        let polls = match &self.poll_config {
+            None => Vec::new(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    usage(
+                        "--poll-config",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                super::poll::parse_config(&text, &env)
+                    .map_err(|e| usage("--poll-config", format!("{}: {e}", path.display())))?
+            }
+        };
         Ok(Some(DetectOptions {
+            polls,
             topology,
             intake: IntakeConfig {
                 window,
@@ -267,6 +293,7 @@ impl DaemonDetectArgs {
                     .map_err(|e| usage("--containment-waves", e))?,
                 failure_budget: self.containment_failure_budget,
                 task_timeout,
+                approval_tag: self.containment_approval_tag.trim().to_string(),
                 ..Default::default()
             },
             detect_key,

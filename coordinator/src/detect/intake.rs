@@ -58,7 +58,16 @@ pub struct IntakeConfig {
     /// Fault injection for crash tests: return right after writing a
     /// campaign's intent, before starting it (as if the process died there).
     pub crash_after_intent: bool,
+    /// Inventory tag of credentials that are not contained without a human:
+    /// they go into a containment campaign of their own whose first wave
+    /// waits for `keywave campaign approve` (the untagged ones of the same
+    /// window are contained at once). Empty: no credential needs approval.
+    /// Default [`DEFAULT_APPROVAL_TAG`].
+    pub approval_tag: String,
 }
+
+/// The default [`IntakeConfig::approval_tag`].
+pub const DEFAULT_APPROVAL_TAG: &str = "approval=required";
 
 impl Default for IntakeConfig {
     fn default() -> Self {
@@ -73,6 +82,7 @@ impl Default for IntakeConfig {
             max_campaign_credentials: 10_000,
             index_max_age: Duration::from_secs(30),
             crash_after_intent: false,
+            approval_tag: DEFAULT_APPROVAL_TAG.into(),
         }
     }
 }
@@ -356,7 +366,7 @@ impl Intake {
     }
 
     async fn refresh_index(&mut self) -> Result<(), IntakeError> {
-        self.index = InventoryIndex::load(&self.inventory)
+        self.index = InventoryIndex::load(&self.inventory, &self.cfg.approval_tag)
             .await
             .map_err(|e| IntakeError::Inventory(e.to_string()))?;
         Ok(())
@@ -470,9 +480,22 @@ impl Intake {
             .iter()
             .map(|(_, g, _)| g.detections.len() as u64)
             .sum();
-        let chunks = chunk(fresh, self.cfg.max_campaign_credentials);
-        for chunk in chunks {
-            self.contain(window, chunk).await?;
+        // Credentials tagged as needing an approval get a campaign of their
+        // own that waits for it; the others are contained at once.
+        if fresh
+            .iter()
+            .any(|(id, _, _)| self.index.needs_approval(id).is_none())
+        {
+            self.refresh_index().await?;
+        }
+        let (gated, open): (Vec<_>, Vec<_>) = fresh
+            .into_iter()
+            .partition(|(id, _, _)| self.index.needs_approval(id) == Some(true));
+        for chunk in chunk(open, self.cfg.max_campaign_credentials) {
+            self.contain(window, chunk, false).await?;
+        }
+        for chunk in chunk(gated, self.cfg.max_campaign_credentials) {
+            self.contain(window, chunk, true).await?;
         }
         debug!(detections = window.len(), contained = detections, elapsed = ?started.elapsed(), "Detection window processed");
         Ok(())
@@ -550,10 +573,12 @@ impl Intake {
     }
 
     /// Claims, records the intent, starts the campaign, marks it started.
+    /// A `gated` campaign's first wave waits for an approval.
     async fn contain(
         &self,
         window: &[Held],
         chunk: Vec<(String, Group, Option<u64>)>,
+        gated: bool,
     ) -> Result<(), IntakeError> {
         let cid = ids::random_id("contain");
         let now = now_ms();
@@ -638,7 +663,7 @@ impl Intake {
             .filter(|(id, _, _)| ids_claimed.binary_search(id).is_ok())
             .map(|(_, g, _)| g.detections.len() as u64)
             .sum();
-        let spec = self.spec(&ids_claimed, window, &chunk);
+        let spec = self.spec(&ids_claimed, window, &chunk, gated);
         let mut intent = Intent {
             campaign_id: cid.clone(),
             state: IntentState::Pending,
@@ -666,10 +691,18 @@ impl Intake {
             &self.js,
             Outcome::Contained,
             first.seq,
-            format!(
-                "containment campaign {cid} started for {} credential(s) from {detections} detection(s)",
-                ids_claimed.len()
-            ),
+            if gated {
+                format!(
+                    "containment campaign {cid} created for {} credential(s) tagged {} from {detections} detection(s); it waits for an approval: keywave campaign approve {cid}",
+                    ids_claimed.len(),
+                    self.cfg.approval_tag
+                )
+            } else {
+                format!(
+                    "containment campaign {cid} started for {} credential(s) from {detections} detection(s)",
+                    ids_claimed.len()
+                )
+            },
             Some(first.detection.clone()),
             None,
             Some(cid.clone()),
@@ -684,6 +717,7 @@ impl Intake {
         ids: &[String],
         window: &[Held],
         chunk: &[(String, Group, Option<u64>)],
+        gated: bool,
     ) -> CampaignSpec {
         let mut sources: Vec<String> = Vec::new();
         for (_, g, _) in chunk {
@@ -711,7 +745,14 @@ impl Intake {
         }
         CampaignSpec {
             v: SCHEMA_VERSION,
-            name: format!("containment: {} leaked credential(s)", ids.len()),
+            name: if gated {
+                format!(
+                    "containment (needs approval): {} leaked credential(s)",
+                    ids.len()
+                )
+            } else {
+                format!("containment: {} leaked credential(s)", ids.len())
+            },
             reason: Some(reason),
             selector: Selector {
                 ids: ids.to_vec(),
@@ -723,6 +764,7 @@ impl Intake {
             bake_ms: 0,
             on_failure: OnFailure::Pause,
             task_timeout_ms: self.cfg.task_timeout.as_millis() as u64,
+            approve_before_waves: if gated { vec![0] } else { Vec::new() },
         }
     }
 

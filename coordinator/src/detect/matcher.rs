@@ -24,17 +24,23 @@ pub enum Resolved {
     Unidentified,
 }
 
-/// Ids and logins of every inventory credential.
+/// Ids and logins of every inventory credential, and which credentials need
+/// an approval before they are contained.
 #[derive(Debug, Default)]
 pub struct InventoryIndex {
-    ids: HashMap<String, ()>,
+    /// Id → carries the approval tag.
+    ids: HashMap<String, bool>,
     logins: HashMap<(String, String), String>,
     built: Option<Instant>,
 }
 
 impl InventoryIndex {
-    /// Reads the whole inventory.
-    pub async fn load(inventory: &kv::Store) -> Result<Self, crate::inventory::InventoryError> {
+    /// Reads the whole inventory. Credentials tagged `approval_tag` (exactly
+    /// that tag; none when empty) need an approval before containment.
+    pub async fn load(
+        inventory: &kv::Store,
+        approval_tag: &str,
+    ) -> Result<Self, crate::inventory::InventoryError> {
         let creds = crate::inventory::list(inventory, &Selector::default()).await?;
         let mut idx = InventoryIndex {
             built: Some(Instant::now()),
@@ -43,7 +49,8 @@ impl InventoryIndex {
         for c in creds {
             idx.logins
                 .insert((c.principal.clone(), c.endpoint.clone()), c.id.clone());
-            idx.ids.insert(c.id, ());
+            let gated = !approval_tag.is_empty() && c.tags.iter().any(|t| t == approval_tag);
+            idx.ids.insert(c.id, gated);
         }
         Ok(idx)
     }
@@ -54,6 +61,12 @@ impl InventoryIndex {
             Some(b) => b.elapsed() > max_age,
             None => true,
         }
+    }
+
+    /// Whether credential `id` needs an approval before it is contained;
+    /// `None` when it is not in the index.
+    pub fn needs_approval(&self, id: &str) -> Option<bool> {
+        self.ids.get(id).copied()
     }
 
     pub fn len(&self) -> usize {
@@ -125,7 +138,11 @@ mod tests {
     #[test]
     fn local_resolution() {
         let mut idx = InventoryIndex::default();
-        idx.ids.insert("a".into(), ());
+        idx.ids.insert("a".into(), false);
+        idx.ids.insert("b".into(), true);
+        assert_eq!(idx.needs_approval("a"), Some(false));
+        assert_eq!(idx.needs_approval("b"), Some(true));
+        assert_eq!(idx.needs_approval("zz"), None);
         idx.logins
             .insert(("app".into(), "redis-eu".into()), "a".into());
         assert_eq!(

@@ -10,6 +10,7 @@
 //! - `index`: rotation notices (`keywave.rotated.*`) into the fingerprint index.
 //! - `store`: the `keywave-detections` bucket (claims, intents, fingerprints) and detection records.
 //! - `webhook`, `adapters`: the optional HTTP intake (GitHub, GitGuardian, generic signed JSON).
+//! - `poll`: the optional polling fallback (GET a source's open alerts on an interval).
 //! - `report`: time to contain per credential, p50/p95/p99/max, credentials still exposed.
 //! - `cli`: the `keywave detect` command and the daemon's detection flags.
 //!
@@ -23,6 +24,7 @@ pub mod cli;
 pub mod index;
 pub mod intake;
 pub mod matcher;
+pub mod poll;
 pub mod report;
 pub mod store;
 pub mod webhook;
@@ -51,6 +53,8 @@ pub struct DetectOptions {
     pub detect_key: Option<DetectKey>,
     /// The HTTP webhook intake; off when `None`.
     pub webhook: Option<WebhookConfig>,
+    /// Sources polled for open alerts (the polling fallback); none by default.
+    pub polls: Vec<poll::PollSource>,
 }
 
 #[derive(Debug, Error)]
@@ -65,6 +69,8 @@ pub enum DetectError {
     },
     #[error(transparent)]
     Intake(#[from] intake::IntakeError),
+    #[error("polled source {name}: {detail}")]
+    Poll { name: String, detail: String },
 }
 
 /// A prepared detection intake.
@@ -72,6 +78,7 @@ pub struct Detector {
     intake: intake::Intake,
     js: async_nats::jetstream::Context,
     webhook: Option<webhook::WebhookServer>,
+    pollers: Vec<poll::Poller>,
 }
 
 impl Detector {
@@ -97,6 +104,14 @@ impl Detector {
                 )
             }
         };
+        let mut pollers = Vec::with_capacity(opts.polls.len());
+        for src in opts.polls {
+            let name = src.name.clone();
+            pollers.push(
+                poll::Poller::new(src, js.clone())
+                    .map_err(|detail| DetectError::Poll { name, detail })?,
+            );
+        }
         if opts.detect_key.is_none() {
             warn!("No detection key configured: detections by sha256 fingerprint will be recorded as unmatched");
         }
@@ -112,6 +127,7 @@ impl Detector {
             },
             js,
             webhook,
+            pollers,
         })
     }
 
@@ -137,6 +153,9 @@ impl Detector {
                     warn!(error = %e, "Webhook server stopped");
                 }
             });
+        }
+        for p in self.pollers {
+            tracker.spawn(p.run(inner.clone()));
         }
         tracker.close();
         let r = self.intake.run(inner.clone()).await;

@@ -342,6 +342,7 @@ mod tests {
                 bake_ms: 0,
                 on_failure: OnFailure::Rollback,
                 task_timeout_ms: 1000,
+                approve_before_waves: Vec::new(),
             },
             state: CampaignState::Running,
             total: sizes.iter().sum(),

@@ -99,6 +99,7 @@ mod tests {
             bake_ms,
             on_failure,
             task_timeout_ms: 1000,
+            approve_before_waves: Vec::new(),
         }
     }
 

@@ -17,9 +17,8 @@ use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, ReplayPoli
 use async_nats::jetstream::kv;
 use futures::StreamExt;
 use keywave_common::{
-    codec::{self, Format},
-    now_ms,
-    publish::{self, AckWindow, PublishError},
+    codec, now_ms,
+    publish::{AckWindow, PublishError},
     subjects,
     wire::{
         CampaignSpec, CampaignState, Decision, EventKind, RotationResult, RotationTask, Strategy,
@@ -53,6 +52,9 @@ enum DriveError {
     Lease(String),
     #[error(transparent)]
     Crashed(#[from] Crash),
+    /// Reading or following approvals failed: retried.
+    #[error("approvals: {0}")]
+    Approvals(String),
 }
 
 impl From<crate::lease::LeaseError> for DriveError {
@@ -250,7 +252,12 @@ impl Driver {
                     .await
             }
             Some(ControlAction::Pause)
-                if matches!(state, CampaignState::Running | CampaignState::Baking) =>
+                if matches!(
+                    state,
+                    CampaignState::Running
+                        | CampaignState::Baking
+                        | CampaignState::AwaitingApproval
+                ) =>
             {
                 self.transition(CampaignState::Paused, "paused by operator".into())
                     .await
@@ -332,7 +339,11 @@ impl Driver {
             }
             match (state, decision) {
                 (CampaignState::RollingBack, _) => self.rollback(w).await?,
-                (_, None) => self.run_wave(w).await?,
+                (_, None) => {
+                    if self.gate(w).await? {
+                        self.run_wave(w).await?
+                    }
+                }
                 (CampaignState::Paused, Some(_)) => self.wait_while_paused().await?,
                 (CampaignState::Baking, Some(Decision::NextWave)) => {
                     if self.bake(w).await? {
@@ -349,6 +360,140 @@ impl Driver {
                 // Next wave, or an operator resumed after a failed wave.
                 (_, Some(_)) => self.advance(w).await?,
             }
+        }
+    }
+
+    /// The approval gate before wave `w` (see `CampaignSpec::approve_before_waves`):
+    /// returns `true` when the wave may start (no gate, approved, or
+    /// already started), `false` when an operator request moved the
+    /// campaign elsewhere (paused, aborted) while it waited. Approvals are
+    /// `approved` events: they are replayed from the stream (so a restarted
+    /// coordinator finds them) and followed live while waiting.
+    async fn gate(&mut self, w: u32) -> Result<bool, DriveError> {
+        let (gated, approved, started, size) = {
+            let b = self.book();
+            let ws = &b.status.waves[w as usize];
+            (
+                self.spec.approve_before_waves.contains(&w),
+                ws.approved_at_ms.is_some(),
+                ws.started_at_ms.is_some() || ws.published,
+                ws.size,
+            )
+        };
+        if !gated || started {
+            return Ok(true);
+        }
+        if approved {
+            return self.approved(w, None).await.map(|()| true);
+        }
+        let subject = subjects::event(self.cid(), "approved");
+        // Subscribed before the replay: no approval falls in between.
+        let mut live = self
+            .engine
+            .client
+            .subscribe(subject)
+            .await
+            .map_err(|e| DriveError::Approvals(e.to_string()))?;
+        let mut rescan = true;
+        let mut announced = false;
+        loop {
+            if rescan {
+                rescan = false;
+                if self.book().status.waves[w as usize]
+                    .approved_at_ms
+                    .is_some()
+                {
+                    return self.approved(w, None).await.map(|()| true);
+                }
+                let found = super::read_approvals(&self.engine.js, self.cid())
+                    .await
+                    .map_err(DriveError::Approvals)?;
+                if let Some(a) = found.into_iter().find(|a| a.wave == w) {
+                    return self.approved(w, Some(a)).await.map(|()| true);
+                }
+            }
+            match self.state() {
+                s if s.is_terminal() => return Ok(false),
+                CampaignState::Paused => {
+                    self.wait_while_paused().await?;
+                    return Ok(false);
+                }
+                CampaignState::AwaitingApproval if announced => {}
+                _ => {
+                    self.fence().await?;
+                    self.event(EventKind::ApprovalRequired { wave: w, size })
+                        .await?;
+                    let cid = self.cid().to_string();
+                    self.transition(
+                        CampaignState::AwaitingApproval,
+                        format!("wave {w} ({size} credentials) waits for an approval: keywave campaign approve {cid}"),
+                    )
+                    .await?;
+                    info!(campaign = %cid, wave = w, size, "Waiting for an approval");
+                    announced = true;
+                }
+            }
+            enum GateWake {
+                Live(Option<async_nats::Message>),
+                Poke,
+                Control,
+                Tick,
+                Stop,
+            }
+            let wake = tokio::select! {
+                m = live.next() => GateWake::Live(m),
+                _ = self.h.approval.notified() => GateWake::Poke,
+                // A safety net: the live subscription may miss an approval across a reconnect.
+                _ = tokio::time::sleep(Duration::from_secs(10)) => GateWake::Poke,
+                r = self.control.changed() => if r.is_ok() { GateWake::Control } else { GateWake::Poke },
+                _ = self.tick.tick() => GateWake::Tick,
+                _ = self.h.stop.cancelled() => GateWake::Stop,
+            };
+            match wake {
+                GateWake::Live(Some(m)) => {
+                    match super::approval_of(&m.payload, m.headers.as_ref()) {
+                        Some(a) if a.wave == w => {
+                            return self.approved(w, Some(a)).await.map(|()| true)
+                        }
+                        _ => {}
+                    }
+                }
+                GateWake::Live(None) => {
+                    return Err(DriveError::Approvals("the subscription ended".into()))
+                }
+                GateWake::Poke => rescan = true,
+                GateWake::Control => {
+                    let action = *self.control.borrow_and_update();
+                    self.on_control(action).await?;
+                    if self.state() != CampaignState::AwaitingApproval {
+                        return Ok(false);
+                    }
+                }
+                GateWake::Tick => self.save_if_dirty().await?,
+                GateWake::Stop => return Err(DriveError::Shutdown),
+            }
+        }
+    }
+
+    /// Records the approval of wave `w` in the books (unless there already)
+    /// and lets the campaign run.
+    async fn approved(&mut self, w: u32, found: Option<super::Approval>) -> Result<(), DriveError> {
+        let by = {
+            let mut b = self.book();
+            let ws = &mut b.status.waves[w as usize];
+            if ws.approved_at_ms.is_none() {
+                if let Some(a) = found {
+                    ws.approved_by = Some(a.by);
+                    ws.approved_at_ms = Some(a.at_ms);
+                }
+            }
+            ws.approved_by.clone().unwrap_or_default()
+        };
+        if self.state() == CampaignState::AwaitingApproval {
+            self.transition(CampaignState::Running, format!("wave {w} approved by {by}"))
+                .await
+        } else {
+            self.save_if_dirty().await
         }
     }
 
@@ -513,13 +658,13 @@ impl Driver {
                     issued_at_ms: issued,
                     deadline_ms: issued + self.spec.task_timeout_ms,
                 };
-                let ack = publish::send(
+                // Signed (Ed25519, bound to subject, ids, expiry and body)
+                // when the coordinator has a signing key.
+                let ack = keywave_common::sign::send_task(
                     &js,
+                    self.engine.opts.signer.as_ref(),
                     subjects::task(&e.region, &cid),
-                    Format::MsgPack,
-                    &task.task_id,
                     &task,
-                    None,
                 )
                 .await?;
                 window.push(ack).await?;

@@ -23,7 +23,10 @@ pub fn msg_id(cid: &str, kind: &EventKind, at_ms: u64) -> String {
         | EventKind::Decision { wave, .. }
         | EventKind::RollbackStarted { wave, .. }
         | EventKind::RollbackRefused { wave, .. }
-        | EventKind::RollbackFinished { wave, .. } => format!("{cid}:{name}:{wave}"),
+        | EventKind::RollbackFinished { wave, .. }
+        | EventKind::ApprovalRequired { wave, .. }
+        // The first approval of a wave is the one that counts.
+        | EventKind::Approved { wave, .. } => format!("{cid}:{name}:{wave}"),
         // A campaign can enter the same state more than once (pause, resume,
         // pause): each change is its own event.
         EventKind::StateChanged { state, .. } => format!("{cid}:{name}:{state}:{at_ms}"),

@@ -36,7 +36,7 @@ use async_nats::jetstream::{self, kv, Context};
 use book::Book;
 use futures::StreamExt;
 use keywave_common::{
-    api::{CampaignStatus, CampaignSummary, StartRequest, WaveStatus},
+    api::{ApproveRequest, CampaignStatus, CampaignSummary, StartRequest, WaveStatus},
     ids, now_ms, planner,
     topology::{self, TopologyError},
     wire::{CampaignState, EventKind},
@@ -81,6 +81,9 @@ pub struct CoordinatorOptions {
     pub lease: lease::Config,
     /// Fault injection (none by default).
     pub faults: fault::Faults,
+    /// Signs every task and rollback task (Ed25519, see
+    /// `keywave_common::sign`); None publishes them unsigned.
+    pub signer: Option<keywave_common::sign::TaskSigner>,
 }
 
 impl Default for CoordinatorOptions {
@@ -91,6 +94,7 @@ impl Default for CoordinatorOptions {
             progress_interval: Duration::from_secs(1),
             lease: lease::Config::default(),
             faults: fault::Faults::none(),
+            signer: None,
         }
     }
 }
@@ -186,6 +190,8 @@ pub(crate) struct Handle {
     /// KV revision of the last snapshot written or read: the next save is a
     /// compare-and-set on it.
     pub snapshot_rev: AtomicU64,
+    /// Woken when an approval was published for this campaign.
+    pub approval: Notify,
 }
 
 impl Handle {
@@ -209,6 +215,7 @@ impl Handle {
             caught_up: watch::channel(false).0,
             stop,
             manifest,
+            approval: Notify::new(),
         }
     }
 
@@ -486,6 +493,13 @@ impl Engine {
             self.resume_all().await?;
             self.tracker.spawn(watcher);
             self.tracker.spawn(poison::run(self.clone()));
+            // The audit trail: events and result digests, hash-chained (crate::audit).
+            self.tracker.spawn(crate::audit::follow(
+                self.js.clone(),
+                self.opts.coordinator_id.clone(),
+                self.stop.clone(),
+                self.halted.clone(),
+            ));
             Ok::<(), CoordinatorError>(())
         }
         .await;
@@ -764,6 +778,16 @@ impl Engine {
                 sizes.len()
             )));
         }
+        if let Some(&w) = spec
+            .approve_before_waves
+            .iter()
+            .find(|&&w| w as usize >= sizes.len())
+        {
+            return Err(RequestError::BadRequest(format!(
+                "approve_before_waves: wave {w} does not exist; the plan has {} waves (numbered from 0)",
+                sizes.len()
+            )));
+        }
         let manifest = plan::write(&self.campaigns, &cid, &entries)
             .await
             .map_err(internal)?;
@@ -784,6 +808,7 @@ impl Engine {
                 .map(|(i, &size)| WaveStatus {
                     wave: i as u32,
                     size,
+                    approval_required: spec.approve_before_waves.contains(&(i as u32)),
                     ..Default::default()
                 })
                 .collect(),
@@ -934,6 +959,205 @@ impl Engine {
         let mut rx = h.state.subscribe();
         let _ = tokio::time::timeout(CONTROL_WAIT, rx.wait_for(|s| done(*s))).await;
         Ok(h.status())
+    }
+}
+
+impl Engine {
+    /// `campaign.approve`: publishes an `approved` event for a gated wave
+    /// (the event is the record: a restarted coordinator replays it) and,
+    /// when the campaign waits at that wave, waits briefly until it started.
+    pub(crate) async fn approve(
+        &self,
+        req: ApproveRequest,
+    ) -> Result<CampaignStatus, RequestError> {
+        let cid = req.campaign_id.as_str();
+        let by = req.by.trim().to_string();
+        if by.is_empty()
+            || by.len() > keywave_common::api::MAX_APPROVER_LEN
+            || by.chars().any(char::is_control)
+        {
+            return Err(RequestError::BadRequest(format!(
+                "by: the approver must be 1 to {} characters without control characters",
+                keywave_common::api::MAX_APPROVER_LEN
+            )));
+        }
+        let status = self.status(cid).await?;
+        let state = status.state;
+        if state.is_terminal() {
+            return Err(RequestError::Conflict(format!(
+                "campaign {cid} is {state}; there is nothing left to approve"
+            )));
+        }
+        let gates = &status.spec.approve_before_waves;
+        if gates.is_empty() {
+            return Err(RequestError::Conflict(format!(
+                "campaign {cid} has no wave that needs an approval (it was started without --approve-before-wave)"
+            )));
+        }
+        let not_started = |w: u32| {
+            status
+                .waves
+                .get(w as usize)
+                .is_some_and(|ws| ws.started_at_ms.is_none() && !ws.published)
+        };
+        let wave = match req.wave {
+            Some(w) => w,
+            None if state == CampaignState::AwaitingApproval => status.current_wave,
+            None => gates
+                .iter()
+                .copied()
+                .find(|&g| {
+                    g >= status.current_wave
+                        && not_started(g)
+                        && status.waves[g as usize].approved_at_ms.is_none()
+                })
+                .ok_or_else(|| {
+                    RequestError::Conflict(format!(
+                        "no wave of campaign {cid} waits for an approval"
+                    ))
+                })?,
+        };
+        let list = gates
+            .iter()
+            .map(|g| g.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        if wave as usize >= status.waves.len() {
+            return Err(RequestError::Conflict(format!(
+                "campaign {cid} has no wave {wave} (it has {} waves, numbered from 0; gated: {list})",
+                status.waves.len()
+            )));
+        }
+        if !gates.contains(&wave) {
+            return Err(RequestError::Conflict(format!(
+                "wave {wave} of campaign {cid} does not need an approval (gated waves: {list})"
+            )));
+        }
+        let ws = &status.waves[wave as usize];
+        if ws.approved_at_ms.is_some() {
+            return Ok(status);
+        }
+        if !not_started(wave) {
+            return Err(RequestError::Conflict(format!(
+                "wave {wave} of campaign {cid} has already started"
+            )));
+        }
+        events::publish(
+            &self.js,
+            cid,
+            EventKind::Approved {
+                wave,
+                by: by.clone(),
+            },
+        )
+        .await
+        .map_err(internal)?;
+        info!(campaign = %cid, wave, by = %by, "Wave approved");
+        let waiting_here = state == CampaignState::AwaitingApproval && wave == status.current_wave;
+        let until = tokio::time::Instant::now() + CONTROL_WAIT;
+        match self.handle(cid) {
+            Some(h) => {
+                {
+                    // Shown at once; the driver takes it from the book (or,
+                    // after a restart, from the event).
+                    let mut b = h.book.lock().expect("book lock");
+                    if let Some(ws) = b.status.waves.get_mut(wave as usize) {
+                        if ws.approved_at_ms.is_none() {
+                            ws.approved_by = Some(by);
+                            ws.approved_at_ms = Some(now_ms());
+                            h.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                }
+                h.approval.notify_one();
+                if waiting_here {
+                    let mut rx = h.state.subscribe();
+                    let _ = tokio::time::timeout_at(
+                        until,
+                        rx.wait_for(|s| *s != CampaignState::AwaitingApproval),
+                    )
+                    .await;
+                }
+                Ok(h.status())
+            }
+            None => {
+                let mut latest = status;
+                while waiting_here
+                    && latest.state == CampaignState::AwaitingApproval
+                    && tokio::time::Instant::now() < until
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    if let Some(s) = self.load_status(cid).await? {
+                        latest = s;
+                    }
+                }
+                Ok(latest)
+            }
+        }
+    }
+}
+
+/// An approval read back from the events stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Approval {
+    pub wave: u32,
+    pub by: String,
+    pub at_ms: u64,
+}
+
+/// Every `approved` event of campaign `cid` (`keywave.event.<cid>.approved`
+/// on `KEYWAVE_EVENTS`), oldest first: how a driver, also a restarted one,
+/// learns the approvals.
+pub(crate) async fn read_approvals(js: &Context, cid: &str) -> Result<Vec<Approval>, String> {
+    use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+    let stream = js
+        .get_stream(topology::STREAM_EVENTS)
+        .await
+        .map_err(|e| e.to_string())?;
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: keywave_common::subjects::event(cid, "approved"),
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    if consumer.cached_info().num_pending == 0 {
+        return Ok(out);
+    }
+    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    loop {
+        let m = match tokio::time::timeout(Duration::from_secs(5), messages.next()).await {
+            Err(_) => return Err("reading approvals timed out".into()),
+            Ok(None) => break,
+            Ok(Some(m)) => m.map_err(|e| e.to_string())?,
+        };
+        let pending = m.info().map(|i| i.pending).unwrap_or(0);
+        if let Some(a) = approval_of(&m.payload, m.headers.as_ref()) {
+            out.push(a);
+        }
+        if pending == 0 {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// The approval carried by an event message, if it is one.
+pub(crate) fn approval_of(
+    payload: &[u8],
+    headers: Option<&async_nats::HeaderMap>,
+) -> Option<Approval> {
+    let ev: keywave_common::wire::CampaignEvent =
+        keywave_common::codec::decode(headers, payload).ok()?;
+    match ev.kind {
+        EventKind::Approved { wave, by } => Some(Approval {
+            wave,
+            by,
+            at_ms: ev.at_ms,
+        }),
+        _ => None,
     }
 }
 

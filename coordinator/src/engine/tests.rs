@@ -59,6 +59,7 @@ fn spec(region: &str, waves: &[u64], budget: f64, strategy: Strategy) -> Campaig
         bake_ms: 0,
         on_failure: OnFailure::Rollback,
         task_timeout_ms: 10_000,
+        approve_before_waves: Vec::new(),
     }
 }
 
@@ -481,6 +482,85 @@ async fn pause_resume_abort_and_bad_requests(client: async_nats::Client, api: Ap
     worker.stop().await;
 }
 
+async fn approval_gates_hold_waves_until_approved(client: async_nats::Client, api: ApiClient) {
+    let (js, region) = setup(&client, 5).await;
+    let worker = FakeWorker::start(js.clone(), &region, |_| Answer::Succeed).await;
+    let mut bad = spec(&region, &[1, 2], 0.0, Strategy::Continuity);
+    bad.approve_before_waves = vec![7];
+    assert!(matches!(
+        api.start(bad).await,
+        Err(ClientError::BadRequest(m)) if m.contains("wave 7")
+    ));
+    // Waves of 1, 2, 2: the canary and the last wave need an approval.
+    let mut sp = spec(&region, &[1, 2], 0.0, Strategy::Continuity);
+    sp.approve_before_waves = vec![0, 2];
+    let cid = api.start(sp).await.unwrap();
+    let s = wait_status(&api, &cid, "awaiting approval of wave 0", |s| {
+        s.state == CampaignState::AwaitingApproval
+    })
+    .await;
+    assert_eq!(s.current_wave, 0);
+    assert!(s.waves[0].approval_required && !s.waves[1].approval_required);
+    assert!(
+        worker.tasks(TaskAction::Rotate).is_empty(),
+        "nothing issued"
+    );
+    assert!(matches!(
+        api.approve(&cid, Some(1), "alice").await,
+        Err(ClientError::Conflict(m)) if m.contains("does not need an approval")
+    ));
+    assert!(matches!(
+        api.approve(&cid, Some(9), "alice").await,
+        Err(ClientError::Conflict(_))
+    ));
+    assert!(matches!(
+        api.approve(&cid, None, " ").await,
+        Err(ClientError::BadRequest(_))
+    ));
+    let t = std::time::Instant::now();
+    let s = api.approve(&cid, None, "alice").await.unwrap();
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    assert_ne!(s.state, CampaignState::AwaitingApproval, "{s:#?}");
+    assert_eq!(s.waves[0].approved_by.as_deref(), Some("alice"));
+    let s = wait_status(&api, &cid, "awaiting approval of wave 2", |s| {
+        s.state == CampaignState::AwaitingApproval && s.current_wave == 2
+    })
+    .await;
+    assert!(s.reason.unwrap().contains("keywave campaign approve"));
+    assert_eq!(worker.tasks(TaskAction::Rotate).len(), 3);
+    // Paused while waiting, resumed: it waits again; resuming approves nothing.
+    assert_eq!(api.pause(&cid).await.unwrap().state, CampaignState::Paused);
+    api.resume(&cid).await.unwrap();
+    wait_status(&api, &cid, "awaiting approval again", |s| {
+        s.state == CampaignState::AwaitingApproval
+    })
+    .await;
+    let s = api.approve(&cid, Some(2), "bob").await.unwrap();
+    assert_eq!(s.waves[2].approved_by.as_deref(), Some("bob"));
+    let s = api.wait_terminal(&cid, WAIT).await.unwrap();
+    assert_eq!(s.state, CampaignState::Completed, "{s:#?}");
+    assert_eq!(s.succeeded(), 5);
+    assert!(matches!(
+        api.approve(&cid, None, "carol").await,
+        Err(ClientError::Conflict(m)) if m.contains("completed")
+    ));
+    let names = event_names(&js, &cid).await;
+    assert_eq!(
+        names.iter().filter(|n| *n == "approval_required").count(),
+        2
+    );
+    assert_eq!(names.iter().filter(|n| *n == "approved").count(), 2);
+    let approvals = read_approvals(&js, &cid).await.unwrap();
+    assert_eq!(
+        approvals
+            .iter()
+            .map(|a| (a.wave, a.by.as_str()))
+            .collect::<Vec<_>>(),
+        vec![(0, "alice"), (2, "bob")]
+    );
+    worker.stop().await;
+}
+
 /// One coordinator serves every scenario (several coordinators in one
 /// process would share the API queue group and answer each other's
 /// requests); the scenarios run concurrently on their own regions.
@@ -496,6 +576,7 @@ async fn engine_scenarios_against_real_nats() {
         containment_refuses_rollback_then_resumes(client.clone(), api.clone()),
         missing_result_counts_as_no_result(client.clone(), api.clone()),
         pause_resume_abort_and_bad_requests(client.clone(), api.clone()),
+        approval_gates_hold_waves_until_approved(client.clone(), api.clone()),
     );
     running.stop().await;
 

@@ -27,37 +27,6 @@ const WORKERS_PER_REGION: usize = 2;
 /// The campaign must be done by then (kills included).
 const BOUND: Duration = Duration::from_secs(150);
 
-/// The `keywave-worker` binary, built (or brought up to date) first:
-/// `cargo test -p keywave-tests` alone does not build other packages'
-/// binaries.
-fn worker_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps");
-    if let Ok(cargo) = std::env::var("CARGO") {
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-        let status = Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "keywave-worker",
-                "--bin",
-                "keywave-worker",
-            ])
-            .arg("--manifest-path")
-            .arg(manifest)
-            .status()
-            .expect("cargo build runs");
-        assert!(status.success(), "building keywave-worker failed");
-    }
-    let bin = dir.join("keywave-worker");
-    assert!(bin.exists(), "{} is missing", bin.display());
-    bin
-}
-
 /// One worker process slot: its command line, and the running process.
 struct Slot {
     region: &'static str,
@@ -235,7 +204,7 @@ async fn redis_admin(url: &str) -> redis::aio::MultiplexedConnection {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_5000_redis_users_3_regions_workers_killed_every_second_or_two() {
     support::init_tracing();
-    let bin = worker_binary();
+    let bin = support::workspace_binary("keywave-worker", "keywave-worker");
     let redis = RedisServer::start();
     let server = NatsServer::start();
     let client = server.client().await;

@@ -1,8 +1,10 @@
 //! Leak detections in, containment out: real HTTP requests against the
 //! webhook server (GitHub, GitGuardian, generic signed JSON), detections on
 //! NATS for real Redis ACL users, 1,000 overlapping detections coalesced into
-//! one campaign, and a coordinator restarted between receiving a detection
-//! and starting its campaign.
+//! one campaign, a coordinator restarted between receiving a detection
+//! and starting its campaign, credentials tagged `approval=required`
+//! contained only once approved, and the polling fallback (a real local
+//! HTTP server listing open alerts, some of which also came by webhook).
 
 use crate::support::{self, credentials, secret};
 use async_nats::jetstream::consumer::pull;
@@ -15,6 +17,7 @@ use keywave_common::publish::{self, AckWindow};
 use keywave_common::topology;
 use keywave_common::wire::{CampaignState, Credential, Strategy, TargetKind, SCHEMA_VERSION};
 use keywave_coordinator::client::ApiClient;
+use keywave_coordinator::detect::poll::{PollFormat, PollSource};
 use keywave_coordinator::detect::store::{self, DetectionRecord, Outcome};
 use keywave_coordinator::detect::webhook::{sign, WebhookConfig, WebhookServer};
 use keywave_coordinator::detect::{report, DetectOptions, Detector, IntakeConfig};
@@ -79,11 +82,23 @@ async fn start_detector(
     key: Option<DetectKey>,
     webhook: Option<WebhookConfig>,
 ) -> RunningDetector {
+    start_detector_with(client, intake, key, webhook, Vec::new()).await
+}
+
+/// [`start_detector`] that also polls `polls`.
+async fn start_detector_with(
+    client: &async_nats::Client,
+    intake: IntakeConfig,
+    key: Option<DetectKey>,
+    webhook: Option<WebhookConfig>,
+    polls: Vec<PollSource>,
+) -> RunningDetector {
     let opts = DetectOptions {
         topology: support::topology(),
         intake,
         detect_key: key,
         webhook,
+        polls,
     };
     let detector = Detector::start(client.clone(), opts)
         .await
@@ -1153,6 +1168,437 @@ async fn measure_time_to_contain() {
         println!(
             "{}",
             r.render().lines().take(4).collect::<Vec<_>>().join("\n")
+        );
+    }
+    detector.stop().await;
+    coordinator.stop().await;
+    worker.stop().await;
+}
+
+/// `n` real Redis ACL users (principal = id) in region `eu` on endpoint
+/// `redis-main`, tagged by `tags(i)` on top of the fleet's tags, stored in
+/// the inventory and enrolled in one worker; returns them with their
+/// initial passwords.
+async fn redis_fleet(
+    redis: &RedisServer,
+    client: &async_nats::Client,
+    prefix: &str,
+    n: usize,
+    tags: impl Fn(usize) -> Vec<String>,
+) -> (
+    Vec<Credential>,
+    support::RunningWorker,
+    HashMap<String, Secret>,
+) {
+    let mut con = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut creds = credentials(
+        &keywave_tests::unique(prefix),
+        n,
+        &["eu"],
+        "redis-main",
+        TargetKind::Redis,
+    );
+    for (i, c) in creds.iter_mut().enumerate() {
+        c.tags.extend(tags(i));
+    }
+    let mut initial = HashMap::new();
+    for c in &creds {
+        let pw = secret();
+        let _: () = redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg(&c.principal)
+            .arg("on")
+            .arg(format!(">{}", pw.expose()))
+            .arg("+ping")
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        initial.insert(c.id.clone(), pw);
+    }
+    support::put_inventory(client, &creds).await;
+    let target = RedisTarget::connect(RedisOptions { url: redis.url() })
+        .await
+        .unwrap();
+    let mut targets = Targets::new();
+    targets.insert("redis-main", target, 16);
+    let worker = support::start_worker(
+        client,
+        "eu",
+        &RegionKey::generate(),
+        Arc::new(targets),
+        Faults::none(),
+    )
+    .await;
+    for c in &creds {
+        worker
+            .store
+            .enroll(&c.id, initial[&c.id].clone())
+            .await
+            .unwrap();
+    }
+    (creds, worker, initial)
+}
+
+/// Every containment campaign with its credentials, once `n` exist.
+async fn containments(api: &ApiClient, n: usize) -> Vec<keywave_common::api::CampaignStatus> {
+    let ids = keywave_tests::wait_for(Duration::from_secs(30), || async {
+        let c = containment_campaigns(api).await;
+        (c.len() >= n).then_some(c)
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{n} containment campaigns start"));
+    let mut out = Vec::new();
+    for id in ids {
+        out.push(api.status(&id).await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tagged_credentials_wait_for_an_approval_the_others_are_contained_at_once() {
+    support::init_tracing();
+    let redis = RedisServer::start();
+    let server = NatsServer::start();
+    let client = server.client().await;
+    // Two of four Redis users need an approval before containment.
+    let (creds, worker, initial) = redis_fleet(&redis, &client, "gated", 4, |i| {
+        if i < 2 {
+            vec!["approval=required".into()]
+        } else {
+            vec![]
+        }
+    })
+    .await;
+    let coordinator = support::start_coordinator(&client).await;
+    let detector = start_detector(&client, intake(Duration::from_secs(1)), None, None).await;
+    let js = topology::context(client.clone());
+    for (i, c) in creds.iter().enumerate() {
+        let d = detection(
+            format!("GATE-{i}"),
+            CredentialRef::by_login(&c.principal, "redis-main"),
+        );
+        wire_detect::publish(&js, &d).await.unwrap();
+    }
+    let api = ApiClient::new(client.clone());
+    let all = containments(&api, 2).await;
+    assert_eq!(all.len(), 2, "one campaign for each policy: {all:#?}");
+    let (gated, open): (Vec<_>, Vec<_>) = all
+        .into_iter()
+        .partition(|s| s.spec.approve_before_waves == vec![0]);
+    let (gated, open) = (&gated[0], &open[0]);
+    let ids = |range: std::ops::Range<usize>| {
+        let mut v: Vec<String> = creds[range].iter().map(|c| c.id.clone()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(gated.spec.selector.ids, ids(0..2));
+    assert_eq!(open.spec.selector.ids, ids(2..4));
+
+    // The untagged ones are contained without anybody.
+    let s = api
+        .wait_terminal(&open.campaign_id, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(s.state, CampaignState::Completed, "{s:#?}");
+    for c in &creds[2..] {
+        assert!(!auth(&redis, &c.principal, &initial[&c.id]).await);
+    }
+    // The tagged ones wait, exposed secrets untouched, visibly.
+    let s = api
+        .wait_terminal(&gated.campaign_id, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(s.state, CampaignState::AwaitingApproval, "{s:#?}");
+    for c in &creds[..2] {
+        assert!(auth(&redis, &c.principal, &initial[&c.id]).await);
+    }
+    let contained = records(&client, Outcome::Contained).await;
+    assert!(
+        contained
+            .iter()
+            .any(|r| r.reason.contains("waits for an approval")
+                && r.reason.contains("approval=required")),
+        "{contained:#?}"
+    );
+    // Another detection of a waiting credential joins the waiting campaign.
+    wire_detect::publish(
+        &js,
+        &detection(
+            "GATE-again".into(),
+            CredentialRef::by_login(&creds[0].principal, "redis-main"),
+        ),
+    )
+    .await
+    .unwrap();
+    keywave_tests::wait_until(Duration::from_secs(30), || async {
+        records(&client, Outcome::Coalesced)
+            .await
+            .iter()
+            .any(|r| r.campaign_id.as_deref() == Some(gated.campaign_id.as_str()))
+    })
+    .await
+    .expect("the repeat is coalesced into the waiting campaign");
+    assert_eq!(containment_campaigns(&api).await.len(), 2);
+
+    // A security engineer approves: contained.
+    let s = api
+        .approve(&gated.campaign_id, None, "sec-eng")
+        .await
+        .unwrap();
+    assert_eq!(s.waves[0].approved_by.as_deref(), Some("sec-eng"));
+    let s = api
+        .wait_terminal(&gated.campaign_id, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(s.state, CampaignState::Completed, "{s:#?}");
+    for c in &creds {
+        assert!(
+            !auth(&redis, &c.principal, &initial[&c.id]).await,
+            "{}: old secret refused",
+            c.id
+        );
+        let current = worker.store.get(&c.id).await.unwrap().unwrap().current;
+        assert!(auth(&redis, &c.principal, &current.unwrap().secret).await);
+    }
+    detector.stop().await;
+    coordinator.stop().await;
+    worker.stop().await;
+}
+
+const POLL_TOKEN: &str = "poll-bearer-token-for-tests";
+
+/// A scanner's "open alerts" API: empty until armed, bearer token required.
+#[derive(Clone)]
+struct AlertsApi {
+    armed: Arc<std::sync::atomic::AtomicBool>,
+    hits: Arc<std::sync::atomic::AtomicUsize>,
+    siem: Arc<String>,
+    github: Arc<String>,
+}
+
+async fn serve_alerts(api: AlertsApi) -> SocketAddr {
+    use axum::http::{HeaderMap, StatusCode};
+    use std::sync::atomic::Ordering;
+    fn answer(api: &AlertsApi, h: &HeaderMap, body: &str) -> (StatusCode, String) {
+        let auth = h.get("authorization").and_then(|v| v.to_str().ok());
+        if auth != Some(&format!("Bearer {POLL_TOKEN}")) {
+            return (StatusCode::UNAUTHORIZED, "{}".into());
+        }
+        if !api.armed.load(Ordering::SeqCst) {
+            return (StatusCode::OK, "[]".into());
+        }
+        api.hits.fetch_add(1, Ordering::SeqCst);
+        (StatusCode::OK, body.to_string())
+    }
+    let app = axum::Router::new()
+        .route(
+            "/siem/open-alerts",
+            axum::routing::get(
+                |axum::extract::State(a): axum::extract::State<AlertsApi>, h: HeaderMap| async move {
+                    let body = a.siem.clone();
+                    answer(&a, &h, &body)
+                },
+            ),
+        )
+        .route(
+            "/repos/acme/app/secret-scanning/alerts",
+            axum::routing::get(
+                |axum::extract::State(a): axum::extract::State<AlertsApi>, h: HeaderMap| async move {
+                    let body = a.github.clone();
+                    answer(&a, &h, &body)
+                },
+            ),
+        )
+        .route(
+            "/big",
+            axum::routing::get(|| async { format!("[{}]", " ".repeat(8192)) }),
+        )
+        .with_state(api);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polled_alerts_are_contained_once_even_when_a_webhook_brought_them_too() {
+    use std::sync::atomic::Ordering;
+    support::init_tracing();
+    let redis = RedisServer::start();
+    let server = NatsServer::start();
+    let client = server.client().await;
+    let js = topology::context(client.clone());
+    let (creds, worker, initial) = redis_fleet(&redis, &client, "poll", 3, |_| vec![]).await;
+    let key = DetectKey::generate();
+    // A: a GitHub alert carrying the value (webhook and REST list);
+    // B: a SIEM alert (generic webhook and polled); C: polled only.
+    let (a, b, c) = (&creds[0], &creds[1], &creds[2]);
+
+    let det_b = detection(
+        "INC-B".into(),
+        CredentialRef::by_login(&b.principal, "redis-main"),
+    );
+    let det_c = detection(
+        "INC-C".into(),
+        CredentialRef::by_login(&c.principal, "redis-main"),
+    );
+    let a_secret = serde_json::to_string(initial[&a.id].expose()).unwrap();
+    let alerts = AlertsApi {
+        armed: Default::default(),
+        hits: Default::default(),
+        siem: Arc::new(serde_json::to_string(&vec![&det_b, &det_c]).unwrap()),
+        github: Arc::new(format!(
+            r#"[{{"number":31,"state":"open","created_at":"2026-03-17T15:42:05Z","url":"https://api.github.com/repos/acme/app/secret-scanning/alerts/31","html_url":"https://github.com/acme/app/security/secret-scanning/31","secret_type":"redis_password","secret":{a_secret}}},
+                {{"number":32,"state":"resolved","resolution":"revoked","url":"https://api.github.com/repos/acme/app/secret-scanning/alerts/32"}}]"#
+        )),
+    };
+    let http_addr = serve_alerts(alerts.clone()).await;
+    let src = |name: &str, path: &str, format: PollFormat, token: bool| {
+        let mut s = PollSource::new(name, format!("http://{http_addr}{path}"), format);
+        s.interval = Duration::from_secs(1);
+        s.timeout = Duration::from_secs(5);
+        s.token = token.then(|| Secret::new(POLL_TOKEN.into()));
+        s
+    };
+    let mut big = src("too-big", "/big", PollFormat::Detections, false);
+    big.max_body_bytes = 1024;
+    let polls = vec![
+        src("siem", "/siem/open-alerts", PollFormat::Detections, true),
+        src(
+            "github-acme-app",
+            "/repos/acme/app/secret-scanning/alerts?state=open",
+            PollFormat::GithubAlerts,
+            true,
+        ),
+        // Refused (no token) and oversized answers: logged, nothing published.
+        src(
+            "no-token",
+            "/siem/open-alerts",
+            PollFormat::Detections,
+            false,
+        ),
+        big,
+    ];
+    let coordinator = support::start_coordinator(&client).await;
+    let detector = start_detector_with(
+        &client,
+        intake(Duration::from_millis(500)),
+        Some(key.clone()),
+        Some(webhook_config()),
+        polls,
+    )
+    .await;
+    let addr = detector.webhook.expect("webhook on");
+    // The worker's announcement of A's secret (keyed fingerprint only).
+    RotatedNotice::new(&key, &a.id, "eu", &initial[&a.id], None)
+        .publish(&js)
+        .await
+        .unwrap();
+    let kv = store::bucket(&js, &support::topology()).await.unwrap();
+    let fp_key = store::fp_key(&key.fingerprint_secret(&initial[&a.id]));
+    keywave_tests::wait_until(Duration::from_secs(10), || {
+        let kv = kv.clone();
+        let k = fp_key.clone();
+        async move { matches!(kv.get(&k).await, Ok(Some(_))) }
+    })
+    .await
+    .expect("fingerprint indexed");
+
+    // First by webhook: A (GitHub, REST form) and B (generic signed JSON).
+    let gh = format!(
+        r#"{{"action":"created","alert":{{"number":31,"created_at":"2026-03-17T15:42:05Z","html_url":"https://github.com/acme/app/security/secret-scanning/31","secret_type":"redis_password","secret":{a_secret}}},"repository":{{"full_name":"acme/app"}}}}"#
+    );
+    let (st, resp) = http(
+        addr,
+        "POST",
+        "/webhooks/github",
+        &[
+            ("X-GitHub-Event", "secret_scanning_alert".into()),
+            (
+                "X-Hub-Signature-256",
+                sign::github(GITHUB_SECRET, gh.as_bytes()),
+            ),
+        ],
+        gh.as_bytes(),
+        None,
+    )
+    .await;
+    assert_eq!(st, 202, "{resp}");
+    let body_b = serde_json::to_vec(&det_b).unwrap();
+    let ts = now_secs();
+    let (st, resp) = http(
+        addr,
+        "POST",
+        "/webhooks/detection",
+        &[
+            (
+                "X-Keywave-Signature",
+                sign::generic(GENERIC_SECRET, &ts, &body_b),
+            ),
+            ("X-Keywave-Timestamp", ts.clone()),
+        ],
+        &body_b,
+        None,
+    )
+    .await;
+    assert_eq!(st, 202, "{resp}");
+
+    // Then the scanners' APIs list them (and C) on every poll.
+    alerts.armed.store(true, Ordering::SeqCst);
+    let api = ApiClient::new(client.clone());
+    let want: std::collections::BTreeSet<String> = creds.iter().map(|c| c.id.clone()).collect();
+    keywave_tests::wait_until(Duration::from_secs(60), || async {
+        let mut done = std::collections::BTreeSet::new();
+        for id in containment_campaigns(&api).await {
+            if let Ok(s) = api.status(&id).await {
+                if s.state == CampaignState::Completed {
+                    done.extend(s.spec.selector.ids);
+                }
+            }
+        }
+        done == want
+    })
+    .await
+    .expect("all three contained");
+    // A few more polls of the same open alerts change nothing.
+    let hits = alerts.hits.load(Ordering::SeqCst);
+    keywave_tests::wait_until(Duration::from_secs(20), || async {
+        alerts.hits.load(Ordering::SeqCst) >= hits + 4
+    })
+    .await
+    .expect("polling goes on");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let mut stored: Vec<String> = stored_detections(&client)
+        .await
+        .iter()
+        .map(|d| d.msg_id())
+        .collect();
+    stored.sort();
+    assert_eq!(
+        stored,
+        vec!["github:acme/app#31", "siem:INC-B", "siem:INC-C"],
+        "one detection per alert, whichever way it came"
+    );
+    let mut contained: Vec<String> = Vec::new();
+    for id in containment_campaigns(&api).await {
+        contained.extend(api.status(&id).await.unwrap().spec.selector.ids);
+    }
+    contained.sort();
+    assert_eq!(
+        contained,
+        want.iter().cloned().collect::<Vec<_>>(),
+        "exactly one containment per credential"
+    );
+    for c in &creds {
+        assert!(
+            !auth(&redis, &c.principal, &initial[&c.id]).await,
+            "{}: old secret refused",
+            c.id
         );
     }
     detector.stop().await;

@@ -50,6 +50,7 @@ impl Node {
                 progress_interval: Duration::from_millis(200),
                 lease: quick_lease(),
                 faults,
+                signer: None,
             },
         )
         .await

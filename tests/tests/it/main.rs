@@ -4,6 +4,9 @@
 //!
 //! # Layout
 //! - `support`: topology with short redelivery, credential fleets, in-process workers and coordinators.
+//! - `approval`: waves gated by `--approve-before-wave` wait for `keywave campaign approve` (real CLI,
+//!   exit codes, `--json`); approvals survive a killed coordinator; pause/resume/abort act within a
+//!   second and survive restarts.
 //! - `harness`: the harness itself (restart keeps data, cluster survives a node kill, private servers).
 //! - `chaos`: 5,000 Redis ACL users, 3 regions x 2 worker processes, a random worker SIGKILLed every
 //!   1-2 s: the campaign completes, every credential consistent and set once.
@@ -14,6 +17,11 @@
 //! - `rollback`: a canary over budget is rolled back; containment refuses and pauses.
 //! - `crash`: a worker stopped between set and promote; the task resumes and rotates once.
 //! - `deadletter`: malformed, oversized and unknown-version tasks are dead-lettered; the queue moves on.
+//! - `signing`: tasks signed by an unknown key, unsigned, altered, moved to another region's subject
+//!   or expired are refused, dead-lettered with their reason and change nothing; a second key works;
+//!   a campaign signed by the coordinator completes.
+//! - `audit`: the hash chain covers a campaign across a coordinator restart; `keywave audit verify`
+//!   passes, then finds a deleted, a forged and an edited record at the right position.
 //! - `faults`: a crash before and after every protocol step, recovered by a fresh worker; a poison
 //!   task dead-lettered at max deliveries and counted at once; Redis frozen mid-wave.
 //! - `detect`: webhooks (GitHub, GitGuardian, generic) over real HTTP; detections contain real Redis
@@ -24,8 +32,18 @@
 //! - `lease`: two coordinators: the active one killed, the standby finishes; SIGTERM hands over;
 //!   a leader whose lease was taken is fenced.
 //! - `nats_restart`, `cluster`: the NATS server restarted, a cluster node lost mid-campaign.
+//! - `hygiene`: 1,000 sim credentials and real Redis ACL users: no secret on the bus, in any stream or
+//!   bucket, or in TRACE logs, in clear, base64 or hex (with a self-check that the search finds one).
+//! - `permissions`: the real least-privilege `deploy/nats-secure.conf`: a campaign with every component as
+//!   its own user; each identity refused what its role does not need; TLS required.
 //! - `readme`: the README's commands and inventory example work when pasted.
+//! - `reconcile`: `keywave reconcile` on real Redis ACL users: consistent after a campaign; a crash between
+//!   set and promote left in flight, then repaired (old secret refused); out-of-band drift exits non-zero.
+//! - `discover`: `keywave inventory discover` on private PostgreSQL and MariaDB: privileged logins and the
+//!   admin left out, `--match`, `--import` (existing ids skipped), then a campaign rotates the imports.
 
+mod approval;
+mod audit;
 mod bench;
 mod campaign;
 mod chaos;
@@ -36,11 +54,16 @@ mod crash;
 mod db_targets;
 mod deadletter;
 mod detect;
+mod discover;
 mod faults;
 mod harness;
+mod hygiene;
 mod lease;
 mod nats_restart;
+mod permissions;
 mod readme;
+mod reconcile;
 mod redis_acl;
 mod rollback;
+mod signing;
 mod support;

@@ -88,6 +88,7 @@ pub fn spec(
         bake_ms: 0,
         on_failure,
         task_timeout_ms: 30_000,
+        approve_before_waves: Vec::new(),
     }
 }
 
@@ -285,4 +286,73 @@ pub async fn read_stream(
         }
     }
     out
+}
+
+/// Starts a worker with options of the caller's (task keys, region, ...).
+pub async fn start_worker_with(
+    client: &async_nats::Client,
+    opts: WorkerOptions,
+    key: &RegionKey,
+    targets: Arc<Targets>,
+) -> RunningWorker {
+    let worker = Worker::start(client.clone(), opts, key.clone(), targets)
+        .await
+        .expect("worker starts");
+    let store = worker.store().clone();
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    let handle = tokio::spawn(async move { worker.run(c).await });
+    RunningWorker {
+        store,
+        cancel,
+        handle,
+    }
+}
+
+/// Starts a coordinator with options of the caller's (a task signer, ...)
+/// and waits until it answers the API.
+pub async fn start_coordinator_with(
+    client: &async_nats::Client,
+    opts: CoordinatorOptions,
+) -> RunningCoordinator {
+    let coordinator = Coordinator::start(client.clone(), opts)
+        .await
+        .expect("coordinator starts");
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    let handle = tokio::spawn(async move { coordinator.run(c).await });
+    let api = ApiClient::new(client.clone()).with_timeout(Duration::from_secs(1));
+    keywave_tests::wait_until(Duration::from_secs(15), || {
+        let api = api.clone();
+        async move { api.ping().await.is_ok() }
+    })
+    .await
+    .expect("coordinator answers ping");
+    RunningCoordinator { cancel, handle }
+}
+
+/// A binary of this workspace (`package`, `bin`), built (or brought up to
+/// date) first: `cargo test -p keywave-tests` alone does not build other
+/// packages' binaries. Blocking; call it before starting a runtime's work or
+/// through `spawn_blocking`.
+pub fn workspace_binary(package: &str, bin: &str) -> std::path::PathBuf {
+    use std::path::Path;
+    let exe = std::env::current_exe().expect("test executable");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps");
+    if let Ok(cargo) = std::env::var("CARGO") {
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+        let status = std::process::Command::new(cargo)
+            .args(["build", "--quiet", "-p", package, "--bin", bin])
+            .arg("--manifest-path")
+            .arg(manifest)
+            .status()
+            .expect("cargo build runs");
+        assert!(status.success(), "building {bin} failed");
+    }
+    let path = dir.join(bin);
+    assert!(path.exists(), "{} is missing", path.display());
+    path
 }

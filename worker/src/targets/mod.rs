@@ -81,6 +81,28 @@ pub trait Target: Send + Sync {
     async fn remove(&self, principal: &str, old: &Secret) -> Result<(), TargetError>;
     /// A real authentication attempt with `secret`.
     async fn check(&self, principal: &str, secret: &Secret) -> Result<AuthCheck, TargetError>;
+    /// The logins this endpoint has, for `keywave inventory discover`, with
+    /// why each is privileged. Read-only. Targets that cannot list their
+    /// logins keep this default, which says so.
+    async fn discover(&self) -> Result<Vec<Login>, TargetError> {
+        Err(TargetError::Rejected(format!(
+            "discovery is not supported for {} endpoints",
+            self.kind()
+        )))
+    }
+}
+
+/// A login found at an endpoint by [`Target::discover`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Login {
+    /// The principal as the inventory names it.
+    pub principal: String,
+    /// Why it is privileged (superuser, replication, the endpoint's admin
+    /// login, ...); empty when it is not.
+    pub privileged: Vec<String>,
+    /// Why it must never become a credential of its own, whatever the
+    /// flags (e.g. the clone login of an alternating pair).
+    pub never: Option<String>,
 }
 
 /// One configured endpoint: a target plus the semaphore that bounds the
@@ -152,6 +174,9 @@ impl Endpoint {
     pub async fn check(&self, principal: &str, secret: &Secret) -> Result<AuthCheck, TargetError> {
         self.bounded(self.target.check(principal, secret)).await
     }
+    pub async fn discover(&self) -> Result<Vec<Login>, TargetError> {
+        self.bounded(self.target.discover()).await
+    }
 }
 
 /// The endpoints of one worker, by name.
@@ -204,6 +229,51 @@ impl Targets {
     pub fn is_empty(&self) -> bool {
         self.endpoints.is_empty()
     }
+}
+
+/// Folds alternating pairs into their primaries in a discovery: a clone
+/// login is never a credential of its own (it belongs to its primary), and a
+/// primary that cannot log in right now (its clone is the active login) is
+/// still the principal. Explicit `alternating` pairs always count; with
+/// `continuity = "alternating"`, every login named `<base><clone_suffix>` is
+/// the clone of `<base>`. The primary inherits its clone's privileges.
+pub(crate) fn fold_alternating(logins: &db::Logins, found: &mut Vec<Login>) {
+    let mut pairs: Vec<(String, String)> = logins
+        .alternating
+        .iter()
+        .map(|(p, c)| (p.clone(), c.clone()))
+        .collect();
+    if logins.continuity == db::Continuity::Alternating && !logins.clone_suffix.is_empty() {
+        for l in found.iter() {
+            if let Some(base) = l.principal.strip_suffix(&logins.clone_suffix) {
+                if !base.is_empty() && !logins.alternating.contains_key(base) {
+                    pairs.push((base.to_string(), l.principal.clone()));
+                }
+            }
+        }
+    }
+    for (primary, clone) in pairs {
+        let Some(ci) = found.iter().position(|l| l.principal == clone) else {
+            continue;
+        };
+        let inherited = found[ci].privileged.clone();
+        found[ci].never = Some(format!("alternating clone of {primary:?}"));
+        match found.iter_mut().find(|l| l.principal == primary) {
+            Some(p) => {
+                for r in inherited {
+                    if !p.privileged.contains(&r) {
+                        p.privileged.push(r);
+                    }
+                }
+            }
+            None => found.push(Login {
+                principal: primary,
+                privileged: inherited,
+                never: None,
+            }),
+        }
+    }
+    found.sort_by(|a, b| a.principal.cmp(&b.principal));
 }
 
 /// Replaces every occurrence of each secret in `text` by `<redacted>`: for

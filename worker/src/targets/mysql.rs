@@ -544,6 +544,84 @@ impl Target for MysqlTarget {
             None => AuthCheck::Rejected,
         })
     }
+
+    /// The accounts of `mysql.user` (roles and anonymous accounts aside),
+    /// named `user` when their host is the endpoint's `account_host`, else
+    /// `user@host`. Privileged: `SUPER`, `GRANT OPTION`, every global
+    /// privilege (`ALL ON *.*`), the server's system accounts and the admin
+    /// login. Alternating pairs fold into their primary.
+    async fn discover(&self) -> Result<Vec<super::Login>, TargetError> {
+        let mut c = self.admin().await?;
+        // A constant statement (nothing to bind): the columns differ between
+        // MariaDB and MySQL versions, so they are read by name.
+        let rows: Vec<mysql_async::Row> = c
+            .query("SELECT * FROM mysql.user")
+            .await
+            .map_err(|e| classify(&e, &[]))?;
+        let mut found = Vec::new();
+        for row in rows {
+            let cols = row.columns_ref().to_vec();
+            let text = |name: &str| -> Option<String> {
+                let i = cols
+                    .iter()
+                    .position(|c| c.name_str().eq_ignore_ascii_case(name))?;
+                row.get_opt::<Option<String>, usize>(i)
+                    .and_then(|r| r.ok())
+                    .flatten()
+            };
+            let (Some(user), Some(host)) = (text("User"), text("Host")) else {
+                continue;
+            };
+            if user.is_empty() || text("is_role").as_deref() == Some("Y") {
+                continue;
+            }
+            let mut privileged = Vec::new();
+            if text("Super_priv").as_deref() == Some("Y") {
+                privileged.push("SUPER".to_string());
+            }
+            if text("Grant_priv").as_deref() == Some("Y") {
+                privileged.push("GRANT OPTION".to_string());
+            }
+            let privs: Vec<Option<String>> = cols
+                .iter()
+                .enumerate()
+                // ALL PRIVILEGES never includes GRANT OPTION (checked above).
+                .filter(|(_, c)| {
+                    let n = c.name_str();
+                    n.ends_with("_priv") && !n.eq_ignore_ascii_case("Grant_priv")
+                })
+                .map(|(i, _)| {
+                    row.get_opt::<Option<String>, usize>(i)
+                        .and_then(|r| r.ok())
+                        .flatten()
+                })
+                .collect();
+            if !privs.is_empty() && privs.iter().all(|p| p.as_deref() == Some("Y")) {
+                privileged.push("ALL PRIVILEGES ON *.*".to_string());
+            }
+            if matches!(
+                user.as_str(),
+                "mariadb.sys" | "mysql.sys" | "mysql.session" | "mysql.infoschema"
+            ) {
+                privileged.push("system account".to_string());
+            }
+            if user == self.opts.admin.user {
+                privileged.push("the endpoint's admin login".to_string());
+            }
+            let principal = if host == self.opts.account_host {
+                user
+            } else {
+                format!("{user}@{host}")
+            };
+            found.push(super::Login {
+                principal,
+                privileged,
+                never: None,
+            });
+        }
+        super::fold_alternating(&self.opts.logins, &mut found);
+        Ok(found)
+    }
 }
 
 #[cfg(test)]

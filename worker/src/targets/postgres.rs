@@ -505,6 +505,50 @@ impl Target for PostgresTarget {
             None => AuthCheck::Rejected,
         })
     }
+
+    /// The roles with `LOGIN` (`pg_roles.rolcanlogin`), built-in `pg_*`
+    /// roles aside; `rolsuper`, `rolreplication`, `rolbypassrls` and the
+    /// admin login are privileged. Alternating pairs fold into their primary.
+    async fn discover(&self) -> Result<Vec<super::Login>, TargetError> {
+        let c = self.pool.get().await?;
+        // No parameter to bind: the statement is constant. The name pattern
+        // is applied by the caller, never spliced into SQL.
+        let rows = c
+            .query(
+                "SELECT rolname, rolsuper, rolreplication, rolbypassrls \
+                 FROM pg_catalog.pg_roles WHERE rolcanlogin AND rolname NOT LIKE $1 \
+                 ORDER BY rolname",
+                &[&"pg\\_%"],
+            )
+            .await
+            .map_err(|e| classify(&e, &[]))?;
+        let mut found: Vec<super::Login> = rows
+            .iter()
+            .map(|r| {
+                let name: String = r.get(0);
+                let mut privileged = Vec::new();
+                if r.get::<_, bool>(1) {
+                    privileged.push("superuser".to_string());
+                }
+                if r.get::<_, bool>(2) {
+                    privileged.push("replication".to_string());
+                }
+                if r.get::<_, bool>(3) {
+                    privileged.push("bypassrls".to_string());
+                }
+                if name == self.opts.admin.user {
+                    privileged.push("the endpoint's admin login".to_string());
+                }
+                super::Login {
+                    principal: name,
+                    privileged,
+                    never: None,
+                }
+            })
+            .collect();
+        super::fold_alternating(&self.opts.logins, &mut found);
+        Ok(found)
+    }
 }
 
 #[cfg(test)]

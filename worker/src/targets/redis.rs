@@ -234,6 +234,75 @@ impl Target for RedisTarget {
             Err(e) => Err(TargetError::Rejected(describe(&e, &[secret]))),
         }
     }
+
+    /// `ACL USERS`, each looked at with `ACL GETUSER` (only its `commands`
+    /// field is read: the password hashes are never kept). Privileged:
+    /// `default`, users allowed every command (`+@all`) and the admin user.
+    async fn discover(&self) -> Result<Vec<super::Login>, TargetError> {
+        let mut conn = self.admin().await?;
+        let users: Vec<String> = match ::redis::cmd("ACL")
+            .arg("USERS")
+            .query_async(&mut conn)
+            .await
+        {
+            Ok(u) => u,
+            Err(e) => return Err(self.fail(&e, &[]).await),
+        };
+        let admin_user = self
+            .info
+            .redis_settings()
+            .username()
+            .unwrap_or("default")
+            .to_string();
+        let mut found = Vec::with_capacity(users.len());
+        for user in users {
+            let fields: Vec<::redis::Value> = match ::redis::cmd("ACL")
+                .arg("GETUSER")
+                .arg(&user)
+                .query_async(&mut conn)
+                .await
+            {
+                Ok(f) => f,
+                // Deleted between the two commands.
+                Err(e) if e.kind() == ErrorKind::UnexpectedReturnType => continue,
+                Err(e) => return Err(self.fail(&e, &[]).await),
+            };
+            let commands = acl_field(&fields, "commands").unwrap_or_default();
+            let mut privileged = Vec::new();
+            if user == "default" {
+                privileged.push("the default user".to_string());
+            }
+            if commands
+                .split_whitespace()
+                .any(|c| c == "+@all" || c == "allcommands")
+            {
+                privileged.push("+@all".to_string());
+            }
+            if user == admin_user && user != "default" {
+                privileged.push("the endpoint's admin login".to_string());
+            }
+            found.push(super::Login {
+                principal: user,
+                privileged,
+                never: None,
+            });
+        }
+        found.sort_by(|a, b| a.principal.cmp(&b.principal));
+        Ok(found)
+    }
+}
+
+/// The text of field `name` in an `ACL GETUSER` reply (a flat list of
+/// alternating names and values).
+fn acl_field(fields: &[::redis::Value], name: &str) -> Option<String> {
+    let i = fields.iter().position(
+        |v| matches!(v, ::redis::Value::BulkString(b) if b.as_slice() == name.as_bytes()),
+    )?;
+    match fields.get(i + 1)? {
+        ::redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        ::redis::Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
