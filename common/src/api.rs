@@ -4,6 +4,7 @@
 
 use crate::wire::{CampaignSpec, CampaignState, Decision, FailureCounts, Strategy};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// Verbs of the API (the subject suffix after `keywave.api.v1.`).
 pub mod verbs {
@@ -14,6 +15,7 @@ pub mod verbs {
     pub const CAMPAIGN_RESUME: &str = "campaign.resume";
     pub const CAMPAIGN_ABORT: &str = "campaign.abort";
     pub const CAMPAIGN_APPROVE: &str = "campaign.approve";
+    pub const CAMPAIGN_ROLLBACK: &str = "campaign.rollback";
     pub const PING: &str = "ping";
 }
 
@@ -135,6 +137,34 @@ pub struct CampaignStatus {
     /// Why the campaign is in its state (last decision's reason).
     #[serde(default)]
     pub reason: Option<String>,
+    /// Per-region tallies (absent in snapshots written before they existed).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub regions: BTreeMap<String, RegionStatus>,
+}
+
+/// One region's share of a campaign: how many of its credentials the plan
+/// holds and how many rotation results came back. Rebuilt from the results
+/// stream like the wave counters; credentials without a result by their
+/// deadline are counted in the waves' `no_result`, not here.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RegionStatus {
+    pub total: u64,
+    #[serde(default)]
+    pub succeeded: u64,
+    #[serde(default)]
+    pub failed: u64,
+}
+
+/// `campaign.rollback`: an operator asks to roll back a paused continuity
+/// campaign's current wave (every credential of it whose rotation succeeded
+/// gets its previous secret back). Containment is never rolled back.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RollbackRequest {
+    pub campaign_id: String,
+    /// The wave to roll back; must be the campaign's current wave (the
+    /// default).
+    #[serde(default)]
+    pub wave: Option<u32>,
 }
 
 impl CampaignStatus {

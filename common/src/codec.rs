@@ -253,6 +253,8 @@ mod tests {
             principal,
             issued_at_ms: 1,
             deadline_ms: deadline,
+            run_timeout_ms: 0,
+            consumers: Vec::new(),
         }
     }
 
@@ -286,6 +288,7 @@ mod tests {
                 error: err, timings: vec![StepTiming { step: Step::Staged, micros }],
                 new_fingerprint: Some("fp1:00".into()), old_fingerprint: None, old_rejected: Some(true),
                 worker_id: "w".into(), finished_at_ms: 5,
+                consumers: Vec::new(),
             };
             for f in [Format::MsgPack, Format::Json] {
                 let back: RotationResult = decode(Some(&headers(f, "t")), &encode(f, &r).unwrap()).unwrap();

@@ -17,6 +17,7 @@
 //! - [`planner`]: pure wave sizing and the failure-budget rule.
 //! - [`sign`]: Ed25519 signatures of tasks (coordinator signs, workers verify).
 //! - [`audit`]: the hash-chained audit records of `KEYWAVE_AUDIT` and their verification.
+//! - [`telemetry`]: logs (`text`/`json`), OpenTelemetry traces over OTLP with W3C trace context in NATS headers, and the Prometheus text format.
 
 pub mod admin;
 pub mod api;
@@ -30,6 +31,7 @@ pub mod planner;
 pub mod publish;
 pub mod sign;
 pub mod subjects;
+pub mod telemetry;
 pub mod topology;
 pub mod wire;
 

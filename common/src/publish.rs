@@ -36,7 +36,10 @@ pub async fn send<T: Serialize>(
 ) -> Result<PublishAckFuture, PublishError> {
     let payload = codec::encode(format, msg)?;
     let mut headers = codec::headers(format, msg_id);
-    if let Some(tp) = traceparent {
+    // The current span's trace context when traced; else the one handed in
+    // (a worker without tracing passes the task's on to its result).
+    crate::telemetry::inject(&mut headers);
+    if let Some(tp) = traceparent.filter(|_| headers.get(TRACEPARENT_NAME).is_none()) {
         headers.insert(TRACEPARENT_NAME, tp);
     }
     // A `Subject` shares its bytes: keeping it for the error costs no copy.

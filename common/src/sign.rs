@@ -383,6 +383,9 @@ pub async fn send_task(
     if let Some(s) = signer {
         s.sign_into(&mut headers, &subject, task, s.expiry_of(task), &payload);
     }
+    // The wave span's trace context, so the worker's task span is its child
+    // (not signed: it only links telemetry).
+    crate::telemetry::inject(&mut headers);
     js.publish_with_headers(subject.clone(), headers, payload)
         .await
         .map_err(|e| PublishError::Send {
@@ -530,6 +533,8 @@ mod tests {
             principal: "p".into(),
             issued_at_ms: 1_000,
             deadline_ms: 61_000,
+            run_timeout_ms: 0,
+            consumers: Vec::new(),
         }
     }
 

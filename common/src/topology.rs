@@ -37,6 +37,12 @@ pub const STREAM_DEADLETTER: &str = "KEYWAVE_DEADLETTER";
 /// The hash-chained audit trail (see [`crate::audit`]).
 pub const STREAM_AUDIT: &str = "KEYWAVE_AUDIT";
 pub const KV_INVENTORY: &str = "keywave-inventory";
+/// Consumer records (issue 6): one JSON record per consumer id.
+pub const KV_CONSUMERS: &str = "keywave-consumers";
+/// Consumer agents' attestations, `keywave.attest.<region>.<credential>`.
+pub const STREAM_ATTEST: &str = "KEYWAVE_ATTEST";
+/// Attestations kept per credential subject.
+pub const ATTEST_PER_SUBJECT: i64 = 256;
 pub const KV_CAMPAIGNS: &str = "keywave-campaigns";
 pub const STREAM_ADVISORIES: &str = "KEYWAVE_ADVISORIES";
 pub const KV_LEASES: &str = "keywave-leases";
@@ -248,6 +254,26 @@ pub async fn ensure_core(js: &Context, cfg: &Config) -> Result<(), TopologyError
     .await?;
     inventory(js, cfg).await?;
     campaigns(js, cfg).await?;
+    consumers(js, cfg).await?;
+    // Attestations are a stream so that a worker that restarts mid-wait
+    // still finds the ones sent before (bounded per credential).
+    stream(
+        js,
+        stream::Config {
+            name: STREAM_ATTEST.into(),
+            description: Some("keywave consumer attestations (fingerprints only)".into()),
+            subjects: vec!["keywave.attest.>".into()],
+            retention: RetentionPolicy::Limits,
+            storage: cfg.storage(),
+            num_replicas: cfg.replicas,
+            duplicate_window: cfg.duplicate_window,
+            max_messages_per_subject: ATTEST_PER_SUBJECT,
+            max_age: cfg.audit_max_age,
+            max_message_size: 4096,
+            ..Default::default()
+        },
+    )
+    .await?;
     // Leak detections and rotation notices (see `crate::detect`).
     crate::detect::ensure_streams(js, cfg).await?;
     Ok(())
@@ -277,6 +303,22 @@ pub async fn inventory(js: &Context, cfg: &Config) -> Result<kv::Store, Topology
         kv::Config {
             bucket: KV_INVENTORY.into(),
             description: "keywave credential inventory".into(),
+            history: 1,
+            storage: cfg.storage(),
+            num_replicas: cfg.replicas,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// The consumer records bucket (issue 6).
+pub async fn consumers(js: &Context, cfg: &Config) -> Result<kv::Store, TopologyError> {
+    bucket(
+        js,
+        kv::Config {
+            bucket: KV_CONSUMERS.into(),
+            description: "keywave consumer records (who uses which credential)".into(),
             history: 1,
             storage: cfg.storage(),
             num_replicas: cfg.replicas,

@@ -26,7 +26,8 @@ versioned!(
     RotationResult,
     CampaignSpec,
     CampaignEvent,
-    Credential
+    Credential,
+    Attestation
 );
 
 /// How a credential is rotated.
@@ -128,9 +129,219 @@ pub struct Credential {
     /// Who owns the credential (team, person, service).
     #[serde(default)]
     pub owner: Option<String>,
-    /// Ids of the systems that use the secret.
+    /// The systems that use the secret, and how each is verified after a
+    /// rotation (a bare id in JSON: verified by attestation).
     #[serde(default)]
-    pub consumers: Vec<String>,
+    pub consumers: Vec<ConsumerRef>,
+}
+
+/// How keywave proves that a consumer uses a credential's new secret.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum VerifyKind {
+    /// Wait for the consumer's agent to attest the new fingerprint on
+    /// `keywave.attest.<region>.<credential>` (the default: fails closed).
+    #[default]
+    Attest,
+    /// Probe `url` over HTTP: it must answer 2xx after the rotation.
+    Http,
+    /// Explicitly unverified: reported as such, never waited for.
+    None,
+}
+
+impl VerifyKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VerifyKind::Attest => "attest",
+            VerifyKind::Http => "http",
+            VerifyKind::None => "none",
+        }
+    }
+}
+
+impl fmt::Display for VerifyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for VerifyKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "attest" => Ok(VerifyKind::Attest),
+            "http" => Ok(VerifyKind::Http),
+            "none" => Ok(VerifyKind::None),
+            o => Err(format!(
+                "unknown verification {o:?} (expected attest, http or none)"
+            )),
+        }
+    }
+}
+
+/// A consumer of a credential as the credential's inventory record names it.
+/// Written as a bare id when nothing else is set (the pre-issue-6 form), else
+/// as an object. Fields left unset come from the consumer's own record
+/// (`keywave-consumers`), else the defaults (`attest`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConsumerRef {
+    pub id: String,
+    /// What the consumer is (`app`, `ci`, `cron`, ...); free text.
+    pub kind: Option<String>,
+    pub verify: Option<VerifyKind>,
+    /// `http` verification: the URL probed (must answer 2xx).
+    pub url: Option<String>,
+    /// Longest wait for this consumer's verification, in milliseconds.
+    pub timeout_ms: Option<u64>,
+}
+
+impl ConsumerRef {
+    /// Just an id (verification from its record, else `attest`).
+    pub fn id(id: impl Into<String>) -> Self {
+        ConsumerRef {
+            id: id.into(),
+            ..Default::default()
+        }
+    }
+
+    fn is_bare(&self) -> bool {
+        self.kind.is_none()
+            && self.verify.is_none()
+            && self.url.is_none()
+            && self.timeout_ms.is_none()
+    }
+}
+
+impl From<&str> for ConsumerRef {
+    fn from(id: &str) -> Self {
+        ConsumerRef::id(id)
+    }
+}
+
+impl PartialEq<&str> for ConsumerRef {
+    fn eq(&self, other: &&str) -> bool {
+        self.is_bare() && self.id == *other
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsumerRefObject {
+    id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    verify: Option<VerifyKind>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    timeout_ms: Option<u64>,
+}
+
+impl Serialize for ConsumerRef {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.is_bare() {
+            return s.serialize_str(&self.id);
+        }
+        ConsumerRefObject {
+            id: self.id.clone(),
+            kind: self.kind.clone(),
+            verify: self.verify,
+            url: self.url.clone(),
+            timeout_ms: self.timeout_ms,
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for ConsumerRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Id(String),
+            Object(ConsumerRefObject),
+        }
+        Ok(match Raw::deserialize(d)? {
+            Raw::Id(id) => ConsumerRef::id(id),
+            Raw::Object(o) => ConsumerRef {
+                id: o.id,
+                kind: o.kind,
+                verify: o.verify,
+                url: o.url,
+                timeout_ms: o.timeout_ms,
+            },
+        })
+    }
+}
+
+/// A consumer of a credential as a task carries it: resolved verification,
+/// never a secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsumerCheck {
+    pub id: String,
+    #[serde(default)]
+    pub verify: VerifyKind,
+    /// `http`: the URL to probe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Longest wait for this consumer, in milliseconds (bounded by the task's
+    /// deadline); `None`: until shortly before the deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// What became of one consumer's verification after a rotation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsumerStatus {
+    /// Proven to use the new secret (attested, or the probe answered 2xx).
+    Verified,
+    /// Not proven in time (no attestation of the new fingerprint, an
+    /// unhealthy attestation, or the probe failed).
+    Failed,
+    /// Not checked: verification `none`, or not reached (the task failed
+    /// before the consumers were checked).
+    Unverified,
+}
+
+impl ConsumerStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConsumerStatus::Verified => "verified",
+            ConsumerStatus::Failed => "failed",
+            ConsumerStatus::Unverified => "unverified",
+        }
+    }
+}
+
+/// One consumer's verification in a [`RotationResult`]; no secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsumerOutcome {
+    pub id: String,
+    pub verify: VerifyKind,
+    pub status: ConsumerStatus,
+    /// Why it failed (never a secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// A consumer agent's statement, on `keywave.attest.<region>.<credential>`
+/// (stream `KEYWAVE_ATTEST`), that it now uses the secret with `fingerprint`
+/// (the region-keyed fingerprint; never the secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attestation {
+    pub v: u16,
+    pub consumer_id: String,
+    pub region: String,
+    pub credential_id: String,
+    pub fingerprint: String,
+    /// Whether the consumer's local health check passed with this secret
+    /// (true when it has none).
+    pub healthy: bool,
+    pub at_ms: u64,
 }
 
 fn schema_version() -> u16 {
@@ -167,8 +378,20 @@ pub struct RotationTask {
     pub kind: TargetKind,
     pub principal: String,
     pub issued_at_ms: u64,
-    /// After this instant the task is failed instead of started or continued.
+    /// After this instant the task is failed instead of started. With
+    /// `run_timeout_ms` 0 (tasks from older coordinators) it also bounds
+    /// every step.
     pub deadline_ms: u64,
+    /// How long the task may run once a worker has received it: each step
+    /// must start before `received + run_timeout_ms`. Counted from receipt,
+    /// not publication, so a large wave that drains slower than the task
+    /// timeout does not fail its tail in the queue. 0: `deadline_ms` only.
+    #[serde(default)]
+    pub run_timeout_ms: u64,
+    /// The credential's consumers and how each is verified (issue 6); empty
+    /// (and left out of the encoding) when it has none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub consumers: Vec<ConsumerCheck>,
 }
 
 impl RotationTask {
@@ -247,6 +470,17 @@ pub enum ErrorClass {
     TargetUnavailable,
     /// The target refused the admin operation (permissions, unknown principal).
     TargetRejected,
+    /// The target could not be reached (connection refused or reset, server
+    /// shutting down), after the worker's bounded retries.
+    TargetUnreachable,
+    /// A connection or an operation on the target timed out, after the
+    /// worker's bounded retries.
+    TargetTimeout,
+    /// The target refused the endpoint's admin login (wrong admin password,
+    /// no `pg_hba` entry): fix the worker configuration.
+    TargetAuth,
+    /// The admin login lacks a privilege the operation needs.
+    TargetPermission,
     /// The new secret did not authenticate after being set.
     NewSecretRejected,
     /// The old secret still authenticates after revocation.
@@ -269,6 +503,9 @@ pub enum ErrorClass {
     Malformed,
     /// No result arrived before the wave deadline (set by the coordinator).
     NoResult,
+    /// A consumer did not move over to the new secret in time; the old
+    /// secret was not revoked.
+    ConsumerNotVerified,
     /// A bug or unexpected state.
     Internal,
 }
@@ -278,6 +515,10 @@ impl ErrorClass {
         match self {
             ErrorClass::TargetUnavailable => "target_unavailable",
             ErrorClass::TargetRejected => "target_rejected",
+            ErrorClass::TargetUnreachable => "target_unreachable",
+            ErrorClass::TargetTimeout => "target_timeout",
+            ErrorClass::TargetAuth => "target_auth",
+            ErrorClass::TargetPermission => "target_permission",
             ErrorClass::NewSecretRejected => "new_secret_rejected",
             ErrorClass::OldSecretStillAccepted => "old_secret_still_accepted",
             ErrorClass::UnknownEndpoint => "unknown_endpoint",
@@ -289,6 +530,7 @@ impl ErrorClass {
             ErrorClass::NoPrevious => "no_previous",
             ErrorClass::Malformed => "malformed",
             ErrorClass::NoResult => "no_result",
+            ErrorClass::ConsumerNotVerified => "consumer_not_verified",
             ErrorClass::Internal => "internal",
         }
     }
@@ -341,6 +583,9 @@ pub struct RotationResult {
     pub old_rejected: Option<bool>,
     pub worker_id: String,
     pub finished_at_ms: u64,
+    /// Per-consumer verification (ids and status, no secrets).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub consumers: Vec<ConsumerOutcome>,
 }
 
 /// A wave size: an absolute count or a percentage of the campaign's total.

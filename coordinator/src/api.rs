@@ -11,6 +11,7 @@
 //! | `campaign.list` | (empty) | list of [`CampaignSummary`](keywave_common::api::CampaignSummary) |
 //! | `campaign.pause`, `.resume`, `.abort` | [`CampaignRef`] | `CampaignStatus` after the change |
 //! | `campaign.approve` | [`ApproveRequest`] | `CampaignStatus` after the approval |
+//! | `campaign.rollback` | [`RollbackRequest`](keywave_common::api::RollbackRequest) | `CampaignStatus` after the request (`rolling_back`) |
 //! | `ping` | (empty) | [`Pong`] |
 
 use crate::engine::{ControlAction, CoordinatorError, Engine, RequestError, API_CONCURRENCY};
@@ -151,6 +152,13 @@ pub(crate) async fn handle(
             async {
                 let r: ApproveRequest = parse(headers, payload)?;
                 engine.approve(r).await
+            }
+            .await,
+        ),
+        verbs::CAMPAIGN_ROLLBACK => reply(
+            async {
+                let r: keywave_common::api::RollbackRequest = parse(headers, payload)?;
+                engine.rollback(r).await
             }
             .await,
         ),

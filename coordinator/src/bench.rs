@@ -1332,7 +1332,9 @@ fn sample_task(c: &Credential, opts: &BenchOptions) -> RotationTask {
         kind: c.kind,
         principal: c.principal.clone(),
         issued_at_ms: issued,
-        deadline_ms: issued + opts.task_timeout.as_millis() as u64,
+        deadline_ms: issued + crate::engine::start_window_ms(opts.task_timeout.as_millis() as u64),
+        run_timeout_ms: opts.task_timeout.as_millis() as u64,
+        consumers: Vec::new(),
     }
 }
 
@@ -1362,6 +1364,7 @@ fn sample_result(t: &RotationTask) -> RotationResult {
         old_rejected: Some(true),
         worker_id: format!("bench-{}-0", t.region),
         finished_at_ms: now_ms(),
+        consumers: Vec::new(),
     }
 }
 

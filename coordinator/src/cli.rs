@@ -119,6 +119,9 @@ pub struct Cli {
     /// Machine-readable output: one JSON document on stdout; errors as `{"ok":false,"error":...}`.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Log line format on stderr: text or json (RUST_LOG filters the lines).
+    #[arg(long, global = true, env = keywave_common::telemetry::ENV_LOG_FORMAT, default_value = "text", value_name = "text|json")]
+    pub log_format: keywave_common::telemetry::LogFormat,
     #[command(flatten)]
     pub nats_auth: NatsAuthArgs,
     #[command(subcommand)]
@@ -314,6 +317,31 @@ tags, owner, consumers (`;`-separated in CSV). See docs/inventory.md.",
         after_help = "Examples:\n  keywave inventory list\n  keywave inventory list --selector 'region=eu tag=env=prod'\n  keywave --json inventory list --selector kind=redis"
     )]
     List(ListArgs),
+    /// Import consumer records (who uses which credentials, how each is verified) into keywave-consumers.
+    #[command(
+        name = "import-consumers",
+        long_about = "Imports consumer records into the keywave-consumers bucket (all or nothing, \
+like `inventory import`). Fields: id, and optional kind, owner, verify (attest|http|none; default \
+attest), url (http:// URL that must answer 2xx, with verify=http), timeout_ms, needs (credential \
+ids; `;`-separated in CSV). See docs/inventory.md.",
+        after_help = "Examples:\n  keywave inventory import-consumers consumers.jsonl\n\nJSON Lines example:\n  {\"id\":\"orders-api\",\"kind\":\"app\",\"verify\":\"attest\",\"needs\":[\"db-orders\"]}\n  {\"id\":\"billing-web\",\"verify\":\"http\",\"url\":\"http://10.0.0.7:8080/healthz\",\"needs\":[\"db-orders\"]}"
+    )]
+    ImportConsumers(ImportArgs),
+    /// Show dependencies: a credential's consumers, or (--consumer) the credentials a consumer uses.
+    #[command(
+        after_help = "Examples:\n  keywave inventory deps db-orders\n  keywave inventory deps --consumer orders-api\n  keywave --json inventory deps db-orders"
+    )]
+    Deps(DepsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DepsArgs {
+    /// The credential whose consumers are shown.
+    #[arg(required_unless_present = "consumer", conflicts_with = "consumer")]
+    pub credential: Option<String>,
+    /// Show the credentials this consumer uses instead.
+    #[arg(long, value_name = "ID")]
+    pub consumer: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -391,6 +419,94 @@ that already started, or a finished campaign is a conflict (exit 1).",
         after_help = "Examples:\n  keywave campaign approve c-0123456789ab\n  keywave campaign approve c-0123456789ab --wave 2 --by alice"
     )]
     Approve(ApproveArgs),
+    /// Follow a campaign live: per-wave and per-region progress bars and its latest events.
+    #[command(
+        long_about = "Polls the campaign's status every --interval and follows its events \
+(KEYWAVE_EVENTS): per wave and per region a progress bar with done, failed, in flight, rate and \
+estimated time left, then the latest decisions. On a terminal the screen is redrawn in place; \
+with --no-color or when stdout is not a terminal, one plain block is printed per refresh; with \
+--json one JSON object per refresh (NDJSON). Ends when the campaign finishes (exit 0 when \
+completed, 3 when failed, rolled back or aborted), pauses or waits for an approval (exit 0, \
+with what to do next). --once prints one refresh, with the same exit codes.",
+        after_help = "Examples:\n  keywave campaign watch c-0123456789ab\n  keywave campaign watch c-0123456789ab --interval 5s --no-color\n  keywave --json campaign watch c-0123456789ab --once | jq .waves"
+    )]
+    Watch(WatchArgs),
+    /// Roll back the current wave of a paused continuity campaign (containment never is).
+    #[command(
+        long_about = "Asks the coordinator to roll back the current wave of a paused continuity \
+campaign: every credential of that wave whose rotation succeeded gets its previous secret back, \
+and the campaign ends rolled_back. The wave must have finished (pause between waves, or a wave \
+paused by its failure budget with --on-failure pause). Only the current wave can be rolled back; \
+earlier waves and finished campaigns cannot. A containment campaign is refused with a conflict \
+(exit 1): an exposed secret is never restored.",
+        after_help = "Examples:\n  keywave campaign pause c-0123456789ab\n  keywave campaign rollback c-0123456789ab\n  keywave --json campaign rollback c-0123456789ab --wave 2"
+    )]
+    Rollback(RollbackArgs),
+    /// Write a campaign's evidence report: request, plan, waves, per-credential outcomes, audit head.
+    #[command(
+        long_about = "Builds a report of one campaign from its status, its events and its results \
+(read with an ordered consumer and streamed into the output): who asked for what and when, the \
+plan, each wave's outcome and decision with reasons, per-credential outcomes (new secret verified, \
+old secret rejected, consumers, time to contain for detection-started campaigns), failures by class, \
+the audit chain head, and how the evidence supports OWASP NHI Top 10, NIST CSF 2.0 PR.AA and \
+NIST SP 800-207 controls (evidence, not certification). json lists every credential; markdown and \
+html list the first --max-rows plus every failure. Fingerprints only, never a secret.",
+        after_help = "Examples:\n  keywave campaign report c-0123456789ab --format markdown\n  keywave campaign report c-0123456789ab --format html --output report.html\n  keywave campaign report c-0123456789ab --format json | jq .summary"
+    )]
+    Report(ReportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// The campaign id (as printed by `campaign start` or `campaign list`).
+    pub id: String,
+    /// Time between refreshes.
+    #[arg(long, default_value = "1s", value_name = "DURATION")]
+    pub interval: String,
+    /// Print one refresh and exit (3 if the campaign ended without completing, else 0).
+    #[arg(long)]
+    pub once: bool,
+    /// Plain lines without colours or cursor movement (the default when stdout is not a terminal).
+    #[arg(long)]
+    pub no_color: bool,
+    /// Latest events shown.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    pub events: usize,
+}
+
+impl WatchArgs {
+    /// The validated refresh interval.
+    pub fn interval(&self) -> Result<Duration, UsageError> {
+        let d = duration_flag("--interval", &self.interval)?;
+        if d < Duration::from_millis(100) {
+            return Err(usage("--interval", "must be at least 100ms"));
+        }
+        Ok(d)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    /// The campaign id (as printed by `campaign start` or `campaign list`).
+    pub id: String,
+    /// The wave to roll back; must be the campaign's current wave (the default).
+    #[arg(long, value_name = "N")]
+    pub wave: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The campaign id (as printed by `campaign start` or `campaign list`).
+    pub id: String,
+    /// Output format: markdown by default, json with --json.
+    #[arg(long, value_name = "json|markdown|html")]
+    pub format: Option<String>,
+    /// Write the report to FILE instead of stdout.
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Per-credential rows in markdown and html (failures are always listed; json has every row).
+    #[arg(long, default_value_t = 1000, value_name = "N")]
+    pub max_rows: usize,
 }
 
 #[derive(Debug, Args)]
@@ -743,6 +859,12 @@ pub struct DaemonArgs {
     /// A signed task expires this long after its deadline (replays after that are refused).
     #[arg(long, env = TASK_EXPIRY_MARGIN_ENV, default_value = "5m", value_name = "DURATION")]
     pub task_expiry_margin: String,
+    /// Serve /metrics (Prometheus), /healthz and /readyz on this address, e.g. 0.0.0.0:9464 [default: off].
+    #[arg(long, env = crate::metrics::ENV_METRICS_ADDR, value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Log line format on stderr: text or json (RUST_LOG filters the lines).
+    #[arg(long, env = keywave_common::telemetry::ENV_LOG_FORMAT, default_value = "text", value_name = "text|json")]
+    pub log_format: keywave_common::telemetry::LogFormat,
     #[command(subcommand)]
     pub command: Option<DaemonCommand>,
 }
@@ -834,6 +956,27 @@ mod tests {
         assert_eq!(format_duration_ms(120_000), "2m");
         assert_eq!(format_duration_ms(7_200_000), "2h");
         assert_eq!(format_duration_ms(1_500), "1500ms");
+    }
+
+    #[test]
+    fn every_command_has_an_example_in_its_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+                let path = format!("{path} {}", sub.get_name());
+                let help = sub
+                    .get_after_help()
+                    .map(|h| h.to_string())
+                    .unwrap_or_default();
+                if !help.contains("Example") {
+                    missing.push(path.clone());
+                }
+                walk(sub, &path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "keywave", &mut missing);
+        walk(&DaemonArgs::command(), "keywave-coordinator", &mut missing);
+        assert!(missing.is_empty(), "no Example in --help of: {missing:?}");
     }
 
     #[test]

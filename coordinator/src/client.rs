@@ -217,6 +217,25 @@ impl ApiClient {
         .await
     }
 
+    /// Rolls back the current wave of a paused continuity campaign (`wave`,
+    /// when given, must be that wave). Returns the status after the request
+    /// (`rolling_back`); containment is refused with a conflict.
+    pub async fn rollback(
+        &self,
+        id: &str,
+        wave: Option<u32>,
+    ) -> Result<CampaignStatus, ClientError> {
+        self.call(
+            verbs::CAMPAIGN_ROLLBACK,
+            &keywave_common::api::RollbackRequest {
+                campaign_id: id.to_string(),
+                wave,
+            },
+            self.timeout,
+        )
+        .await
+    }
+
     /// Asks a coordinator who it is.
     pub async fn ping(&self) -> Result<Pong, ClientError> {
         self.call(verbs::PING, &serde_json::json!({}), self.timeout)

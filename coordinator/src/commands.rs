@@ -53,6 +53,9 @@ pub enum CommandError {
     /// The audit stream could not be read.
     #[error("{0}")]
     Audit(String),
+    /// `campaign report` could not read its sources or write its output.
+    #[error("{0}")]
+    Report(String),
 }
 
 impl CommandError {
@@ -105,6 +108,25 @@ pub async fn run(cli: Cli) -> Result<u8, CommandError> {
             }
             Ok(0)
         }
+        Command::Inventory(InventoryCommand::ImportConsumers(args)) => {
+            let format = args.format()?;
+            let client = connect(&url).await?;
+            let js = topology::context(client);
+            let kv = topology::consumers(&js, &topology::Config::default()).await?;
+            let report = crate::deps::import_consumers(&kv, &args.file, format).await?;
+            if json {
+                print_json(&report);
+            } else {
+                println!(
+                    "imported {} consumers from {} ({})",
+                    report.imported,
+                    report.path.display(),
+                    report.format
+                );
+            }
+            Ok(0)
+        }
+        Command::Inventory(InventoryCommand::Deps(args)) => deps(args, &url, json).await,
         Command::Inventory(InventoryCommand::List(args)) => {
             let selector = cli::parse_selector(&args.selector)?;
             let kv = existing_inventory(&url).await?;
@@ -160,6 +182,93 @@ pub async fn run(cli: Cli) -> Result<u8, CommandError> {
 }
 
 /// The inventory bucket if it exists (read-only commands create nothing).
+/// `keywave inventory deps`: both directions of the dependencies.
+async fn deps(args: cli::DepsArgs, url: &str, json: bool) -> Result<u8, CommandError> {
+    let js = topology::context(connect(url).await?);
+    let idx = crate::deps::ConsumerIndex::load(&js).await?;
+    let inv = js.get_key_value(topology::KV_INVENTORY).await.ok();
+    if let Some(consumer) = &args.consumer {
+        let creds = match &inv {
+            Some(kv) => inventory::list(kv, &keywave_common::wire::Selector::default()).await?,
+            None => Vec::new(),
+        };
+        let d = crate::deps::consumer_deps(consumer, &creds, &idx);
+        if json {
+            print_json(&d);
+        } else {
+            match &d.record {
+                Some(r) => println!(
+                    "consumer {} (kind {}, verify {}{})",
+                    d.consumer,
+                    r.kind.as_deref().unwrap_or("-"),
+                    r.verify.unwrap_or_default(),
+                    r.url
+                        .as_deref()
+                        .map(|u| format!(" {u}"))
+                        .unwrap_or_default()
+                ),
+                None => println!("consumer {} (no consumer record)", d.consumer),
+            }
+            for c in &d.credentials {
+                println!(
+                    "  uses {:<24} {:<8} verify {:<7} declared by {}",
+                    c.id,
+                    c.region,
+                    c.verify,
+                    c.declared_by.join("+")
+                );
+            }
+            for u in &d.unknown_credentials {
+                println!("  needs {u} (not in the inventory)");
+            }
+            println!("{} credentials", d.credentials.len());
+        }
+        return Ok(0);
+    }
+    let id = args.credential.unwrap_or_default();
+    let cred = match &inv {
+        Some(kv) => {
+            let sel = keywave_common::wire::Selector {
+                ids: vec![id.clone()],
+                ..Default::default()
+            };
+            inventory::list(kv, &sel).await?.into_iter().next()
+        }
+        None => None,
+    };
+    let Some(cred) = cred else {
+        return Err(CommandError::Usage(UsageError {
+            flag: "CREDENTIAL".into(),
+            message: format!("credential {id:?} is not in the inventory"),
+        }));
+    };
+    let d = crate::deps::CredentialDeps {
+        consumers: crate::deps::resolve(&cred, &idx),
+        credential: cred.id,
+        region: cred.region,
+    };
+    if json {
+        print_json(&d);
+    } else {
+        println!("credential {} (region {})", d.credential, d.region);
+        for c in &d.consumers {
+            println!(
+                "  consumer {:<24} kind {:<8} verify {:<7}{} declared by {}",
+                c.id,
+                c.kind.as_deref().unwrap_or("-"),
+                c.verify,
+                c.url
+                    .as_deref()
+                    .map(|u| format!(" {u}"))
+                    .unwrap_or_default(),
+                c.declared_by.join("+")
+            );
+        }
+        println!("{} consumers", d.consumers.len());
+    }
+    Ok(0)
+}
+
 async fn existing_inventory(
     url: &str,
 ) -> Result<Option<async_nats::jetstream::kv::Store>, CommandError> {
@@ -190,7 +299,17 @@ fn print_credentials(creds: &[Credential]) {
 struct PlannedWave {
     wave: u32,
     size: u64,
+    /// Distinct consumers the wave's credentials have (issue 6).
+    consumer_count: u64,
+    /// Those consumers, sorted, with their verification.
+    consumers: Vec<PlannedConsumer>,
     credentials: Vec<PlanEntry>,
+}
+
+#[derive(Serialize, PartialEq, Eq, PartialOrd, Ord)]
+struct PlannedConsumer {
+    id: String,
+    verify: keywave_common::wire::VerifyKind,
 }
 
 #[derive(Serialize)]
@@ -213,18 +332,33 @@ async fn campaign(cmd: CampaignCommand, url: &str, json: bool) -> Result<u8, Com
                 return Err(CommandError::EmptySelection);
             }
             let sizes = planner::wave_sizes(creds.len() as u64, &spec.waves);
+            let idx =
+                crate::deps::ConsumerIndex::load(&topology::context(connect(url).await?)).await?;
             let mut rest = creds.iter();
             let waves = sizes
                 .iter()
                 .enumerate()
-                .map(|(i, &size)| PlannedWave {
-                    wave: i as u32,
-                    size,
-                    credentials: rest
+                .map(|(i, &size)| {
+                    let credentials: Vec<PlanEntry> = rest
                         .by_ref()
                         .take(size as usize)
-                        .map(PlanEntry::from)
-                        .collect(),
+                        .map(|c| PlanEntry::with_consumers(c, &idx))
+                        .collect();
+                    let consumers: std::collections::BTreeSet<PlannedConsumer> = credentials
+                        .iter()
+                        .flat_map(|e| e.consumers.iter())
+                        .map(|c| PlannedConsumer {
+                            id: c.id.clone(),
+                            verify: c.verify,
+                        })
+                        .collect();
+                    PlannedWave {
+                        wave: i as u32,
+                        size,
+                        consumer_count: consumers.len() as u64,
+                        consumers: consumers.into_iter().collect(),
+                        credentials,
+                    }
                 })
                 .collect::<Vec<_>>();
             let plan = Plan {
@@ -245,7 +379,22 @@ async fn campaign(cmd: CampaignCommand, url: &str, json: bool) -> Result<u8, Com
                     on_failure_str(plan.spec.on_failure)
                 );
                 for w in &plan.waves {
-                    println!("wave {} ({} credentials):", w.wave, w.size);
+                    let unverified = w
+                        .consumers
+                        .iter()
+                        .filter(|c| c.verify == keywave_common::wire::VerifyKind::None)
+                        .count();
+                    println!(
+                        "wave {} ({} credentials, {} consumers{}):",
+                        w.wave,
+                        w.size,
+                        w.consumer_count,
+                        if unverified > 0 {
+                            format!(", {unverified} unverified")
+                        } else {
+                            String::new()
+                        }
+                    );
                     for e in w.credentials.iter().take(args.limit) {
                         println!(
                             "  {:<24} {:<8} {:<16} {:<9} {}",
@@ -307,6 +456,27 @@ async fn campaign(cmd: CampaignCommand, url: &str, json: bool) -> Result<u8, Com
                 print_json(&list);
             } else {
                 print!("{}", render_list(&list));
+            }
+            Ok(0)
+        }
+        CampaignCommand::Watch(args) => crate::watch::run(args, url, json).await,
+        CampaignCommand::Report(args) => crate::report::run(args, url, json).await,
+        CampaignCommand::Rollback(args) => {
+            let api = ApiClient::new(connect(url).await?);
+            let status = api.rollback(&args.id, args.wave).await?;
+            if json {
+                print_json(&status);
+            } else {
+                println!(
+                    "campaign {}: {}{}",
+                    status.campaign_id,
+                    status.state,
+                    status
+                        .reason
+                        .as_deref()
+                        .map(|r| format!(" ({r})"))
+                        .unwrap_or_default()
+                );
             }
             Ok(0)
         }

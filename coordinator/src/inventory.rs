@@ -38,7 +38,7 @@ use async_nats::jetstream::kv;
 use futures::{StreamExt, TryStreamExt};
 use keywave_common::{
     ids,
-    wire::{Credential, Selector, TargetKind, SCHEMA_VERSION},
+    wire::{ConsumerRef, Credential, Selector, TargetKind, SCHEMA_VERSION},
 };
 use serde::de::{DeserializeSeed, Error as _, SeqAccess, Visitor};
 use serde_json::{Map, Value};
@@ -218,7 +218,7 @@ struct RawRecord {
     principal: Option<String>,
     tags: Vec<String>,
     owner: Option<String>,
-    consumers: Vec<String>,
+    consumers: Vec<ConsumerRef>,
 }
 
 /// (field, message) of the first problem in a record.
@@ -292,8 +292,14 @@ fn validate(raw: RawRecord) -> Result<Credential, FieldError> {
     for t in &raw.tags {
         check_label("tags", t)?;
     }
-    for c in &raw.consumers {
-        check_label("consumers", c)?;
+    for (i, c) in raw.consumers.iter().enumerate() {
+        crate::deps::check_consumer_ref(c)?;
+        if raw.consumers[..i].iter().any(|o| o.id == c.id) {
+            return Err(ferr(
+                "consumers",
+                format!("consumer {:?} is listed twice", c.id),
+            ));
+        }
     }
     let owner = match raw.owner {
         Some(o) if o.is_empty() => None,
@@ -338,6 +344,40 @@ fn json_list(field: &str, v: Value) -> Result<Vec<String>, FieldError> {
     }
 }
 
+/// A credential's `consumers`: an array of ids or of objects
+/// `{id, kind, verify, url, timeout_ms}` (mixed freely).
+fn json_consumers(v: Value) -> Result<Vec<ConsumerRef>, FieldError> {
+    let Value::Array(items) = v else {
+        return match v {
+            Value::Null => Ok(Vec::new()),
+            _ => Err(ferr("consumers", "must be an array of ids or objects")),
+        };
+    };
+    items
+        .into_iter()
+        .map(|i| match i {
+            Value::String(s) => Ok(ConsumerRef::id(s)),
+            Value::Object(m) => {
+                if let Some(k) = m
+                    .keys()
+                    .find(|k| !["id", "kind", "verify", "url", "timeout_ms"].contains(&k.as_str()))
+                {
+                    return Err(ferr(
+                        &format!("consumers.{}", k.chars().take(64).collect::<String>()),
+                        "unknown field",
+                    ));
+                }
+                if !m.contains_key("id") {
+                    return Err(ferr("consumers.id", "is required"));
+                }
+                serde_json::from_value::<ConsumerRef>(Value::Object(m))
+                    .map_err(|e| ferr("consumers", e.to_string()))
+            }
+            _ => Err(ferr("consumers", "must be an array of ids or objects")),
+        })
+        .collect()
+}
+
 /// One JSON object into a credential.
 fn from_json(value: Value) -> Result<Credential, FieldError> {
     let Value::Object(map) = value else {
@@ -363,7 +403,7 @@ fn raw_from_map(map: Map<String, Value>) -> Result<RawRecord, FieldError> {
             "principal" => raw.principal = json_string("principal", v)?,
             "owner" => raw.owner = json_string("owner", v)?,
             "tags" => raw.tags = json_list("tags", v)?,
-            "consumers" => raw.consumers = json_list("consumers", v)?,
+            "consumers" => raw.consumers = json_consumers(v)?,
             other => {
                 let name: String = other.chars().take(64).collect();
                 return Err((name, "unknown field".into()));
@@ -573,7 +613,9 @@ fn parse_csv(reader: impl Read, collector: &mut Collector<'_>) -> Result<(), Imp
                 "principal" => raw.principal = text(),
                 "owner" => raw.owner = text(),
                 "tags" => raw.tags = split_list(value),
-                "consumers" => raw.consumers = split_list(value),
+                "consumers" => {
+                    raw.consumers = split_list(value).into_iter().map(ConsumerRef::id).collect()
+                }
                 _ => unreachable!("columns are checked against CSV_COLUMNS"),
             }
         }

@@ -301,6 +301,13 @@ impl Lease {
                 Ok(())
             }
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                // A renewal whose reply was lost (a timeout under load) was
+                // still written: the bucket then holds our own record at a
+                // revision we never saw. Adopt it and renew again; any other
+                // writer's record means the lease is lost.
+                if self.adopt_own_write().await {
+                    return Box::pin(self.renew()).await;
+                }
                 let e = self.lost_to_whom().await;
                 self.mark_lost(&e);
                 Err(e)
@@ -312,6 +319,26 @@ impl Lease {
                 }
                 Err(e)
             }
+        }
+    }
+
+    /// When the lease key holds a record written by this very process (its
+    /// `instance`, random per process, so nobody else writes it) at a newer
+    /// revision than our last confirmed write, takes that revision as ours.
+    async fn adopt_own_write(&self) -> bool {
+        let instance = self.record.lock().expect("lease lock").instance.clone();
+        match look(&self.kv).await {
+            Ok(Seen::Held { record, revision })
+                if record.instance == instance && revision > self.revision() =>
+            {
+                debug!(
+                    revision,
+                    "Adopting our own lease write whose reply was lost"
+                );
+                self.revision.store(revision, Ordering::SeqCst);
+                true
+            }
+            _ => false,
         }
     }
 
@@ -348,6 +375,7 @@ impl Lease {
             .map_err(|e| LeaseError::Unavailable(e.to_string()))?;
         match entry {
             Some(e) if e.revision == self.revision() => Ok(()),
+            Some(_) if self.adopt_own_write().await => Ok(()),
             _ => {
                 let e = self.lost_to_whom().await;
                 self.mark_lost(&e);
@@ -488,6 +516,48 @@ mod tests {
             Err(LeaseError::Lost { .. }) => {}
             other => panic!("expected a lost lease, got {other:?}"),
         }
+        assert!(a.lost().is_cancelled());
+    }
+
+    /// A renewal written by the server whose reply never came back leaves
+    /// the key at a revision the holder did not see: the holder adopts its
+    /// own write instead of fencing itself, but still yields to anybody
+    /// else's.
+    #[tokio::test]
+    async fn a_renewal_whose_reply_was_lost_is_adopted_not_fenced() {
+        let (_server, kv) = bucket().await;
+        let cfg = Config {
+            ttl: Duration::from_secs(30),
+            renew_every: Duration::from_secs(10),
+            poll_every: Duration::from_secs(1),
+        };
+        let a = Lease::try_acquire(&kv, cfg, "a", "a1")
+            .await
+            .unwrap()
+            .unwrap();
+        let before = a.revision();
+        // The lost write: our own record, one revision on.
+        let own = a.record.lock().unwrap().clone();
+        let rev = kv
+            .update(LEASE_KEY, serde_json::to_vec(&own).unwrap().into(), before)
+            .await
+            .unwrap();
+        a.check().await.unwrap();
+        assert_eq!(a.revision(), rev);
+        kv.update(LEASE_KEY, serde_json::to_vec(&own).unwrap().into(), rev)
+            .await
+            .unwrap();
+        a.renew().await.unwrap();
+        assert!(a.revision() > rev);
+        assert!(!a.lost().is_cancelled());
+
+        // Another process's record is not adopted.
+        let mut other = own.clone();
+        other.instance = "b1".into();
+        kv.put(LEASE_KEY, serde_json::to_vec(&other).unwrap().into())
+            .await
+            .unwrap();
+        assert!(matches!(a.renew().await, Err(LeaseError::Lost { .. })));
         assert!(a.lost().is_cancelled());
     }
 }

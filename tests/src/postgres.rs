@@ -82,21 +82,7 @@ impl PostgresServer {
         };
         for attempt in 1..=PORT_ATTEMPTS {
             server.port = free_port();
-            let mut cmd = as_postgres(&pg_ctl);
-            cmd.arg("-D")
-                .arg(&server.data)
-                .arg("-l")
-                .arg(&server.log)
-                .args(["-w", "-t", START_TIMEOUT_SECS, "-o"])
-                .arg(format!(
-                    // Durability is pointless for a throw-away test database.
-                    "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
-                     -c synchronous_commit=off -c full_page_writes=off -c max_connections=200",
-                    server.port,
-                    server.dir.path().display()
-                ))
-                .arg("start");
-            match run_logged("pg_ctl start", cmd, &server.dir.path().join("pg_ctl.log")) {
+            match server.pg_ctl_start(&pg_ctl) {
                 Ok(()) => {
                     server.running = true;
                     return server;
@@ -111,6 +97,47 @@ impl PostgresServer {
             }
         }
         unreachable!("the last attempt panics")
+    }
+
+    /// `pg_ctl start` on this server's data directory and port.
+    fn pg_ctl_start(&self, pg_ctl: &Path) -> Result<(), String> {
+        let mut cmd = as_postgres(pg_ctl);
+        cmd.arg("-D")
+            .arg(&self.data)
+            .arg("-l")
+            .arg(&self.log)
+            .args(["-w", "-t", START_TIMEOUT_SECS, "-o"])
+            .arg(format!(
+                // Durability is pointless for a throw-away test database.
+                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
+                 -c synchronous_commit=off -c full_page_writes=off -c max_connections=200",
+                self.port,
+                self.dir.path().display()
+            ))
+            .arg("start");
+        run_logged("pg_ctl start", cmd, &self.dir.path().join("pg_ctl.log"))
+    }
+
+    /// Stops the server with `pg_ctl stop -m fast` (sessions are terminated,
+    /// new connections refused) and waits until it is down. The data stays;
+    /// [`PostgresServer::restart`] brings it back on the same port.
+    pub fn stop_fast(&mut self) {
+        let mut cmd = as_postgres(&require("pg_ctl"));
+        cmd.arg("-D")
+            .arg(&self.data)
+            .args(["-m", "fast", "-w", "-t", "60", "stop"]);
+        run_logged("pg_ctl stop", cmd, &self.dir.path().join("pg_ctl.log"))
+            .unwrap_or_else(|e| panic!("{e}\nserver log:\n{}", self.log_tail()));
+        self.running = false;
+    }
+
+    /// Starts a server stopped by [`PostgresServer::stop_fast`] again, on the
+    /// same port and data directory, and waits until it accepts connections.
+    pub fn restart(&mut self) {
+        assert!(!self.running, "restart of a running server");
+        self.pg_ctl_start(&require("pg_ctl"))
+            .unwrap_or_else(|e| panic!("{e}\nserver log:\n{}", self.log_tail()));
+        self.running = true;
     }
 
     pub fn port(&self) -> u16 {

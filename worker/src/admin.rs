@@ -234,7 +234,7 @@ impl AdminService {
             )
         })?;
         let logins = ep.discover().await.map_err(|e| match e {
-            TargetError::Unavailable(m) => refuse(errors::TARGET_UNAVAILABLE, m),
+            e if e.is_transient() => refuse(errors::TARGET_UNAVAILABLE, e.to_string()),
             TargetError::Rejected(m) if m.starts_with("discovery is not supported") => {
                 refuse(errors::UNSUPPORTED, m)
             }

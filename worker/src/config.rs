@@ -169,6 +169,11 @@ pub struct File {
     /// tasks still running then are redelivered to another worker. Default 30.
     #[serde(default)]
     pub shutdown_grace_secs: Option<u64>,
+    /// Address (`host:port`) to serve `/metrics` (Prometheus), `/healthz`
+    /// and `/readyz` on, e.g. `0.0.0.0:9464`. `--metrics-addr` or
+    /// `KEYWAVE_METRICS_ADDR` override it. Default: not served.
+    #[serde(default)]
+    pub metrics_addr: Option<String>,
     /// JetStream settings used when this worker creates streams, the region's
     /// consumer and its secret store (existing ones are left as they are).
     #[serde(default)]
@@ -216,6 +221,11 @@ pub struct EndpointFile {
     /// connections from one worker (each login check opens its own).
     #[serde(default)]
     pub max_concurrency: Option<usize>,
+    /// Rotations (`add` / `replace` operations, retries included) this
+    /// worker starts per second against the endpoint, at most; fractions
+    /// allowed (`0.5`: one every two seconds). Default: no limit.
+    #[serde(default)]
+    pub max_rotations_per_second: Option<f64>,
     /// redis: admin connection URL without a password, e.g.
     /// `redis://10.0.0.5:6379`.
     #[serde(default)]
@@ -349,6 +359,8 @@ pub struct Config {
     /// Refuse to start without `coordinator_keys`.
     pub require_signed_tasks: bool,
     pub shutdown_grace: Duration,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (none: off).
+    pub metrics_addr: Option<std::net::SocketAddr>,
     pub topology: topology::Config,
     pub endpoints: Vec<EndpointConfig>,
 }
@@ -358,6 +370,7 @@ pub struct Config {
 pub struct EndpointConfig {
     pub name: String,
     pub max_concurrency: usize,
+    pub max_rotations_per_second: Option<f64>,
     pub spec: EndpointSpec,
 }
 
@@ -477,6 +490,15 @@ impl Config {
                 .unwrap_or(DEFAULT_SHUTDOWN_GRACE_SECS),
         );
         let topology = jetstream_config(&file.jetstream)?;
+        let metrics_addr = match &file.metrics_addr {
+            Some(a) => Some(a.trim().parse().map_err(|_| {
+                invalid(
+                    "metrics_addr",
+                    format!("{a:?} is not a host:port address such as 0.0.0.0:9464"),
+                )
+            })?),
+            None => None,
+        };
 
         let mut names = HashSet::new();
         let mut endpoints = Vec::with_capacity(file.endpoints.len());
@@ -504,6 +526,7 @@ impl Config {
             coordinator_keys,
             require_signed_tasks: file.require_signed_tasks,
             shutdown_grace,
+            metrics_addr,
             topology,
             endpoints,
         })
@@ -519,7 +542,12 @@ impl Config {
     pub async fn targets(&self) -> Result<Targets, TargetError> {
         let mut t = Targets::new();
         for e in &self.endpoints {
-            t.insert(&e.name, e.connect_or_defer().await?, e.max_concurrency);
+            t.insert_limited(
+                &e.name,
+                e.connect_or_defer().await?,
+                e.max_concurrency,
+                e.max_rotations_per_second,
+            );
         }
         Ok(t)
     }
@@ -539,7 +567,7 @@ impl EndpointConfig {
     async fn connect_or_defer(&self) -> Result<Arc<dyn Target>, TargetError> {
         match self.connect().await {
             Ok(t) => Ok(t),
-            Err(TargetError::Unavailable(why)) => {
+            Err(why) if why.is_transient() => {
                 warn!(endpoint = %self.name, error = %why, "Endpoint unreachable at start-up; will connect on first use");
                 match &self.spec {
                     EndpointSpec::Redis(info) => Ok(RedisTarget::lazy(info.clone())?),
@@ -957,8 +985,17 @@ fn endpoint(at: &str, e: EndpointFile, env: &dyn Env) -> Result<EndpointConfig, 
             })
         }
     };
+    if let Some(r) = e.max_rotations_per_second {
+        if !r.is_finite() || r <= 0.0 {
+            return Err(invalid(
+                format!("{at}.max_rotations_per_second"),
+                "must be a positive number",
+            ));
+        }
+    }
     Ok(EndpointConfig {
         name: e.name,
+        max_rotations_per_second: e.max_rotations_per_second,
         max_concurrency,
         spec,
     })
@@ -1260,6 +1297,9 @@ mod tests {
         assert_eq!(o.logins, Logins::default());
         assert_eq!(o.policy, SecretPolicy::default());
         assert!(!format!("{c:?}").contains("s3cret"));
+        assert_eq!(c.endpoints[0].max_rotations_per_second, None);
+        let c = parse(&format!("{PG}max_rotations_per_second = 2.5")).unwrap();
+        assert_eq!(c.endpoints[0].max_rotations_per_second, Some(2.5));
 
         let c = parse(&format!(
             "{MY}port = 3307\nmax_concurrency = 2\ncontinuity = \"alternating\"\nclone_suffix = \"_b\"\n\
@@ -1333,6 +1373,14 @@ mod tests {
             (
                 format!("{PG}admin_connections = 0"),
                 "endpoint[0].admin_connections",
+            ),
+            (
+                format!("{PG}max_rotations_per_second = 0"),
+                "endpoint[0].max_rotations_per_second",
+            ),
+            (
+                format!("{PG}max_rotations_per_second = -1.5"),
+                "endpoint[0].max_rotations_per_second",
             ),
             (
                 format!("{PG}clone_suffix = \"\""),

@@ -4,6 +4,8 @@
 //! that carry fingerprints only.
 //!
 //! # Layout
+//! - [`cli`]: the `keywave-worker` command line (clap definitions).
+//! - [`config_keys`]: every configuration key with its default and environment variable (docs/configuration.md).
 //! - [`config`]: the worker's TOML configuration (region, NATS servers, region and detection keys, endpoints), validated at start-up.
 //! - [`store`]: the regional secret store (KV `keywave-secrets-<region>`), sealed with the region key, updated by CAS.
 //! - [`targets`]: the [`targets::Target`] trait and the per-endpoint registry with concurrency bounds.
@@ -14,14 +16,22 @@
 //!   - [`targets::db`]: what the SQL targets share: continuity schemes (alternating users), admin settings, redacted errors.
 //! - [`protocol`]: the rotation / rollback state machine (stage, set, test, promote, revoke, verify), resumable and idempotent.
 //! - [`notice`]: rotation notices (`keywave.rotated.<region>.<credential>`): keyed detection fingerprints of each new CURRENT secret, only with a detection key.
+//! - [`consumers`]: consumer verification after promote (attestations on `KEYWAVE_ATTEST`, HTTP probes), before revoke.
+//! - [`agent`]: the consumer agent (`keywave-worker agent`): writes each new CURRENT secret for an application, reloads it, attests the fingerprint.
 //! - [`runner`]: the JetStream consume loop: bounded concurrency, one ack decision per message, dead letters, graceful drain.
 //! - [`fault`]: fault-injection points for crash tests (off by default).
+//! - [`metrics`]: `/metrics` (Prometheus), `/healthz` and `/readyz` on `metrics_addr`.
 //! - [`admin`]: the admin service (`keywave.admin.v1.<region>.<verb>`): reconcile the store against the targets, discover an endpoint's logins.
 //! - `testutil` (tests only): a private `nats-server` per test, unique regions, a secret-store bucket.
 
 pub mod admin;
+pub mod agent;
+pub mod cli;
 pub mod config;
+pub mod config_keys;
+pub mod consumers;
 pub mod fault;
+pub mod metrics;
 pub mod notice;
 pub mod protocol;
 pub mod runner;

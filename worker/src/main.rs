@@ -3,7 +3,7 @@
 //! together, and turns SIGTERM/SIGINT into a graceful drain.
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use keywave_common::crypto::{RegionKey, Secret};
 use keywave_common::{ids, topology};
 use keywave_worker::config::{self, Config, ConfigError, Overrides, ProcessEnv};
@@ -13,54 +13,12 @@ use keywave_worker::store::SecretStore;
 use keywave_worker::targets::AuthCheck;
 use keywave_worker::{Worker, WorkerOptions};
 use std::io::{BufRead, IsTerminal};
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-/// Rotates credentials of one region: pulls its tasks from NATS JetStream,
-/// sets, tests and revokes secrets at the real targets, and keeps the
-/// region's encrypted secret store.
-#[derive(Debug, Parser)]
-#[command(name = "keywave-worker", version)]
-struct Cli {
-    /// Worker configuration file (TOML; see keywave-worker.example.toml).
-    #[arg(long, short = 'c', env = config::ENV_CONFIG, global = true)]
-    config: Option<PathBuf>,
-    /// Region to serve (overrides `region` in the file).
-    #[arg(long, global = true)]
-    region: Option<String>,
-    /// NATS server URL, or several comma-separated (cluster seeds) [default: `nats_url` in the file, else nats://127.0.0.1:4222].
-    #[arg(long, env = config::ENV_NATS_URL, global = true)]
-    nats: Option<String>,
-    #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Serve the region's tasks until SIGTERM or SIGINT (the default).
-    Run,
-    /// Print a new random region key (hex) to stdout.
-    Keygen,
-    /// Record the secret a credential uses today as its CURRENT secret.
-    ///
-    /// The secret is read from KEYWAVE_ENROLL_SECRET or, when that is unset,
-    /// from the first line of stdin. It must authenticate at the endpoint; it
-    /// is never echoed.
-    Enroll {
-        /// Credential id, as in the inventory.
-        #[arg(long)]
-        credential: String,
-        /// Endpoint name from the configuration.
-        #[arg(long)]
-        endpoint: String,
-        /// The login (role, user) the secret belongs to.
-        #[arg(long)]
-        principal: String,
-    },
-}
+use keywave_worker::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -88,16 +46,29 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+/// Logs (`--log-format`) and, with `OTEL_EXPORTER_OTLP_ENDPOINT`, span export.
+fn init_tracing(cli: &Cli) -> Result<keywave_common::telemetry::Guard> {
+    keywave_common::telemetry::init(&keywave_common::telemetry::Options::new(
+        "keywave-worker",
+        cli.log_format,
+        "info",
+    ))
+    .context("setting up logs and traces")
 }
 
 async fn dispatch(cli: Cli) -> Result<()> {
+    let telemetry = match cli.command {
+        Some(Command::Keygen) => None,
+        _ => Some(init_tracing(&cli)?),
+    };
+    let r = dispatch_command(cli).await;
+    if let Some(t) = telemetry {
+        t.shutdown().await;
+    }
+    r
+}
+
+async fn dispatch_command(cli: Cli) -> Result<()> {
     match cli.command {
         Some(Command::Keygen) => {
             println!("{}", RegionKey::generate().to_hex());
@@ -108,14 +79,13 @@ async fn dispatch(cli: Cli) -> Result<()> {
             ref endpoint,
             ref principal,
         }) => {
-            init_tracing();
             let cfg = load_config(&cli)?;
             enroll(&cfg, credential, endpoint, principal).await
         }
+        Some(Command::Agent { ref consumer }) => agent(&cli, consumer.clone()).await,
         None | Some(Command::Run) => {
-            init_tracing();
             let cfg = load_config(&cli)?;
-            run(cfg).await
+            run(cfg, cli.metrics_addr).await
         }
     }
 }
@@ -148,7 +118,7 @@ async fn connect(cfg: &Config) -> Result<async_nats::Client> {
     .with_context(|| format!("connecting to NATS at {}", cfg.nats_url))
 }
 
-async fn run(cfg: Config) -> Result<()> {
+async fn run(cfg: Config, metrics_addr: Option<std::net::SocketAddr>) -> Result<()> {
     let faults = Faults::from_env()?;
     if faults.any() {
         warn!(?faults, "Fault injection is ON");
@@ -174,6 +144,12 @@ async fn run(cfg: Config) -> Result<()> {
     .await?;
 
     let shutdown = CancellationToken::new();
+    // /metrics, /healthz, /readyz (--metrics-addr, KEYWAVE_METRICS_ADDR, metrics_addr).
+    if let Some(addr) = metrics_addr.or(cfg.metrics_addr) {
+        keywave_worker::metrics::serve(addr, worker.metrics(), shutdown.clone())
+            .await
+            .with_context(|| format!("serving metrics on {addr}"))?;
+    }
     // The admin service (reconcile, discover) answers next to the consume loop.
     let admin = keywave_worker::admin::AdminService::new(
         client.clone(),
@@ -215,6 +191,45 @@ async fn run(cfg: Config) -> Result<()> {
     if let Err(e) = client.flush().await {
         warn!(error = %e, "Could not flush the NATS connection");
     }
+    Ok(())
+}
+
+async fn agent(cli: &Cli, consumer: Option<String>) -> Result<()> {
+    use keywave_worker::agent::{Agent, AgentConfig, AgentOverrides};
+    let Some(path) = &cli.config else {
+        return Err(ConfigError::Invalid {
+            field: "--config".into(),
+            message: "an agent configuration file is required".into(),
+        }
+        .into());
+    };
+    let overrides = AgentOverrides {
+        consumer,
+        region: cli.region.clone(),
+        nats_url: cli.nats.clone(),
+    };
+    let cfg =
+        AgentConfig::load(path, &overrides, &ProcessEnv).map_err(|e| ConfigError::Invalid {
+            field: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+    let client = keywave_common::nats::connect_as(
+        &cfg.nats_url,
+        keywave_common::nats::options(format!("keywave-agent {}", cfg.consumer)),
+        &cfg.nats,
+    )
+    .await
+    .with_context(|| format!("connecting to NATS at {}", cfg.nats_url))?;
+    let agent = Agent::start(client.clone(), cfg).await?;
+    let shutdown = CancellationToken::new();
+    let mut running = tokio::spawn(agent.run(shutdown.clone()));
+    tokio::select! {
+        r = &mut running => return r.context("agent task")?,
+        signal = shutdown_signal() => info!(signal, "Agent stopping"),
+    }
+    shutdown.cancel();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), running).await;
+    let _ = client.flush().await;
     Ok(())
 }
 

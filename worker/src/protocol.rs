@@ -7,12 +7,18 @@
 //! Rotation: stage → set → test → promote → revoke → verify.
 //! Rollback (continuity only): set the previous secret back → test → swap.
 //!
-//! Durable writes per rotated credential are kept at three: PENDING (stage),
-//! the promote CAS, and the result publish done by the runner. Everything else
-//! is idempotent and re-derived on redelivery. A rollback writes once (the swap).
+//! Durable writes per rotated credential are kept at the minimum the
+//! guarantees need, four: the task (published by the coordinator), PENDING
+//! (stage: the new secret is stored before it is set at the target), the
+//! promote CAS, and the result publish done by the runner. This module makes
+//! two of them and no more: set, test, revoke and verify are read back from
+//! the target itself on redelivery (a staged secret that authenticates has
+//! been set), so they need no record of their own. A rollback writes once
+//! (the swap).
 //! With a detection key, each secret made CURRENT is also announced (see
 //! [`crate::notice`]); that publish is advisory and never fails a task.
 
+use crate::consumers::ConsumerVerifier;
 use crate::fault::{Crash, Faults, Point};
 use crate::notice::Notifier;
 use crate::store::{Applied, Loaded, SecretStore, StoreError, Version};
@@ -20,6 +26,7 @@ use crate::targets::{AuthCheck, Endpoint, TargetError, Targets};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use keywave_common::crypto::{generate, Secret};
 use keywave_common::now_ms;
+use keywave_common::wire::{ConsumerOutcome, ConsumerStatus, VerifyKind};
 use keywave_common::wire::{
     ErrorClass, Outcome, RotationResult, RotationTask, Step, StepTiming, Strategy, TargetKind,
     TaskAction, SCHEMA_VERSION,
@@ -111,6 +118,10 @@ enum Fail {
     Crashed(Point),
     #[error("interrupted by shutdown")]
     Interrupted,
+    /// Consumers that did not move over in time (ids and reasons, no
+    /// secret); the old secret was not revoked.
+    #[error("consumer(s) not verified, old secret kept: {0}")]
+    ConsumerNotVerified(String),
 }
 
 impl From<StoreError> for Fail {
@@ -147,6 +158,7 @@ impl Fail {
             Fail::NoPrevious => ErrorClass::NoPrevious,
             Fail::UnknownEndpoint(_) => ErrorClass::UnknownEndpoint,
             Fail::KindMismatch { .. } => ErrorClass::KindMismatch,
+            Fail::ConsumerNotVerified(_) => ErrorClass::ConsumerNotVerified,
             Fail::Internal(_) | Fail::Crashed(_) | Fail::Interrupted => ErrorClass::Internal,
         }
     }
@@ -163,11 +175,26 @@ struct Run<'a> {
     new_is_current: bool,
     old_fp: Option<String>,
     old_rejected: Option<bool>,
+    /// Per-consumer verification outcomes (issue 6).
+    consumers: Vec<ConsumerOutcome>,
+    /// No step starts after this instant (ms since the epoch; 0: none): the
+    /// task's run timeout counted from its receipt, or, for a task without
+    /// one, its `deadline_ms`.
+    deadline: u64,
+    /// The tracing span of the step under way (from `enter` to `done`): a
+    /// child of the task span, disabled unless traces are exported.
+    step_span: std::sync::Mutex<Option<tracing::Span>>,
 }
 
 impl<'a> Run<'a> {
     fn new(task: &'a RotationTask) -> Self {
+        let deadline = if task.run_timeout_ms > 0 {
+            now_ms().saturating_add(task.run_timeout_ms)
+        } else {
+            task.deadline_ms
+        };
         Run {
+            deadline,
             task,
             step: Step::Received,
             timings: Vec::new(),
@@ -175,14 +202,22 @@ impl<'a> Run<'a> {
             new_is_current: false,
             old_fp: None,
             old_rejected: None,
+            consumers: Vec::new(),
+            step_span: std::sync::Mutex::new(None),
         }
     }
 
-    /// Fails with `DeadlineExceeded` when the task's deadline has passed
+    /// Fails with `DeadlineExceeded` when the run's deadline has passed, or
+    /// when a task with a run timeout arrives after its start deadline
     /// (checked before every step; a deadline of 0 means none).
     fn before_step(&self) -> Result<(), Fail> {
-        let d = self.task.deadline_ms;
-        if d != 0 && now_ms() > d {
+        let now = now_ms();
+        let start_by = self.task.deadline_ms;
+        let too_late_to_start = self.task.run_timeout_ms > 0
+            && self.step == Step::Received
+            && start_by != 0
+            && now > start_by;
+        if too_late_to_start || (self.deadline != 0 && now > self.deadline) {
             return Err(Fail::Deadline(self.step));
         }
         Ok(())
@@ -199,6 +234,8 @@ pub struct Protocol {
     retry: RetryPolicy,
     /// Announces secrets made CURRENT when a detection key is configured.
     notifier: Option<Notifier>,
+    /// Verifies a credential's consumers after promote (issue 6).
+    consumers: Option<ConsumerVerifier>,
 }
 
 impl std::fmt::Debug for Protocol {
@@ -226,7 +263,15 @@ impl Protocol {
             faults,
             retry: RetryPolicy::default(),
             notifier: None,
+            consumers: None,
         }
+    }
+
+    /// Verifies the consumers a task names with `verifier` (without one,
+    /// every `attest` / `http` consumer fails verification).
+    pub fn with_consumers(mut self, verifier: ConsumerVerifier) -> Self {
+        self.consumers = Some(verifier);
+        self
     }
 
     /// Announces every secret this protocol makes CURRENT with `notifier`.
@@ -352,11 +397,17 @@ impl Protocol {
     async fn enter(&self, run: &Run<'_>, step: Step) -> Result<(), Fail> {
         run.before_step()?;
         self.faults.before(step).await?;
+        let span = tracing::debug_span!("step", step = step.as_str());
+        if !span.is_disabled() {
+            *run.step_span.lock().unwrap_or_else(|e| e.into_inner()) = Some(span);
+        }
         Ok(())
     }
 
     /// Marks `step` complete: timing, log, then the fault-injection point.
     fn done(&self, run: &mut Run<'_>, step: Step, started: Instant) -> Result<(), Fail> {
+        // Closes the step's span (if traced).
+        drop(run.step_span.get_mut().map(Option::take));
         run.step = step;
         run.timings.push(StepTiming {
             step,
@@ -392,7 +443,7 @@ impl Protocol {
                     let Some(delay) = delays.next() else {
                         return Err(fail);
                     };
-                    let d = run.task.deadline_ms;
+                    let d = run.deadline;
                     if d != 0 && now_ms().saturating_add(delay.as_millis() as u64) > d {
                         return Err(fail);
                     }
@@ -613,6 +664,11 @@ impl Protocol {
         new: &Version,
         old: Option<&Version>,
     ) -> Result<Outcome, Fail> {
+        // Continuity: every consumer must be proven on the new secret before
+        // the old one goes (issue 6); if one is not, nothing is revoked.
+        if run.task.strategy == Strategy::Continuity {
+            self.verify_consumers(run, new, shutdown, true).await?;
+        }
         self.enter(run, Step::Revoked).await?;
         let t0 = Instant::now();
         match (run.task.strategy, old) {
@@ -641,7 +697,74 @@ impl Protocol {
             }
         }
         self.done(run, Step::Verified, t0)?;
+        // Containment: the old secret is gone already; consumers are
+        // verified after the fact, recorded in the result, never blocking.
+        if run.task.strategy == Strategy::Containment {
+            self.verify_consumers(run, new, shutdown, false).await?;
+        }
         Ok(Outcome::Succeeded)
+    }
+
+    /// Waits until the task's consumers use `new` (see [`crate::consumers`]),
+    /// records the outcomes in the run, and with `required` fails with
+    /// [`ErrorClass::ConsumerNotVerified`] naming those that did not.
+    async fn verify_consumers(
+        &self,
+        run: &mut Run<'_>,
+        new: &Version,
+        shutdown: &CancellationToken,
+        required: bool,
+    ) -> Result<(), Fail> {
+        let checks = &run.task.consumers;
+        if checks.is_empty() {
+            return Ok(());
+        }
+        let outcomes = match &self.consumers {
+            Some(v) => v
+                .verify(
+                    &run.task.credential_id,
+                    &new.fingerprint,
+                    checks,
+                    run.deadline,
+                    shutdown,
+                )
+                .await
+                .map_err(|_| Fail::Interrupted)?,
+            None => checks
+                .iter()
+                .map(|c| {
+                    let checked = c.verify != VerifyKind::None;
+                    ConsumerOutcome {
+                        id: c.id.clone(),
+                        verify: c.verify,
+                        status: if checked {
+                            ConsumerStatus::Failed
+                        } else {
+                            ConsumerStatus::Unverified
+                        },
+                        detail: checked.then(|| "this worker cannot verify consumers".into()),
+                    }
+                })
+                .collect(),
+        };
+        let failed: Vec<String> = outcomes
+            .iter()
+            .filter(|o| o.status == ConsumerStatus::Failed)
+            .map(|o| format!("{} ({})", o.id, o.detail.as_deref().unwrap_or("failed")))
+            .collect();
+        run.consumers = outcomes;
+        if !failed.is_empty() {
+            if required {
+                return Err(Fail::ConsumerNotVerified(failed.join(", ")));
+            }
+            warn!(
+                task = %run.task.task_id,
+                credential = %run.task.credential_id,
+                consumers = %failed.join(", "),
+                "Consumers not verified after a containment rotation"
+            );
+        }
+        Ok(())
     }
 
     async fn rollback(
@@ -787,10 +910,29 @@ impl Protocol {
             },
             old_fingerprint: run.old_fp.clone(),
             old_rejected: run.old_rejected,
+            consumers: result_consumers(run),
             worker_id: self.worker_id.clone(),
             finished_at_ms: now_ms(),
         }
     }
+}
+
+/// The consumers of a result: the outcomes of the verification when it ran,
+/// else every consumer of the task `unverified` (not reached).
+fn result_consumers(run: &Run<'_>) -> Vec<ConsumerOutcome> {
+    if !run.consumers.is_empty() || run.task.action != TaskAction::Rotate {
+        return run.consumers.clone();
+    }
+    run.task
+        .consumers
+        .iter()
+        .map(|c| ConsumerOutcome {
+            id: c.id.clone(),
+            verify: c.verify,
+            status: ConsumerStatus::Unverified,
+            detail: None,
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -886,6 +1028,8 @@ mod tests {
                 principal: format!("user-{cred}"),
                 issued_at_ms: now_ms(),
                 deadline_ms: now_ms() + 60_000,
+                run_timeout_ms: 0,
+                consumers: Vec::new(),
             }
         }
 
@@ -1147,6 +1291,31 @@ mod tests {
         assert_eq!(r.error_class, Some(ErrorClass::DeadlineExceeded));
         assert_eq!(fx.sim.set_count("user-c9"), 0);
         assert!(fx.bucket.store.get("c9").await.unwrap().is_none());
+    }
+
+    /// A task with a run timeout counts it from its receipt: one that waited
+    /// in the queue longer than its timeout still rotates, while one that
+    /// arrives after its start deadline is refused untouched.
+    #[tokio::test]
+    async fn run_timeout_counts_from_receipt_and_start_deadline_refuses() {
+        let fx = Fixture::new().await;
+        let p = fx.protocol(Faults::none());
+        fx.enrolled("q1").await;
+        let mut t = fx.task(TaskAction::Rotate, Strategy::Continuity, "q1");
+        t.issued_at_ms = now_ms() - 120_000;
+        t.deadline_ms = now_ms() + 60_000;
+        t.run_timeout_ms = 30_000;
+        let r = finished(fx.run(&p, &t).await);
+        assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
+
+        fx.enrolled("q2").await;
+        let mut t = fx.task(TaskAction::Rotate, Strategy::Continuity, "q2");
+        t.deadline_ms = now_ms() - 1;
+        t.run_timeout_ms = 30_000;
+        let r = finished(fx.run(&p, &t).await);
+        assert_eq!(r.error_class, Some(ErrorClass::DeadlineExceeded));
+        assert_eq!(r.step, Step::Received);
+        assert_eq!(fx.sim.set_count("user-q2"), 0);
     }
 
     /// Every fault point of both protocols, each on its own credential: the
@@ -1433,6 +1602,8 @@ mod tests {
             principal: "app".into(),
             issued_at_ms: 0,
             deadline_ms: 0,
+            run_timeout_ms: 0,
+            consumers: Vec::new(),
         };
         let shutdown = CancellationToken::new();
         let r = finished(p.execute(&fx_task("a"), &shutdown).await);

@@ -41,6 +41,15 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 
 /// Most tasks requested from the server in one pull.
 const MAX_PULL_BATCH: usize = 256;
+/// How long one pull request waits on the server before it is renewed. Short,
+/// so that a pull the server leaves unserved (seen under load on nats-server
+/// 2.9: tasks sat in the queue until the client's default 30 s expiry) holds
+/// tasks back for seconds at most; one request per few seconds per idle
+/// worker costs nothing.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// Idle heartbeat of a pull request (well under [`PULL_EXPIRES`]), so a
+/// connection that went silent is noticed.
+const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
 /// Bytes of an undecodable payload kept (base64) in its dead letter.
 const MAX_DEAD_LETTER_PAYLOAD: usize = 4096;
 /// Redelivery delay after the result (or dead letter) could not be published.
@@ -224,6 +233,7 @@ struct Ctx {
     counters: Counters,
     /// Checks task signatures (no keys: nothing checked).
     verifier: Verifier,
+    metrics: Arc<crate::metrics::WorkerMetrics>,
 }
 
 /// A region worker. Build with [`Worker::start`], then [`Worker::run`].
@@ -233,6 +243,7 @@ pub struct Worker {
     store: SecretStore,
     protocol: Protocol,
     opts: WorkerOptions,
+    metrics: Arc<crate::metrics::WorkerMetrics>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -257,15 +268,21 @@ impl Worker {
         targets: Arc<Targets>,
     ) -> Result<Worker, WorkerError> {
         opts.validate()?;
-        let js = topology::context(client);
+        let js = topology::context(client.clone());
         let (consumer, kv) =
             topology::bind_or_ensure_region(&js, &opts.region, &opts.topology).await?;
         let store = SecretStore::from_kv(kv, &opts.region, key);
+        let metrics = crate::metrics::WorkerMetrics::new(&opts.region);
+        metrics.bound(client);
         let mut protocol =
             Protocol::new(store.clone(), targets, opts.worker_id.clone(), opts.faults);
         if let Some(key) = &opts.detect_key {
             protocol = protocol.with_notifier(Notifier::new(js.clone(), key.clone(), &opts.region));
         }
+        protocol = protocol.with_consumers(crate::consumers::ConsumerVerifier::new(
+            js.clone(),
+            &opts.region,
+        ));
         info!(
             region = %opts.region,
             worker = %opts.worker_id,
@@ -290,7 +307,13 @@ impl Worker {
             store,
             protocol,
             opts,
+            metrics,
         })
+    }
+
+    /// This worker's counters (serve them with [`crate::metrics::serve`]).
+    pub fn metrics(&self) -> Arc<crate::metrics::WorkerMetrics> {
+        self.metrics.clone()
     }
 
     /// The region's secret store (clone it to keep it past [`Worker::run`]).
@@ -314,6 +337,7 @@ impl Worker {
             worker_id: self.opts.worker_id.clone(),
             counters: Counters::default(),
             verifier: self.opts.task_keys.clone(),
+            metrics: self.metrics.clone(),
         });
         let slots = Arc::new(Semaphore::new(self.opts.concurrency));
         let batch = self.opts.concurrency.min(MAX_PULL_BATCH);
@@ -324,7 +348,12 @@ impl Worker {
             let opened = tokio::select! {
                 _ = shutdown.cancelled() => break 'pull,
                 _ = ctx.crash.cancelled() => break 'pull,
-                r = consumer.stream().max_messages_per_batch(batch).messages() => r,
+                r = consumer
+                    .stream()
+                    .max_messages_per_batch(batch)
+                    .expires(PULL_EXPIRES)
+                    .heartbeat(PULL_HEARTBEAT)
+                    .messages() => r,
             };
             let mut messages = match opened {
                 Ok(m) => m,
@@ -374,6 +403,7 @@ impl Worker {
                     Some(Ok(msg)) => {
                         let ctx = ctx.clone();
                         tasks.spawn(async move {
+                            let _in_flight = ctx.metrics.in_flight();
                             let handled = handle(&ctx, &msg).await;
                             settle(&msg, &handled).await;
                             ctx.count(&handled);
@@ -478,8 +508,14 @@ impl Ctx {
             Handled::Completed(Outcome::Failed) => &c.failed,
             Handled::Completed(Outcome::RolledBack) => &c.rolled_back,
             Handled::Completed(Outcome::RollbackRefused) => &c.rollback_refused,
-            Handled::Poison => &c.terminated,
-            Handled::Requeue { .. } => &c.requeued,
+            Handled::Poison => {
+                self.metrics.dead_lettered();
+                &c.terminated
+            }
+            Handled::Requeue { .. } => {
+                self.metrics.requeued();
+                &c.requeued
+            }
             Handled::Crashed(_) => return,
         };
         field.fetch_add(1, Ordering::Relaxed);
@@ -622,6 +658,7 @@ impl Refusal {
             old_rejected: None,
             worker_id: worker_id.to_string(),
             finished_at_ms: now_ms(),
+            consumers: Vec::new(),
         })
     }
 }
@@ -767,9 +804,12 @@ async fn handle(ctx: &Ctx, msg: &jetstream::Message) -> Handled {
         task = %task.task_id,
         credential = %task.credential_id,
         campaign = %task.campaign_id,
+        wave = task.wave,
         action = ?task.action,
         delivered
     );
+    // A child of the coordinator's wave span (W3C trace context in the headers).
+    keywave_common::telemetry::set_parent(&span, msg.headers.as_ref());
     async {
         let traceparent = msg
             .headers
@@ -779,7 +819,11 @@ async fn handle(ctx: &Ctx, msg: &jetstream::Message) -> Handled {
         let work = async {
             match ctx.protocol.execute(&task, &ctx.shutdown).await {
                 Flow::Finished(result) => {
-                    match ctx.publish_result(&result, traceparent.as_deref()).await {
+                    let published = ctx.publish_result(&result, traceparent.as_deref()).await;
+                    if published.is_ok() {
+                        ctx.metrics.result(&result);
+                    }
+                    match published {
                         Ok(()) => match ctx.faults.after_publish() {
                             Ok(()) => Handled::Completed(result.outcome),
                             Err(c) => {
@@ -893,6 +937,8 @@ mod tests {
                 principal: format!("p-{cred}"),
                 issued_at_ms: now_ms(),
                 deadline_ms: now_ms() + 60_000,
+                run_timeout_ms: 0,
+                consumers: Vec::new(),
             }
         }
 
@@ -1169,6 +1215,8 @@ mod tests {
                 principal: "app".into(),
                 issued_at_ms: 0,
                 deadline_ms: 0,
+                run_timeout_ms: 0,
+                consumers: Vec::new(),
             };
             f(&mut t);
             codec::encode(Format::Json, &t).unwrap()

@@ -195,6 +195,8 @@ url = "{REDIS}"
         principal: user.clone(),
         issued_at_ms: now_ms(),
         deadline_ms: now_ms() + 120_000,
+        run_timeout_ms: 0,
+        consumers: Vec::new(),
     };
     publish::send_and_confirm(
         &js,
@@ -365,6 +367,8 @@ fn sim_task(region: &str, campaign: &str) -> RotationTask {
         principal: "app".into(),
         issued_at_ms: now_ms(),
         deadline_ms: now_ms() + 120_000,
+        run_timeout_ms: 0,
+        consumers: Vec::new(),
     }
 }
 

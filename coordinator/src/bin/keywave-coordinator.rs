@@ -5,7 +5,6 @@ use anyhow::Context;
 use clap::Parser;
 use keywave_coordinator::{cli::DaemonArgs, Coordinator};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
@@ -24,20 +23,28 @@ async fn main() -> std::process::ExitCode {
         println!("{}", key.public());
         return std::process::ExitCode::SUCCESS;
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match run(args).await {
+    // Logs (--log-format) and, with OTEL_EXPORTER_OTLP_ENDPOINT, span export.
+    let telemetry = match keywave_common::telemetry::init(&keywave_common::telemetry::Options::new(
+        "keywave-coordinator",
+        args.log_format,
+        "info",
+    )) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let code = match run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "Coordinator failed");
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
-    }
+    };
+    telemetry.shutdown().await;
+    code
 }
 
 /// Lease ttl (a duration such as `15s`): how long a standby waits for a dead
@@ -107,6 +114,16 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     )
     .await
     .with_context(|| format!("connecting to NATS at {}", args.nats))?;
+    // /metrics, /healthz, /readyz (--metrics-addr): up before the topology
+    // and the lease, so /readyz says 503 until both are there.
+    let metrics_stop = CancellationToken::new();
+    let _metrics_stop = metrics_stop.clone().drop_guard();
+    if let Some(addr) = args.metrics_addr {
+        opts.metrics.attach(client.clone(), opts.topology.clone());
+        keywave_coordinator::metrics::serve(addr, opts.metrics.clone(), metrics_stop)
+            .await
+            .with_context(|| format!("serving metrics on {addr}"))?;
+    }
     // With least-privilege NATS users only the coordinator creates the
     // topology: each --regions region's task consumer and secret store.
     if !regions.is_empty() {

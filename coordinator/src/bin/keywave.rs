@@ -3,20 +3,23 @@
 
 use clap::Parser;
 use keywave_coordinator::{cli::Cli, commands};
-use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            // Quiet by default: `keywave dev` runs workers in-process, whose
-            // per-task warnings would drown the progress lines.
-            EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("warn,keywave_worker=error")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // Quiet by default: `keywave dev` runs workers in-process, whose
+    // per-task warnings would drown the progress lines.
+    let telemetry = match keywave_common::telemetry::init(&keywave_common::telemetry::Options::new(
+        "keywave",
+        cli.log_format,
+        "warn,keywave_worker=error",
+    )) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     let json = cli.json;
     // Who this CLI is on NATS (--nats-user, --nats-creds, ...): every
     // connection the commands make uses it.
@@ -35,7 +38,7 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     }
-    match commands::run(cli).await {
+    let code = match commands::run(cli).await {
         Ok(code) => std::process::ExitCode::from(code),
         Err(e) => {
             let line = e.to_string().replace('\n', " ");
@@ -45,5 +48,7 @@ async fn main() -> std::process::ExitCode {
             eprintln!("error: {line}");
             std::process::ExitCode::from(e.exit_code())
         }
-    }
+    };
+    telemetry.shutdown().await;
+    code
 }

@@ -132,6 +132,12 @@ impl Book {
     /// Finalized waves keep their counters; the counters of the others are
     /// zeroed, because replaying the results stream rebuilds them exactly.
     pub fn new(mut status: CampaignStatus) -> Book {
+        // Region tallies count every first result of a task (finalized
+        // waves included): the replay rebuilds all of them from zero.
+        for r in status.regions.values_mut() {
+            r.succeeded = 0;
+            r.failed = 0;
+        }
         let tallies = status
             .waves
             .iter_mut()
@@ -186,6 +192,13 @@ impl Book {
                 let ok = r.outcome == Outcome::Succeeded;
                 if ok {
                     tally.succeeded.insert(idx);
+                }
+                if let Some(region) = self.status.regions.get_mut(r.region.as_str()) {
+                    if ok {
+                        region.succeeded += 1;
+                    } else {
+                        region.failed += 1;
+                    }
                 }
                 if tally.finished_at_ms.is_some() {
                     return Applied::BitsOnly;
@@ -359,6 +372,7 @@ mod tests {
             created_at_ms: 0,
             finished_at_ms: None,
             reason: None,
+            regions: [("eu".to_string(), Default::default())].into(),
         }
     }
 
@@ -382,6 +396,7 @@ mod tests {
             old_rejected: None,
             worker_id: "w".into(),
             finished_at_ms: 0,
+            consumers: Vec::new(),
         }
     }
 
@@ -467,6 +482,39 @@ mod tests {
             (w.rolled_back, w.rollback_refused, w.rollback_failed),
             (1, 1, 0)
         );
+    }
+
+    #[test]
+    fn regions_count_first_results_and_rebuild_on_replay() {
+        let mut b = Book::new(status(&[2, 2]));
+        b.status.regions.get_mut("eu").unwrap().total = 4;
+        let ok = |w, i| result(w, i, TaskAction::Rotate, Outcome::Succeeded);
+        b.apply(&ok(0, 0), 1);
+        b.apply(&ok(0, 0), 2); // duplicate
+        b.apply(&result(0, 1, TaskAction::Rotate, Outcome::Failed), 3);
+        let mut other = ok(1, 0);
+        other.region = "mars".into(); // not in the plan: not counted, no new key
+        b.apply(&other, 4);
+        assert_eq!(
+            b.status.regions["eu"],
+            keywave_common::api::RegionStatus {
+                total: 4,
+                succeeded: 1,
+                failed: 1
+            }
+        );
+        assert!(!b.status.regions.contains_key("mars"));
+        b.finalize_wave(0, 10);
+        let mut replayed = Book::new(b.status.clone());
+        assert_eq!(replayed.status.regions["eu"].succeeded, 0);
+        replayed.apply(&ok(0, 0), 1);
+        replayed.apply(&result(0, 1, TaskAction::Rotate, Outcome::Failed), 3);
+        assert_eq!(replayed.status.regions, b.status.regions);
+        // A snapshot from before region tallies reads as empty regions.
+        let mut json = serde_json::to_value(&b.status).unwrap();
+        json.as_object_mut().unwrap().remove("regions");
+        let old: CampaignStatus = serde_json::from_value(json).unwrap();
+        assert!(old.regions.is_empty());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use super::{
     events,
     fault::{Crash, CrashPoint},
     plan::{PlanError, PlanReader},
-    snapshot_key, ControlAction, Engine, Handle, DEADLINE_GRACE, TASK_ACK_WINDOW,
+    snapshot_key, start_window_ms, ControlAction, Engine, Handle, DEADLINE_GRACE, TASK_ACK_WINDOW,
 };
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, ReplayPolicy};
 use async_nats::jetstream::kv;
@@ -266,6 +266,27 @@ impl Driver {
                 self.transition(CampaignState::Running, "resumed by operator".into())
                     .await
             }
+            // Checked by `Engine::rollback`; checked again here because the
+            // request may be replayed after a restart.
+            Some(ControlAction::Rollback)
+                if state == CampaignState::Paused
+                    && self.spec.strategy == Strategy::Continuity
+                    && {
+                        let b = self.book();
+                        let w = b.status.current_wave as usize;
+                        b.status
+                            .waves
+                            .get(w)
+                            .is_some_and(|ws| ws.decision.is_some())
+                    } =>
+            {
+                let w = self.book().status.current_wave;
+                self.transition(
+                    CampaignState::RollingBack,
+                    format!("wave {w} rollback requested by operator"),
+                )
+                .await
+            }
             other => {
                 debug!(campaign = %self.cid(), action = ?other, state = %state, "Operator request needs no action");
                 Ok(())
@@ -338,10 +359,15 @@ impl Driver {
                 return Ok(());
             }
             match (state, decision) {
-                (CampaignState::RollingBack, _) => self.rollback(w).await?,
+                (CampaignState::RollingBack, _) => {
+                    let span = tracing::info_span!("wave", wave = w, action = "rollback");
+                    tracing::Instrument::instrument(self.rollback(w), span).await?
+                }
                 (_, None) => {
                     if self.gate(w).await? {
-                        self.run_wave(w).await?
+                        // Tasks carry this span's trace context (keywave_common::telemetry::inject).
+                        let span = tracing::info_span!("wave", wave = w, action = "rotate");
+                        tracing::Instrument::instrument(self.run_wave(w), span).await?
                     }
                 }
                 (CampaignState::Paused, Some(_)) => self.wait_while_paused().await?,
@@ -578,22 +604,78 @@ impl Driver {
             self.save().await?;
             started_at
         };
+        // The wave's deadline moves with its progress: it is the task
+        // timeout after the later of the end of publishing and the last
+        // result, so a large wave that drains steadily is never cut short,
+        // while a stalled one ends one task timeout after it stalled. It
+        // never passes the point after which no result can come: the last
+        // moment a task may start (its `deadline_ms`) plus its run timeout.
         let base = self.publish_done_ms.unwrap_or(started_at);
-        let deadline = base + self.spec.task_timeout_ms + DEADLINE_GRACE.as_millis() as u64;
-        loop {
+        let timeout = self.spec.task_timeout_ms;
+        let grace = DEADLINE_GRACE.as_millis() as u64;
+        let cap = base + start_window_ms(timeout) + timeout + grace;
+        let mut last_progress = base;
+        let mut seen = self.seen_in_wave(w);
+        let complete = loop {
             if self.state().is_terminal() {
                 return Ok(());
             }
             let complete = self.book().wave_complete(w);
             let caught_up = *self.h.caught_up.borrow();
             let now = now_ms();
+            let s = self.seen_in_wave(w);
+            if s != seen {
+                seen = s;
+                last_progress = last_progress.max(now);
+            }
+            let deadline = (last_progress + timeout + grace).min(cap);
             if complete || (caught_up && now >= deadline) {
-                break;
+                break complete;
             }
             let timer = Duration::from_millis(deadline.saturating_sub(now).max(20));
             self.wait(timer).await?;
+        };
+        if !complete {
+            self.withdraw_tasks(w).await;
         }
         self.finish_wave(w).await
+    }
+
+    /// Results received so far for wave `w`.
+    fn seen_in_wave(&self, w: u32) -> u64 {
+        self.book().tally(w).map_or(0, |t| t.seen.count())
+    }
+
+    /// Removes the campaign's tasks that no worker has finished from the work
+    /// queue once their wave is decided without them, so that none of them
+    /// starts after the decision (they count as `no_result`). A task a worker
+    /// is running when this happens finishes and reports late; its ack finds
+    /// nothing to remove. Best effort: if the purge fails, the tasks' own
+    /// start deadline still refuses them later.
+    async fn withdraw_tasks(&self, w: u32) {
+        let filter = format!("keywave.task.*.{}", self.cid());
+        let purged = async {
+            let stream = self
+                .engine
+                .js
+                .get_stream(keywave_common::topology::STREAM_TASKS)
+                .await
+                .map_err(|e| e.to_string())?;
+            stream
+                .purge()
+                .filter(filter)
+                .await
+                .map_err(|e| e.to_string())
+        }
+        .await;
+        match purged {
+            Ok(r) => {
+                info!(campaign = %self.cid(), wave = w, withdrawn = r.purged, "Wave decided without every result; its unstarted tasks were withdrawn")
+            }
+            Err(e) => {
+                warn!(campaign = %self.cid(), wave = w, error = %e, "Could not withdraw the wave's unstarted tasks; their start deadline refuses them")
+            }
+        }
     }
 
     /// Publishes the tasks of wave `w` (all of them for a rotation, the
@@ -656,7 +738,9 @@ impl Driver {
                     kind: e.kind,
                     principal: e.principal.clone(),
                     issued_at_ms: issued,
-                    deadline_ms: issued + self.spec.task_timeout_ms,
+                    deadline_ms: issued + start_window_ms(self.spec.task_timeout_ms),
+                    run_timeout_ms: self.spec.task_timeout_ms,
+                    consumers: e.consumers.clone(),
                 };
                 // Signed (Ed25519, bound to subject, ids, expiry and body)
                 // when the coordinator has a signing key.
@@ -797,13 +881,17 @@ impl Driver {
         let (restored, refused, failed, trip) = {
             let mut b = self.book();
             let missing = tasks.saturating_sub(b.rollback_seen(w));
+            // Why the rollback runs: the campaign's reason when it entered
+            // `rolling_back` (the tripped wave's verdict, or the operator's
+            // request), kept in the snapshot across restarts.
+            let why = b.status.reason.clone();
             let ws = &mut b.status.waves[w as usize];
             ws.rollback_failed += missing;
             (
                 ws.rolled_back,
                 ws.rollback_refused,
                 ws.rollback_failed,
-                ws.reason.clone().unwrap_or_default(),
+                why.or_else(|| ws.reason.clone()).unwrap_or_default(),
             )
         };
         self.event(EventKind::RollbackFinished {
@@ -899,6 +987,7 @@ async fn aggregate(engine: Arc<Engine>, h: Arc<Handle>) {
                         (applied, applied == Applied::Counted && b.completes(&r))
                     };
                     if applied == Applied::Counted {
+                        engine.opts.metrics.result(&r);
                         h.dirty.store(true, Ordering::Relaxed);
                     }
                     if completes {

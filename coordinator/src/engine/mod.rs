@@ -57,6 +57,17 @@ pub const MAX_WAVES: usize = 1_000;
 /// How long after a wave's deadline (publish time + task timeout) results are
 /// still waited for, to absorb clock skew and the last in-flight publishes.
 pub const DEADLINE_GRACE: Duration = Duration::from_secs(2);
+/// How long a published task may wait in its region's queue before a worker
+/// starts it (at least the task timeout). Past it a worker refuses the task;
+/// in practice the coordinator withdraws a decided wave's unstarted tasks
+/// long before.
+pub const START_WINDOW: Duration = Duration::from_secs(10 * 60);
+
+/// A task's start deadline after its publication, for a campaign whose task
+/// timeout is `task_timeout_ms`.
+pub fn start_window_ms(task_timeout_ms: u64) -> u64 {
+    task_timeout_ms.max(START_WINDOW.as_millis() as u64)
+}
 /// Un-awaited task publish acks per campaign.
 pub const TASK_ACK_WINDOW: usize = 2_048;
 /// How long shutdown waits for drivers to save their snapshots.
@@ -84,6 +95,8 @@ pub struct CoordinatorOptions {
     /// Signs every task and rollback task (Ed25519, see
     /// `keywave_common::sign`); None publishes them unsigned.
     pub signer: Option<keywave_common::sign::TaskSigner>,
+    /// Counters and lease state shown on `/metrics` (see [`crate::metrics`]).
+    pub metrics: Arc<crate::metrics::CoordinatorMetrics>,
 }
 
 impl Default for CoordinatorOptions {
@@ -95,6 +108,7 @@ impl Default for CoordinatorOptions {
             lease: lease::Config::default(),
             faults: fault::Faults::none(),
             signer: None,
+            metrics: crate::metrics::CoordinatorMetrics::new(),
         }
     }
 }
@@ -153,6 +167,9 @@ pub enum ControlAction {
     Pause,
     Resume,
     Abort,
+    /// Roll back the current wave of a paused continuity campaign
+    /// (`campaign.rollback`, see [`Engine::rollback`]).
+    Rollback,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -315,6 +332,7 @@ impl Coordinator {
             return Err(CoordinatorError::Options { field, message });
         }
         let js = topology::context(client.clone());
+        opts.metrics.attach(client.clone(), opts.topology.clone());
         topology::ensure_core(&js, &opts.topology).await?;
         let inventory = topology::inventory(&js, &opts.topology).await?;
         let campaigns = topology::campaigns(&js, &opts.topology).await?;
@@ -358,12 +376,18 @@ impl Coordinator {
                     return Err(e);
                 }
             },
-            Ok(None) => None,
+            Ok(None) => {
+                shared.opts.metrics.set_role(crate::metrics::Role::Standby);
+                None
+            }
             Err(e) => {
                 warn!(error = %e, "Cannot read the coordinator lease yet; run() keeps trying");
                 None
             }
         };
+        if first.is_some() {
+            shared.opts.metrics.set_role(crate::metrics::Role::Active);
+        }
         Ok(Coordinator {
             shared,
             first,
@@ -407,6 +431,7 @@ impl Coordinator {
             let (lease, api) = match first.take() {
                 Some(x) => x,
                 None => {
+                    shared.opts.metrics.set_role(crate::metrics::Role::Standby);
                     let acquiring = Lease::acquire(
                         &shared.leases,
                         shared.opts.lease,
@@ -431,6 +456,7 @@ impl Coordinator {
                     }
                 }
             };
+            shared.opts.metrics.set_role(crate::metrics::Role::Active);
             let engine = Arc::new(Engine::new(&shared, Arc::new(lease)));
             match engine.clone().term(api, &shutdown, &kill).await {
                 TermEnd::Shutdown => {
@@ -664,7 +690,13 @@ impl Engine {
             }
             reg.insert(cid, handle.clone());
         }
-        self.tracker.spawn(driver::run(self.clone(), handle));
+        // A root span per campaign (per process driving it): its waves are
+        // children, and the workers' task spans theirs.
+        let span = tracing::info_span!(parent: None, "campaign", campaign = %handle.cid);
+        self.tracker.spawn(tracing::Instrument::instrument(
+            driver::run(self.clone(), handle),
+            span,
+        ));
     }
 
     /// Loads every snapshot and drives the campaigns that are not finished.
@@ -757,10 +789,14 @@ impl Engine {
         // Only the plan entries are kept while scanning (not whole inventory
         // records): the selection of a million credentials stays in the
         // low hundreds of megabytes at its peak.
+        // Consumer records (issue 6): few next to the credentials.
+        let consumer_index = crate::deps::ConsumerIndex::load(&self.js)
+            .await
+            .map_err(internal)?;
         let entries: Vec<PlanEntry> = inventory::select(
             &self.inventory,
             &spec.selector,
-            |c| PlanEntry::from(&c),
+            |c| PlanEntry::with_consumers(&c, &consumer_index),
             |e| e.id.as_str(),
         )
         .await
@@ -791,6 +827,22 @@ impl Engine {
         let manifest = plan::write(&self.campaigns, &cid, &entries)
             .await
             .map_err(internal)?;
+        let mut regions: std::collections::BTreeMap<String, keywave_common::api::RegionStatus> =
+            std::collections::BTreeMap::new();
+        for e in &entries {
+            match regions.get_mut(e.region.as_str()) {
+                Some(r) => r.total += 1,
+                None => {
+                    regions.insert(
+                        e.region.clone(),
+                        keywave_common::api::RegionStatus {
+                            total: 1,
+                            ..Default::default()
+                        },
+                    );
+                }
+            }
+        }
         drop(entries);
         let reason = format!(
             "campaign started: {total} credentials in {} waves",
@@ -815,6 +867,7 @@ impl Engine {
             created_at_ms: now_ms(),
             finished_at_ms: None,
             reason: Some(reason.clone()),
+            regions,
         };
         events::publish(
             &self.js,
@@ -916,6 +969,7 @@ impl Engine {
             ControlAction::Pause => s == CampaignState::Paused || s.is_terminal(),
             ControlAction::Resume => s != CampaignState::Paused,
             ControlAction::Abort => s.is_terminal(),
+            ControlAction::Rollback => s == CampaignState::RollingBack || s.is_terminal(),
         };
         if action == ControlAction::Abort && state == CampaignState::Aborted {
             return Ok(current);
@@ -959,6 +1013,58 @@ impl Engine {
         let mut rx = h.state.subscribe();
         let _ = tokio::time::timeout(CONTROL_WAIT, rx.wait_for(|s| done(*s))).await;
         Ok(h.status())
+    }
+}
+
+impl Engine {
+    /// `campaign.rollback`: an operator rolls back the current wave of a
+    /// paused continuity campaign whose wave has finished (decided); every
+    /// credential of that wave whose rotation succeeded gets a rollback
+    /// task, and the campaign ends `rolled_back`, as after an automatic
+    /// rollback. Containment campaigns, running or finished campaigns, a
+    /// wave still in progress and any wave but the current one are
+    /// conflicts: the engine keeps the bits of one wave to roll back.
+    pub(crate) async fn rollback(
+        &self,
+        req: keywave_common::api::RollbackRequest,
+    ) -> Result<CampaignStatus, RequestError> {
+        let cid = req.campaign_id.as_str();
+        let status = self.status(cid).await?;
+        let state = status.state;
+        if status.spec.strategy == keywave_common::wire::Strategy::Containment {
+            return Err(RequestError::Conflict(format!(
+                "campaign {cid} is a containment campaign: containment is never rolled back to the exposed secrets"
+            )));
+        }
+        if matches!(
+            state,
+            CampaignState::RollingBack | CampaignState::RolledBack
+        ) {
+            return Ok(status);
+        }
+        if state != CampaignState::Paused {
+            return Err(RequestError::Conflict(format!(
+                "campaign {cid} is {state}; only a paused campaign can be rolled back (pause it first with `keywave campaign pause {cid}`; a finished campaign cannot be rolled back)"
+            )));
+        }
+        let w = status.current_wave;
+        if let Some(asked) = req.wave {
+            if asked != w {
+                return Err(RequestError::Conflict(format!(
+                    "campaign {cid} can only roll back its current wave {w}, not wave {asked}"
+                )));
+            }
+        }
+        let decided = status
+            .waves
+            .get(w as usize)
+            .is_some_and(|ws| ws.decision.is_some());
+        if !decided {
+            return Err(RequestError::Conflict(format!(
+                "wave {w} of campaign {cid} has not finished (paused before or during it); resume it and pause again once it finished, or abort"
+            )));
+        }
+        self.control(cid, ControlAction::Rollback).await
     }
 }
 

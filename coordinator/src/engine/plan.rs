@@ -8,7 +8,7 @@
 
 use async_nats::jetstream::kv;
 use futures::{StreamExt, TryStreamExt};
-use keywave_common::wire::{Credential, TargetKind, SCHEMA_VERSION};
+use keywave_common::wire::{ConsumerCheck, Credential, TargetKind, SCHEMA_VERSION};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use thiserror::Error;
@@ -28,6 +28,20 @@ pub struct PlanEntry {
     pub endpoint: String,
     pub kind: TargetKind,
     pub principal: String,
+    /// The credential's consumers and their verification (issue 6),
+    /// resolved from the inventory and the consumer records at planning.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub consumers: Vec<ConsumerCheck>,
+}
+
+impl PlanEntry {
+    /// The entry of `c`, with its consumers resolved against `idx`.
+    pub fn with_consumers(c: &Credential, idx: &crate::deps::ConsumerIndex) -> Self {
+        PlanEntry {
+            consumers: crate::deps::checks(c, idx),
+            ..PlanEntry::from(c)
+        }
+    }
 }
 
 impl From<&Credential> for PlanEntry {
@@ -38,6 +52,7 @@ impl From<&Credential> for PlanEntry {
             endpoint: c.endpoint.clone(),
             kind: c.kind,
             principal: c.principal.clone(),
+            consumers: Vec::new(),
         }
     }
 }

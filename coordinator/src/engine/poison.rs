@@ -202,6 +202,7 @@ async fn handle(engine: &Engine, msg: &jetstream::Message) -> Result<(), String>
             old_rejected: None,
             worker_id: WORKER_ID.into(),
             finished_at_ms: now_ms(),
+            consumers: Vec::new(),
         };
         // The id a worker's result for this task has: whichever is first counts.
         publish::send_and_confirm(

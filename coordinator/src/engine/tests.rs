@@ -142,6 +142,7 @@ impl FakeWorker {
                         old_rejected: Some(true),
                         worker_id: "fake".into(),
                         finished_at_ms: now_ms(),
+                        consumers: Vec::new(),
                     };
                     publish::send_and_confirm(
                         &js,

@@ -107,3 +107,113 @@ async fn sim_campaign_of_1000_across_3_regions_rotates_every_credential() {
         assert_eq!(stats.failed, 0);
     }
 }
+
+/// A wave that drains slower than its task timeout is not cut short: each
+/// task's timeout counts from the moment a worker receives it, and the
+/// wave's deadline moves with its results. Twelve credentials on a slow
+/// target (100 ms per operation) served by one worker that runs one task at
+/// a time take several times the 2 s task timeout to drain, and every one of
+/// them rotates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wave_slower_than_its_task_timeout_still_completes() {
+    support::init_tracing();
+    let server = NatsServer::start();
+    let client = server.client().await;
+    let creds = credentials("slow", 12, &["eu"], "sim-main", TargetKind::Sim);
+    support::put_inventory(&client, &creds).await;
+
+    let sim = SimTarget::new(SimOptions {
+        latency: Duration::from_millis(100),
+        ..SimOptions::default()
+    });
+    let mut targets = Targets::new();
+    targets.insert("sim-main", sim.clone(), 64);
+    let key = keywave_common::crypto::RegionKey::generate();
+    let opts = keywave_worker::WorkerOptions {
+        region: "eu".into(),
+        worker_id: keywave_tests::unique("worker-eu"),
+        concurrency: 1,
+        topology: support::topology(),
+        ..Default::default()
+    };
+    let worker = support::start_worker_with(&client, opts, &key, Arc::new(targets)).await;
+    for c in &creds {
+        let s = secret();
+        sim.seed(&c.principal, &s);
+        worker.store.enroll(&c.id, s).await.unwrap();
+    }
+
+    let coordinator = support::start_coordinator(&client).await;
+    let api = ApiClient::new(client.clone());
+    let mut s = spec(
+        in_regions(&["eu"]),
+        Strategy::Continuity,
+        "100%",
+        0.0,
+        OnFailure::Pause,
+    );
+    s.task_timeout_ms = 2_000;
+    let started = std::time::Instant::now();
+    let id = api.start(s).await.unwrap();
+    let status = api
+        .wait_terminal(&id, Duration::from_secs(120))
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(status.state, CampaignState::Completed, "{status:#?}");
+    assert_eq!(status.succeeded(), 12);
+    assert!(
+        took > Duration::from_secs(2),
+        "the wave must have outlasted one task timeout for this test to mean anything ({took:?})"
+    );
+    for c in &creds {
+        assert_eq!(sim.set_count(&c.principal), 1, "{}", c.id);
+    }
+    coordinator.stop().await;
+    worker.stop().await;
+}
+
+/// Waves after an idle pause (a bake) start at once: the workers' pull
+/// survives the quiet period and each wave's tasks are picked up within
+/// moments of being published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waves_after_a_bake_are_picked_up_at_once() {
+    support::init_tracing();
+    let server = NatsServer::start();
+    let client = server.client().await;
+    let creds = credentials("bake", 3, &["eu"], "sim-main", TargetKind::Sim);
+    support::put_inventory(&client, &creds).await;
+    let sim = SimTarget::new(SimOptions::default());
+    let mut targets = Targets::new();
+    targets.insert("sim-main", sim.clone(), 64);
+    let key = keywave_common::crypto::RegionKey::generate();
+    let worker =
+        support::start_worker(&client, "eu", &key, Arc::new(targets), Faults::none()).await;
+    for c in &creds {
+        let s = secret();
+        sim.seed(&c.principal, &s);
+        worker.store.enroll(&c.id, s).await.unwrap();
+    }
+    let coordinator = support::start_coordinator(&client).await;
+    let api = ApiClient::new(client.clone());
+    let mut s = spec(
+        in_regions(&["eu"]),
+        Strategy::Continuity,
+        "1",
+        0.0,
+        OnFailure::Pause,
+    );
+    s.bake_ms = 3_000;
+    let id = api.start(s).await.unwrap();
+    let status = api
+        .wait_terminal(&id, Duration::from_secs(120))
+        .await
+        .unwrap();
+    assert_eq!(status.state, CampaignState::Completed, "{status:#?}");
+    for w in &status.waves {
+        let took = w.finished_at_ms.unwrap() - w.started_at_ms.unwrap();
+        assert!(took < 2_000, "wave {} took {took} ms: {status:#?}", w.wave);
+    }
+    coordinator.stop().await;
+    worker.stop().await;
+}

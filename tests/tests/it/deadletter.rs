@@ -36,6 +36,8 @@ fn task(cid: &str, index: u32, c: &keywave_common::wire::Credential) -> Rotation
         principal: c.principal.clone(),
         issued_at_ms: now_ms(),
         deadline_ms: now_ms() + 60_000,
+        run_timeout_ms: 0,
+        consumers: Vec::new(),
     }
 }
 

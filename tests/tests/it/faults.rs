@@ -139,6 +139,8 @@ fn rotate_task(
         principal: user.to_string(),
         issued_at_ms: now_ms(),
         deadline_ms: now_ms() + 120_000,
+        run_timeout_ms: 0,
+        consumers: Vec::new(),
     }
 }
 

@@ -51,6 +51,7 @@ impl Node {
                 lease: quick_lease(),
                 faults,
                 signer: None,
+                ..Default::default()
             },
         )
         .await

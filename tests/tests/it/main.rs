@@ -7,14 +7,24 @@
 //! - `approval`: waves gated by `--approve-before-wave` wait for `keywave campaign approve` (real CLI,
 //!   exit codes, `--json`); approvals survive a killed coordinator; pause/resume/abort act within a
 //!   second and survive restarts.
+//! - `cli`: the `keywave` binary end to end: plan, start with a gate, `watch` (`--once`, NDJSON, ends at the
+//!   gate and with the campaign; exit 3 when rolled back or aborted), pause, resume, approve, `report` in JSON,
+//!   Markdown and HTML (a forged result's hostile id escaped), operator rollback of a paused continuity
+//!   campaign, containment rollback refused, abort.
 //! - `harness`: the harness itself (restart keeps data, cluster survives a node kill, private servers).
 //! - `chaos`: 5,000 Redis ACL users, 3 regions x 2 worker processes, a random worker SIGKILLed every
 //!   1-2 s: the campaign completes, every credential consistent and set once.
 //! - `bench`: a 2,000-credential `keywave bench` smoke run with its baseline; valid `--json` output.
 //! - `campaign`: a 1,000-credential sim campaign over 3 regions, waves `1,10%,50%`.
+//! - `db_scale`: 500 PostgreSQL roles and 200 MariaDB users in continuity then containment, proven with
+//!   real logins; PostgreSQL stopped mid-campaign (unreachable, paused, re-run consistent); the admin
+//!   pool never over its limit during a 2,000-role campaign (`pg_stat_activity` sampled every 20 ms).
 //! - `db_targets`: PostgreSQL roles and MariaDB users: containment (hostile names included) and continuity with alternating users, proven with `psql` / `mariadb`.
 //! - `redis_acl`: continuity and containment campaigns on real Redis ACL users, proven with `AUTH`.
 //! - `rollback`: a canary over budget is rolled back; containment refuses and pauses.
+//! - `consumers`: two real `keywave-worker agent` processes write each new Redis ACL secret atomically (0600), reload,
+//!   health-check with `redis-cli` and attest; the old secret is refused only after both attested; a stopped agent or
+//!   an HTTP consumer answering 500 keeps the old secret (`consumer_not_verified`); `none` is reported unverified.
 //! - `crash`: a worker stopped between set and promote; the task resumes and rotates once.
 //! - `deadletter`: malformed, oversized and unknown-version tasks are dead-lettered; the queue moves on.
 //! - `signing`: tasks signed by an unknown key, unsigned, altered, moved to another region's subject
@@ -36,6 +46,10 @@
 //!   bucket, or in TRACE logs, in clear, base64 or hex (with a self-check that the search finds one).
 //! - `permissions`: the real least-privilege `deploy/nats-secure.conf`: a campaign with every component as
 //!   its own user; each identity refused what its role does not need; TLS required.
+//! - `tracing`: a sim campaign under the production subscriber exporting to memory: worker task spans are
+//!   children of the coordinator's wave span (W3C trace context in NATS headers); results carry it too.
+//! - `metrics`: `/metrics`, `/healthz`, `/readyz` of coordinator and workers over real HTTP, parsed as
+//!   Prometheus text, agree with a campaign's final counts; `/readyz` 503 before NATS / the consumer.
 //! - `readme`: the README's commands and inventory example work when pasted.
 //! - `reconcile`: `keywave reconcile` on real Redis ACL users: consistent after a campaign; a crash between
 //!   set and promote left in flight, then repaired (old secret refused); out-of-band drift exits non-zero.
@@ -47,10 +61,13 @@ mod audit;
 mod bench;
 mod campaign;
 mod chaos;
+mod cli;
 mod cluster;
+mod consumers;
 mod coordinator_faults;
 mod coordinator_restart;
 mod crash;
+mod db_scale;
 mod db_targets;
 mod deadletter;
 mod detect;
@@ -59,6 +76,7 @@ mod faults;
 mod harness;
 mod hygiene;
 mod lease;
+mod metrics;
 mod nats_restart;
 mod permissions;
 mod readme;
@@ -67,3 +85,4 @@ mod redis_acl;
 mod rollback;
 mod signing;
 mod support;
+mod tracing;

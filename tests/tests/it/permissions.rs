@@ -480,12 +480,25 @@ async fn each_identity_is_refused_what_its_role_does_not_need() {
     agent
         .expect_violation("subscription", "keywave.rotated.us.>")
         .await;
-    // What it is for works: hear its region's rotations, attest.
-    let _ok = agent
+    // What it is for works: watch (never write) its region's secret store,
+    // attest.
+    let agent_js = keywave_common::topology::context(agent.client.clone());
+    let secrets = agent_js
+        .get_key_value(keywave_common::topology::kv_secrets("eu"))
+        .await
+        .expect("the agent looks up its region's secret store");
+    let _watch = secrets
+        .watch_with_history("some-cred")
+        .await
+        .expect("the agent watches its region's secret store");
+    agent
         .client
-        .subscribe("keywave.rotated.eu.>")
+        .publish("$KV.keywave-secrets-eu.some-cred", Bytes::from_static(b"x"))
         .await
         .unwrap();
+    agent
+        .expect_violation("publish", "$KV.keywave-secrets-eu.some-cred")
+        .await;
     agent
         .client
         .publish("keywave.attest.eu.some-cred", Bytes::from_static(b"{}"))

@@ -41,6 +41,8 @@ fn task(cid: &str, index: u32, c: &Credential) -> RotationTask {
         principal: c.principal.clone(),
         issued_at_ms: now_ms(),
         deadline_ms: now_ms() + 60_000,
+        run_timeout_ms: 0,
+        consumers: Vec::new(),
     }
 }
 

@@ -35,9 +35,23 @@ pub enum AuthCheck {
 /// Why a target operation failed. Messages never contain a secret.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum TargetError {
-    /// The target could not be reached, timed out or is loading: worth retrying.
+    /// The target is busy or loading (too many connections, a deadlock):
+    /// worth retrying.
     #[error("target unavailable: {0}")]
     Unavailable(String),
+    /// The target could not be reached (connection refused or reset, server
+    /// shutting down): worth retrying.
+    #[error("target unreachable: {0}")]
+    Unreachable(String),
+    /// Connecting or an operation timed out: worth retrying.
+    #[error("target timed out: {0}")]
+    Timeout(String),
+    /// The target refused the endpoint's admin login: not retried.
+    #[error("target refused the admin login: {0}")]
+    Auth(String),
+    /// The admin login lacks a privilege: not retried.
+    #[error("permission denied on the target: {0}")]
+    Permission(String),
     /// The target refused the operation (permissions, bad principal): not retried.
     #[error("target rejected the operation: {0}")]
     Rejected(String),
@@ -54,6 +68,10 @@ impl TargetError {
     pub fn class(&self) -> ErrorClass {
         match self {
             TargetError::Unavailable(_) => ErrorClass::TargetUnavailable,
+            TargetError::Unreachable(_) => ErrorClass::TargetUnreachable,
+            TargetError::Timeout(_) => ErrorClass::TargetTimeout,
+            TargetError::Auth(_) => ErrorClass::TargetAuth,
+            TargetError::Permission(_) => ErrorClass::TargetPermission,
             TargetError::Rejected(_) => ErrorClass::TargetRejected,
             TargetError::Injected => ErrorClass::Injected,
             TargetError::Internal(_) => ErrorClass::Internal,
@@ -62,7 +80,38 @@ impl TargetError {
 
     /// Whether retrying the same operation later may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, TargetError::Unavailable(_))
+        matches!(
+            self,
+            TargetError::Unavailable(_) | TargetError::Unreachable(_) | TargetError::Timeout(_)
+        )
+    }
+
+    /// The message without the variant's prefix (empty for `Injected`).
+    pub fn detail(&self) -> &str {
+        match self {
+            TargetError::Unavailable(m)
+            | TargetError::Unreachable(m)
+            | TargetError::Timeout(m)
+            | TargetError::Auth(m)
+            | TargetError::Permission(m)
+            | TargetError::Rejected(m)
+            | TargetError::Internal(m) => m,
+            TargetError::Injected => "",
+        }
+    }
+
+    /// The same class with `f` applied to the message (for redaction).
+    pub fn map_detail(self, f: impl FnOnce(&str) -> String) -> TargetError {
+        match self {
+            TargetError::Unavailable(m) => TargetError::Unavailable(f(&m)),
+            TargetError::Unreachable(m) => TargetError::Unreachable(f(&m)),
+            TargetError::Timeout(m) => TargetError::Timeout(f(&m)),
+            TargetError::Auth(m) => TargetError::Auth(f(&m)),
+            TargetError::Permission(m) => TargetError::Permission(f(&m)),
+            TargetError::Rejected(m) => TargetError::Rejected(f(&m)),
+            TargetError::Internal(m) => TargetError::Internal(f(&m)),
+            TargetError::Injected => TargetError::Injected,
+        }
     }
 }
 
@@ -81,6 +130,20 @@ pub trait Target: Send + Sync {
     async fn remove(&self, principal: &str, old: &Secret) -> Result<(), TargetError>;
     /// A real authentication attempt with `secret`.
     async fn check(&self, principal: &str, secret: &Secret) -> Result<AuthCheck, TargetError>;
+    /// Which login `secret` opens for `principal`: the principal itself, or
+    /// for alternating users whichever login of the pair holds it (what a
+    /// consumer must connect as); `None` when it opens none. One real login
+    /// per candidate. The default asks [`Target::check`].
+    async fn placement(
+        &self,
+        principal: &str,
+        secret: &Secret,
+    ) -> Result<Option<String>, TargetError> {
+        Ok(match self.check(principal, secret).await? {
+            AuthCheck::Accepted => Some(principal.to_string()),
+            AuthCheck::Rejected => None,
+        })
+    }
     /// The logins this endpoint has, for `keywave inventory discover`, with
     /// why each is privileged. Read-only. Targets that cannot list their
     /// logins keep this default, which says so.
@@ -105,14 +168,50 @@ pub struct Login {
     pub never: Option<String>,
 }
 
+/// A rate limit on the rotations started against one endpoint: each start
+/// (`add` or `replace`, retries included) reserves the next free slot, one
+/// every `1 / per_second` seconds, and waits for it. No burst: a campaign
+/// ramps up at the configured rate from its first task.
+#[derive(Debug)]
+pub struct RateLimit {
+    interval: Duration,
+    next: std::sync::Mutex<tokio::time::Instant>,
+}
+
+impl RateLimit {
+    /// `None` unless `per_second` is finite and positive.
+    pub fn new(per_second: f64) -> Option<RateLimit> {
+        if !per_second.is_finite() || per_second <= 0.0 {
+            return None;
+        }
+        Some(RateLimit {
+            interval: Duration::from_secs_f64(1.0 / per_second),
+            next: std::sync::Mutex::new(tokio::time::Instant::now()),
+        })
+    }
+
+    /// Waits for this caller's slot.
+    pub async fn acquire(&self) {
+        let slot = {
+            let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+            let slot = (*next).max(tokio::time::Instant::now());
+            *next = slot + self.interval;
+            slot
+        };
+        tokio::time::sleep_until(slot).await;
+    }
+}
+
 /// One configured endpoint: a target plus the semaphore that bounds the
-/// operations running against it at once. Cheap to clone.
+/// operations running against it at once and the optional rate limit on
+/// rotations. Cheap to clone.
 #[derive(Clone)]
 pub struct Endpoint {
     name: Arc<str>,
     target: Arc<dyn Target>,
     permits: Arc<Semaphore>,
     max_concurrency: usize,
+    rate: Option<Arc<RateLimit>>,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -138,6 +237,10 @@ impl Endpoint {
     pub fn max_concurrency(&self) -> usize {
         self.max_concurrency
     }
+    /// The configured rate limit on rotations, per second.
+    pub fn max_rotations_per_second(&self) -> Option<f64> {
+        self.rate.as_ref().map(|r| 1.0 / r.interval.as_secs_f64())
+    }
     /// The underlying target, without the concurrency bound.
     pub fn target(&self) -> &Arc<dyn Target> {
         &self.target
@@ -155,17 +258,27 @@ impl Endpoint {
             .map_err(|_| TargetError::Internal("endpoint semaphore closed".into()))?;
         match tokio::time::timeout(OP_TIMEOUT, op).await {
             Ok(r) => r,
-            Err(_) => Err(TargetError::Unavailable(format!(
+            Err(_) => Err(TargetError::Timeout(format!(
                 "operation timed out after {}s",
                 OP_TIMEOUT.as_secs()
             ))),
         }
     }
 
+    /// Waits for the rate limit, if any (before taking a permit, so waiting
+    /// tasks do not hold the endpoint's concurrency).
+    async fn paced(&self) {
+        if let Some(r) = &self.rate {
+            r.acquire().await;
+        }
+    }
+
     pub async fn add(&self, principal: &str, new: &Secret) -> Result<(), TargetError> {
+        self.paced().await;
         self.bounded(self.target.add(principal, new)).await
     }
     pub async fn replace(&self, principal: &str, new: &Secret) -> Result<(), TargetError> {
+        self.paced().await;
         self.bounded(self.target.replace(principal, new)).await
     }
     pub async fn remove(&self, principal: &str, old: &Secret) -> Result<(), TargetError> {
@@ -173,6 +286,13 @@ impl Endpoint {
     }
     pub async fn check(&self, principal: &str, secret: &Secret) -> Result<AuthCheck, TargetError> {
         self.bounded(self.target.check(principal, secret)).await
+    }
+    pub async fn placement(
+        &self,
+        principal: &str,
+        secret: &Secret,
+    ) -> Result<Option<String>, TargetError> {
+        self.bounded(self.target.placement(principal, secret)).await
     }
     pub async fn discover(&self) -> Result<Vec<Login>, TargetError> {
         self.bounded(self.target.discover()).await
@@ -199,6 +319,19 @@ impl Targets {
     /// Registers `target` under `endpoint`, allowing at most `max_concurrency`
     /// (at least 1) operations against it at once. Replaces a previous entry.
     pub fn insert(&mut self, endpoint: &str, target: Arc<dyn Target>, max_concurrency: usize) {
+        self.insert_limited(endpoint, target, max_concurrency, None);
+    }
+
+    /// [`Targets::insert`] with a rate limit: at most
+    /// `max_rotations_per_second` rotations (`add` / `replace`) start per
+    /// second against the endpoint (`None`, zero or negative: no limit).
+    pub fn insert_limited(
+        &mut self,
+        endpoint: &str,
+        target: Arc<dyn Target>,
+        max_concurrency: usize,
+        max_rotations_per_second: Option<f64>,
+    ) {
         let max_concurrency = max_concurrency.max(1);
         self.endpoints.insert(
             endpoint.to_string(),
@@ -207,6 +340,9 @@ impl Targets {
                 target,
                 permits: Arc::new(Semaphore::new(max_concurrency)),
                 max_concurrency,
+                rate: max_rotations_per_second
+                    .and_then(RateLimit::new)
+                    .map(Arc::new),
             },
         );
     }
@@ -342,6 +478,30 @@ mod tests {
         assert!(g.peak.load(Ordering::SeqCst) <= 3);
         assert!(t.get("other").is_none());
         assert_eq!(t.names(), vec!["e".to_string()]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_limit_spaces_rotation_starts() {
+        let g = Arc::new(Gauge {
+            now: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+        });
+        let mut t = Targets::new();
+        t.insert_limited("e", g.clone(), 50, Some(10.0));
+        let ep = t.get("e").unwrap();
+        assert_eq!(ep.max_rotations_per_second(), Some(10.0));
+        let s = Secret::new("x".repeat(20));
+        let start = tokio::time::Instant::now();
+        let ops = (0..21).map(|_| ep.replace("p", &s));
+        futures::future::join_all(ops).await;
+        // 21 starts at 10/s: the last one 2 s after the first.
+        let took = start.elapsed();
+        assert!(took >= Duration::from_secs(2), "{took:?}");
+        assert!(took < Duration::from_millis(2100), "{took:?}");
+        assert!(RateLimit::new(0.0).is_none());
+        assert!(RateLimit::new(f64::NAN).is_none());
+        t.insert("f", g, 1);
+        assert_eq!(t.get("f").unwrap().max_rotations_per_second(), None);
     }
 
     #[test]

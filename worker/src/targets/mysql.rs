@@ -150,25 +150,33 @@ fn classify(e: &mysql_async::Error, secrets: &[&Secret]) -> TargetError {
         mysql_async::Error::Server(s) => {
             let text = format!("{} ({})", describe(&s.message, secrets), s.code);
             match s.code {
-                code::ACCESS_DENIED => {
-                    TargetError::Rejected(format!("admin authentication failed: {text}"))
-                }
+                code::ACCESS_DENIED => TargetError::Auth(text),
                 code::DB_ACCESS_DENIED
                 | code::TABLE_ACCESS_DENIED
-                | code::SPECIFIC_ACCESS_DENIED => {
-                    TargetError::Rejected(format!("permission denied: {text}"))
+                | code::SPECIFIC_ACCESS_DENIED => TargetError::Permission(text),
+                code::SERVER_SHUTDOWN => TargetError::Unreachable(text),
+                code::LOCK_WAIT_TIMEOUT => TargetError::Timeout(text),
+                code::TOO_MANY_CONNECTIONS | code::USER_LIMIT_REACHED | code::DEADLOCK => {
+                    TargetError::Unavailable(text)
                 }
-                code::TOO_MANY_CONNECTIONS
-                | code::SERVER_SHUTDOWN
-                | code::USER_LIMIT_REACHED
-                | code::LOCK_WAIT_TIMEOUT
-                | code::DEADLOCK => TargetError::Unavailable(text),
                 _ => TargetError::Rejected(text),
             }
         }
         mysql_async::Error::Url(_) => TargetError::Internal("invalid connection settings".into()),
         // I/O, a dropped connection, a driver-level failure.
-        other => TargetError::Unavailable(describe(&other.to_string(), secrets)),
+        mysql_async::Error::Io(io) if io_timed_out(io) => {
+            TargetError::Timeout(describe(&io.to_string(), secrets))
+        }
+        other => TargetError::Unreachable(describe(&other.to_string(), secrets)),
+    }
+}
+
+/// Whether a driver I/O error is a timeout.
+fn io_timed_out(e: &mysql_async::IoError) -> bool {
+    match e {
+        mysql_async::IoError::Io(io) => io.kind() == std::io::ErrorKind::TimedOut,
+        #[allow(unreachable_patterns)]
+        _ => false,
     }
 }
 
@@ -225,7 +233,7 @@ impl MysqlTarget {
     async fn admin(&self) -> Result<Conn, TargetError> {
         match tokio::time::timeout(CONNECT_TIMEOUT, self.pool.get_conn()).await {
             Ok(r) => r.map_err(|e| classify(&e, &[])),
-            Err(_) => Err(TargetError::Unavailable(format!(
+            Err(_) => Err(TargetError::Timeout(format!(
                 "connect timed out after {}s",
                 CONNECT_TIMEOUT.as_secs()
             ))),
@@ -364,7 +372,7 @@ impl MysqlTarget {
         let opts = opts_for(&self.opts.admin, &user, Some(secret.expose()));
         let mut conn = match tokio::time::timeout(CONNECT_TIMEOUT, Conn::new(opts)).await {
             Err(_) => {
-                return Err(TargetError::Unavailable(format!(
+                return Err(TargetError::Timeout(format!(
                     "connect timed out after {}s",
                     CONNECT_TIMEOUT.as_secs()
                 )))
@@ -536,6 +544,14 @@ impl Target for MysqlTarget {
                 Ok(())
             }
         }
+    }
+
+    async fn placement(
+        &self,
+        principal: &str,
+        secret: &Secret,
+    ) -> Result<Option<String>, TargetError> {
+        self.active_login(principal, secret).await
     }
 
     async fn check(&self, principal: &str, secret: &Secret) -> Result<AuthCheck, TargetError> {
@@ -938,11 +954,11 @@ mod tests {
         let t = MysqlTarget::new(opts.clone()).unwrap();
         assert!(matches!(
             t.check("app", &s).await,
-            Err(TargetError::Unavailable(_))
+            Err(TargetError::Unreachable(_))
         ));
         assert!(matches!(
             t.replace("app", &s).await,
-            Err(TargetError::Unavailable(_))
+            Err(TargetError::Unreachable(_))
         ));
         let mut tls = opts;
         tls.admin.tls = Tls::Require;

@@ -94,35 +94,64 @@ pub fn verifier_literal(secret: &Secret) -> Result<String, TargetError> {
     Ok(format!("'{v}'"))
 }
 
-/// Whether an SQLSTATE says "try again later".
+/// Whether an SQLSTATE says "busy, try again later": 40 (transaction
+/// rollback: serialization, deadlock), 53 (insufficient resources: too many
+/// connections), 58 (system error).
 fn transient_state(code: &str) -> bool {
-    // 08: connection exception, 40: transaction rollback (serialization,
-    // deadlock), 53: insufficient resources (too many connections), 57:
-    // operator intervention (shutdown, cannot connect now), 58: system error.
-    ["08", "40", "53", "57", "58"]
-        .iter()
-        .any(|c| code.starts_with(c))
+    ["40", "53", "58"].iter().any(|c| code.starts_with(c))
+}
+
+/// Whether an SQLSTATE says the server cannot be reached: 08 (connection
+/// exception), 57 (operator intervention: shutting down, cannot connect
+/// now) but 57014 (a cancelled statement, a timeout).
+fn unreachable_state(code: &str) -> bool {
+    code.starts_with("08") || (code.starts_with("57") && code != "57014")
+}
+
+/// Whether a driver error without SQLSTATE is a timeout.
+fn is_timeout(e: &tokio_postgres::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return true;
+            }
+        }
+        source = s.source();
+    }
+    e.to_string().starts_with("timeout")
+}
+
+/// Maps an SQLSTATE and its message to a secret-free [`TargetError`].
+fn classify_state(code: &str, message: &str, secrets: &[&Secret]) -> TargetError {
+    let text = format!("{} ({code})", describe(message, secrets));
+    if unreachable_state(code) {
+        TargetError::Unreachable(text)
+    } else if code == "57014" {
+        TargetError::Timeout(text)
+    } else if transient_state(code)
+        // Two sessions updating the same catalog row at once (a redelivered
+        // task racing its first delivery): the statement is idempotent.
+        || (code == "XX000" && message.contains("concurrently updated"))
+    {
+        TargetError::Unavailable(text)
+    } else if code == "42501" {
+        TargetError::Permission(text)
+    } else if code.starts_with("28") {
+        TargetError::Auth(text)
+    } else {
+        TargetError::Rejected(text)
+    }
 }
 
 /// Maps a driver error of an admin statement to a secret-free
 /// [`TargetError`]; `secrets` are redacted from the text.
 fn classify(e: &tokio_postgres::Error, secrets: &[&Secret]) -> TargetError {
     match e.as_db_error() {
-        Some(db) => {
-            let code = db.code().code();
-            let text = format!("{} ({code})", describe(db.message(), secrets));
-            if transient_state(code) {
-                TargetError::Unavailable(text)
-            } else if code == "42501" {
-                TargetError::Rejected(format!("permission denied: {text}"))
-            } else if code.starts_with("28") {
-                TargetError::Rejected(format!("admin authentication failed: {text}"))
-            } else {
-                TargetError::Rejected(text)
-            }
-        }
+        Some(db) => classify_state(db.code().code(), db.message(), secrets),
         // No SQLSTATE: refused or dropped connection, timeout, I/O.
-        None => TargetError::Unavailable(describe(&e.to_string(), secrets)),
+        None if is_timeout(e) => TargetError::Timeout(describe(&e.to_string(), secrets)),
+        None => TargetError::Unreachable(describe(&e.to_string(), secrets)),
     }
 }
 
@@ -180,10 +209,8 @@ impl Pool {
                 });
             }
         }
-        let client = connect(&self.config).await.map_err(|e| match e {
-            Login::Refused(why) => {
-                TargetError::Rejected(format!("admin authentication failed: {why}"))
-            }
+        let (client, _io) = connect(&self.config).await.map_err(|e| match e {
+            Login::Refused(why) => TargetError::Auth(format!("admin login refused: {why}")),
             Login::Failed(e) => e,
         })?;
         Ok(Pooled {
@@ -201,12 +228,13 @@ enum Login {
     Failed(TargetError),
 }
 
-/// Opens a connection; its I/O runs on a spawned task until the client drops.
-async fn connect(config: &Config) -> Result<Client, Login> {
+/// Opens a connection; its I/O runs on a spawned task until the client
+/// drops (the handle ends once the socket is closed).
+async fn connect(config: &Config) -> Result<(Client, tokio::task::JoinHandle<()>), Login> {
     let connecting = tokio::time::timeout(CONNECT_TIMEOUT, config.connect(NoTls)).await;
     let (client, connection) = match connecting {
         Err(_) => {
-            return Err(Login::Failed(TargetError::Unavailable(format!(
+            return Err(Login::Failed(TargetError::Timeout(format!(
                 "connect timed out after {}s",
                 CONNECT_TIMEOUT.as_secs()
             ))))
@@ -221,13 +249,18 @@ async fn connect(config: &Config) -> Result<Client, Login> {
         }
         Ok(Ok(pair)) => pair,
     };
-    tokio::spawn(async move {
+    let io = tokio::spawn(async move {
         if let Err(e) = connection.await {
             debug!(error = %e, "PostgreSQL connection ended");
         }
     });
-    Ok(client)
+    Ok((client, io))
 }
+
+/// How long a login check waits for its connection to close (Terminate
+/// sent, socket shut) before it gives its endpoint permit back, so the
+/// server's connection count stays within the documented bound.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl PostgresTarget {
     /// A target that connects on first use (for a worker that starts while
@@ -352,14 +385,19 @@ impl PostgresTarget {
             .user(role)
             .password(secret.expose())
             .application_name("keywave-check");
-        let client = match connect(&config).await {
+        let (client, io) = match connect(&config).await {
             Ok(c) => c,
             // 28P01 (wrong password, unknown role) and 28000 (no LOGIN, no
             // pg_hba entry): the secret does not open this role.
             Err(Login::Refused(_)) => return Ok(AuthCheck::Rejected),
             Err(Login::Failed(e)) => return Err(redacted(e, secret)),
         };
-        match client.simple_query("SELECT 1").await {
+        let r = client.simple_query("SELECT 1").await;
+        // Close the connection before returning: the caller's endpoint
+        // permit is what bounds the login connections open at once.
+        drop(client);
+        let _ = tokio::time::timeout(CLOSE_WAIT, io).await;
+        match r {
             Ok(_) => Ok(AuthCheck::Accepted),
             Err(e) => Err(classify(&e, &[secret])),
         }
@@ -396,12 +434,7 @@ fn base_config(opts: &PostgresOptions) -> Config {
 }
 
 fn redacted(e: TargetError, secret: &Secret) -> TargetError {
-    match e {
-        TargetError::Unavailable(t) => TargetError::Unavailable(describe(&t, &[secret])),
-        TargetError::Rejected(t) => TargetError::Rejected(describe(&t, &[secret])),
-        TargetError::Internal(t) => TargetError::Internal(describe(&t, &[secret])),
-        TargetError::Injected => TargetError::Injected,
-    }
+    e.map_detail(|t| describe(t, &[secret]))
 }
 
 #[async_trait]
@@ -499,6 +532,14 @@ impl Target for PostgresTarget {
         }
     }
 
+    async fn placement(
+        &self,
+        principal: &str,
+        secret: &Secret,
+    ) -> Result<Option<String>, TargetError> {
+        self.active_login(principal, secret).await
+    }
+
     async fn check(&self, principal: &str, secret: &Secret) -> Result<AuthCheck, TargetError> {
         Ok(match self.active_login(principal, secret).await? {
             Some(_) => AuthCheck::Accepted,
@@ -556,6 +597,7 @@ mod tests {
     use super::*;
     use crate::targets::db::Continuity;
     use keywave_common::crypto::generate;
+    use keywave_common::wire::ErrorClass;
     use keywave_tests::PostgresServer;
     use postgres_protocol::escape::escape_identifier;
     use std::collections::BTreeMap;
@@ -592,6 +634,59 @@ mod tests {
     }
 
     #[test]
+    fn sqlstates_are_classified() {
+        let c = |code: &str, msg: &str| classify_state(code, msg, &[]).class();
+        assert_eq!(
+            c(
+                "57P01",
+                "terminating connection due to administrator command"
+            ),
+            ErrorClass::TargetUnreachable
+        );
+        assert_eq!(
+            c("57P03", "the database system is shutting down"),
+            ErrorClass::TargetUnreachable
+        );
+        assert_eq!(
+            c("08006", "connection failure"),
+            ErrorClass::TargetUnreachable
+        );
+        assert_eq!(
+            c("57014", "canceling statement due to statement timeout"),
+            ErrorClass::TargetTimeout
+        );
+        assert_eq!(
+            c("53300", "too many connections"),
+            ErrorClass::TargetUnavailable
+        );
+        assert_eq!(
+            c("40P01", "deadlock detected"),
+            ErrorClass::TargetUnavailable
+        );
+        assert_eq!(
+            c("XX000", "tuple concurrently updated"),
+            ErrorClass::TargetUnavailable
+        );
+        assert_eq!(
+            c("XX000", "cache lookup failed"),
+            ErrorClass::TargetRejected
+        );
+        assert_eq!(
+            c("42501", "permission denied to alter role"),
+            ErrorClass::TargetPermission
+        );
+        assert_eq!(
+            c("28P01", "password authentication failed"),
+            ErrorClass::TargetAuth
+        );
+        assert_eq!(
+            c("42704", "role \"x\" does not exist"),
+            ErrorClass::TargetRejected
+        );
+        assert!(classify_state("XX000", "tuple concurrently updated", &[]).is_transient());
+    }
+
+    #[test]
     fn verifier_is_a_safe_literal_never_the_secret() {
         let s = generate(&SecretPolicy::default());
         let lit = verifier_literal(&s).unwrap();
@@ -621,7 +716,7 @@ mod tests {
                 .password(server.password())
                 .dbname("postgres");
             let admin = match connect(&c).await {
-                Ok(c) => c,
+                Ok((c, _)) => c,
                 Err(_) => panic!("admin connection"),
             };
             Fixture { server, admin }
@@ -774,6 +869,9 @@ mod tests {
             t.active_login(&app, &next).await.unwrap(),
             Some(clone.clone())
         );
+        // What a consumer is told to connect as.
+        assert_eq!(t.placement(&app, &next).await.unwrap(), Some(clone.clone()));
+        assert_eq!(t.placement(&app, &today).await.unwrap(), Some(app.clone()));
         assert_eq!(t.check(&app, &today).await.unwrap(), AuthCheck::Accepted);
         t.remove(&app, &today).await.unwrap();
         t.remove(&app, &today).await.unwrap();
@@ -886,6 +984,41 @@ mod tests {
         assert!(fx.server.psql("SELECT 1").is_ok());
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn admin_errors_are_classified_auth_and_permission() {
+        let fx = Fixture::new().await;
+        let policy = SecretPolicy::default();
+        let (role, weak) = (unique("kw_cls"), unique("kw_weak"));
+        let weak_pw = generate(&policy);
+        fx.create_role(&role, Some(&generate(&policy)), true).await;
+        fx.create_role(&weak, Some(&weak_pw), true).await;
+
+        // A wrong admin password: the auth class, not retried.
+        let mut opts = fx.options(Logins::default());
+        opts.admin.password = Some(generate(&policy));
+        let t = PostgresTarget::new(opts).unwrap();
+        let err = t.replace(&role, &generate(&policy)).await.unwrap_err();
+        assert!(matches!(err, TargetError::Auth(_)), "{err:?}");
+        assert_eq!(err.class(), ErrorClass::TargetAuth);
+        assert!(!err.is_transient());
+
+        // An admin without CREATEROLE: the permission class.
+        let mut opts = fx.options(Logins::default());
+        opts.admin.user = weak.clone();
+        opts.admin.password = Some(weak_pw);
+        let t = PostgresTarget::new(opts).unwrap();
+        let err = t.replace(&role, &generate(&policy)).await.unwrap_err();
+        assert!(matches!(err, TargetError::Permission(_)), "{err:?}");
+        assert_eq!(err.class(), ErrorClass::TargetPermission);
+        drop(t);
+        for r in [&role, &weak] {
+            fx.admin
+                .batch_execute(&format!("DROP ROLE {}", escape_identifier(r)))
+                .await
+                .unwrap();
+        }
+    }
+
     #[tokio::test]
     async fn unreachable_server_is_unavailable_and_tls_require_is_refused() {
         let opts = PostgresOptions {
@@ -905,15 +1038,15 @@ mod tests {
         let t = PostgresTarget::new(opts.clone()).unwrap();
         assert!(matches!(
             t.check("app", &s).await,
-            Err(TargetError::Unavailable(_))
+            Err(TargetError::Unreachable(_))
         ));
-        assert!(matches!(
-            t.replace("app", &s).await,
-            Err(TargetError::Unavailable(_))
-        ));
+        let err = t.replace("app", &s).await.unwrap_err();
+        assert!(matches!(err, TargetError::Unreachable(_)), "{err:?}");
+        assert!(err.is_transient());
+        assert_eq!(err.class(), ErrorClass::TargetUnreachable);
         assert!(matches!(
             PostgresTarget::connect(opts.clone()).await,
-            Err(TargetError::Unavailable(_))
+            Err(TargetError::Unreachable(_))
         ));
         let mut tls = opts;
         tls.admin.tls = Tls::Require;

@@ -1,0 +1,402 @@
+//! Consumer verification (issue 6): after a continuity rotation promotes the
+//! new secret, and before the old one is revoked, the worker waits until every
+//! consumer of the credential is proven to use the new secret:
+//!
+//! - `attest`: an [`Attestation`] of the new fingerprint, with a passing
+//!   health check, from the consumer's agent on
+//!   `keywave.attest.<region>.<credential>`. Attestations are kept in the
+//!   `KEYWAVE_ATTEST` stream, so one sent while no worker waited (or before a
+//!   worker restarted) is still found: the wait reads the credential's subject
+//!   from the start (bounded per subject) and then follows it.
+//! - `http`: a plain HTTP `GET` of the consumer's URL must answer 2xx.
+//! - `none`: never waited for; reported `unverified`.
+//!
+//! Each wait is bounded by the consumer's `timeout_ms` and by the task's
+//! deadline (a reserve is kept for revoke and verify). Nothing here sees a
+//! secret: only fingerprints are compared.
+
+use async_nats::jetstream::{self, consumer::pull, consumer::DeliverPolicy};
+use futures::StreamExt;
+use keywave_common::now_ms;
+use keywave_common::wire::{
+    Attestation, ConsumerCheck, ConsumerOutcome, ConsumerStatus, VerifyKind,
+};
+use keywave_common::{codec, subjects, topology};
+use std::collections::HashMap;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+/// Longest wait for a consumer when neither its timeout nor the task's
+/// deadline bounds it.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(600);
+/// Time kept before the task's deadline for revoke and verify: at most this,
+/// at most a quarter of what is left.
+pub const DEADLINE_RESERVE: Duration = Duration::from_secs(5);
+/// Pause between two HTTP probes of one consumer.
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+/// Time one HTTP probe may take.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Waits for a region's consumers to move over.
+#[derive(Clone)]
+pub struct ConsumerVerifier {
+    js: jetstream::Context,
+    region: String,
+}
+
+impl std::fmt::Debug for ConsumerVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsumerVerifier")
+            .field("region", &self.region)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Shutdown interrupted a wait: the task is handed back and resumes (the
+/// attestations stay in their stream).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interrupted;
+
+/// The instant (ms since the epoch) a wait for `check` must end.
+pub fn wait_limit(check: &ConsumerCheck, now: u64, deadline_ms: u64) -> u64 {
+    let by_deadline = if deadline_ms == 0 {
+        now + DEFAULT_WAIT.as_millis() as u64
+    } else {
+        let left = deadline_ms.saturating_sub(now);
+        let reserve = (DEADLINE_RESERVE.as_millis() as u64).min(left / 4);
+        deadline_ms.saturating_sub(reserve)
+    };
+    match check.timeout_ms {
+        Some(t) => by_deadline.min(now.saturating_add(t)),
+        None => by_deadline,
+    }
+}
+
+impl ConsumerVerifier {
+    pub fn new(js: jetstream::Context, region: impl Into<String>) -> Self {
+        ConsumerVerifier {
+            js,
+            region: region.into(),
+        }
+    }
+
+    /// Verifies every consumer in `checks` against the new secret's
+    /// `fingerprint`, concurrently; returns one outcome per check, in order.
+    pub async fn verify(
+        &self,
+        credential_id: &str,
+        fingerprint: &str,
+        checks: &[ConsumerCheck],
+        deadline_ms: u64,
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<ConsumerOutcome>, Interrupted> {
+        let now = now_ms();
+        let attest: Vec<&ConsumerCheck> = checks
+            .iter()
+            .filter(|c| c.verify == VerifyKind::Attest)
+            .collect();
+        let attest_wait = async {
+            if attest.is_empty() {
+                return HashMap::new();
+            }
+            self.await_attestations(credential_id, fingerprint, &attest, now, deadline_ms)
+                .await
+        };
+        let probes =
+            futures::future::join_all(checks.iter().filter(|c| c.verify == VerifyKind::Http).map(
+                |c| async move {
+                    let r = probe_until(c, wait_limit(c, now, deadline_ms)).await;
+                    (c.id.clone(), r)
+                },
+            ));
+        let (attested, probed) = tokio::select! {
+            _ = shutdown.cancelled() => return Err(Interrupted),
+            r = async { tokio::join!(attest_wait, probes) } => r,
+        };
+        let probed: HashMap<String, Result<(), String>> = probed.into_iter().collect();
+        Ok(checks
+            .iter()
+            .map(|c| {
+                let r = match c.verify {
+                    VerifyKind::None => None,
+                    VerifyKind::Attest => Some(attested.get(&c.id).cloned().unwrap_or_else(|| {
+                        Err("no attestation of the new fingerprint".to_string())
+                    })),
+                    VerifyKind::Http => Some(
+                        probed
+                            .get(&c.id)
+                            .cloned()
+                            .unwrap_or_else(|| Err("not probed".into())),
+                    ),
+                };
+                let (status, detail) = match r {
+                    None => (ConsumerStatus::Unverified, None),
+                    Some(Ok(())) => (ConsumerStatus::Verified, None),
+                    Some(Err(d)) => (ConsumerStatus::Failed, Some(d)),
+                };
+                ConsumerOutcome {
+                    id: c.id.clone(),
+                    verify: c.verify,
+                    status,
+                    detail,
+                }
+            })
+            .collect())
+    }
+
+    /// Reads `keywave.attest.<region>.<credential>` from the start of the
+    /// stream and follows it until every consumer in `checks` attested the
+    /// fingerprint with a passing health check, or its limit passed.
+    async fn await_attestations(
+        &self,
+        credential_id: &str,
+        fingerprint: &str,
+        checks: &[&ConsumerCheck],
+        now: u64,
+        deadline_ms: u64,
+    ) -> HashMap<String, Result<(), String>> {
+        let mut out: HashMap<String, Result<(), String>> = HashMap::new();
+        let mut limits: HashMap<&str, u64> = checks
+            .iter()
+            .map(|c| (c.id.as_str(), wait_limit(c, now, deadline_ms)))
+            .collect();
+        let subject = subjects::attest(&self.region, credential_id);
+        let consumer = match self.js.get_stream(topology::STREAM_ATTEST).await {
+            Ok(stream) => {
+                stream
+                    .create_consumer(pull::OrderedConfig {
+                        filter_subject: subject.clone(),
+                        deliver_policy: DeliverPolicy::All,
+                        ..Default::default()
+                    })
+                    .await
+            }
+            Err(e) => {
+                let detail = format!("cannot read stream {}: {e}", topology::STREAM_ATTEST);
+                warn!(credential = %credential_id, error = %detail, "Consumer attestations unavailable");
+                for c in checks {
+                    out.insert(c.id.clone(), Err(detail.clone()));
+                }
+                return out;
+            }
+        };
+        let mut messages = match consumer {
+            Ok(c) => match c.messages().await {
+                Ok(m) => m,
+                Err(e) => {
+                    for c in checks {
+                        out.insert(c.id.clone(), Err(format!("reading attestations: {e}")));
+                    }
+                    return out;
+                }
+            },
+            Err(e) => {
+                for c in checks {
+                    out.insert(c.id.clone(), Err(format!("reading attestations: {e}")));
+                }
+                return out;
+            }
+        };
+        // Last reason each pending consumer was not verified yet.
+        let mut why: HashMap<&str, String> = HashMap::new();
+        while !limits.is_empty() {
+            let now = now_ms();
+            // Consumers whose time is up fail now.
+            limits.retain(|id, limit| {
+                if *limit <= now {
+                    let d = why
+                        .remove(id)
+                        .unwrap_or_else(|| "no attestation of the new fingerprint".into());
+                    out.insert(id.to_string(), Err(format!("{d} in time")));
+                    false
+                } else {
+                    true
+                }
+            });
+            let Some(next) = limits.values().min().copied() else {
+                break;
+            };
+            let wait = Duration::from_millis(next.saturating_sub(now).max(1));
+            let msg = match tokio::time::timeout(wait, messages.next()).await {
+                Err(_) => continue,
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    debug!(error = %e, "Attestation stream hiccup");
+                    continue;
+                }
+                Ok(Some(Ok(m))) => m,
+            };
+            let a: Attestation = match codec::decode(msg.headers.as_ref(), &msg.payload) {
+                Ok(a) => a,
+                Err(e) => {
+                    debug!(error = %e, "Skipping an attestation that does not decode");
+                    continue;
+                }
+            };
+            if a.credential_id != credential_id || a.region != self.region {
+                continue;
+            }
+            let Some((&id, _)) = limits.get_key_value(a.consumer_id.as_str()) else {
+                continue;
+            };
+            if a.fingerprint != fingerprint {
+                why.insert(id, "attested another secret, not the new one".into());
+                continue;
+            }
+            if a.healthy {
+                debug!(credential = %credential_id, consumer = %id, "Consumer attested the new secret");
+                limits.remove(id);
+                why.remove(id);
+                out.insert(id.to_string(), Ok(()));
+            } else {
+                why.insert(
+                    id,
+                    "attested the new secret but its health check failed".into(),
+                );
+            }
+        }
+        for (id, _) in limits {
+            out.insert(
+                id.to_string(),
+                Err("attestation stream ended before the consumer attested".into()),
+            );
+        }
+        out
+    }
+}
+
+/// Probes `check.url` until it answers 2xx or `limit` (ms since the epoch)
+/// passes.
+async fn probe_until(check: &ConsumerCheck, limit: u64) -> Result<(), String> {
+    let Some(url) = check.url.as_deref() else {
+        return Err("http verification without a url".into());
+    };
+    let mut last;
+    loop {
+        let left = limit.saturating_sub(now_ms());
+        let per_try = PROBE_TIMEOUT.min(Duration::from_millis(left.max(1)));
+        last = match tokio::time::timeout(per_try, http_get_status(url)).await {
+            Ok(Ok(code)) if (200..300).contains(&code) => return Ok(()),
+            Ok(Ok(code)) => format!("probe answered HTTP {code}"),
+            Ok(Err(e)) => format!("probe failed: {e}"),
+            Err(_) => "probe timed out".into(),
+        };
+        if now_ms() + PROBE_INTERVAL.as_millis() as u64 >= limit {
+            return Err(last);
+        }
+        tokio::time::sleep(PROBE_INTERVAL).await;
+    }
+}
+
+/// An `http://host[:port][/path]` URL, split.
+#[derive(Debug, PartialEq, Eq)]
+pub struct HttpUrl {
+    pub host: String,
+    pub port: u16,
+    pub path: String,
+}
+
+/// Parses the plain-HTTP URLs `http` verification accepts.
+pub fn parse_http_url(url: &str) -> Result<HttpUrl, String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| "only http:// URLs can be probed".to_string())?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    if authority.is_empty() || authority.contains('@') {
+        return Err("the URL needs a host (and no credentials)".into());
+    }
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
+            (h, p.parse().map_err(|_| format!("bad port {p:?}"))?)
+        }
+        _ => (authority, 80),
+    };
+    if path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("the path must not contain whitespace".into());
+    }
+    Ok(HttpUrl {
+        host: host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
+        port,
+        path: path.to_string(),
+    })
+}
+
+/// One `GET`, returning the status code.
+async fn http_get_status(url: &str) -> Result<u16, String> {
+    let u = parse_http_url(url)?;
+    let mut s = tokio::net::TcpStream::connect((u.host.as_str(), u.port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let req = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: keywave-worker\r\nConnection: close\r\n\r\n",
+        u.path, u.host
+    );
+    s.write_all(req.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 256];
+    while !buf.windows(2).any(|w| w == b"\r\n") && buf.len() < 4096 {
+        let n = s.read(&mut chunk).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let line = String::from_utf8_lossy(&buf);
+    let mut parts = line.split_whitespace();
+    match (parts.next(), parts.next()) {
+        (Some(v), Some(code)) if v.starts_with("HTTP/") => code
+            .parse()
+            .map_err(|_| "malformed HTTP status line".to_string()),
+        _ => Err("not an HTTP answer".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_urls_parse() {
+        assert_eq!(
+            parse_http_url("http://127.0.0.1:8080/healthz").unwrap(),
+            HttpUrl {
+                host: "127.0.0.1".into(),
+                port: 8080,
+                path: "/healthz".into()
+            }
+        );
+        assert_eq!(parse_http_url("http://svc").unwrap().port, 80);
+        assert!(parse_http_url("https://svc/").is_err());
+        assert!(parse_http_url("http://u:p@svc/").is_err());
+        assert!(parse_http_url("http://svc:x/").is_err());
+    }
+
+    #[test]
+    fn waits_are_bounded_by_timeout_and_deadline() {
+        let c = |t| ConsumerCheck {
+            id: "a".into(),
+            verify: VerifyKind::Attest,
+            url: None,
+            timeout_ms: t,
+        };
+        // A consumer timeout shorter than the deadline wins.
+        assert_eq!(wait_limit(&c(Some(1_000)), 10_000, 100_000), 11_000);
+        // Else the deadline less the reserve (5 s, or a quarter of what is left).
+        assert_eq!(wait_limit(&c(None), 10_000, 100_000), 95_000);
+        assert_eq!(wait_limit(&c(None), 10_000, 14_000), 13_000);
+        assert_eq!(
+            wait_limit(&c(None), 10_000, 0),
+            10_000 + DEFAULT_WAIT.as_millis() as u64
+        );
+    }
+}
