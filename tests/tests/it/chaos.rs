@@ -45,7 +45,9 @@ impl Slot {
             .arg(&self.config)
             .env("KEYWAVE_REGION_KEY", &self.key)
             .env("KEYWAVE_NATS_URL", nats)
-            .env("RUST_LOG", "info")
+            // Successful tasks log "Task finished" at debug: the figures
+            // below count the ones that finished on a redelivery.
+            .env("RUST_LOG", "info,keywave_worker::protocol=debug")
             .env("NO_COLOR", "1")
             // A target that takes a little longer per rotation, so that the
             // campaign runs long enough for a few dozen kills.
