@@ -78,6 +78,17 @@ pub fn admin_region_filter(region: &str) -> String {
     format!("keywave.admin.v1.{region}.>")
 }
 
+/// A consumer agent's liveness ping (issue 6, pre-flight):
+/// `keywave.agent.v1.<region>.<consumer>.ping`, core NATS request/reply
+/// answered by every agent running for that consumer in that region. Both
+/// names are checked here: consumer ids in the inventory need not be subject
+/// tokens, and an id such as `a.b` or `*` must not address other agents.
+pub fn agent_ping(region: &str, consumer: &str) -> Result<String, crate::ids::IdError> {
+    crate::ids::validate("region", region)?;
+    crate::ids::validate("consumer", consumer)?;
+    Ok(format!("keywave.agent.v1.{region}.{consumer}.ping"))
+}
+
 /// Parses `keywave.task.<region>.<campaign>` into its region and campaign.
 pub fn parse_task(subject: &str) -> Option<(&str, &str)> {
     let rest = subject.strip_prefix("keywave.task.")?;
@@ -100,5 +111,20 @@ mod tests {
         assert_eq!(parse_task("keywave.task.eu"), None);
         assert_eq!(parse_task("keywave.result.eu.c"), None);
         assert_eq!(parse_task("keywave.task.eu.c.extra"), None);
+    }
+
+    #[test]
+    fn agent_ping_subject_is_token_safe() {
+        assert_eq!(
+            agent_ping("eu", "orders-api").unwrap(),
+            "keywave.agent.v1.eu.orders-api.ping"
+        );
+        for bad in ["a.b", "*", ">", "orders api", ""] {
+            assert!(
+                agent_ping("eu", bad).is_err(),
+                "consumer {bad:?} must be refused"
+            );
+        }
+        assert!(agent_ping("e.u", "orders-api").is_err());
     }
 }

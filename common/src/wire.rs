@@ -27,7 +27,8 @@ versioned!(
     CampaignSpec,
     CampaignEvent,
     Credential,
-    Attestation
+    Attestation,
+    AgentStatus
 );
 
 /// How a credential is rotated.
@@ -326,6 +327,14 @@ pub struct ConsumerOutcome {
     /// Why it failed (never a secret).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// When the worker saw the proof (attestation or 2xx probe), ms since
+    /// the epoch on the worker's clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_at_ms: Option<u64>,
+    /// How long after the wait began (right after promote for continuity,
+    /// after the old secret's revoke for containment) the proof came, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_ms: Option<u64>,
 }
 
 /// A consumer agent's statement, on `keywave.attest.<region>.<credential>`
@@ -342,6 +351,36 @@ pub struct Attestation {
     /// (true when it has none).
     pub healthy: bool,
     pub at_ms: u64,
+}
+
+/// A consumer agent's answer to a liveness ping on
+/// `keywave.agent.v1.<region>.<consumer>.ping` (JSON; see
+/// [`crate::subjects::agent_ping`]): who answers, which build, what it
+/// watches and how its health checks went. Never a secret, not even a
+/// fingerprint. The coordinator asks before each wave (pre-flight).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub v: u16,
+    pub consumer_id: String,
+    pub region: String,
+    /// The agent's build (the `keywave-worker` version).
+    pub version: String,
+    /// The credentials it writes for its application.
+    pub credentials: Vec<AgentCredential>,
+    /// No credential's last health check failed.
+    pub healthy: bool,
+    pub at_ms: u64,
+}
+
+/// One credential an agent watches, in an [`AgentStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentCredential {
+    pub id: String,
+    /// The last health check with its CURRENT secret: passed (also when no
+    /// health command is configured) or failed; absent while no secret has
+    /// been written yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy: Option<bool>,
 }
 
 fn schema_version() -> u16 {
@@ -772,6 +811,24 @@ pub struct CampaignSpec {
     /// (`keywave campaign approve`) before they start.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub approve_before_waves: Vec<u32>,
+    /// Pre-flight (issue 6): before each wave, ask the agent of every
+    /// `attest` consumer of the wave's credentials whether it is alive; when
+    /// more than `preflight_max_unreachable` of them do not answer, the wave
+    /// does not start and the campaign pauses. Unset in a request: on when
+    /// the plan has `attest` consumers (the coordinator records the choice
+    /// in the campaign); unset in a stored campaign (started before
+    /// pre-flight existed): off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preflight: Option<bool>,
+    /// Fraction of the asked agents that may be unreachable (0..=1): the
+    /// pre-flight fails when unreachable / asked is strictly greater. 0 (the
+    /// default): every agent must answer.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub preflight_max_unreachable: f64,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 impl CampaignSpec {
@@ -794,6 +851,9 @@ impl CampaignSpec {
         }
         if self.approve_before_waves.len() > 1_000 {
             return Err("approve_before_waves: at most 1000 approval gates".into());
+        }
+        if !(0.0..=1.0).contains(&self.preflight_max_unreachable) {
+            return Err("preflight_max_unreachable: must be between 0 and 1".into());
         }
         Ok(())
     }
@@ -924,6 +984,53 @@ pub enum EventKind {
         task_id: Option<String>,
         reason: String,
     },
+    /// The pre-flight check before a wave (see `CampaignSpec::preflight`):
+    /// `asked` agents of the wave's `attest` consumers were pinged and
+    /// `unreachable` did not answer in time. `passed`: within the campaign's
+    /// threshold. A failed pre-flight pauses a continuity campaign before
+    /// the wave (a resumed campaign checks again); containment records it
+    /// and goes on. Lists name at most [`PREFLIGHT_MAX_NAMED`] agents each.
+    Preflight {
+        wave: u32,
+        asked: u64,
+        unreachable: u64,
+        passed: bool,
+        reason: String,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        unreachable_agents: Vec<PreflightAgent>,
+        /// Agents that answered with a failing health check (not counted
+        /// against the threshold).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        unhealthy_agents: Vec<PreflightAgent>,
+        /// Agents that answered but do not watch a credential of the wave
+        /// that lists them as a consumer: they would never attest it (not
+        /// counted against the threshold; the rotation fails
+        /// `consumer_not_verified`).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        not_watching: Vec<PreflightAgent>,
+    },
+}
+
+/// Most agents a [`EventKind::Preflight`] names per list.
+pub const PREFLIGHT_MAX_NAMED: usize = 20;
+
+/// An agent named in a [`EventKind::Preflight`] event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreflightAgent {
+    pub consumer: String,
+    pub region: String,
+    /// `not_watching`: the credential it does not watch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+    /// `unreachable`: why (no agent listening, no answer in time, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+impl fmt::Display for PreflightAgent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} in {}", self.consumer, self.region)
+    }
 }
 
 impl EventKind {
@@ -941,6 +1048,7 @@ impl EventKind {
             EventKind::ApprovalRequired { .. } => "approval_required",
             EventKind::Approved { .. } => "approved",
             EventKind::DeadLetter { .. } => "dead_letter",
+            EventKind::Preflight { .. } => "preflight",
         }
     }
 }
@@ -978,6 +1086,57 @@ mod tests {
         assert!(parse_wave_plan("0").is_err());
         assert!(parse_wave_plan("150%").is_err());
         assert!(parse_wave_plan("x").is_err());
+    }
+
+    #[test]
+    fn preflight_fields_are_optional_and_checked() {
+        let text = r#"{"strategy":"continuity","waves":[1],"failure_budget":0.1,
+            "on_failure":"pause","task_timeout_ms":1000}"#;
+        let mut spec: CampaignSpec = serde_json::from_str(text).unwrap();
+        assert_eq!(spec.preflight, None);
+        assert_eq!(spec.preflight_max_unreachable, 0.0);
+        // Left out when unset: older readers see the spec they know.
+        let json = serde_json::to_string(&spec).unwrap();
+        assert!(!json.contains("preflight"), "{json}");
+        spec.preflight = Some(true);
+        spec.preflight_max_unreachable = 0.5;
+        let back: CampaignSpec =
+            serde_json::from_str(&serde_json::to_string(&spec).unwrap()).unwrap();
+        assert_eq!(back, spec);
+        assert!(spec.validate().is_ok());
+        for bad in [-0.1, 1.5, f64::NAN] {
+            spec.preflight_max_unreachable = bad;
+            let e = spec.validate().unwrap_err();
+            assert!(e.starts_with("preflight_max_unreachable:"), "{e}");
+        }
+    }
+
+    #[test]
+    fn agent_status_round_trips_in_both_formats() {
+        let s = AgentStatus {
+            v: SCHEMA_VERSION,
+            consumer_id: "orders-api".into(),
+            region: "eu".into(),
+            version: "0.1.0".into(),
+            credentials: vec![
+                AgentCredential {
+                    id: "db-orders".into(),
+                    healthy: Some(true),
+                },
+                AgentCredential {
+                    id: "cache".into(),
+                    healthy: None,
+                },
+            ],
+            healthy: true,
+            at_ms: 1,
+        };
+        for f in [crate::codec::Format::Json, crate::codec::Format::MsgPack] {
+            let body = crate::codec::encode(f, &s).unwrap();
+            let h = crate::codec::headers(f, "x");
+            let back: AgentStatus = crate::codec::decode(Some(&h), &body).unwrap();
+            assert_eq!(back, s);
+        }
     }
 
     #[test]

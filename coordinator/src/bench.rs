@@ -1077,6 +1077,8 @@ async fn campaign(
             on_failure: OnFailure::Pause,
             task_timeout_ms: opts.task_timeout.as_millis() as u64,
             approve_before_waves: Vec::new(),
+            preflight: None,
+            preflight_max_unreachable: 0.0,
         };
         let start_ms = now_ms();
         let cid = api.start(spec).await?;

@@ -389,8 +389,11 @@ pub enum CampaignCommand {
         long_about = "Starts a rotation campaign on the running coordinators: the selected \
 credentials are sorted by id and split into waves; each wave must stay within the failure budget \
 (failed / size, where a task without result by its deadline counts as failed) or the campaign \
-rolls the wave back (continuity) or pauses. Containment campaigns never roll back.",
-        after_help = "Examples:\n  keywave campaign start --selector 'tag=env=prod' --waves 1,10%,50% --bake 30s --wait\n  keywave campaign start --selector 'id=db-1,db-2' --strategy containment --reason INC-1234\n  keywave campaign start --spec campaign.json\n\nSpec file example:\n  {\"name\":\"q3 reset\",\"selector\":{\"tags\":[\"env=prod\"]},\"strategy\":\"continuity\",\n   \"waves\":[1,\"10%\",\"50%\"],\"failure_budget\":0.05,\"bake_ms\":30000,\n   \"on_failure\":\"rollback\",\"task_timeout_ms\":60000}"
+rolls the wave back (continuity) or pauses. Containment campaigns never roll back. Before each \
+wave the coordinator asks the agents of the wave's attest consumers whether they are alive \
+(pre-flight); when more than --preflight-max-unreachable of them do not answer, the wave does not \
+start and the campaign pauses, naming them (start the agents, then `keywave campaign resume`).",
+        after_help = "Examples:\n  keywave campaign start --selector 'tag=env=prod' --waves 1,10%,50% --bake 30s --wait\n  keywave campaign start --selector 'id=db-1,db-2' --strategy containment --reason INC-1234\n  keywave campaign start --selector 'region=eu' --preflight-max-unreachable 0.1   # 10% of the agents may be down\n  keywave campaign start --spec campaign.json\n\nSpec file example:\n  {\"name\":\"q3 reset\",\"selector\":{\"tags\":[\"env=prod\"]},\"strategy\":\"continuity\",\n   \"waves\":[1,\"10%\",\"50%\"],\"failure_budget\":0.05,\"bake_ms\":30000,\n   \"on_failure\":\"rollback\",\"task_timeout_ms\":60000}"
     )]
     Start(StartArgs),
     /// Show a campaign's state, waves and counters.
@@ -567,6 +570,12 @@ pub struct SpecArgs {
     /// Wave N (0 is the canary) waits for `keywave campaign approve` before it starts (repeatable).
     #[arg(long = "approve-before-wave", value_name = "N")]
     pub approve_before_wave: Vec<u32>,
+    /// Skip the pre-flight: do not ask the consumers' agents whether they are alive before each wave (on by default when the plan has attest consumers).
+    #[arg(long)]
+    pub no_preflight: bool,
+    /// Fraction of the consumer agents asked before a wave that may be unreachable (0..1); more and the campaign pauses before the wave [default: 0, every agent must answer].
+    #[arg(long, value_name = "FRACTION", conflicts_with = "no_preflight")]
+    pub preflight_max_unreachable: Option<String>,
 }
 
 impl SpecArgs {
@@ -603,12 +612,26 @@ impl SpecArgs {
                 task_timeout_ms: duration_flag("--task-timeout", &self.task_timeout)?.as_millis()
                     as u64,
                 approve_before_waves: Vec::new(),
+                preflight: None,
+                preflight_max_unreachable: 0.0,
             }
         };
         spec.approve_before_waves
             .extend(self.approve_before_wave.iter().copied());
         spec.approve_before_waves.sort_unstable();
         spec.approve_before_waves.dedup();
+        // Both also apply on top of --spec.
+        if self.no_preflight {
+            spec.preflight = Some(false);
+        }
+        if let Some(f) = &self.preflight_max_unreachable {
+            spec.preflight_max_unreachable = f.trim().parse().map_err(|_| {
+                usage(
+                    "--preflight-max-unreachable",
+                    format!("{f:?} is not a number (e.g. 0.25)"),
+                )
+            })?;
+        }
         spec.validate().map_err(|e| {
             let (field, msg) = e.split_once(": ").unwrap_or(("spec", e.as_str()));
             let flag = match field {
@@ -616,6 +639,7 @@ impl SpecArgs {
                 "task_timeout_ms" => "--task-timeout",
                 "waves" => "--waves",
                 "selector region" => "--selector",
+                "preflight_max_unreachable" => "--preflight-max-unreachable",
                 _ => "--spec",
             };
             usage(flag, msg)
@@ -865,9 +889,15 @@ pub struct DaemonArgs {
     /// Log line format on stderr: text or json (RUST_LOG filters the lines).
     #[arg(long, env = keywave_common::telemetry::ENV_LOG_FORMAT, default_value = "text", value_name = "text|json")]
     pub log_format: keywave_common::telemetry::LogFormat,
+    /// Pre-flight: how long a consumer agent has to answer its ping before a wave (up to 60s).
+    #[arg(long, env = PREFLIGHT_TIMEOUT_ENV, default_value = "2s", value_name = "DURATION")]
+    pub preflight_timeout: String,
     #[command(subcommand)]
     pub command: Option<DaemonCommand>,
 }
+
+/// Environment variable with the pre-flight ping timeout.
+pub const PREFLIGHT_TIMEOUT_ENV: &str = "KEYWAVE_PREFLIGHT_TIMEOUT";
 
 /// Environment variable naming the coordinator's task-signing key file.
 pub const SIGNING_KEY_FILE_ENV: &str = "KEYWAVE_SIGNING_KEY_FILE";
@@ -919,6 +949,10 @@ impl DaemonArgs {
         opts.progress_interval = duration_flag("--progress-interval", &self.progress_interval)?;
         if opts.progress_interval.is_zero() {
             return Err(usage("--progress-interval", "must be positive"));
+        }
+        opts.preflight_timeout = duration_flag("--preflight-timeout", &self.preflight_timeout)?;
+        if opts.preflight_timeout.is_zero() || opts.preflight_timeout > Duration::from_secs(60) {
+            return Err(usage("--preflight-timeout", "must be between 1ms and 60s"));
         }
         let margin = duration_flag("--task-expiry-margin", &self.task_expiry_margin)?;
         if let Some(path) = &self.signing_key_file {

@@ -670,6 +670,8 @@ async fn run_on(opts: &DevOptions, url: &str) -> anyhow::Result<DevReport> {
         on_failure: OnFailure::Rollback,
         task_timeout_ms: 60_000,
         approve_before_waves: Vec::new(),
+        preflight: None,
+        preflight_max_unreachable: 0.0,
     };
     let api = ApiClient::new(client.clone());
     let outcome = async {

@@ -516,7 +516,8 @@ fn decisions(events: &[CampaignEvent]) -> Vec<Decided> {
                 | EventKind::RollbackRefused { wave, .. }
                 | EventKind::RollbackFinished { wave, .. }
                 | EventKind::ApprovalRequired { wave, .. }
-                | EventKind::Approved { wave, .. } => Some(*wave),
+                | EventKind::Approved { wave, .. }
+                | EventKind::Preflight { wave, .. } => Some(*wave),
                 _ => None,
             },
             text: crate::watch::describe(&e.kind),
@@ -710,8 +711,15 @@ fn consumers_text(v: &serde_json::Value) -> String {
         serde_json::Value::Array(list) => list
             .iter()
             .map(|c| {
+                // When it moved over: seconds after the wait began (the
+                // promote, for continuity).
+                let after = c
+                    .get("after_ms")
+                    .and_then(|v| v.as_u64())
+                    .map(|ms| format!(" after {:.1}s", ms as f64 / 1000.0))
+                    .unwrap_or_default();
                 format!(
-                    "{}: {}",
+                    "{}: {}{after}",
                     c.get("id").and_then(|v| v.as_str()).unwrap_or("?"),
                     c.get("status").and_then(|v| v.as_str()).unwrap_or("?")
                 )
@@ -871,6 +879,15 @@ impl Doc<'_> {
                     .map(|w| format!("wave {w}"))
                     .collect::<Vec<_>>()
                     .join(", "),
+            ));
+        }
+        if spec.preflight == Some(true) {
+            v.push((
+                "Pre-flight",
+                format!(
+                    "consumer agents pinged before each wave; at most {:.1}% may be unreachable",
+                    spec.preflight_max_unreachable * 100.0
+                ),
             ));
         }
         if let Some(f) = st.finished_at_ms {
@@ -1360,6 +1377,8 @@ mod tests {
                     on_failure: OnFailure::Rollback,
                     task_timeout_ms: 1000,
                     approve_before_waves: vec![1],
+                    preflight: None,
+                    preflight_max_unreachable: 0.0,
                 },
                 state: CampaignState::Completed,
                 total: 3,
@@ -1435,6 +1454,19 @@ mod tests {
         assert_eq!(r.old_secret_rejected, Some(true));
         assert_eq!(r.consumers, serde_json::json!("not tracked"));
         assert_eq!(cells(&r)[7], "1.500s");
+    }
+
+    #[test]
+    fn consumers_say_who_moved_and_when() {
+        let v = serde_json::json!([
+            {"id": "orders-api", "verify": "attest", "status": "verified", "verified_at_ms": 5, "after_ms": 1250},
+            {"id": "batch", "verify": "attest", "status": "failed", "detail": "no attestation"},
+            {"id": "cron", "verify": "none", "status": "unverified"}
+        ]);
+        assert_eq!(
+            consumers_text(&v),
+            "orders-api: verified after 1.2s, batch: failed, cron: unverified"
+        );
     }
 
     #[test]

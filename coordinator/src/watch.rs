@@ -155,6 +155,27 @@ pub fn describe(kind: &EventKind) -> String {
         EventKind::DeadLetter { region, reason, .. } => {
             format!("task dead-lettered in {region}: {reason}")
         }
+        EventKind::Preflight {
+            wave,
+            reason,
+            unhealthy_agents,
+            not_watching,
+            ..
+        } => {
+            let mut t = format!("wave {wave} {reason}");
+            if !unhealthy_agents.is_empty() {
+                let names: Vec<String> = unhealthy_agents.iter().map(ToString::to_string).collect();
+                t.push_str(&format!("; unhealthy: {}", names.join(", ")));
+            }
+            if !not_watching.is_empty() {
+                let names: Vec<String> = not_watching
+                    .iter()
+                    .map(|a| format!("{a} ({})", a.credential.as_deref().unwrap_or("?")))
+                    .collect();
+                t.push_str(&format!("; not watching: {}", names.join(", ")));
+            }
+            t
+        }
     };
     clean(&text)
 }
@@ -200,6 +221,13 @@ pub fn next_step(s: &CampaignStatus) -> Option<String> {
             "wave {} waits for an approval: keywave campaign approve {id} --wave {} --by <you>",
             s.current_wave, s.current_wave
         ),
+        CampaignState::Paused
+            if s.reason
+                .as_deref()
+                .is_some_and(|r| r.starts_with("pre-flight:")) =>
+        {
+            format!("paused before the wave: start the consumer agents named above, then keywave campaign resume {id} (the pre-flight runs again); the watch goes on")
+        }
         CampaignState::Paused => {
             format!("paused: keywave campaign resume {id} (or rollback / abort); the watch goes on")
         }
@@ -664,6 +692,8 @@ mod tests {
                 on_failure: OnFailure::Rollback,
                 task_timeout_ms: 1000,
                 approve_before_waves: vec![1],
+                preflight: None,
+                preflight_max_unreachable: 0.0,
             },
             state: CampaignState::AwaitingApproval,
             total: 11,
@@ -766,6 +796,37 @@ mod tests {
             by: "mallory\x1b]0;pwned\x07".into(),
         });
         assert_eq!(t, "wave 2 approved by mallory?]0;pwned?");
+    }
+
+    #[test]
+    fn a_preflight_pause_names_the_agents_and_what_to_do() {
+        let mut s = status();
+        s.state = CampaignState::Paused;
+        s.reason = Some("pre-flight: 1 of 3 consumer agents unreachable (orders-api in eu) > allowed 0.0%; wave 1 not started".into());
+        let f = frame(&s, &mut Rates::default(), vec![], 3_000, false);
+        assert!(f.reason.as_deref().unwrap().contains("orders-api in eu"));
+        let next = f.next.as_deref().unwrap();
+        assert!(next.contains("keywave campaign resume c-1"), "{next}");
+        assert!(next.contains("pre-flight runs again"), "{next}");
+        let t = describe(&EventKind::Preflight {
+            wave: 1,
+            asked: 3,
+            unreachable: 0,
+            passed: true,
+            reason: "pre-flight: 3 of 3 consumer agents answered".into(),
+            unreachable_agents: vec![],
+            unhealthy_agents: vec![keywave_common::wire::PreflightAgent {
+                consumer: "web".into(),
+                region: "us".into(),
+                credential: None,
+                detail: None,
+            }],
+            not_watching: vec![],
+        });
+        assert_eq!(
+            t,
+            "wave 1 pre-flight: 3 of 3 consumer agents answered; unhealthy: web in us"
+        );
     }
 
     #[test]

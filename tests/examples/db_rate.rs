@@ -248,6 +248,8 @@ async fn main() {
                 on_failure: OnFailure::Pause,
                 task_timeout_ms: 600_000,
                 approve_before_waves: Vec::new(),
+                preflight: None,
+                preflight_max_unreachable: 0.0,
             };
             let started = Instant::now();
             let id = api.start(spec).await.expect("campaign starts");

@@ -2,8 +2,13 @@
 //! `mariadb-install-db` and `mariadbd` from `PATH`, a random loopback port,
 //! a temporary data directory, killed on drop. The tests get an admin user
 //! `keywave` with a random password and every privilege (`WITH GRANT OPTION`).
+//!
+//! [`MariaDbServer::start_tls`] turns TLS on with a throw-away CA
+//! ([`TestPki`]) and `require_secure_transport`, so a plain-text TCP
+//! connection is refused.
 
 use crate::process::{free_port, is_root, random_password, require, run_logged, Daemon};
+use crate::secure::TestPki;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -19,6 +24,8 @@ pub struct MariaDbServer {
     port: u16,
     password: String,
     socket: PathBuf,
+    /// The CA and server certificate, when TLS is on.
+    tls: Option<TestPki>,
     daemon: Daemon,
     // Dropped after `daemon`.
     dir: TempDir,
@@ -28,6 +35,18 @@ impl MariaDbServer {
     /// Initialises a data directory, starts `mariadbd` on a random port of
     /// 127.0.0.1, waits until it answers and creates the admin user.
     pub fn start() -> MariaDbServer {
+        Self::start_with(false)
+    }
+
+    /// [`MariaDbServer::start`] with TLS: a server certificate for
+    /// 127.0.0.1 / localhost signed by a fresh CA
+    /// ([`MariaDbServer::ca_file`]) and `require_secure_transport = ON`, so
+    /// every TCP connection must use TLS (the Unix socket stays plain).
+    pub fn start_tls() -> MariaDbServer {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> MariaDbServer {
         let install = require("mariadb-install-db");
         let mariadbd = require("mariadbd");
         let dir = tempfile::Builder::new()
@@ -54,6 +73,11 @@ impl MariaDbServer {
         run_logged("mariadb-install-db", cmd, &dir.path().join("install.log"))
             .unwrap_or_else(|e| panic!("{e}"));
 
+        let tls = tls.then(|| {
+            let tls_dir = dir.path().join("tls");
+            std::fs::create_dir(&tls_dir).expect("create the TLS directory");
+            TestPki::generate(&tls_dir)
+        });
         let socket = dir.path().join("mariadb.sock");
         let log = dir.path().join("mariadbd.log");
         for attempt in 1..=PORT_ATTEMPTS {
@@ -75,6 +99,12 @@ impl MariaDbServer {
                     "--innodb-flush-log-at-trx-commit=0",
                     "--max-connections=300",
                 ]);
+            if let Some(p) = &tls {
+                cmd.arg(format!("--ssl-cert={}", p.cert.display()))
+                    .arg(format!("--ssl-key={}", p.key.display()))
+                    .arg(format!("--ssl-ca={}", p.ca.display()))
+                    .arg("--require-secure-transport=ON");
+            }
             let mut daemon = Daemon::spawn("mariadbd", cmd, &log);
             let sock = socket.clone();
             match daemon.wait_ready(START_TIMEOUT, || admin_ping(&sock)) {
@@ -84,6 +114,7 @@ impl MariaDbServer {
                         port,
                         password,
                         socket,
+                        tls,
                         daemon,
                         dir,
                     };
@@ -131,6 +162,12 @@ impl MariaDbServer {
         self.dir.path()
     }
 
+    /// The CA certificate (PEM) that signed the server's certificate, when
+    /// started with [`MariaDbServer::start_tls`].
+    pub fn ca_file(&self) -> Option<&Path> {
+        self.tls.as_ref().map(|p| p.ca.as_path())
+    }
+
     pub fn log_tail(&self) -> String {
         self.daemon.log_tail()
     }
@@ -146,8 +183,11 @@ impl MariaDbServer {
         cmd.args(["--no-defaults", "--protocol=TCP", "-h", "127.0.0.1"])
             .arg(format!("--port={}", self.port))
             .arg(format!("--user={user}"))
-            .args(["--batch", "--skip-column-names", "--connect-timeout=10"])
-            .arg("-e")
+            .args(["--batch", "--skip-column-names", "--connect-timeout=10"]);
+        if let Some(p) = &self.tls {
+            cmd.arg("--ssl").arg(format!("--ssl-ca={}", p.ca.display()));
+        }
+        cmd.arg("-e")
             .arg(sql)
             // Keeps the password off the command line.
             .env("MYSQL_PWD", password);

@@ -5,8 +5,13 @@
 //!
 //! PostgreSQL refuses to run as root; when the tests do, the server runs as
 //! the `postgres` system user (via `runuser`) in a directory it owns.
+//!
+//! [`PostgresServer::start_tls`] turns TLS on with a throw-away CA
+//! ([`TestPki`]) and accepts TCP connections over TLS only (`hostssl` in
+//! `pg_hba.conf`), so a plain-text connection is refused.
 
 use crate::process::{free_port, is_root, random_password, require, run_logged, system_user};
+use crate::secure::TestPki;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use tempfile::TempDir;
@@ -22,6 +27,8 @@ pub struct PostgresServer {
     data: PathBuf,
     log: PathBuf,
     running: bool,
+    /// The CA and server certificate, when TLS is on.
+    tls: Option<TestPki>,
     // Dropped last, after the server is stopped.
     dir: TempDir,
 }
@@ -41,6 +48,18 @@ impl PostgresServer {
     /// Initialises a cluster in a temporary directory, starts it on a random
     /// port of 127.0.0.1 and waits until it accepts connections.
     pub fn start() -> PostgresServer {
+        Self::start_with(false)
+    }
+
+    /// [`PostgresServer::start`] with TLS: `ssl = on` with a server
+    /// certificate for 127.0.0.1 / localhost signed by a fresh CA
+    /// ([`PostgresServer::ca_file`]), and `hostssl` lines only, so every TCP
+    /// connection must use TLS (still scram-sha-256).
+    pub fn start_tls() -> PostgresServer {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> PostgresServer {
         let initdb = require("initdb");
         let pg_ctl = require("pg_ctl");
         let dir = tempfile::Builder::new()
@@ -71,6 +90,7 @@ impl PostgresServer {
             .arg(format!("--pwfile={}", pwfile.display()));
         run_logged("initdb", cmd, &dir.path().join("initdb.log")).unwrap_or_else(|e| panic!("{e}"));
         let _ = std::fs::remove_file(&pwfile);
+        let tls = tls.then(|| enable_tls(dir.path(), &data));
 
         let mut server = PostgresServer {
             port: 0,
@@ -78,6 +98,7 @@ impl PostgresServer {
             data,
             log,
             running: false,
+            tls,
             dir,
         };
         for attempt in 1..=PORT_ATTEMPTS {
@@ -102,6 +123,14 @@ impl PostgresServer {
     /// `pg_ctl start` on this server's data directory and port.
     fn pg_ctl_start(&self, pg_ctl: &Path) -> Result<(), String> {
         let mut cmd = as_postgres(pg_ctl);
+        let ssl = match &self.tls {
+            Some(p) => format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                p.cert.display(),
+                p.key.display()
+            ),
+            None => String::new(),
+        };
         cmd.arg("-D")
             .arg(&self.data)
             .arg("-l")
@@ -110,7 +139,7 @@ impl PostgresServer {
             .arg(format!(
                 // Durability is pointless for a throw-away test database.
                 "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
-                 -c synchronous_commit=off -c full_page_writes=off -c max_connections=200",
+                 -c synchronous_commit=off -c full_page_writes=off -c max_connections=200{ssl}",
                 self.port,
                 self.dir.path().display()
             ))
@@ -149,6 +178,12 @@ impl PostgresServer {
         &self.password
     }
 
+    /// The CA certificate (PEM) that signed the server's certificate, when
+    /// started with [`PostgresServer::start_tls`].
+    pub fn ca_file(&self) -> Option<&Path> {
+        self.tls.as_ref().map(|p| p.ca.as_path())
+    }
+
     /// `postgres://postgres:<password>@127.0.0.1:<port>/postgres`.
     pub fn url(&self) -> String {
         self.url_as("postgres", &self.password)
@@ -179,30 +214,61 @@ impl PostgresServer {
 
     /// [`PostgresServer::psql`] as another role: also a real authentication check.
     pub fn psql_as(&self, user: &str, password: &str, sql: &str) -> Result<String, String> {
-        let out = Command::new(require("psql"))
-            .args([
-                "-X",
-                "-q",
-                "-t",
-                "-A",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-h",
-                "127.0.0.1",
-            ])
-            .arg("-p")
-            .arg(self.port.to_string())
-            .args(["-U", user, "-d", "postgres", "-c", sql])
-            .env("PGPASSWORD", password)
-            .env("PGCONNECT_TIMEOUT", "10")
-            .output()
-            .map_err(|e| format!("psql: {e}"))?;
+        let mut cmd = Command::new(require("psql"));
+        cmd.args([
+            "-X",
+            "-q",
+            "-t",
+            "-A",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+        ])
+        .arg("-p")
+        .arg(self.port.to_string())
+        .args(["-U", user, "-d", "postgres", "-c", sql])
+        .env("PGPASSWORD", password)
+        .env("PGCONNECT_TIMEOUT", "10");
+        if let Some(p) = &self.tls {
+            cmd.env("PGSSLMODE", "verify-ca")
+                .env("PGSSLROOTCERT", &p.ca);
+        }
+        let out = cmd.output().map_err(|e| format!("psql: {e}"))?;
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
         } else {
             Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
         }
     }
+}
+
+/// TLS material in `<dir>/tls` (readable by the server only) and a
+/// `pg_hba.conf` that takes TCP connections over TLS only.
+fn enable_tls(dir: &Path, data: &Path) -> TestPki {
+    let tls_dir = dir.join("tls");
+    std::fs::create_dir(&tls_dir).expect("create the TLS directory");
+    let pki = TestPki::generate(&tls_dir);
+    let hba = data.join("pg_hba.conf");
+    std::fs::write(
+        &hba,
+        "# keywave test server: TLS for every TCP connection.\n\
+         local   all all                scram-sha-256\n\
+         hostssl all all 127.0.0.1/32   scram-sha-256\n\
+         hostssl all all ::1/128        scram-sha-256\n",
+    )
+    .expect("write pg_hba.conf");
+    // The server refuses a key file others can read.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&pki.key, std::fs::Permissions::from_mode(0o600))
+        .expect("chmod the server key");
+    if is_root() {
+        let (uid, gid) = system_user("postgres").expect("postgres user");
+        for p in [&tls_dir, &pki.cert, &pki.key, &hba] {
+            std::os::unix::fs::chown(p, Some(uid), Some(gid)).expect("chown TLS files to postgres");
+        }
+    }
+    pki
 }
 
 impl Drop for PostgresServer {

@@ -54,7 +54,11 @@ pub fn inbox_prefix(user: &str) -> String {
 }
 
 /// Throw-away TLS material made with `openssl`: a CA and a server
-/// certificate for 127.0.0.1 / localhost signed by it.
+/// certificate for 127.0.0.1 / localhost signed by it (TLS tests of
+/// [`SecureNats`], [`crate::PostgresServer::start_tls`] and
+/// [`crate::MariaDbServer::start_tls`]; generate a second one for a CA the
+/// server's certificate does not chain to).
+#[derive(Debug, Clone)]
 pub struct TestPki {
     pub ca: PathBuf,
     pub cert: PathBuf,
@@ -62,7 +66,8 @@ pub struct TestPki {
 }
 
 impl TestPki {
-    /// Generates the CA and the server certificate into `dir`.
+    /// Generates the CA (`ca.pem`) and the server certificate and key
+    /// (`server.pem`, `server-key.pem`) into `dir`, valid for one day.
     pub fn generate(dir: &Path) -> TestPki {
         let openssl = require("openssl");
         let run = |args: &[&str]| {
@@ -95,7 +100,8 @@ impl TestPki {
             "-days",
             "1",
             "-subj",
-            "/CN=keywave test CA",
+            // A name of its own: a second CA is another issuer, as in life.
+            &format!("/CN=keywave test CA {}", random_password(8)),
         ]);
         run(&[
             "req",

@@ -541,8 +541,16 @@ impl AdminService {
             return;
         }
         let mut l = loaded.clone();
+        // Which login it opens, for consumers (alternating users); unknown
+        // when the target does not answer now, as for an enrolled secret.
+        let login = ep
+            .placement(&item.principal, &pending.secret)
+            .await
+            .ok()
+            .flatten();
         let new = Version {
             since_ms: now_ms(),
+            login,
             ..pending.clone()
         };
         l.record.previous = old.clone();

@@ -7,7 +7,9 @@
 //! 1. writes it for the application, atomically (a temporary file in the same
 //!    directory, fsync, rename, then fsync of the directory), with the
 //!    configured mode (default `0600`), either the bare secret or a template
-//!    with `{{secret}}` and `{{principal}}` placeholders;
+//!    with `{{secret}}`, `{{principal}}` and `{{login}}` placeholders
+//!    (`{{login}}`: the login the secret opens, which for alternating users
+//!    is whichever login of the pair is active);
 //! 2. runs the optional reload command;
 //! 3. runs the optional health command;
 //! 4. publishes an [`Attestation`] on `keywave.attest.<region>.<credential>`:
@@ -17,8 +19,8 @@
 //!
 //! The agent never sends a secret on the bus and never logs one. Commands run
 //! with `sh -c` and get `KEYWAVE_CONSUMER`, `KEYWAVE_CREDENTIAL`,
-//! `KEYWAVE_FINGERPRINT` and `KEYWAVE_SECRET_FILE` in their environment,
-//! never the secret itself.
+//! `KEYWAVE_FINGERPRINT`, `KEYWAVE_SECRET_FILE` and `KEYWAVE_LOGIN` in their
+//! environment, never the secret itself.
 
 use crate::config::{Env, ENV_NATS_URL, ENV_REGION_KEY};
 use crate::store::SecretStore;
@@ -89,11 +91,15 @@ pub struct CredentialFile {
     pub id: String,
     /// Where the secret (or the rendered template) is written.
     pub path: PathBuf,
-    /// What is written: `{{secret}}` and `{{principal}}` are replaced.
+    /// What is written: `{{secret}}`, `{{principal}}` and `{{login}}` are
+    /// replaced. `{{login}}` is the login the secret opens as the worker
+    /// proved it: for alternating users the active login of the pair (e.g.
+    /// `app_clone`), else the principal; `principal` when not known yet.
     /// Default: the bare secret, no newline.
     #[serde(default)]
     pub template: Option<String>,
-    /// The login, for `{{principal}}`.
+    /// The login, for `{{principal}}` (and `{{login}}` until the store
+    /// records one).
     #[serde(default)]
     pub principal: Option<String>,
     /// File mode, octal as a string (`"0640"`). Default `"0600"`.
@@ -264,10 +270,11 @@ impl AgentConfig {
                 if !t.contains("{{secret}}") {
                     return Err(invalid(f("template"), "must contain {{secret}}"));
                 }
-                if t.contains("{{principal}}") && c.principal.is_none() {
+                if (t.contains("{{principal}}") || t.contains("{{login}}")) && c.principal.is_none()
+                {
                     return Err(invalid(
                         f("principal"),
-                        "required when the template uses {{principal}}",
+                        "required when the template uses {{principal}} or {{login}}",
                     ));
                 }
             }
@@ -309,12 +316,18 @@ impl AgentConfig {
 }
 
 /// What is written for `secret`: the bare secret or the rendered template.
-pub fn render(out: &Output, secret: &Secret) -> Secret {
+/// `login` is the login the store records for the secret, if any.
+pub fn render(out: &Output, secret: &Secret, login: Option<&str>) -> Secret {
     match &out.template {
         None => Secret::new(secret.expose().to_string()),
         Some(t) => {
-            let with_principal = t.replace("{{principal}}", out.principal.as_deref().unwrap_or(""));
-            Secret::new(with_principal.replace("{{secret}}", secret.expose()))
+            let principal = out.principal.as_deref().unwrap_or("");
+            // The secret goes in last, so a secret that happens to contain
+            // a placeholder is written as it is.
+            let names = t
+                .replace("{{principal}}", principal)
+                .replace("{{login}}", login.unwrap_or(principal));
+            Secret::new(names.replace("{{secret}}", secret.expose()))
         }
     }
 }
@@ -409,6 +422,8 @@ pub struct Agent {
     js: jetstream::Context,
     store: SecretStore,
     kv: kv::Store,
+    /// Last health check per credential, reported to pings (crate::agent_ping).
+    health: crate::agent_ping::HealthBoard,
 }
 
 impl Agent {
@@ -423,7 +438,15 @@ impl Agent {
             )
         })?;
         let store = SecretStore::from_kv(kv.clone(), &cfg.region, cfg.region_key.clone());
-        Ok(Agent { cfg, js, store, kv })
+        let health =
+            crate::agent_ping::HealthBoard::new(cfg.credentials.iter().map(|c| c.id.as_str()));
+        Ok(Agent {
+            cfg,
+            js,
+            store,
+            kv,
+            health,
+        })
     }
 
     /// Follows every configured credential until `shutdown`.
@@ -434,6 +457,9 @@ impl Agent {
             credentials = self.cfg.credentials.len(),
             "Agent started"
         );
+        // Pre-flight pings (crate::agent_ping), answered until shutdown.
+        let (c, r) = (self.cfg.consumer.clone(), self.cfg.region.clone());
+        crate::agent_ping::spawn(self.js.client(), c, r, &self.health, shutdown.clone()).await?;
         let agent = std::sync::Arc::new(self);
         let tasks: Vec<_> = agent
             .cfg
@@ -506,7 +532,7 @@ impl Agent {
         if state.applied.as_deref() == Some(current.fingerprint.as_str()) {
             return;
         }
-        let content = render(out, &current.secret);
+        let content = render(out, &current.secret, current.login.as_deref());
         let path = out.path.clone();
         let mode = out.mode;
         let written = tokio::task::spawn_blocking(move || {
@@ -532,7 +558,8 @@ impl Agent {
             "New CURRENT secret in place"
         );
         state.applied = Some(current.fingerprint.clone());
-        let env = self.command_env(out, &current.fingerprint);
+        state.login = current.login.clone();
+        let env = self.command_env(out, state);
         if let Some(reload) = &self.cfg.reload {
             if let CommandOutcome::Failed(why) = run_command(reload, &env).await {
                 warn!(credential = %out.id, reason = %why, "Reload command failed");
@@ -552,7 +579,7 @@ impl Agent {
         };
         let healthy = match &self.cfg.health {
             None => true,
-            Some(h) => match run_command(h, &self.command_env(out, &fp)).await {
+            Some(h) => match run_command(h, &self.command_env(out, state)).await {
                 CommandOutcome::Passed => true,
                 CommandOutcome::Failed(why) => {
                     warn!(credential = %out.id, reason = %why, "Health check failed with the new secret; retrying");
@@ -560,6 +587,7 @@ impl Agent {
                 }
             },
         };
+        self.health.set(&out.id, healthy);
         state.unhealthy_since = if healthy {
             None
         } else {
@@ -574,12 +602,21 @@ impl Agent {
         }
     }
 
-    fn command_env(&self, out: &Output, fingerprint: &str) -> Vec<(&'static str, String)> {
+    fn command_env(&self, out: &Output, state: &State) -> Vec<(&'static str, String)> {
+        let login = state
+            .login
+            .clone()
+            .or_else(|| out.principal.clone())
+            .unwrap_or_default();
         vec![
             ("KEYWAVE_CONSUMER", self.cfg.consumer.clone()),
             ("KEYWAVE_CREDENTIAL", out.id.clone()),
-            ("KEYWAVE_FINGERPRINT", fingerprint.to_string()),
+            (
+                "KEYWAVE_FINGERPRINT",
+                state.applied.clone().unwrap_or_default(),
+            ),
             ("KEYWAVE_SECRET_FILE", out.path.display().to_string()),
+            ("KEYWAVE_LOGIN", login),
         ]
     }
 
@@ -628,6 +665,8 @@ struct State {
     attested: Option<(String, bool)>,
     /// Since when the health check fails (None: passing or not run).
     unhealthy_since: Option<u64>,
+    /// The login the store records for the secret written last.
+    login: Option<String>,
 }
 
 #[cfg(test)]
@@ -680,7 +719,19 @@ mode = "0640"
             mode: 0o600,
         };
         let s = Secret::new("s3cr3t".into());
-        assert_eq!(render(&out, &s).expose(), "U=app P=s3cr3t");
+        assert_eq!(render(&out, &s, None).expose(), "U=app P=s3cr3t");
+        let out = Output {
+            template: Some("{{login}}:{{secret}} ({{principal}})".into()),
+            ..out
+        };
+        assert_eq!(render(&out, &s, None).expose(), "app:s3cr3t (app)");
+        assert_eq!(
+            render(&out, &s, Some("app_clone")).expose(),
+            "app_clone:s3cr3t (app)"
+        );
+        // A placeholder inside the secret is not expanded.
+        let odd = Secret::new("{{login}}".into());
+        assert_eq!(render(&out, &odd, Some("b")).expose(), "b:{{login}} (app)");
     }
 
     #[test]
@@ -699,6 +750,43 @@ mode = "0640"
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 1, "no temporary file left: {names:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A reader polling the file while it is rewritten 500 times, between
+    /// contents of very different lengths, only ever sees a whole one.
+    #[test]
+    fn a_polling_reader_never_sees_a_partial_file() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let dir = tempfile_dir();
+        let p = dir.join("secret");
+        let versions: Vec<Vec<u8>> = (0..8u8)
+            .map(|i| vec![b'a' + i; if i % 2 == 0 { 12 } else { 64 * 1024 }])
+            .collect();
+        write_atomic(&p, &versions[0], 0o600).unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (p, done, versions) = (p.clone(), done.clone(), versions.clone());
+            std::thread::spawn(move || {
+                let (mut reads, mut torn) = (0u64, 0u64);
+                while !done.load(Ordering::SeqCst) {
+                    let got = std::fs::read(&p).expect("the file always exists");
+                    reads += 1;
+                    if !versions.contains(&got) {
+                        torn += 1;
+                    }
+                }
+                (reads, torn)
+            })
+        };
+        for n in 1..=500 {
+            write_atomic(&p, &versions[n % versions.len()], 0o600).unwrap();
+        }
+        done.store(true, Ordering::SeqCst);
+        let (reads, torn) = reader.join().unwrap();
+        assert!(reads > 0);
+        assert_eq!(torn, 0, "{torn} of {reads} reads saw a partial file");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -10,7 +10,7 @@
 //! endpoint names. Environment lookups go through [`Env`]
 //! so tests pass a map.
 
-use crate::targets::db::{self, Admin, Continuity, Logins, Tls};
+use crate::targets::db::{self, Admin, Continuity, Logins, Tls, TlsMode, TlsRequire};
 use crate::targets::mysql::{self, MysqlOptions, MysqlTarget};
 use crate::targets::postgres::{self, PostgresOptions, PostgresTarget};
 use crate::targets::redis::RedisTarget;
@@ -257,11 +257,27 @@ pub struct EndpointFile {
     /// password).
     #[serde(default)]
     pub admin_password_file: Option<PathBuf>,
-    /// postgres, mysql: `disable` (plain TCP: loopback, a private network or
-    /// a tunnel) or `require` (TLS with a verified certificate; not supported
-    /// by this build yet, refused at start-up). Default `disable`.
+    /// postgres, mysql: TLS on every connection to the server, the admin
+    /// pool's and each login check's alike. `disable` (plain TCP: loopback, a
+    /// private network or a tunnel) or `require`: TLS with a verified
+    /// certificate chain and host name (`host`, or `server_name`), no
+    /// plain-text fallback. A certificate that fails verification fails the
+    /// operation with `target_unreachable` (retried, then reported with the
+    /// reason); a server that refuses plain text while this is `disable`
+    /// fails it with `target_auth`. Default `disable`.
     #[serde(default)]
-    pub tls: Option<Tls>,
+    pub tls: Option<TlsMode>,
+    /// postgres, mysql, with `tls = "require"`: PEM bundle of the CA
+    /// certificates to trust for this server (then only these); read at
+    /// start-up. Default: the system trust store (`SSL_CERT_FILE` /
+    /// `SSL_CERT_DIR` or the distribution's bundle).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// postgres, mysql, with `tls = "require"`: the DNS name (or IP address)
+    /// the server's certificate must carry, when it is not `host`, e.g. when
+    /// connecting by IP address or through a tunnel. Default: `host`.
+    #[serde(default)]
+    pub server_name: Option<String>,
     /// postgres, mysql: admin connections kept open at most, shared by every
     /// task of this worker. Default 4 (or `max_concurrency` if lower).
     #[serde(default)]
@@ -319,6 +335,8 @@ impl EndpointFile {
             ("admin_password_env", self.admin_password_env.is_some()),
             ("admin_password_file", self.admin_password_file.is_some()),
             ("tls", self.tls.is_some()),
+            ("ca_file", self.ca_file.is_some()),
+            ("server_name", self.server_name.is_some()),
             ("admin_connections", self.admin_connections.is_some()),
             ("continuity", self.continuity.is_some()),
             ("clone_suffix", self.clone_suffix.is_some()),
@@ -725,6 +743,8 @@ const DB_FIELDS: &[&str] = &[
     "admin_password_env",
     "admin_password_file",
     "tls",
+    "ca_file",
+    "server_name",
     "admin_connections",
     "continuity",
     "clone_suffix",
@@ -732,6 +752,37 @@ const DB_FIELDS: &[&str] = &[
     "secret_length",
     "secret_charset",
 ];
+
+/// `tls`, `ca_file` and `server_name`, validated and loaded (the CA bundle
+/// is read now, so a bad one stops the worker at start-up).
+fn db_tls(at: &str, e: &EndpointFile) -> Result<Tls, ConfigError> {
+    match e.tls.unwrap_or_default() {
+        TlsMode::Disable => {
+            for (field, set) in [
+                ("ca_file", e.ca_file.is_some()),
+                ("server_name", e.server_name.is_some()),
+            ] {
+                if set {
+                    return Err(invalid(
+                        format!("{at}.{field}"),
+                        "only valid with tls = \"require\"",
+                    ));
+                }
+            }
+            Ok(Tls::Disable)
+        }
+        TlsMode::Require => {
+            if let Some(n) = &e.server_name {
+                if n.trim().is_empty() {
+                    return Err(invalid(format!("{at}.server_name"), "must not be empty"));
+                }
+            }
+            TlsRequire::new(e.ca_file.as_deref(), e.server_name.as_deref())
+                .map(Tls::Require)
+                .map_err(|err| invalid(format!("{at}.{}", err.field()), err.to_string()))
+        }
+    }
+}
 
 /// The settings postgres and mysql endpoints share, validated.
 struct DbCommon {
@@ -770,16 +821,7 @@ fn db_common(
         )
     })?;
     login_name(&user).map_err(|m| invalid(format!("{at}.admin_user"), m))?;
-    let tls = e.tls.unwrap_or_default();
-    if tls != Tls::Disable {
-        return Err(invalid(
-            format!("{at}.tls"),
-            format!(
-                "tls = \"{}\" is not supported by this build yet; use \"disable\" over loopback, a private network or a tunnel",
-                tls.as_str()
-            ),
-        ));
-    }
+    let tls = db_tls(at, e)?;
     let connections = e
         .admin_connections
         .unwrap_or(DEFAULT_ADMIN_CONNECTIONS.min(max_concurrency));
@@ -1352,7 +1394,26 @@ mod tests {
     #[test]
     fn database_endpoint_errors_name_the_field() {
         let cases = [
-            (format!("{PG}tls = \"require\""), "endpoint[0].tls"),
+            (
+                format!("{PG}ca_file = \"/etc/ca.pem\""),
+                "endpoint[0].ca_file",
+            ),
+            (
+                format!("{MY}tls = \"disable\"\nserver_name = \"db\""),
+                "endpoint[0].server_name",
+            ),
+            (
+                format!("{PG}tls = \"require\"\nca_file = \"/nonexistent/kw-ca.pem\""),
+                "endpoint[0].ca_file",
+            ),
+            (
+                format!("{MY}tls = \"require\"\nserver_name = \"not a host name\""),
+                "endpoint[0].server_name",
+            ),
+            (
+                format!("{PG}tls = \"require\"\nserver_name = \"\""),
+                "endpoint[0].server_name",
+            ),
             (
                 format!("{PG}continuity = \"dual\""),
                 "endpoint[0].continuity",
@@ -1425,6 +1486,58 @@ mod tests {
             parse(&format!("{PG}tls = \"verify-full\"")),
             Err(ConfigError::Parse { .. })
         ));
+    }
+
+    #[test]
+    fn database_tls_settings_are_loaded_and_checked() {
+        // The system trust store when no ca_file is given.
+        let c = parse(&format!("{PG}tls = \"require\"")).unwrap();
+        let EndpointSpec::Postgres(o) = &c.endpoints[0].spec else {
+            panic!("postgres endpoint expected");
+        };
+        let Tls::Require(t) = &o.admin.tls else {
+            panic!("tls = require expected");
+        };
+        assert_eq!(t.ca_file(), None);
+        assert!(t.server_name().is_none());
+
+        // A CA bundle and a server name, for mysql too.
+        let dir = std::env::temp_dir().join(ids::random_id("kw-db-tls"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pki = keywave_tests::secure::TestPki::generate(&dir);
+        let ca = pki.ca.display().to_string();
+        let c = parse(&format!(
+            "{MY}tls = \"require\"\nca_file = {ca:?}\nserver_name = \"db.internal\""
+        ))
+        .unwrap();
+        let EndpointSpec::Mysql(o) = &c.endpoints[0].spec else {
+            panic!("mysql endpoint expected");
+        };
+        let Tls::Require(t) = &o.admin.tls else {
+            panic!("tls = require expected");
+        };
+        assert_eq!(t.ca_file(), Some(pki.ca.as_path()));
+        assert_eq!(t.server_name().unwrap().to_str(), "db.internal");
+        // An IP address is a name too.
+        assert!(parse(&format!(
+            "{PG}tls = \"require\"\nca_file = {ca:?}\nserver_name = \"10.0.0.7\""
+        ))
+        .is_ok());
+
+        // A file without a certificate (a key, say) is refused at start-up,
+        // and the error names the field.
+        let key = pki.key.display().to_string();
+        let err = parse(&format!("{PG}tls = \"require\"\nca_file = {key:?}")).unwrap_err();
+        assert_eq!(err.field(), Some("endpoint[0].ca_file"));
+        assert!(err.to_string().contains("no PEM certificate"), "{err}");
+        // The TLS keys are refused where they mean nothing.
+        assert_eq!(
+            bad_field(&format!(
+                "region = \"eu\"\n[[endpoint]]\nname = \"r\"\nkind = \"redis\"\nurl = \"redis://h:1\"\nca_file = {ca:?}"
+            )),
+            "endpoint[0].ca_file"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -115,7 +115,7 @@ impl ConsumerVerifier {
             _ = shutdown.cancelled() => return Err(Interrupted),
             r = async { tokio::join!(attest_wait, probes) } => r,
         };
-        let probed: HashMap<String, Result<(), String>> = probed.into_iter().collect();
+        let probed: HashMap<String, Result<u64, String>> = probed.into_iter().collect();
         Ok(checks
             .iter()
             .map(|c| {
@@ -131,16 +131,18 @@ impl ConsumerVerifier {
                             .unwrap_or_else(|| Err("not probed".into())),
                     ),
                 };
-                let (status, detail) = match r {
-                    None => (ConsumerStatus::Unverified, None),
-                    Some(Ok(())) => (ConsumerStatus::Verified, None),
-                    Some(Err(d)) => (ConsumerStatus::Failed, Some(d)),
+                let (status, detail, at) = match r {
+                    None => (ConsumerStatus::Unverified, None, None),
+                    Some(Ok(at)) => (ConsumerStatus::Verified, None, Some(at)),
+                    Some(Err(d)) => (ConsumerStatus::Failed, Some(d), None),
                 };
                 ConsumerOutcome {
                     id: c.id.clone(),
                     verify: c.verify,
                     status,
                     detail,
+                    verified_at_ms: at,
+                    after_ms: at.map(|at| at.saturating_sub(now)),
                 }
             })
             .collect())
@@ -156,8 +158,8 @@ impl ConsumerVerifier {
         checks: &[&ConsumerCheck],
         now: u64,
         deadline_ms: u64,
-    ) -> HashMap<String, Result<(), String>> {
-        let mut out: HashMap<String, Result<(), String>> = HashMap::new();
+    ) -> HashMap<String, Result<u64, String>> {
+        let mut out: HashMap<String, Result<u64, String>> = HashMap::new();
         let mut limits: HashMap<&str, u64> = checks
             .iter()
             .map(|c| (c.id.as_str(), wait_limit(c, now, deadline_ms)))
@@ -249,7 +251,7 @@ impl ConsumerVerifier {
                 debug!(credential = %credential_id, consumer = %id, "Consumer attested the new secret");
                 limits.remove(id);
                 why.remove(id);
-                out.insert(id.to_string(), Ok(()));
+                out.insert(id.to_string(), Ok(now_ms()));
             } else {
                 why.insert(
                     id,
@@ -268,8 +270,8 @@ impl ConsumerVerifier {
 }
 
 /// Probes `check.url` until it answers 2xx or `limit` (ms since the epoch)
-/// passes.
-async fn probe_until(check: &ConsumerCheck, limit: u64) -> Result<(), String> {
+/// passes; returns when it answered.
+async fn probe_until(check: &ConsumerCheck, limit: u64) -> Result<u64, String> {
     let Some(url) = check.url.as_deref() else {
         return Err("http verification without a url".into());
     };
@@ -278,7 +280,7 @@ async fn probe_until(check: &ConsumerCheck, limit: u64) -> Result<(), String> {
         let left = limit.saturating_sub(now_ms());
         let per_try = PROBE_TIMEOUT.min(Duration::from_millis(left.max(1)));
         last = match tokio::time::timeout(per_try, http_get_status(url)).await {
-            Ok(Ok(code)) if (200..300).contains(&code) => return Ok(()),
+            Ok(Ok(code)) if (200..300).contains(&code) => return Ok(now_ms()),
             Ok(Ok(code)) => format!("probe answered HTTP {code}"),
             Ok(Err(e)) => format!("probe failed: {e}"),
             Err(_) => "probe timed out".into(),

@@ -18,6 +18,7 @@
 //! - [`notice`]: rotation notices (`keywave.rotated.<region>.<credential>`): keyed detection fingerprints of each new CURRENT secret, only with a detection key.
 //! - [`consumers`]: consumer verification after promote (attestations on `KEYWAVE_ATTEST`, HTTP probes), before revoke.
 //! - [`agent`]: the consumer agent (`keywave-worker agent`): writes each new CURRENT secret for an application, reloads it, attests the fingerprint.
+//! - [`agent_ping`]: the agent's answer to the coordinator's pre-flight ping (`keywave.agent.v1.<region>.<consumer>.ping`): alive, version, credentials watched, health.
 //! - [`runner`]: the JetStream consume loop: bounded concurrency, one ack decision per message, dead letters, graceful drain.
 //! - [`fault`]: fault-injection points for crash tests (off by default).
 //! - [`metrics`]: `/metrics` (Prometheus), `/healthz` and `/readyz` on `metrics_addr`.
@@ -26,6 +27,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod agent_ping;
 pub mod cli;
 pub mod config;
 pub mod config_keys;

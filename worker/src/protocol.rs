@@ -502,6 +502,22 @@ impl Protocol {
         .await
     }
 
+    /// Which login `secret` opens (see [`crate::targets::Target::placement`]),
+    /// retried like a check; `None` when it opens none.
+    async fn placement(
+        &self,
+        run: &Run<'_>,
+        shutdown: &CancellationToken,
+        ep: &Endpoint,
+        secret: &Secret,
+    ) -> Result<Option<String>, Fail> {
+        let p = &run.task.principal;
+        self.retrying(run, shutdown, "check", move || async move {
+            ep.placement(p, secret).await.map_err(Fail::from)
+        })
+        .await
+    }
+
     async fn target_op(
         &self,
         run: &Run<'_>,
@@ -601,8 +617,8 @@ impl Protocol {
         // Set, unless reading back shows it happened before a crash.
         self.enter(run, Step::Set).await?;
         let t0 = Instant::now();
-        let already_set =
-            self.check(run, shutdown, ep, &pending.secret).await? == AuthCheck::Accepted;
+        let mut login = self.placement(run, shutdown, ep, &pending.secret).await?;
+        let already_set = login.is_some();
         if already_set {
             info!(task = %task.task_id, credential = %task.credential_id, "Staged secret already authenticates; set happened before, skipping");
         } else {
@@ -619,9 +635,10 @@ impl Protocol {
         // was skipped because of it).
         self.enter(run, Step::Tested).await?;
         let t0 = Instant::now();
-        if !already_set
-            && self.check(run, shutdown, ep, &pending.secret).await? != AuthCheck::Accepted
-        {
+        if !already_set {
+            login = self.placement(run, shutdown, ep, &pending.secret).await?;
+        }
+        if login.is_none() {
             return Err(Fail::NewSecretRejected);
         }
         self.done(run, Step::Tested, t0)?;
@@ -632,6 +649,7 @@ impl Protocol {
         let old = loaded.record.current.take();
         let new = Version {
             since_ms: now_ms(),
+            login,
             ..pending
         };
         loaded.record.previous = old.clone();
@@ -743,6 +761,8 @@ impl Protocol {
                             ConsumerStatus::Unverified
                         },
                         detail: checked.then(|| "this worker cannot verify consumers".into()),
+                        verified_at_ms: None,
+                        after_ms: None,
                     }
                 })
                 .collect(),
@@ -825,9 +845,9 @@ impl Protocol {
         // Test: the previous secret logs in, the rolled-back one does not.
         self.enter(run, Step::Tested).await?;
         let t0 = Instant::now();
-        if self.check(run, shutdown, ep, &prev.secret).await? != AuthCheck::Accepted {
+        let Some(login) = self.placement(run, shutdown, ep, &prev.secret).await? else {
             return Err(Fail::NewSecretRejected);
-        }
+        };
         let r = self.check(run, shutdown, ep, &cur.secret).await?;
         run.old_rejected = Some(r == AuthCheck::Rejected);
         if r == AuthCheck::Accepted {
@@ -840,6 +860,7 @@ impl Protocol {
         let t0 = Instant::now();
         loaded.record.current = Some(Version {
             since_ms: now_ms(),
+            login: Some(login),
             ..prev
         });
         loaded.record.previous = Some(Version {
@@ -931,6 +952,8 @@ fn result_consumers(run: &Run<'_>) -> Vec<ConsumerOutcome> {
             verify: c.verify,
             status: ConsumerStatus::Unverified,
             detail: None,
+            verified_at_ms: None,
+            after_ms: None,
         })
         .collect()
 }

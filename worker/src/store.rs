@@ -67,6 +67,11 @@ pub struct Version {
     /// Strategy of the rotation that generated it; a secret made CURRENT by a
     /// containment rotation is never rolled back from.
     pub strategy: Option<Strategy>,
+    /// The login this secret opens, as the worker found it when it proved
+    /// the secret: the principal itself, or for alternating users the login
+    /// of the pair that holds it (what a consumer must connect as). `None`
+    /// until proven (PENDING, enrolled secrets).
+    pub login: Option<String>,
 }
 
 /// A task that changed the record (promote or rollback), as remembered.
@@ -137,6 +142,8 @@ struct StoredVersion<'a> {
     since_ms: u64,
     #[serde(default)]
     strategy: Option<Strategy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    login: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -165,6 +172,7 @@ fn to_stored(v: &Option<Version>) -> Option<StoredVersion<'_>> {
         task_id: v.task_id.clone(),
         since_ms: v.since_ms,
         strategy: v.strategy,
+        login: v.login.clone(),
     })
 }
 
@@ -175,6 +183,7 @@ fn from_stored(v: Option<StoredVersion>) -> Option<Version> {
         task_id: v.task_id,
         since_ms: v.since_ms,
         strategy: v.strategy,
+        login: v.login,
     })
 }
 
@@ -241,6 +250,7 @@ impl SecretStore {
             task_id,
             since_ms: keywave_common::now_ms(),
             strategy,
+            login: None,
         }
     }
 
@@ -415,15 +425,21 @@ mod tests {
         assert_eq!(cur.secret, s);
         assert_eq!(cur.fingerprint, store.fingerprint(&s));
 
-        // A stale revision loses.
+        // Enrolled: which login it opens is not known yet.
+        assert_eq!(cur.login, None);
+
+        // A stale revision loses; the login survives a round trip.
         let mut r = l.record.clone();
         r.last_task = Some("t1".into());
+        r.current.as_mut().unwrap().login = Some("app_clone".into());
         let rev = store.save("c1", &r, l.revision).await.unwrap();
         assert!(matches!(
             store.save("c1", &r, l.revision).await.unwrap_err(),
             StoreError::Conflict { .. }
         ));
         assert!(rev > l.revision);
+        let again = store.get("c1").await.unwrap().unwrap();
+        assert_eq!(again.current.unwrap().login.as_deref(), Some("app_clone"));
 
         // The bucket holds ciphertext only, bound to the credential id.
         let raw = b.kv.get("c1").await.unwrap().unwrap();

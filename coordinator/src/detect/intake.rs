@@ -765,6 +765,8 @@ impl Intake {
             on_failure: OnFailure::Pause,
             task_timeout_ms: self.cfg.task_timeout.as_millis() as u64,
             approve_before_waves: if gated { vec![0] } else { Vec::new() },
+            preflight: None,
+            preflight_max_unreachable: 0.0,
         }
     }
 

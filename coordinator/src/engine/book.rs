@@ -1,5 +1,5 @@
 //! The campaign's books: the [`CampaignStatus`] counters plus, per wave, two
-//! bitsets indexed by the task's `index` (has a result, succeeded). Results in,
+//! bitsets indexed by the task's `index` (has a result, rotated). Results in,
 //! counters and "is this wave complete" out; no I/O, so replays, duplicates and
 //! late results are unit-tested here. Memory is two bits per credential, plus
 //! one more for the wave being rolled back.
@@ -84,8 +84,10 @@ impl BitSet {
 pub struct WaveTally {
     /// Indexes with a result.
     pub seen: BitSet,
-    /// Indexes whose rotation succeeded.
-    pub succeeded: BitSet,
+    /// Indexes whose new secret became CURRENT: the rotation succeeded, or
+    /// failed after its promote (e.g. a consumer did not verify the new
+    /// secret, so the old one was kept). These get rollback tasks.
+    pub rotated: BitSet,
     /// When the wave was finalized: its counters are frozen from then on.
     pub finished_at_ms: Option<u64>,
 }
@@ -153,7 +155,7 @@ impl Book {
                 w.rollback_failed = 0;
                 WaveTally {
                     seen: BitSet::new(w.size),
-                    succeeded: BitSet::new(w.size),
+                    rotated: BitSet::new(w.size),
                     finished_at_ms: w.finished_at_ms,
                 }
             })
@@ -190,8 +192,8 @@ impl Book {
                     return Applied::Duplicate;
                 }
                 let ok = r.outcome == Outcome::Succeeded;
-                if ok {
-                    tally.succeeded.insert(idx);
+                if ok || r.new_fingerprint.is_some() {
+                    tally.rotated.insert(idx);
                 }
                 if let Some(region) = self.status.regions.get_mut(r.region.as_str()) {
                     if ok {
@@ -213,7 +215,7 @@ impl Book {
             }
             TaskAction::Rollback => {
                 // Only credentials that were rotated get rollback tasks.
-                if !tally.succeeded.contains(idx) {
+                if !tally.rotated.contains(idx) {
                     return Applied::Unknown;
                 }
                 let rb = self.rollback.get_or_insert_with(|| RollbackTally {
@@ -272,13 +274,13 @@ impl Book {
     }
 
     /// Starts (or restarts) the rollback of `wave`; returns how many rollback
-    /// tasks it takes (one per credential whose rotation succeeded).
+    /// tasks it takes (one per credential whose new secret became CURRENT).
     pub fn begin_rollback(&mut self, wave: u32) -> u64 {
         let w = wave as usize;
         let Some(tally) = self.tallies.get(w) else {
             return 0;
         };
-        let tasks = tally.succeeded.count();
+        let tasks = tally.rotated.count();
         if !matches!(&self.rollback, Some(rb) if rb.wave == wave) {
             self.rollback = Some(RollbackTally {
                 wave,
@@ -356,6 +358,8 @@ mod tests {
                 on_failure: OnFailure::Rollback,
                 task_timeout_ms: 1000,
                 approve_before_waves: Vec::new(),
+                preflight: None,
+                preflight_max_unreachable: 0.0,
             },
             state: CampaignState::Running,
             total: sizes.iter().sum(),
@@ -447,6 +451,29 @@ mod tests {
     }
 
     #[test]
+    fn a_rotation_that_failed_after_its_promote_is_rolled_back() {
+        let mut b = Book::new(status(&[3]));
+        b.apply(&result(0, 0, TaskAction::Rotate, Outcome::Succeeded), 1);
+        // Promoted, then a consumer did not verify: the new secret is CURRENT.
+        let mut lagging = result(0, 1, TaskAction::Rotate, Outcome::Failed);
+        lagging.error_class = Some(ErrorClass::ConsumerNotVerified);
+        lagging.new_fingerprint = Some("fp-new".into());
+        b.apply(&lagging, 1);
+        // Failed before its promote: nothing to undo.
+        b.apply(&result(0, 2, TaskAction::Rotate, Outcome::Failed), 1);
+        b.finalize_wave(0, 5);
+        assert_eq!(
+            (b.status.waves[0].succeeded, b.status.waves[0].failed),
+            (1, 2)
+        );
+        assert_eq!(b.begin_rollback(0), 2);
+        assert_eq!(
+            b.tally(0).unwrap().rotated.iter().collect::<Vec<_>>(),
+            vec![0, 1]
+        );
+    }
+
+    #[test]
     fn rollback_counts_only_rotated_credentials() {
         let mut b = Book::new(status(&[4]));
         b.apply(&result(0, 0, TaskAction::Rotate, Outcome::Succeeded), 1);
@@ -455,7 +482,7 @@ mod tests {
         b.finalize_wave(0, 5);
         assert_eq!(b.begin_rollback(0), 2);
         assert_eq!(
-            b.tally(0).unwrap().succeeded.iter().collect::<Vec<_>>(),
+            b.tally(0).unwrap().rotated.iter().collect::<Vec<_>>(),
             vec![0, 1]
         );
         assert!(!b.rollback_complete(0));
@@ -543,8 +570,8 @@ mod tests {
         }
         assert_eq!(restarted.status, live.status);
         assert_eq!(
-            restarted.tally(0).unwrap().succeeded,
-            live.tally(0).unwrap().succeeded
+            restarted.tally(0).unwrap().rotated,
+            live.tally(0).unwrap().rotated
         );
     }
 }

@@ -100,6 +100,8 @@ mod tests {
             on_failure,
             task_timeout_ms: 1000,
             approve_before_waves: Vec::new(),
+            preflight: None,
+            preflight_max_unreachable: 0.0,
         }
     }
 

@@ -11,6 +11,7 @@ use super::{
     events,
     fault::{Crash, CrashPoint},
     plan::{PlanError, PlanReader},
+    preflight::{self, AgentKey},
     snapshot_key, start_window_ms, ControlAction, Engine, Handle, DEADLINE_GRACE, TASK_ACK_WINDOW,
 };
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, ReplayPolicy};
@@ -22,9 +23,10 @@ use keywave_common::{
     subjects,
     wire::{
         CampaignSpec, CampaignState, Decision, EventKind, RotationResult, RotationTask, Strategy,
-        TaskAction, SCHEMA_VERSION,
+        TaskAction, VerifyKind, SCHEMA_VERSION,
     },
 };
+use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard};
 use std::time::Duration;
@@ -99,6 +101,7 @@ pub(super) async fn run(engine: Arc<Engine>, h: Arc<Handle>) {
         spec,
         publish_done_ms: None,
         tick,
+        agents: None,
     };
     let mut backoff = Duration::from_secs(1);
     loop {
@@ -147,6 +150,8 @@ struct Driver {
     /// When the current wave's last task was published (this process only).
     publish_done_ms: Option<u64>,
     tick: Interval,
+    /// The agents a wave's pre-flight asks, read from the plan once per wave.
+    agents: Option<(u32, Arc<BTreeSet<AgentKey>>)>,
 }
 
 impl Driver {
@@ -364,7 +369,7 @@ impl Driver {
                     tracing::Instrument::instrument(self.rollback(w), span).await?
                 }
                 (_, None) => {
-                    if self.gate(w).await? {
+                    if self.gate(w).await? && self.preflight(w).await? {
                         // Tasks carry this span's trace context (keywave_common::telemetry::inject).
                         let span = tracing::info_span!("wave", wave = w, action = "rotate");
                         tracing::Instrument::instrument(self.run_wave(w), span).await?
@@ -499,6 +504,149 @@ impl Driver {
                 GateWake::Stop => return Err(DriveError::Shutdown),
             }
         }
+    }
+
+    /// The pre-flight before wave `w` (see [`preflight`]): asks the agents of
+    /// the wave's `attest` consumers whether they are alive. Returns `true`
+    /// when the wave may start (pre-flight off, nothing to ask, enough
+    /// agents answered, a containment campaign, or the wave already
+    /// started), `false` when the campaign paused (too many agents
+    /// unreachable, or an operator request) or ended. Nothing but the
+    /// snapshot's state is kept: a campaign paused here and resumed, also by
+    /// a restarted coordinator, comes back and asks again.
+    async fn preflight(&mut self, w: u32) -> Result<bool, DriveError> {
+        let started = {
+            let b = self.book();
+            let ws = &b.status.waves[w as usize];
+            ws.started_at_ms.is_some() || ws.published
+        };
+        if started || self.spec.preflight != Some(true) {
+            return Ok(true);
+        }
+        let agents = self.wave_agents(w).await?;
+        if agents.is_empty() {
+            return Ok(true);
+        }
+        match self.state() {
+            s if s.is_terminal() => return Ok(false),
+            CampaignState::Paused => {
+                self.wait_while_paused().await?;
+                return Ok(false);
+            }
+            _ => {}
+        }
+        let timeout = self.engine.opts.preflight_timeout;
+        debug!(campaign = %self.cid(), wave = w, agents = agents.len(), "Pre-flight: asking the consumer agents");
+        let answers = tokio::select! {
+            a = preflight::ping_all(&self.engine.client, &agents, timeout) => a,
+            _ = self.h.stop.cancelled() => return Err(DriveError::Shutdown),
+        };
+        let mut findings = preflight::Findings::from_answers(&answers);
+        let mut not_watching = 0u64;
+        self.scan_attest(w, |cred, key| {
+            if let Some(preflight::Answer::Alive { credentials, .. }) = answers.get(key) {
+                if !credentials.contains(cred) {
+                    not_watching += 1;
+                    findings.add_not_watching(key, cred);
+                }
+            }
+        })
+        .await?;
+        let verdict = preflight::judge(w, &findings, self.spec.preflight_max_unreachable);
+        let containment = self.spec.strategy == Strategy::Containment;
+        let reason = if !verdict.passed && containment {
+            format!(
+                "{}; containment does not wait for consumers: the wave starts",
+                verdict
+                    .reason
+                    .replace(&format!("; wave {w} not started"), "")
+            )
+        } else {
+            verdict.reason.clone()
+        };
+        self.fence().await?;
+        self.event(EventKind::Preflight {
+            wave: w,
+            asked: findings.asked,
+            unreachable: findings.unreachable,
+            passed: verdict.passed,
+            reason: reason.clone(),
+            unreachable_agents: findings.unreachable_agents,
+            unhealthy_agents: findings.unhealthy_agents.clone(),
+            not_watching: findings.not_watching,
+        })
+        .await?;
+        if !findings.unhealthy_agents.is_empty() || not_watching > 0 {
+            let unhealthy: Vec<String> = findings
+                .unhealthy_agents
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            warn!(
+                campaign = %self.cid(), wave = w, unhealthy = %unhealthy.join(", "), not_watching,
+                "Pre-flight: some consumer agents answered unhealthy or do not watch a credential of the wave"
+            );
+        }
+        if verdict.passed || containment {
+            info!(campaign = %self.cid(), wave = w, asked = findings.asked, unreachable = findings.unreachable, reason = %reason, "Pre-flight passed");
+            // An operator request that came while the agents were asked.
+            self.poll_control().await?;
+            return Ok(matches!(self.state(), CampaignState::Running));
+        }
+        warn!(campaign = %self.cid(), wave = w, asked = findings.asked, unreachable = findings.unreachable, reason = %reason, "Pre-flight failed: the wave does not start");
+        self.poll_control().await?;
+        if !self.state().is_terminal() {
+            self.transition(CampaignState::Paused, reason).await?;
+        }
+        Ok(false)
+    }
+
+    /// The (region, consumer) pairs of wave `w`'s `attest` consumers.
+    async fn wave_agents(&mut self, w: u32) -> Result<Arc<BTreeSet<AgentKey>>, DriveError> {
+        if let Some((cached, agents)) = &self.agents {
+            if *cached == w {
+                return Ok(agents.clone());
+            }
+        }
+        let mut agents = BTreeSet::new();
+        self.scan_attest(w, |_, key| {
+            if !agents.contains(key) {
+                agents.insert(key.clone());
+            }
+        })
+        .await?;
+        let agents = Arc::new(agents);
+        self.agents = Some((w, agents.clone()));
+        Ok(agents)
+    }
+
+    /// Calls `f(credential, (region, consumer))` for every `attest`
+    /// consumer of every credential of wave `w`, one plan chunk at a time.
+    async fn scan_attest(
+        &mut self,
+        w: u32,
+        mut f: impl FnMut(&str, &AgentKey),
+    ) -> Result<(), DriveError> {
+        let (offset, size) = self.wave_range(w);
+        let end = offset + size;
+        let mut pos = offset;
+        let mut key: AgentKey = Default::default();
+        while pos < end {
+            let (chunk, range) = self.plan.slice_at(pos, end).await?;
+            pos += range.len() as u64;
+            for e in &chunk[range] {
+                for c in e
+                    .consumers
+                    .iter()
+                    .filter(|c| c.verify == VerifyKind::Attest)
+                {
+                    key.0.clone_from(&e.region);
+                    key.1.clone_from(&c.id);
+                    f(&e.id, &key);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Records the approval of wave `w` in the books (unless there already)
@@ -844,7 +992,7 @@ impl Driver {
         let (tasks, targets) = {
             let mut b = self.book();
             let tasks = b.begin_rollback(w);
-            let targets = b.tally(w).map(|t| t.succeeded.clone());
+            let targets = b.tally(w).map(|t| t.rotated.clone());
             (tasks, targets)
         };
         let Some(targets) = targets else {

@@ -30,6 +30,9 @@ pub fn msg_id(cid: &str, kind: &EventKind, at_ms: u64) -> String {
         // A campaign can enter the same state more than once (pause, resume,
         // pause): each change is its own event.
         EventKind::StateChanged { state, .. } => format!("{cid}:{name}:{state}:{at_ms}"),
+        // A wave is pre-flighted again each time the campaign reaches it
+        // (after a failed pre-flight and a resume): each check is recorded.
+        EventKind::Preflight { wave, .. } => format!("{cid}:{name}:{wave}:{at_ms}"),
         EventKind::DeadLetter { task_id, .. } => {
             format!("{cid}:{name}:{}", task_id.as_deref().unwrap_or("-"))
         }

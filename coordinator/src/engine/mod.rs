@@ -29,6 +29,7 @@ pub mod events;
 pub mod fault;
 pub mod plan;
 mod poison;
+pub mod preflight;
 
 use crate::inventory;
 use crate::lease::{self, Lease};
@@ -97,6 +98,9 @@ pub struct CoordinatorOptions {
     pub signer: Option<keywave_common::sign::TaskSigner>,
     /// Counters and lease state shown on `/metrics` (see [`crate::metrics`]).
     pub metrics: Arc<crate::metrics::CoordinatorMetrics>,
+    /// How long each consumer agent has to answer the pre-flight ping before
+    /// a wave (see [`preflight`]). Default 2s.
+    pub preflight_timeout: Duration,
 }
 
 impl Default for CoordinatorOptions {
@@ -109,6 +113,7 @@ impl Default for CoordinatorOptions {
             faults: fault::Faults::none(),
             signer: None,
             metrics: crate::metrics::CoordinatorMetrics::new(),
+            preflight_timeout: preflight::DEFAULT_TIMEOUT,
         }
     }
 }
@@ -767,7 +772,7 @@ impl Engine {
         self: &Arc<Self>,
         req: StartRequest,
     ) -> Result<String, RequestError> {
-        let spec = req.spec;
+        let mut spec = req.spec;
         spec.validate().map_err(RequestError::BadRequest)?;
         let cid = match req.campaign_id {
             Some(id) => {
@@ -778,7 +783,7 @@ impl Engine {
             None => ids::random_id("c"),
         };
         if let Some(existing) = self.load_status(&cid).await? {
-            return if existing.spec == spec {
+            return if same_spec(&existing.spec, &spec) {
                 Ok(cid)
             } else {
                 Err(RequestError::Conflict(format!(
@@ -805,6 +810,16 @@ impl Engine {
             return Err(RequestError::BadRequest(
                 "the selector matches no credential in the inventory (import some with `keywave inventory import`, or check the selector)".into(),
             ));
+        }
+        // Pre-flight by default when some consumer has an agent to ask; the
+        // choice is recorded in the spec (a campaign stored without it, from
+        // before pre-flight existed, runs without).
+        if spec.preflight.is_none() {
+            spec.preflight = Some(entries.iter().any(|e| {
+                e.consumers
+                    .iter()
+                    .any(|c| c.verify == keywave_common::wire::VerifyKind::Attest)
+            }));
         }
         let total = entries.len() as u64;
         let sizes = planner::wave_sizes(total, &spec.waves);
@@ -886,7 +901,7 @@ impl Engine {
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
                 // A concurrent start with the same id won the race.
                 return match self.load_status(&cid).await? {
-                    Some(s) if s.spec == spec => Ok(cid),
+                    Some(s) if same_spec(&s.spec, &spec) => Ok(cid),
                     _ => Err(RequestError::Conflict(format!(
                         "campaign {cid} already exists with another spec"
                     ))),
@@ -1201,6 +1216,19 @@ impl Engine {
             }
         }
     }
+}
+
+/// Whether a start request's spec is the one `existing` was started with:
+/// the coordinator fills in an unset `preflight` when it starts a campaign.
+fn same_spec(
+    existing: &keywave_common::wire::CampaignSpec,
+    requested: &keywave_common::wire::CampaignSpec,
+) -> bool {
+    let mut r = requested.clone();
+    if r.preflight.is_none() {
+        r.preflight = existing.preflight;
+    }
+    *existing == r
 }
 
 /// An approval read back from the events stream.

@@ -60,6 +60,8 @@ fn spec(region: &str, waves: &[u64], budget: f64, strategy: Strategy) -> Campaig
         on_failure: OnFailure::Rollback,
         task_timeout_ms: 10_000,
         approve_before_waves: Vec::new(),
+        preflight: None,
+        preflight_max_unreachable: 0.0,
     }
 }
 
@@ -562,6 +564,180 @@ async fn approval_gates_hold_waves_until_approved(client: async_nats::Client, ap
     worker.stop().await;
 }
 
+/// Every event of a campaign, in order.
+async fn events_of(js: &Context, cid: &str) -> Vec<CampaignEvent> {
+    let stream = js.get_stream(topology::STREAM_EVENTS).await.unwrap();
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: subjects::event_campaign_filter(cid),
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    if consumer.cached_info().num_pending == 0 {
+        return out;
+    }
+    let mut msgs = consumer.messages().await.unwrap();
+    while let Some(Ok(m)) = msgs.next().await {
+        out.push(codec::decode(m.headers.as_ref(), &m.payload).unwrap());
+        if m.info().unwrap().pending == 0 {
+            break;
+        }
+    }
+    out
+}
+
+/// Pre-flight: the agent of wave 0's `attest` consumer is not running, so
+/// the campaign pauses before the wave (no task issued) naming it; once an
+/// agent answers and the campaign is resumed, the pre-flight passes and the
+/// campaign completes. `http` and `none` consumers are not asked; an agent
+/// that does not watch a credential of the wave is listed.
+async fn preflight_holds_a_wave_until_its_agents_answer(
+    client: async_nats::Client,
+    api: ApiClient,
+) {
+    use keywave_common::wire::{ConsumerRef, VerifyKind};
+    let (js, region) = setup(&client, 0).await;
+    let mut cs = creds(&region, 3);
+    cs[0].consumers = vec![ConsumerRef::id("api")];
+    cs[1].consumers = vec![
+        ConsumerRef::id("api"),
+        ConsumerRef {
+            verify: Some(VerifyKind::Http),
+            url: Some("http://127.0.0.1:1/healthz".into()),
+            ..ConsumerRef::id("web")
+        },
+    ];
+    cs[2].consumers = vec![ConsumerRef {
+        verify: Some(VerifyKind::None),
+        ..ConsumerRef::id("cron")
+    }];
+    let kv = topology::inventory(&js, &topology::Config::default())
+        .await
+        .unwrap();
+    inventory::put_all(&kv, &cs).await.unwrap();
+    let worker = FakeWorker::start(js.clone(), &region, |_| Answer::Succeed).await;
+    let cid = api
+        .start(spec(&region, &[1, 2], 0.0, Strategy::Continuity))
+        .await
+        .unwrap();
+    let s = wait_status(&api, &cid, "paused by the pre-flight", |s| {
+        s.state == CampaignState::Paused
+    })
+    .await;
+    assert_eq!(
+        s.spec.preflight,
+        Some(true),
+        "on: the plan has attest consumers"
+    );
+    let reason = s.reason.unwrap();
+    assert_eq!(
+        reason,
+        format!("pre-flight: 1 of 1 consumer agents unreachable (api in {region}) > allowed 0.0%; wave 0 not started")
+    );
+    assert!(s.waves[0].started_at_ms.is_none() && !s.waves[0].published);
+    assert!(
+        worker.tasks(TaskAction::Rotate).is_empty(),
+        "no task issued"
+    );
+    // Resumed without an agent: checked again, paused again.
+    api.resume(&cid).await.unwrap();
+    let events = wait_for_events(&js, &cid, "a second pre-flight", |e| {
+        e.iter().filter(|e| e.kind.name() == "preflight").count() >= 2
+    })
+    .await;
+    assert!(!events.iter().any(|e| e.kind.name() == "wave_started"));
+    wait_status(&api, &cid, "paused again", |s| {
+        s.state == CampaignState::Paused
+    })
+    .await;
+
+    // An agent answers (it watches only the first credential), resume.
+    let board = keywave_worker::agent_ping::HealthBoard::new([cs[0].id.as_str()]);
+    let stop = CancellationToken::new();
+    let agent = keywave_worker::agent_ping::spawn(
+        client.clone(),
+        "api".into(),
+        region.clone(),
+        &board,
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    api.resume(&cid).await.unwrap();
+    let s = api.wait_terminal(&cid, WAIT).await.unwrap();
+    assert_eq!(s.state, CampaignState::Completed, "{s:#?}");
+    assert_eq!(worker.tasks(TaskAction::Rotate).len(), 3);
+    let pre: Vec<_> = events_of(&js, &cid)
+        .await
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EventKind::Preflight {
+                wave,
+                asked,
+                unreachable,
+                passed,
+                not_watching,
+                ..
+            } => Some((wave, asked, unreachable, passed, not_watching)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(pre.len(), 4, "{pre:#?}");
+    assert_eq!(
+        pre.iter().map(|p| (p.0, p.1, p.2, p.3)).collect::<Vec<_>>(),
+        vec![
+            (0, 1, 1, false),
+            (0, 1, 1, false),
+            (0, 1, 0, true),
+            // Wave 1: only `api` is asked (`web` is http, `cron` none).
+            (1, 1, 0, true)
+        ]
+    );
+    assert_eq!(
+        pre[3].4.len(),
+        1,
+        "api does not watch the second credential"
+    );
+    assert_eq!(pre[3].4[0].credential.as_deref(), Some(cs[1].id.as_str()));
+
+    // --no-preflight: the same campaign runs without asking anyone.
+    let mut off = spec(&region, &[3], 0.0, Strategy::Continuity);
+    off.preflight = Some(false);
+    stop.cancel();
+    agent.await.unwrap();
+    let cid = api.start(off).await.unwrap();
+    let s = api.wait_terminal(&cid, WAIT).await.unwrap();
+    assert_eq!(s.state, CampaignState::Completed, "{s:#?}");
+    assert!(!event_names(&js, &cid)
+        .await
+        .iter()
+        .any(|n| n == "preflight"));
+    worker.stop().await;
+}
+
+/// Waits until the campaign's events satisfy `f`.
+async fn wait_for_events(
+    js: &Context,
+    cid: &str,
+    what: &str,
+    f: impl Fn(&[CampaignEvent]) -> bool,
+) -> Vec<CampaignEvent> {
+    let until = tokio::time::Instant::now() + WAIT;
+    loop {
+        let e = events_of(js, cid).await;
+        if f(&e) {
+            return e;
+        }
+        if tokio::time::Instant::now() > until {
+            panic!("campaign {cid} never recorded: {what}; events {e:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// One coordinator serves every scenario (several coordinators in one
 /// process would share the API queue group and answer each other's
 /// requests); the scenarios run concurrently on their own regions.
@@ -578,6 +754,7 @@ async fn engine_scenarios_against_real_nats() {
         missing_result_counts_as_no_result(client.clone(), api.clone()),
         pause_resume_abort_and_bad_requests(client.clone(), api.clone()),
         approval_gates_hold_waves_until_approved(client.clone(), api.clone()),
+        preflight_holds_a_wave_until_its_agents_answer(client.clone(), api.clone()),
     );
     running.stop().await;
 

@@ -332,7 +332,10 @@ async fn containment_campaign_rotates_postgres_roles_and_mariadb_users() {
         assert!(rec.pending.is_none(), "{}", c.id);
         let previous = rec.previous.expect("previous").secret;
         assert!(previous == fleet.initial[&c.id], "{}", c.id);
-        proofs.push((c.clone(), rec.current.expect("current").secret, previous));
+        let current = rec.current.expect("current");
+        // The store records the login the new secret opens: the principal.
+        assert_eq!(current.login.as_deref(), Some(c.principal.as_str()));
+        proofs.push((c.clone(), current.secret, previous));
     }
     let f = Arc::new(fleet);
     let f2 = f.clone();
@@ -429,7 +432,16 @@ async fn continuity_campaign_alternates_postgres_roles_and_mariadb_users() {
         assert!(rec.pending.is_none(), "{}", c.id);
         let previous = rec.previous.expect("previous").secret;
         assert!(previous == fleet.initial[&c.id], "{}", c.id);
-        proofs.push((c.clone(), rec.current.expect("current").secret, previous));
+        let current = rec.current.expect("current");
+        // The store records which login of the pair the new secret opens,
+        // for consumers (the agent's `{{login}}`).
+        assert_eq!(
+            current.login,
+            Some(format!("{}_clone", c.principal)),
+            "{}",
+            c.id
+        );
+        proofs.push((c.clone(), current.secret, previous));
     }
     let f = Arc::new(fleet);
     let f2 = f.clone();

@@ -261,6 +261,16 @@ async fn discover_import_and_rotate_postgres_and_mariadb() {
     assert_eq!(again.existing.len(), 2);
     assert_eq!(discover::import(&client, &mut again).await.unwrap(), 0);
 
+    // Today's secrets are enrolled (what `keywave-worker enroll` does), so
+    // that the campaign can prove each one refused afterwards.
+    for cid in [
+        "pg-main-app_orders",
+        "pg-main-app_billing",
+        "mariadb-main-app_a",
+        "mariadb-main-app_b",
+    ] {
+        worker.store.enroll(cid, pw.clone()).await.unwrap();
+    }
     // A campaign rotates what was imported (containment: works for a
     // single-password login and for the alternating pair alike).
     let coordinator = support::start_coordinator(&client).await;
@@ -286,6 +296,33 @@ async fn discover_import_and_rotate_postgres_and_mariadb() {
     let (_, stdout, _) = run_keywave(&server.url(), &["campaign", "status", &id]).await;
     println!("$ keywave campaign status {id}\n{stdout}");
     assert_eq!(status.succeeded(), 4);
+    // The evidence: the report names every imported credential with its
+    // outcome and whether the old secret was refused.
+    let (code, report, stderr) = run_keywave(
+        &server.url(),
+        &["campaign", "report", &id, "--format", "markdown"],
+    )
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    println!("$ keywave campaign report {id} --format markdown\n{report}");
+    assert!(
+        report.contains(&format!("# keywave campaign report: {id}")),
+        "{report}"
+    );
+    for cid in [
+        "pg-main-app_orders",
+        "pg-main-app_billing",
+        "mariadb-main-app_a",
+        "mariadb-main-app_b",
+    ] {
+        assert!(report.contains(cid), "{cid} in the report:\n{report}");
+    }
+    assert!(
+        report
+            .contains("- Old secret rejected by the target: 4 (not checked: 0, still accepted: 0)"),
+        "{report}"
+    );
+    assert!(!report.contains(pw.expose()), "no secret in the report");
     for (cid, target, principal) in [
         (
             "pg-main-app_orders",

@@ -24,7 +24,13 @@
 //! - `rollback`: a canary over budget is rolled back; containment refuses and pauses.
 //! - `consumers`: two real `keywave-worker agent` processes write each new Redis ACL secret atomically (0600), reload,
 //!   health-check with `redis-cli` and attest; the old secret is refused only after both attested; a stopped agent or
-//!   an HTTP consumer answering 500 keeps the old secret (`consumer_not_verified`); `none` is reported unverified.
+//!   an HTTP consumer answering 500 keeps the old secret (`consumer_not_verified`) and the wave rolls back, leaving
+//!   the stopped agent's file with a secret that works; `none` is reported unverified.
+//! - `consumers_pg`: 100 PostgreSQL roles with alternating users, consumed by two real agents writing `{{login}}` and
+//!   `{{secret}}`: an application stand-in reconnecting from the files is never refused and never reads a partial
+//!   file through a continuity campaign; the old passwords are refused afterwards.
+//! - `preflight`: real agents answer the coordinator's pre-flight pings; a killed one pauses the campaign before the
+//!   wave (nothing issued) until it is back and the campaign resumed; a 0.5 threshold lets 1 of 3 down through.
 //! - `crash`: a worker stopped between set and promote; the task resumes and rotates once.
 //! - `deadletter`: malformed, oversized and unknown-version tasks are dead-lettered; the queue moves on.
 //! - `signing`: tasks signed by an unknown key, unsigned, altered, moved to another region's subject
@@ -51,6 +57,7 @@
 //! - `metrics`: `/metrics`, `/healthz`, `/readyz` of coordinator and workers over real HTTP, parsed as
 //!   Prometheus text, agree with a campaign's final counts; `/readyz` 503 before NATS / the consumer.
 //! - `readme`: the README's commands and inventory example work when pasted.
+//! - `demo`: `deploy/consumers-demo.sh` runs with the debug binaries, prints no secret, leaves nothing behind.
 //! - `reconcile`: `keywave reconcile` on real Redis ACL users: consistent after a campaign; a crash between
 //!   set and promote left in flight, then repaired (old secret refused); out-of-band drift exits non-zero.
 //! - `discover`: `keywave inventory discover` on private PostgreSQL and MariaDB: privileged logins and the
@@ -64,12 +71,14 @@ mod chaos;
 mod cli;
 mod cluster;
 mod consumers;
+mod consumers_pg;
 mod coordinator_faults;
 mod coordinator_restart;
 mod crash;
 mod db_scale;
 mod db_targets;
 mod deadletter;
+mod demo;
 mod detect;
 mod discover;
 mod faults;
@@ -79,6 +88,7 @@ mod lease;
 mod metrics;
 mod nats_restart;
 mod permissions;
+mod preflight;
 mod readme;
 mod reconcile;
 mod redis_acl;

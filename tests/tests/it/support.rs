@@ -89,6 +89,10 @@ pub fn spec(
         on_failure,
         task_timeout_ms: 30_000,
         approve_before_waves: Vec::new(),
+        // Off in the fixture: tests that stop an agent on purpose check the
+        // verification after the rotation; tests/it/preflight.rs turns it on.
+        preflight: Some(false),
+        preflight_max_unreachable: 0.0,
     }
 }
 

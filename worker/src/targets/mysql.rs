@@ -15,14 +15,20 @@
 //! string literals built by [`quote_literal`]: quotes doubled, and anything
 //! whose meaning depends on the session (backslashes, control characters) is
 //! refused rather than escaped. Catalog lookups bind their parameters.
+//!
+//! With `tls = "require"` every connection, the admin pool's and each login
+//! check's, negotiates TLS (mysql_async over rustls, the endpoint's roots
+//! only) and verifies the server's certificate and name, or fails.
 
-use super::db::{describe, Admin, Logins, Scheme, Tls, CONNECT_TIMEOUT};
+use super::db::{
+    describe, rustls_error, tls_failure, Admin, Logins, Scheme, Tls, TlsRequire, CONNECT_TIMEOUT,
+};
 use super::{AuthCheck, Target, TargetError};
 use async_trait::async_trait;
 use keywave_common::crypto::{generate, Secret, SecretPolicy};
 use keywave_common::wire::TargetKind;
 use mysql_async::prelude::Queryable;
-use mysql_async::{Conn, Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts};
+use mysql_async::{Conn, Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts, SslOpts};
 use sha1::{Digest, Sha1};
 use std::sync::Arc;
 use tokio::sync::OnceCell;
@@ -45,6 +51,9 @@ mod code {
     pub const USER_LIMIT_REACHED: u16 = 1203;
     pub const LOCK_WAIT_TIMEOUT: u16 = 1205;
     pub const DEADLOCK: u16 = 1213;
+    /// MySQL: "Connections using insecure transport are prohibited while
+    /// --require_secure_transport=ON." (MariaDB answers ACCESS_DENIED.)
+    pub const SECURE_TRANSPORT_REQUIRED: u16 = 3159;
 }
 
 /// How to reach a MariaDB / MySQL endpoint and what to rotate there.
@@ -90,6 +99,9 @@ impl Server {
 pub struct MysqlTarget {
     opts: MysqlOptions,
     pool: Pool,
+    /// Address and TLS of every login check (a clone shares the TLS
+    /// connector, built on first use).
+    login_opts: OptsBuilder,
     server: OnceCell<Server>,
 }
 
@@ -180,40 +192,95 @@ fn io_timed_out(e: &mysql_async::IoError) -> bool {
     }
 }
 
-fn opts_for(admin: &Admin, user: &str, password: Option<&str>) -> OptsBuilder {
+/// Why a connection could not be opened, without secrets: a TLS failure
+/// (`target_unreachable`, see [`tls_failure`]), a plain-text connection the
+/// server refuses because it requires TLS (`target_auth`: fix the worker's
+/// configuration), or the usual classes.
+///
+/// MySQL says when it refuses plain text (3159); MariaDB answers "access
+/// denied" (1045) as for a wrong password, so without TLS a refused admin
+/// login carries the hint. A login check cannot tell either: there 1045 is
+/// a refused secret (so a rotation against such a server fails when the
+/// new secret is tested, before any old one is declared refused).
+fn connect_error(e: &mysql_async::Error, tls: &Tls, secrets: &[&Secret]) -> TargetError {
+    if let Some(r) = rustls_error(e) {
+        return tls_failure(r, tls);
+    }
+    match e {
+        mysql_async::Error::Server(s) if s.code == code::SECURE_TRANSPORT_REQUIRED => {
+            TargetError::Auth(format!(
+                "the server refuses connections without TLS: {} ({}); set tls = \"require\"",
+                describe(&s.message, secrets),
+                s.code
+            ))
+        }
+        mysql_async::Error::Server(s)
+            if s.code == code::ACCESS_DENIED && matches!(tls, Tls::Disable) =>
+        {
+            TargetError::Auth(format!(
+                "{} ({}); if the server requires TLS (require_secure_transport, REQUIRE SSL), set tls = \"require\"",
+                describe(&s.message, secrets),
+                s.code
+            ))
+        }
+        mysql_async::Error::Driver(mysql_async::DriverError::NoClientSslFlagFromServer) => {
+            TargetError::Unreachable(
+                "TLS: the server does not offer TLS (tls = \"require\")".into(),
+            )
+        }
+        e => classify(e, secrets),
+    }
+}
+
+/// The endpoint's address and TLS, without a login.
+fn base_opts(admin: &Admin) -> OptsBuilder {
     OptsBuilder::default()
         .ip_or_hostname(admin.host.clone())
         .tcp_port(admin.port)
         .prefer_socket(false)
-        .user(Some(user))
-        .pass(password)
         .stmt_cache_size(0)
+        .ssl_opts(match &admin.tls {
+            Tls::Disable => None,
+            Tls::Require(t) => Some(ssl_opts(t)),
+        })
+}
+
+/// mysql_async's TLS settings for `tls`: the endpoint's roots only (no
+/// bundled roots), certificate and name verified; `server_name`, when set,
+/// is the name verified instead of the host.
+fn ssl_opts(tls: &TlsRequire) -> SslOpts {
+    // mysql_async builds its rustls configuration with the process's default
+    // provider: make sure it is ring, as everywhere else (a no-op when one
+    // is installed already).
+    let _ = super::db::crypto_provider()
+        .as_ref()
+        .clone()
+        .install_default();
+    SslOpts::default()
+        .with_root_certs(vec![tls.roots_pem().into()])
+        .with_disable_built_in_roots(true)
+        .with_danger_tls_hostname_override(tls.server_name().map(|n| n.to_str().into_owned()))
 }
 
 impl MysqlTarget {
-    /// A target that connects on first use. Fails on settings this build
-    /// cannot honour.
+    /// A target that connects on first use. Fails on an `account_host` that
+    /// cannot be quoted.
     pub fn new(opts: MysqlOptions) -> Result<Arc<Self>, TargetError> {
-        if opts.admin.tls != Tls::Disable {
-            return Err(TargetError::Internal(format!(
-                "tls = \"{}\" is not supported by this build (only \"disable\")",
-                opts.admin.tls.as_str()
-            )));
-        }
         quote_literal("account_host", &opts.account_host)?;
         let size = opts.admin.connections.max(1);
         let constraints = PoolConstraints::new(0, size)
             .ok_or_else(|| TargetError::Internal("invalid admin pool size".into()))?;
-        let builder = opts_for(
-            &opts.admin,
-            &opts.admin.user,
-            opts.admin.password.as_ref().map(|p| p.expose()),
-        )
-        .pool_opts(PoolOpts::default().with_constraints(constraints));
+        let login_opts = base_opts(&opts.admin);
+        let builder = login_opts
+            .clone()
+            .user(Some(&opts.admin.user))
+            .pass(opts.admin.password.as_ref().map(|p| p.expose()))
+            .pool_opts(PoolOpts::default().with_constraints(constraints));
         let pool = Pool::new(Opts::from(builder));
         Ok(Arc::new(MysqlTarget {
             opts,
             pool,
+            login_opts,
             server: OnceCell::new(),
         }))
     }
@@ -232,7 +299,7 @@ impl MysqlTarget {
 
     async fn admin(&self) -> Result<Conn, TargetError> {
         match tokio::time::timeout(CONNECT_TIMEOUT, self.pool.get_conn()).await {
-            Ok(r) => r.map_err(|e| classify(&e, &[])),
+            Ok(r) => r.map_err(|e| connect_error(&e, &self.opts.admin.tls, &[])),
             Err(_) => Err(TargetError::Timeout(format!(
                 "connect timed out after {}s",
                 CONNECT_TIMEOUT.as_secs()
@@ -369,7 +436,11 @@ impl MysqlTarget {
     /// One real login as `login` with `secret`, then `SELECT 1`.
     pub async fn login(&self, login: &str, secret: &Secret) -> Result<AuthCheck, TargetError> {
         let (user, _) = account(login, &self.opts.account_host)?;
-        let opts = opts_for(&self.opts.admin, &user, Some(secret.expose()));
+        let opts = self
+            .login_opts
+            .clone()
+            .user(Some(&user))
+            .pass(Some(secret.expose()));
         let mut conn = match tokio::time::timeout(CONNECT_TIMEOUT, Conn::new(opts)).await {
             Err(_) => {
                 return Err(TargetError::Timeout(format!(
@@ -385,7 +456,7 @@ impl MysqlTarget {
             {
                 return Ok(AuthCheck::Rejected)
             }
-            Ok(Err(e)) => return Err(classify(&e, &[secret])),
+            Ok(Err(e)) => return Err(connect_error(&e, &self.opts.admin.tls, &[secret])),
             Ok(Ok(c)) => c,
         };
         let r = conn.query_drop("SELECT 1").await;
@@ -644,6 +715,7 @@ impl Target for MysqlTarget {
 mod tests {
     use super::*;
     use crate::targets::db::Continuity;
+    use keywave_common::wire::ErrorClass;
     use keywave_tests::mariadb::ADMIN_USER;
     use keywave_tests::MariaDbServer;
     use std::collections::BTreeMap;
@@ -717,14 +789,37 @@ mod tests {
 
     struct Fixture {
         server: MariaDbServer,
+        /// What the targets of [`Fixture::options`] use.
+        tls: Tls,
+    }
+
+    /// `tls = "require"` trusting `ca`, verifying `server_name` (else the host).
+    fn require(ca: &std::path::Path, server_name: Option<&str>) -> Tls {
+        Tls::Require(TlsRequire::new(Some(ca), server_name).unwrap())
     }
 
     impl Fixture {
         async fn new() -> Fixture {
-            let server = tokio::task::spawn_blocking(MariaDbServer::start)
-                .await
-                .unwrap();
-            Fixture { server }
+            Self::start(false).await
+        }
+
+        /// A server that requires TLS on TCP; targets trust its CA.
+        async fn tls() -> Fixture {
+            Self::start(true).await
+        }
+
+        async fn start(tls: bool) -> Fixture {
+            let server = tokio::task::spawn_blocking(move || match tls {
+                true => MariaDbServer::start_tls(),
+                false => MariaDbServer::start(),
+            })
+            .await
+            .unwrap();
+            let tls = match server.ca_file() {
+                Some(ca) => require(ca, None),
+                None => Tls::Disable,
+            };
+            Fixture { server, tls }
         }
 
         fn options(&self, logins: Logins) -> MysqlOptions {
@@ -734,7 +829,7 @@ mod tests {
                     port: self.server.port(),
                     user: ADMIN_USER.into(),
                     password: Some(Secret::new(self.server.password().into())),
-                    tls: Tls::Disable,
+                    tls: self.tls.clone(),
                     connections: 2,
                 },
                 account_host: "%".into(),
@@ -883,6 +978,14 @@ mod tests {
         for u in [&user, &app, &clone] {
             fx.sql(&format!("DROP USER '{u}'@'%'"));
         }
+
+        // tls = "require" against a server without TLS: refused, never
+        // plain text.
+        let mut opts = fx.options(Logins::default());
+        opts.admin.tls = Tls::Require(TlsRequire::new(None, None).unwrap());
+        let err = MysqlTarget::connect(opts).await.unwrap_err();
+        assert_eq!(err.class(), ErrorClass::TargetUnreachable, "{err:?}");
+        assert!(err.to_string().contains("does not offer TLS"), "{err}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -960,11 +1063,132 @@ mod tests {
             t.replace("app", &s).await,
             Err(TargetError::Unreachable(_))
         ));
+        // With TLS too: the handshake never starts.
         let mut tls = opts;
-        tls.admin.tls = Tls::Require;
+        tls.admin.tls = Tls::Require(TlsRequire::new(None, None).unwrap());
+        let t = MysqlTarget::new(tls).unwrap();
         assert!(matches!(
-            MysqlTarget::new(tls),
-            Err(TargetError::Internal(_))
+            t.check("app", &s).await,
+            Err(TargetError::Unreachable(_))
         ));
+    }
+
+    /// Every secret of a test, to prove none reaches an error.
+    fn leaks(err: &TargetError, secrets: &[&str]) -> bool {
+        let text = format!("{err} {err:?}");
+        secrets.iter().any(|s| text.contains(s))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tls_require_rotates_and_verifies_against_real_mariadb() {
+        let fx = Fixture::tls().await;
+        let p = SecretPolicy::default();
+        let user = unique("kw_tls");
+        let (a, b) = (generate(&p), generate(&p));
+        fx.create_user(&format!("'{user}'"), &a);
+
+        // Admin pool and login checks over verified TLS: the new secret logs
+        // in, the old one is refused by the server (not by TLS).
+        let t = fx.target(Logins::default()).await;
+        assert_eq!(t.check(&user, &a).await.unwrap(), AuthCheck::Accepted);
+        t.replace(&user, &b).await.unwrap();
+        assert_eq!(t.check(&user, &b).await.unwrap(), AuthCheck::Accepted);
+        assert_eq!(t.check(&user, &a).await.unwrap(), AuthCheck::Rejected);
+        t.remove(&user, &a).await.unwrap();
+        assert_eq!(t.check(&user, &b).await.unwrap(), AuthCheck::Accepted);
+
+        // The admin connection is encrypted (and could not be otherwise:
+        // require_secure_transport).
+        let mut c = t.admin().await.unwrap();
+        let cipher: Option<(String, String)> = c
+            .query_first("SHOW SESSION STATUS LIKE 'Ssl_cipher'")
+            .await
+            .unwrap();
+        assert!(
+            !cipher.unwrap().1.is_empty(),
+            "admin connection without TLS"
+        );
+        drop(c);
+
+        // Connecting by IP address and verifying another name the
+        // certificate carries.
+        let mut opts = fx.options(Logins::default());
+        opts.admin.tls = require(fx.server.ca_file().unwrap(), Some("localhost"));
+        let t = MysqlTarget::connect(opts).await.unwrap();
+        assert_eq!(t.check(&user, &b).await.unwrap(), AuthCheck::Accepted);
+        fx.sql(&format!("DROP USER '{user}'@'%'"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tls_misconfigurations_are_classified_and_secret_free_against_real_mariadb() {
+        let fx = Fixture::tls().await;
+        let p = SecretPolicy::default();
+        let user = unique("kw_tls_bad");
+        let (a, b) = (generate(&p), generate(&p));
+        fx.create_user(&format!("'{user}'"), &a);
+        let secrets = [a.expose(), b.expose(), fx.server.password()];
+
+        // A CA that did not sign the server's certificate, the system trust
+        // store (no ca_file), a name the certificate does not carry: the
+        // worker cannot reach a server it trusts. Never Rejected: a failed
+        // handshake proves nothing about a secret.
+        let other = fx.server.dir().join("other-ca");
+        std::fs::create_dir(&other).unwrap();
+        let other_ca = keywave_tests::secure::TestPki::generate(&other).ca;
+        let ca = fx.server.ca_file().unwrap();
+        let cases = [
+            (require(&other_ca, None), "not signed by a trusted CA"),
+            (
+                Tls::Require(TlsRequire::new(None, None).unwrap()),
+                "not signed by a trusted CA",
+            ),
+            (
+                require(ca, Some("db.example.com")),
+                "not valid for \"db.example.com\"",
+            ),
+        ];
+        for (tls, says) in cases {
+            let mut opts = fx.options(Logins::default());
+            opts.admin.tls = tls;
+            let err = MysqlTarget::connect(opts.clone()).await.unwrap_err();
+            assert!(matches!(err, TargetError::Unreachable(_)), "{err:?}");
+            assert_eq!(err.class(), ErrorClass::TargetUnreachable);
+            assert!(err.to_string().contains(says), "{err}");
+            assert!(!leaks(&err, &secrets));
+            let t = MysqlTarget::new(opts).unwrap();
+            for e in [
+                t.login(&user, &a).await.unwrap_err(),
+                t.login(&user, &b).await.unwrap_err(),
+                t.replace(&user, &b).await.unwrap_err(),
+            ] {
+                assert_eq!(e.class(), ErrorClass::TargetUnreachable, "{e:?}");
+                assert!(!leaks(&e, &secrets));
+            }
+        }
+
+        // Plain text against a server that requires secure transport: the
+        // server refuses the admin login (MariaDB says "access denied"),
+        // classified as the worker's configuration (target_auth, not
+        // retried), with the hint; no operation runs.
+        let mut opts = fx.options(Logins::default());
+        opts.admin.tls = Tls::Disable;
+        let err = MysqlTarget::connect(opts.clone()).await.unwrap_err();
+        assert!(matches!(err, TargetError::Auth(_)), "{err:?}");
+        assert!(!err.is_transient());
+        assert!(err.to_string().contains("set tls = \"require\""), "{err}");
+        assert!(!leaks(&err, &secrets));
+        let t = MysqlTarget::new(opts).unwrap();
+        let err = t.replace(&user, &b).await.unwrap_err();
+        assert_eq!(err.class(), ErrorClass::TargetAuth, "{err:?}");
+        assert!(!leaks(&err, &secrets));
+        // A login check cannot tell that refusal from a wrong password: the
+        // new secret is refused too, so no rotation gets past its test.
+        assert_eq!(t.login(&user, &a).await.unwrap(), AuthCheck::Rejected);
+
+        // Nothing was changed by any of them.
+        let good = fx.target(Logins::default()).await;
+        assert_eq!(good.check(&user, &a).await.unwrap(), AuthCheck::Accepted);
+        assert_eq!(good.check(&user, &b).await.unwrap(), AuthCheck::Rejected);
+        fx.sql(&format!("DROP USER '{user}'@'%'"));
     }
 }

@@ -13,16 +13,31 @@
 //! verifier (checked to hold nothing but base64, `$` and `:`); catalog
 //! lookups bind their parameters. Admin statements share a bounded pool of
 //! connections per endpoint.
+//!
+//! With `tls = "require"` every connection, the admin pool's and each login
+//! check's, negotiates TLS (rustls, [`RustlsConnect`]) and verifies the
+//! server's certificate and name, or fails; SCRAM then binds to the TLS
+//! channel (`SCRAM-SHA-256-PLUS`, `tls-server-end-point`) where the
+//! certificate's signature algorithm defines it.
 
-use super::db::{describe, Admin, Logins, Scheme, Tls, CONNECT_TIMEOUT};
+use super::db::{
+    describe, rustls_error, tls_failure, Admin, Logins, Scheme, Tls, TlsRequire, CONNECT_TIMEOUT,
+};
 use super::{AuthCheck, Target, TargetError};
 use async_trait::async_trait;
 use keywave_common::crypto::{Secret, SecretPolicy};
 use keywave_common::wire::TargetKind;
+use sha2::Digest;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_postgres::config::SslMode;
-use tokio_postgres::{Client, Config, NoTls};
+use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
+use tokio_postgres::{Client, Config, NoTls, Socket};
+use tokio_rustls::rustls::pki_types::ServerName;
 use tracing::debug;
 
 /// Longest role name PostgreSQL keeps (`NAMEDATALEN - 1` bytes). A longer
@@ -122,6 +137,22 @@ fn is_timeout(e: &tokio_postgres::Error) -> bool {
     e.to_string().starts_with("timeout")
 }
 
+/// A driver error with its causes ("error connecting to server: Connection
+/// refused"): the driver's own text names only the kind.
+fn chain(e: &tokio_postgres::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.ends_with(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
+}
+
 /// Maps an SQLSTATE and its message to a secret-free [`TargetError`].
 fn classify_state(code: &str, message: &str, secrets: &[&Secret]) -> TargetError {
     let text = format!("{} ({code})", describe(message, secrets));
@@ -150,8 +181,8 @@ fn classify(e: &tokio_postgres::Error, secrets: &[&Secret]) -> TargetError {
     match e.as_db_error() {
         Some(db) => classify_state(db.code().code(), db.message(), secrets),
         // No SQLSTATE: refused or dropped connection, timeout, I/O.
-        None if is_timeout(e) => TargetError::Timeout(describe(&e.to_string(), secrets)),
-        None => TargetError::Unreachable(describe(&e.to_string(), secrets)),
+        None if is_timeout(e) => TargetError::Timeout(describe(&chain(e), secrets)),
+        None => TargetError::Unreachable(describe(&chain(e), secrets)),
     }
 }
 
@@ -159,6 +190,7 @@ fn classify(e: &tokio_postgres::Error, secrets: &[&Secret]) -> TargetError {
 /// ones reused, broken ones dropped.
 struct Pool {
     config: Config,
+    tls: Tls,
     idle: Mutex<Vec<Client>>,
     permits: Semaphore,
 }
@@ -209,10 +241,12 @@ impl Pool {
                 });
             }
         }
-        let (client, _io) = connect(&self.config).await.map_err(|e| match e {
-            Login::Refused(why) => TargetError::Auth(format!("admin login refused: {why}")),
-            Login::Failed(e) => e,
-        })?;
+        let (client, _io) = connect(&self.config, &self.tls)
+            .await
+            .map_err(|e| match e {
+                Login::Refused(why) => TargetError::Auth(format!("admin login refused: {why}")),
+                Login::Failed(e) => e,
+            })?;
         Ok(Pooled {
             pool: self,
             client: Some(client),
@@ -228,33 +262,244 @@ enum Login {
     Failed(TargetError),
 }
 
-/// Opens a connection; its I/O runs on a spawned task until the client
-/// drops (the handle ends once the socket is closed).
-async fn connect(config: &Config) -> Result<(Client, tokio::task::JoinHandle<()>), Login> {
-    let connecting = tokio::time::timeout(CONNECT_TIMEOUT, config.connect(NoTls)).await;
-    let (client, connection) = match connecting {
-        Err(_) => {
-            return Err(Login::Failed(TargetError::Timeout(format!(
-                "connect timed out after {}s",
-                CONNECT_TIMEOUT.as_secs()
-            ))))
+/// Opens a connection with `tls`; its I/O runs on a spawned task until the
+/// client drops (the handle ends once the socket is closed).
+async fn connect(
+    config: &Config,
+    tls: &Tls,
+) -> Result<(Client, tokio::task::JoinHandle<()>), Login> {
+    let connecting = async {
+        match tls {
+            Tls::Disable => config.connect(NoTls).await.map(|(c, io)| (c, spawn_io(io))),
+            Tls::Require(t) => config
+                .connect(RustlsConnect(t.clone()))
+                .await
+                .map(|(c, io)| (c, spawn_io(io))),
         }
-        Ok(Err(e)) => {
-            return Err(match e.code().map(|c| c.code()) {
-                Some(code) if code.starts_with("28") => {
-                    Login::Refused(describe(&format!("{e}"), &[]))
-                }
-                _ => Login::Failed(classify(&e, &[])),
-            })
-        }
-        Ok(Ok(pair)) => pair,
     };
-    let io = tokio::spawn(async move {
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Err(_) => Err(Login::Failed(TargetError::Timeout(format!(
+            "connect timed out after {}s",
+            CONNECT_TIMEOUT.as_secs()
+        )))),
+        Ok(Err(e)) => Err(connect_error(&e, tls)),
+        Ok(Ok(pair)) => Ok(pair),
+    }
+}
+
+/// Why a connection could not be opened, without secrets: a TLS failure
+/// (`target_unreachable`, see [`tls_failure`]), a plain-text connection the
+/// server refuses because it requires TLS (`target_auth`: fix the worker's
+/// configuration; never a refused secret), refused credentials, or the
+/// usual driver classes.
+fn connect_error(e: &tokio_postgres::Error, tls: &Tls) -> Login {
+    if let Some(r) = rustls_error(e) {
+        return Login::Failed(tls_failure(r, tls));
+    }
+    match e.as_db_error() {
+        // pg_hba.conf has only `hostssl` lines for this client: "no
+        // pg_hba.conf entry for host ..., no encryption".
+        Some(db)
+            if db.code().code().starts_with("28")
+                && matches!(tls, Tls::Disable)
+                && db.message().ends_with("no encryption") =>
+        {
+            Login::Failed(TargetError::Auth(format!(
+                "the server refuses connections without TLS: {} ({}); set tls = \"require\"",
+                describe(db.message(), &[]),
+                db.code().code()
+            )))
+        }
+        Some(db) if db.code().code().starts_with("28") => Login::Refused(format!(
+            "{} ({})",
+            describe(db.message(), &[]),
+            db.code().code()
+        )),
+        _ => Login::Failed(classify(e, &[])),
+    }
+}
+
+/// Runs a connection's I/O until the client drops.
+fn spawn_io<T>(connection: tokio_postgres::Connection<Socket, T>) -> tokio::task::JoinHandle<()>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
         if let Err(e) = connection.await {
             debug!(error = %e, "PostgreSQL connection ended");
         }
-    });
-    Ok((client, io))
+    })
+}
+
+/// tokio-postgres over rustls: the endpoint's roots, its `server_name` or
+/// else the host as the name to verify. Used with `sslmode=require`, so a
+/// server without TLS is refused, never used in plain text.
+#[derive(Clone)]
+pub struct RustlsConnect(pub TlsRequire);
+
+impl MakeTlsConnect<Socket> for RustlsConnect {
+    type Stream = RustlsStream<Socket>;
+    type TlsConnect = RustlsHandshake;
+    type Error = std::io::Error;
+
+    fn make_tls_connect(&mut self, host: &str) -> Result<RustlsHandshake, std::io::Error> {
+        let name = match self.0.server_name() {
+            Some(n) => n.clone(),
+            None => ServerName::try_from(host.to_string()).map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "TLS: host {host:?} is not a DNS name or an IP address; set server_name"
+                    ),
+                )
+            })?,
+        };
+        Ok(RustlsHandshake {
+            connector: tokio_rustls::TlsConnector::from(self.0.client_config()),
+            name,
+        })
+    }
+}
+
+/// One TLS handshake to a PostgreSQL server.
+pub struct RustlsHandshake {
+    connector: tokio_rustls::TlsConnector,
+    name: ServerName<'static>,
+}
+
+impl<S> TlsConnect<S> for RustlsHandshake
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = RustlsStream<S>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<RustlsStream<S>>> + Send>>;
+
+    fn connect(self, stream: S) -> Self::Future {
+        Box::pin(async move {
+            self.connector
+                .connect(self.name, stream)
+                .await
+                .map(RustlsStream)
+        })
+    }
+}
+
+/// A TLS connection to a PostgreSQL server.
+pub struct RustlsStream<S>(tokio_rustls::client::TlsStream<S>);
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for RustlsStream<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for RustlsStream<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream for RustlsStream<S> {
+    /// `tls-server-end-point` (RFC 5929): the server certificate's hash,
+    /// with the hash of its signature algorithm (SHA-256 for MD5 and SHA-1).
+    /// None for algorithms without one (RSA-PSS, EdDSA): SCRAM then runs
+    /// without channel binding, as libpq does.
+    fn channel_binding(&self) -> ChannelBinding {
+        let (_, session) = self.0.get_ref();
+        match session
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .and_then(|cert| tls_server_end_point(cert.as_ref()))
+        {
+            Some(hash) => ChannelBinding::tls_server_end_point(hash),
+            None => ChannelBinding::none(),
+        }
+    }
+}
+
+/// One DER item of `input`: (tag, contents, what follows).
+fn der_item(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (first as usize, rest)
+    } else {
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n].iter().fold(0usize, |l, b| (l << 8) | *b as usize);
+        (len, &rest[n..])
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+}
+
+/// The `tls-server-end-point` channel binding of a DER certificate, for the
+/// signature algorithms that define one.
+fn tls_server_end_point(cert: &[u8]) -> Option<Vec<u8>> {
+    const SEQUENCE: u8 = 0x30;
+    const OID: u8 = 0x06;
+    // 1.2.840.113549.1.1.x (PKCS #1) and 1.2.840.10045.4.x (ECDSA).
+    const PKCS1: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01];
+    const ECDSA: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04];
+    enum Hash {
+        Sha256,
+        Sha384,
+        Sha512,
+    }
+    let (SEQUENCE, certificate, _) = der_item(cert)? else {
+        return None;
+    };
+    let (SEQUENCE, _tbs, rest) = der_item(certificate)? else {
+        return None;
+    };
+    let (SEQUENCE, algorithm, _) = der_item(rest)? else {
+        return None;
+    };
+    let (OID, oid, _) = der_item(algorithm)? else {
+        return None;
+    };
+    let hash = if let Some(arc) = oid.strip_prefix(PKCS1) {
+        match arc {
+            // md5WithRSA, sha1WithRSA, sha256WithRSA
+            [0x04] | [0x05] | [0x0b] => Hash::Sha256,
+            [0x0c] => Hash::Sha384,
+            [0x0d] => Hash::Sha512,
+            _ => return None,
+        }
+    } else if let Some(arc) = oid.strip_prefix(ECDSA) {
+        match arc {
+            // ecdsa-with-SHA1, ecdsa-with-SHA256
+            [0x01] | [0x03, 0x02] => Hash::Sha256,
+            [0x03, 0x03] => Hash::Sha384,
+            [0x03, 0x04] => Hash::Sha512,
+            _ => return None,
+        }
+    } else {
+        return None;
+    };
+    Some(match hash {
+        Hash::Sha256 => sha2::Sha256::digest(cert).to_vec(),
+        Hash::Sha384 => sha2::Sha384::digest(cert).to_vec(),
+        Hash::Sha512 => sha2::Sha512::digest(cert).to_vec(),
+    })
 }
 
 /// How long a login check waits for its connection to close (Terminate
@@ -264,14 +509,8 @@ const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl PostgresTarget {
     /// A target that connects on first use (for a worker that starts while
-    /// the server is down). Fails on settings this build cannot honour.
+    /// the server is down).
     pub fn new(opts: PostgresOptions) -> Result<Arc<Self>, TargetError> {
-        if opts.admin.tls != Tls::Disable {
-            return Err(TargetError::Internal(format!(
-                "tls = \"{}\" is not supported by this build (only \"disable\")",
-                opts.admin.tls.as_str()
-            )));
-        }
         let mut config = base_config(&opts);
         config.user(&opts.admin.user);
         config.application_name("keywave-admin");
@@ -279,10 +518,12 @@ impl PostgresTarget {
             config.password(p.expose());
         }
         let size = opts.admin.connections.max(1);
+        let tls = opts.admin.tls.clone();
         Ok(Arc::new(PostgresTarget {
             opts,
             pool: Pool {
                 config,
+                tls,
                 idle: Mutex::new(Vec::new()),
                 permits: Semaphore::new(size),
             },
@@ -385,7 +626,7 @@ impl PostgresTarget {
             .user(role)
             .password(secret.expose())
             .application_name("keywave-check");
-        let (client, io) = match connect(&config).await {
+        let (client, io) = match connect(&config, &self.opts.admin.tls).await {
             Ok(c) => c,
             // 28P01 (wrong password, unknown role) and 28000 (no LOGIN, no
             // pg_hba entry): the secret does not open this role.
@@ -428,7 +669,11 @@ fn base_config(opts: &PostgresOptions) -> Config {
     c.host(&opts.admin.host)
         .port(opts.admin.port)
         .dbname(&opts.dbname)
-        .ssl_mode(SslMode::Disable)
+        .ssl_mode(match opts.admin.tls {
+            Tls::Disable => SslMode::Disable,
+            // TLS or no connection; the connector verifies the certificate.
+            Tls::Require(_) => SslMode::Require,
+        })
         .connect_timeout(CONNECT_TIMEOUT);
     c
 }
@@ -702,24 +947,51 @@ mod tests {
     struct Fixture {
         server: PostgresServer,
         admin: Client,
+        /// What the targets of [`Fixture::options`] use.
+        tls: Tls,
+    }
+
+    /// `tls = "require"` trusting `ca`, verifying `server_name` (else the host).
+    fn require(ca: &std::path::Path, server_name: Option<&str>) -> Tls {
+        Tls::Require(TlsRequire::new(Some(ca), server_name).unwrap())
     }
 
     impl Fixture {
         async fn new() -> Fixture {
-            let server = tokio::task::spawn_blocking(PostgresServer::start)
-                .await
-                .unwrap();
+            Self::start(false).await
+        }
+
+        /// A server that takes TCP connections over TLS only; targets trust its CA.
+        async fn tls() -> Fixture {
+            Self::start(true).await
+        }
+
+        async fn start(tls: bool) -> Fixture {
+            let server = tokio::task::spawn_blocking(move || match tls {
+                true => PostgresServer::start_tls(),
+                false => PostgresServer::start(),
+            })
+            .await
+            .unwrap();
+            let tls = match server.ca_file() {
+                Some(ca) => require(ca, None),
+                None => Tls::Disable,
+            };
             let mut c = Config::new();
             c.host("127.0.0.1")
                 .port(server.port())
                 .user("postgres")
                 .password(server.password())
-                .dbname("postgres");
-            let admin = match connect(&c).await {
+                .dbname("postgres")
+                .ssl_mode(match tls {
+                    Tls::Disable => SslMode::Disable,
+                    Tls::Require(_) => SslMode::Require,
+                });
+            let admin = match connect(&c, &tls).await {
                 Ok((c, _)) => c,
                 Err(_) => panic!("admin connection"),
             };
-            Fixture { server, admin }
+            Fixture { server, admin, tls }
         }
 
         fn options(&self, logins: Logins) -> PostgresOptions {
@@ -729,7 +1001,7 @@ mod tests {
                     port: self.server.port(),
                     user: "postgres".into(),
                     password: Some(Secret::new(self.server.password().into())),
-                    tls: Tls::Disable,
+                    tls: self.tls.clone(),
                     connections: 2,
                 },
                 dbname: "postgres".into(),
@@ -1011,6 +1283,14 @@ mod tests {
         assert!(matches!(err, TargetError::Permission(_)), "{err:?}");
         assert_eq!(err.class(), ErrorClass::TargetPermission);
         drop(t);
+
+        // tls = "require" against a server without TLS: refused, never
+        // plain text.
+        let mut opts = fx.options(Logins::default());
+        opts.admin.tls = Tls::Require(TlsRequire::new(None, None).unwrap());
+        let err = PostgresTarget::connect(opts).await.unwrap_err();
+        assert_eq!(err.class(), ErrorClass::TargetUnreachable, "{err:?}");
+        assert!(err.to_string().contains("does not support TLS"), "{err}");
         for r in [&role, &weak] {
             fx.admin
                 .batch_execute(&format!("DROP ROLE {}", escape_identifier(r)))
@@ -1020,7 +1300,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unreachable_server_is_unavailable_and_tls_require_is_refused() {
+    async fn unreachable_server_is_unreachable() {
         let opts = PostgresOptions {
             admin: Admin {
                 host: "127.0.0.1".into(),
@@ -1045,14 +1325,188 @@ mod tests {
         assert!(err.is_transient());
         assert_eq!(err.class(), ErrorClass::TargetUnreachable);
         assert!(matches!(
-            PostgresTarget::connect(opts.clone()).await,
+            PostgresTarget::connect(opts).await,
             Err(TargetError::Unreachable(_))
         ));
-        let mut tls = opts;
-        tls.admin.tls = Tls::Require;
-        assert!(matches!(
-            PostgresTarget::new(tls),
-            Err(TargetError::Internal(_))
-        ));
+    }
+
+    #[test]
+    fn channel_binding_hash_follows_the_signature_algorithm() {
+        // Certificate { tbs: SEQUENCE {}, algorithm: SEQUENCE { OID }, sig }.
+        let cert = |oid: &[u8]| {
+            let mut alg = vec![0x06, oid.len() as u8];
+            alg.extend_from_slice(oid);
+            let mut body = vec![0x30, 0x00, 0x30, alg.len() as u8];
+            body.extend_from_slice(&alg);
+            body.extend_from_slice(&[0x03, 0x01, 0x00]);
+            let mut der = vec![0x30, body.len() as u8];
+            der.extend_from_slice(&body);
+            der
+        };
+        let rsa = |last: u8| cert(&[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, last]);
+        let ecdsa = |tail: &[u8]| {
+            let mut oid = vec![0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04];
+            oid.extend_from_slice(tail);
+            cert(&oid)
+        };
+        let len = |der: Vec<u8>| tls_server_end_point(&der).map(|h| h.len());
+        assert_eq!(len(rsa(0x0b)), Some(32), "sha256WithRSAEncryption");
+        assert_eq!(len(rsa(0x05)), Some(32), "sha1WithRSAEncryption: SHA-256");
+        assert_eq!(len(rsa(0x0c)), Some(48));
+        assert_eq!(len(rsa(0x0d)), Some(64));
+        assert_eq!(len(ecdsa(&[0x03, 0x02])), Some(32));
+        assert_eq!(len(ecdsa(&[0x03, 0x03])), Some(48));
+        assert_eq!(len(rsa(0x0a)), None, "RSA-PSS: no binding");
+        assert_eq!(len(cert(&[0x2b, 0x65, 0x70])), None, "Ed25519: no binding");
+        let der = rsa(0x0b);
+        assert_eq!(
+            tls_server_end_point(&der).unwrap(),
+            sha2::Sha256::digest(&der).to_vec()
+        );
+        // Truncated or malformed input: no binding, no panic.
+        for n in 0..der.len() {
+            assert_eq!(tls_server_end_point(&der[..n]), None);
+        }
+        assert_eq!(
+            tls_server_end_point(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]),
+            None
+        );
+    }
+
+    /// Every secret of a test, to prove none reaches an error.
+    fn leaks(err: &TargetError, secrets: &[&str]) -> bool {
+        let text = format!("{err} {err:?}");
+        secrets.iter().any(|s| text.contains(s))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tls_require_rotates_and_verifies_against_real_postgres() {
+        let fx = Fixture::tls().await;
+        let policy = SecretPolicy::default();
+        let role = unique("kw_tls");
+        let (a, b) = (generate(&policy), generate(&policy));
+        fx.create_role(&role, Some(&a), true).await;
+
+        // Admin pool and login checks over verified TLS: the new secret logs
+        // in, the old one is refused by the server (not by TLS).
+        let t = fx.target(Logins::default()).await;
+        assert_eq!(t.check(&role, &a).await.unwrap(), AuthCheck::Accepted);
+        t.replace(&role, &b).await.unwrap();
+        assert_eq!(t.check(&role, &b).await.unwrap(), AuthCheck::Accepted);
+        assert_eq!(t.check(&role, &a).await.unwrap(), AuthCheck::Rejected);
+        t.remove(&role, &a).await.unwrap();
+        assert_eq!(t.check(&role, &b).await.unwrap(), AuthCheck::Accepted);
+        // An independent client (psql: libpq, verify-ca) agrees.
+        assert!(fx.server.psql_as(&role, b.expose(), "SELECT 1").is_ok());
+        assert!(fx.server.psql_as(&role, a.expose(), "SELECT 1").is_err());
+
+        // The server saw the admin connections encrypted.
+        let rows = fx
+            .admin
+            .query(
+                "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+                 WHERE a.application_name = 'keywave-admin'",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert!(!rows.is_empty());
+        assert!(rows.iter().all(|r| r.get::<_, bool>(0)));
+
+        // SCRAM bound to the TLS channel: a client that requires channel
+        // binding gets in through this connector.
+        let mut c = base_config(&fx.options(Logins::default()));
+        c.user(&role)
+            .password(b.expose())
+            .channel_binding(tokio_postgres::config::ChannelBinding::Require);
+        match connect(&c, &fx.tls).await {
+            Ok((client, _)) => {
+                client.simple_query("SELECT 1").await.unwrap();
+            }
+            Err(_) => panic!("SCRAM-SHA-256-PLUS login refused"),
+        }
+
+        // Connecting by IP address and verifying another name the
+        // certificate carries.
+        let mut opts = fx.options(Logins::default());
+        opts.admin.tls = require(fx.server.ca_file().unwrap(), Some("localhost"));
+        let t = PostgresTarget::connect(opts).await.unwrap();
+        assert_eq!(t.check(&role, &b).await.unwrap(), AuthCheck::Accepted);
+        fx.admin
+            .batch_execute(&format!("DROP ROLE {}", escape_identifier(&role)))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tls_misconfigurations_are_classified_and_secret_free_against_real_postgres() {
+        let fx = Fixture::tls().await;
+        let policy = SecretPolicy::default();
+        let role = unique("kw_tls_bad");
+        let (a, b) = (generate(&policy), generate(&policy));
+        fx.create_role(&role, Some(&a), true).await;
+        let secrets = [a.expose(), b.expose(), fx.server.password()];
+
+        // A CA that did not sign the server's certificate, the system trust
+        // store (no ca_file), a name the certificate does not carry: the
+        // worker cannot reach a server it trusts. Never Rejected: a failed
+        // handshake proves nothing about a secret.
+        let other = fx.server.dir().join("other-ca");
+        std::fs::create_dir(&other).unwrap();
+        let other_ca = keywave_tests::secure::TestPki::generate(&other).ca;
+        let ca = fx.server.ca_file().unwrap();
+        let cases = [
+            (require(&other_ca, None), "not signed by a trusted CA"),
+            (
+                Tls::Require(TlsRequire::new(None, None).unwrap()),
+                "not signed by a trusted CA",
+            ),
+            (
+                require(ca, Some("db.example.com")),
+                "not valid for \"db.example.com\"",
+            ),
+        ];
+        for (tls, says) in cases {
+            let mut opts = fx.options(Logins::default());
+            opts.admin.tls = tls;
+            let err = PostgresTarget::connect(opts.clone()).await.unwrap_err();
+            assert!(matches!(err, TargetError::Unreachable(_)), "{err:?}");
+            assert_eq!(err.class(), ErrorClass::TargetUnreachable);
+            assert!(err.to_string().contains(says), "{err}");
+            assert!(!leaks(&err, &secrets));
+            let t = PostgresTarget::new(opts).unwrap();
+            for e in [
+                t.check(&role, &a).await.unwrap_err(),
+                t.check(&role, &b).await.unwrap_err(),
+                t.replace(&role, &b).await.unwrap_err(),
+            ] {
+                assert_eq!(e.class(), ErrorClass::TargetUnreachable, "{e:?}");
+                assert!(!leaks(&e, &secrets));
+            }
+        }
+
+        // Plain text against a server that takes TLS only: the server's
+        // refusal, classified as the worker's configuration (target_auth,
+        // not retried), for the admin and the login checks alike.
+        let mut opts = fx.options(Logins::default());
+        opts.admin.tls = Tls::Disable;
+        let err = PostgresTarget::connect(opts.clone()).await.unwrap_err();
+        assert!(matches!(err, TargetError::Auth(_)), "{err:?}");
+        assert!(!err.is_transient());
+        assert!(err.to_string().contains("set tls = \"require\""), "{err}");
+        assert!(!leaks(&err, &secrets));
+        let t = PostgresTarget::new(opts).unwrap();
+        let err = t.check(&role, &a).await.unwrap_err();
+        assert_eq!(err.class(), ErrorClass::TargetAuth, "{err:?}");
+        assert!(!leaks(&err, &secrets));
+
+        // Nothing was changed by any of them.
+        let good = fx.target(Logins::default()).await;
+        assert_eq!(good.check(&role, &a).await.unwrap(), AuthCheck::Accepted);
+        assert_eq!(good.check(&role, &b).await.unwrap(), AuthCheck::Rejected);
+        fx.admin
+            .batch_execute(&format!("DROP ROLE {}", escape_identifier(&role)))
+            .await
+            .unwrap();
     }
 }
