@@ -7,7 +7,10 @@
 //!
 //! ```text
 //! cargo run --release -p keywave-tests --example db_rate -- \
-//!     --roles 1000 --concurrency 8,16,32 [--pool 8] [--targets postgres,mysql]
+//!     --roles 1000 --concurrency 8,16,32 [--pool 8] [--targets postgres,mysql] [--tls]
+//!
+//! `--tls`: the servers take TLS connections only, and the worker connects
+//! with `tls = "require"` (the harness's test CA, certificate verified).
 //! ```
 //!
 //! `concurrency` is the endpoint's `max_concurrency` (operations at once,
@@ -24,11 +27,12 @@ use keywave_coordinator::client::ApiClient;
 use keywave_coordinator::{Coordinator, CoordinatorOptions};
 use keywave_tests::mariadb::ADMIN_USER;
 use keywave_tests::{MariaDbServer, NatsServer, PostgresServer};
-use keywave_worker::targets::db::{Admin, Logins, Tls};
+use keywave_worker::targets::db::{Admin, Logins, Tls, TlsRequire};
 use keywave_worker::targets::mysql::{MysqlOptions, MysqlTarget};
 use keywave_worker::targets::postgres::{PostgresOptions, PostgresTarget};
 use keywave_worker::targets::Targets;
 use keywave_worker::{Worker, WorkerOptions};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -38,6 +42,8 @@ struct Args {
     concurrency: Vec<usize>,
     pool: usize,
     targets: Vec<TargetKind>,
+    /// Servers that take TLS only, and `tls = "require"` with their CA.
+    tls: bool,
 }
 
 fn args() -> Args {
@@ -46,9 +52,14 @@ fn args() -> Args {
         concurrency: vec![8, 16, 32],
         pool: 8,
         targets: vec![TargetKind::Postgres, TargetKind::Mysql],
+        tls: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        if flag == "--tls" {
+            a.tls = true;
+            continue;
+        }
         let value = it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
         match flag.as_str() {
             "--roles" => a.roles = value.parse().expect("--roles N"),
@@ -69,7 +80,9 @@ fn args() -> Args {
                     })
                     .collect()
             }
-            other => panic!("unknown flag {other} (--roles, --concurrency, --pool, --targets)"),
+            other => {
+                panic!("unknown flag {other} (--roles, --concurrency, --pool, --targets, --tls)")
+            }
         }
     }
     a
@@ -94,13 +107,17 @@ fn credential(i: usize, kind: TargetKind) -> Credential {
     }
 }
 
-fn admin(port: u16, user: &str, password: &str, connections: usize) -> Admin {
+fn admin(port: u16, user: &str, password: &str, connections: usize, ca: Option<&Path>) -> Admin {
     Admin {
         host: "127.0.0.1".into(),
         port,
         user: user.into(),
         password: Some(Secret::new(password.into())),
-        tls: Tls::Disable,
+        // The test CA's server certificates name localhost.
+        tls: match ca {
+            None => Tls::Disable,
+            Some(ca) => Tls::Require(TlsRequire::new(Some(ca), Some("localhost")).expect("CA")),
+        },
         connections,
     }
 }
@@ -109,10 +126,17 @@ fn admin(port: u16, user: &str, password: &str, connections: usize) -> Admin {
 async fn main() {
     let args = args();
     let policy = SecretPolicy::default();
-    let (pg, maria) = tokio::join!(
-        tokio::task::spawn_blocking(PostgresServer::start),
-        tokio::task::spawn_blocking(MariaDbServer::start)
-    );
+    let (pg, maria) = if args.tls {
+        tokio::join!(
+            tokio::task::spawn_blocking(PostgresServer::start_tls),
+            tokio::task::spawn_blocking(MariaDbServer::start_tls)
+        )
+    } else {
+        tokio::join!(
+            tokio::task::spawn_blocking(PostgresServer::start),
+            tokio::task::spawn_blocking(MariaDbServer::start)
+        )
+    };
     let (pg, maria) = (pg.unwrap(), Arc::new(maria.unwrap()));
     let nats = NatsServer::start();
     let client = nats.client().await;
@@ -141,16 +165,13 @@ async fn main() {
             creds.push(c);
         }
     }
+    let pg = Arc::new(pg);
     if !pg_sql.is_empty() {
-        let mut c = tokio_postgres::Config::new();
-        c.host("127.0.0.1")
-            .port(pg.port())
-            .user("postgres")
-            .password(pg.password())
-            .dbname("postgres");
-        let (a, conn) = c.connect(tokio_postgres::NoTls).await.expect("admin");
-        tokio::spawn(conn);
-        a.batch_execute(&pg_sql).await.expect("create roles");
+        // With the server's own client, which speaks TLS to a TLS-only server.
+        let p = pg.clone();
+        tokio::task::spawn_blocking(move || p.psql(&pg_sql).expect("create roles"))
+            .await
+            .unwrap();
     }
     if !my_sql.is_empty() {
         let m = maria.clone();
@@ -192,7 +213,7 @@ async fn main() {
         let pool = args.pool.min(concurrency).max(1);
         let mut targets = Targets::new();
         let pg_target = PostgresTarget::connect(PostgresOptions {
-            admin: admin(pg.port(), "postgres", pg.password(), pool),
+            admin: admin(pg.port(), "postgres", pg.password(), pool, pg.ca_file()),
             dbname: "postgres".into(),
             logins: Logins::default(),
             policy,
@@ -201,7 +222,13 @@ async fn main() {
         .expect("postgres target");
         targets.insert("pg", pg_target, concurrency);
         let my_target = MysqlTarget::connect(MysqlOptions {
-            admin: admin(maria.port(), ADMIN_USER, maria.password(), pool),
+            admin: admin(
+                maria.port(),
+                ADMIN_USER,
+                maria.password(),
+                pool,
+                maria.ca_file(),
+            ),
             account_host: "%".into(),
             logins: Logins::default(),
             policy,
@@ -266,6 +293,7 @@ async fn main() {
                     "roles": args.roles,
                     "concurrency": concurrency,
                     "admin_connections": pool,
+                    "tls": args.tls,
                     "succeeded": status.succeeded(),
                     "failed": status.failed(),
                     "seconds": (secs * 100.0).round() / 100.0,
