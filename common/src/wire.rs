@@ -825,6 +825,15 @@ pub struct CampaignSpec {
     /// default): every agent must answer.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub preflight_max_unreachable: f64,
+    /// Who asked for the campaign, as the client stated it (`keywave
+    /// campaign start --by`, default the local user name; `detection
+    /// intake` for containment started by a detection). Recorded in the
+    /// `created` event, hence in the audit chain, and shown in reports. Not
+    /// authenticated by keywave: which NATS identity may start campaigns is
+    /// the permission that holds (the `operator` user of
+    /// `deploy/nats-secure.conf`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_by: Option<String>,
 }
 
 fn is_zero(x: &f64) -> bool {
@@ -854,6 +863,12 @@ impl CampaignSpec {
         }
         if !(0.0..=1.0).contains(&self.preflight_max_unreachable) {
             return Err("preflight_max_unreachable: must be between 0 and 1".into());
+        }
+        if let Some(by) = &self.requested_by {
+            if by.trim().is_empty() || by.chars().count() > 128 || by.chars().any(char::is_control)
+            {
+                return Err("requested_by: 1 to 128 characters, no control characters".into());
+            }
         }
         Ok(())
     }

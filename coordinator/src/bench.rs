@@ -1079,6 +1079,7 @@ async fn campaign(
             approve_before_waves: Vec::new(),
             preflight: None,
             preflight_max_unreachable: 0.0,
+            requested_by: None,
         };
         let start_ms = now_ms();
         let cid = api.start(spec).await?;

@@ -576,6 +576,9 @@ pub struct SpecArgs {
     /// Fraction of the consumer agents asked before a wave that may be unreachable (0..1); more and the campaign pauses before the wave [default: 0, every agent must answer].
     #[arg(long, value_name = "FRACTION", conflicts_with = "no_preflight")]
     pub preflight_max_unreachable: Option<String>,
+    /// Who is starting the campaign, recorded in its `created` event (so in the audit chain) and its report [default: $USER]. Stated by you, not authenticated: NATS permissions decide who may start campaigns.
+    #[arg(long, value_name = "NAME")]
+    pub by: Option<String>,
 }
 
 impl SpecArgs {
@@ -614,6 +617,7 @@ impl SpecArgs {
                 approve_before_waves: Vec::new(),
                 preflight: None,
                 preflight_max_unreachable: 0.0,
+                requested_by: None,
             }
         };
         spec.approve_before_waves
@@ -623,6 +627,15 @@ impl SpecArgs {
         // Both also apply on top of --spec.
         if self.no_preflight {
             spec.preflight = Some(false);
+        }
+        // The flag, else the spec file's, else the local user name.
+        if let Some(by) = &self.by {
+            spec.requested_by = Some(by.clone());
+        } else if spec.requested_by.is_none() {
+            spec.requested_by = ["USER", "LOGNAME"]
+                .iter()
+                .filter_map(|v| std::env::var(v).ok())
+                .find(|u| !u.trim().is_empty());
         }
         if let Some(f) = &self.preflight_max_unreachable {
             spec.preflight_max_unreachable = f.trim().parse().map_err(|_| {
@@ -640,6 +653,7 @@ impl SpecArgs {
                 "waves" => "--waves",
                 "selector region" => "--selector",
                 "preflight_max_unreachable" => "--preflight-max-unreachable",
+                "requested_by" => "--by",
                 _ => "--spec",
             };
             usage(flag, msg)
@@ -1070,6 +1084,12 @@ mod tests {
             "keywave", "campaign", "start", "--spec", "x.json", "--waves", "1"
         ])
         .is_err());
+
+        // Who asked: the flag, checked like every other field.
+        let s = start(&["--by", "alice@sre"]).spec.to_spec().unwrap();
+        assert_eq!(s.requested_by.as_deref(), Some("alice@sre"));
+        let err = start(&["--by", "a\u{1b}[2Jb"]).spec.to_spec().unwrap_err();
+        assert_eq!(err.flag, "--by");
     }
 
     #[test]

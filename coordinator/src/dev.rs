@@ -672,6 +672,7 @@ async fn run_on(opts: &DevOptions, url: &str) -> anyhow::Result<DevReport> {
         approve_before_waves: Vec::new(),
         preflight: None,
         preflight_max_unreachable: 0.0,
+        requested_by: None,
     };
     let api = ApiClient::new(client.clone());
     let outcome = async {

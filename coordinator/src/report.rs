@@ -835,10 +835,16 @@ impl Doc<'_> {
             ("Reason for the state", st.reason.clone().unwrap_or_default()),
             (
                 "Requested",
-                format!(
-                    "{} through the operator API (who started it is not recorded; approvals name their approver)",
-                    utc(st.created_at_ms)
-                ),
+                match &spec.requested_by {
+                    Some(by) => format!(
+                        "{} by {by} (as stated by the client; NATS permissions decide who may start campaigns)",
+                        utc(st.created_at_ms)
+                    ),
+                    None => format!(
+                        "{} through the operator API (who started it is not recorded; approvals name their approver)",
+                        utc(st.created_at_ms)
+                    ),
+                },
             ),
             ("Why", spec.reason.clone().unwrap_or_else(|| "-".into())),
             (
@@ -1379,6 +1385,7 @@ mod tests {
                     approve_before_waves: vec![1],
                     preflight: None,
                     preflight_max_unreachable: 0.0,
+                    requested_by: Some("alice".into()),
                 },
                 state: CampaignState::Completed,
                 total: 3,
@@ -1497,6 +1504,7 @@ mod tests {
         let md = doc.markdown();
         assert!(md.starts_with("# keywave campaign report: c-1\n"), "{md}");
         assert!(md.contains("| wave | size | succeeded | failed |"), "{md}");
+        assert!(md.contains(" by alice (as stated by the client;"), "{md}");
         assert!(md.contains("## Controls: evidence supporting"), "{md}");
         assert!(md.contains("NHI2 Secret Leakage"), "{md}");
         assert!(md.contains("PR.AA"), "{md}");

@@ -694,6 +694,7 @@ mod tests {
                 approve_before_waves: vec![1],
                 preflight: None,
                 preflight_max_unreachable: 0.0,
+                requested_by: None,
             },
             state: CampaignState::AwaitingApproval,
             total: 11,

@@ -277,6 +277,7 @@ async fn main() {
                 approve_before_waves: Vec::new(),
                 preflight: None,
                 preflight_max_unreachable: 0.0,
+                requested_by: None,
             };
             let started = Instant::now();
             let id = api.start(spec).await.expect("campaign starts");

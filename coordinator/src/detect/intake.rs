@@ -767,6 +767,7 @@ impl Intake {
             approve_before_waves: if gated { vec![0] } else { Vec::new() },
             preflight: None,
             preflight_max_unreachable: 0.0,
+            requested_by: Some("detection intake".into()),
         }
     }
 

@@ -102,6 +102,7 @@ mod tests {
             approve_before_waves: Vec::new(),
             preflight: None,
             preflight_max_unreachable: 0.0,
+            requested_by: None,
         }
     }
 

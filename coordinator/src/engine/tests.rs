@@ -62,6 +62,7 @@ fn spec(region: &str, waves: &[u64], budget: f64, strategy: Strategy) -> Campaig
         approve_before_waves: Vec::new(),
         preflight: None,
         preflight_max_unreachable: 0.0,
+        requested_by: None,
     }
 }
 

@@ -167,6 +167,8 @@ async fn cli_plan_start_watch_pause_resume_approve_report() {
             "cli test",
             "--reason",
             "INC-42 <b>bold</b>",
+            "--by",
+            "alice",
         ],
     )
     .await;
@@ -312,6 +314,7 @@ async fn cli_plan_start_watch_pause_resume_approve_report() {
         "{md}"
     );
     assert!(md.contains("## Waves"), "{md}");
+    assert!(md.contains(" by alice (as stated by the client;"), "{md}");
     assert!(
         md.contains(
             "| wave | size | succeeded | failed | rollback | approval | decision | reason |"

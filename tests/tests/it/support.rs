@@ -93,6 +93,7 @@ pub fn spec(
         // verification after the rotation; tests/it/preflight.rs turns it on.
         preflight: Some(false),
         preflight_max_unreachable: 0.0,
+        requested_by: None,
     }
 }
 
