@@ -26,9 +26,32 @@
 //! a record whose hash does not match its content (edited), whose `prev` is
 //! not the previous record's hash (replaced), or a sequence gap (a record
 //! deleted, or a forged one appended out of place).
+//!
+//! A hash chain alone does not stop someone who can write to the stream from
+//! rewriting a whole chain consistently. When the coordinator has a signing
+//! key (`--signing-key-file`, the one it signs tasks with), every record also
+//! carries an Ed25519 signature over its campaign, `seq` and `hash`, in the
+//! message headers [`SIG_KEY_ID_HEADER`] and [`SIG_HEADER`] (the record bytes
+//! are unchanged). [`verify_signed`] with the coordinator's public keys then
+//! also requires every record to be signed by one of them: a rewritten chain
+//! needs the private key, not just write access to NATS.
 
+use crate::sign::PublicKey;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+/// Header: id of the key that signed an audit record.
+pub const SIG_KEY_ID_HEADER: &str = "Keywave-Audit-Key-Id";
+/// Header: base64 Ed25519 signature of an audit record (see
+/// [`crate::sign::SigningKey::sign_audit`]).
+pub const SIG_HEADER: &str = "Keywave-Audit-Signature";
+
+/// A record's signature as read from its message headers.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordSig<'a> {
+    pub key_id: &'a str,
+    pub signature: &'a str,
+}
 
 /// `prev` of the first record of a chain.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -204,6 +227,20 @@ pub enum Break {
         stream_seq: u64,
         detail: String,
     },
+    /// Signatures are required and this record has none.
+    Unsigned { seq: u64, stream_seq: u64 },
+    /// Signed by a key that is not among the trusted ones.
+    UnknownKey {
+        seq: u64,
+        stream_seq: u64,
+        key_id: String,
+    },
+    /// The signature does not match the record under the key it names.
+    BadSignature {
+        seq: u64,
+        stream_seq: u64,
+        key_id: String,
+    },
 }
 
 impl std::fmt::Display for Break {
@@ -252,6 +289,26 @@ impl std::fmt::Display for Break {
                 f,
                 "record at position {position} (stream seq {stream_seq}) is unreadable: {detail}"
             ),
+            Break::Unsigned { seq, stream_seq } => write!(
+                f,
+                "record {seq} (stream seq {stream_seq}) is not signed, and signatures are required"
+            ),
+            Break::UnknownKey {
+                seq,
+                stream_seq,
+                key_id,
+            } => write!(
+                f,
+                "record {seq} (stream seq {stream_seq}) is signed by key {key_id}, which is not trusted"
+            ),
+            Break::BadSignature {
+                seq,
+                stream_seq,
+                key_id,
+            } => write!(
+                f,
+                "record {seq} (stream seq {stream_seq}) has a signature that key {key_id} did not make over this record (forged or re-hashed)"
+            ),
         }
     }
 }
@@ -268,13 +325,30 @@ pub struct ChainReport {
     pub ok: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub broken: Option<Break>,
+    /// Records whose signature was checked against a trusted key (0 when no
+    /// key was given).
+    pub signed: u64,
 }
 
 /// Verifies one campaign's chain from its records as read from the stream,
 /// in stream order: `(stream_seq, payload)`. Stops at the first break.
+/// Signatures are not looked at: see [`verify_signed`].
 pub fn verify<'a, I>(campaign: &str, records: I) -> ChainReport
 where
     I: IntoIterator<Item = (u64, &'a [u8])>,
+{
+    verify_signed(
+        campaign,
+        records.into_iter().map(|(s, p)| (s, p, None)),
+        &[],
+    )
+}
+
+/// [`verify`], and with `keys` not empty every record must also carry a
+/// valid signature by one of them: `(stream_seq, payload, signature)`.
+pub fn verify_signed<'a, I>(campaign: &str, records: I, keys: &[PublicKey]) -> ChainReport
+where
+    I: IntoIterator<Item = (u64, &'a [u8], Option<RecordSig<'a>>)>,
 {
     let mut report = ChainReport {
         campaign_id: campaign.to_string(),
@@ -283,8 +357,9 @@ where
         last_hash: GENESIS.to_string(),
         ok: true,
         broken: None,
+        signed: 0,
     };
-    for (stream_seq, payload) in records {
+    for (stream_seq, payload, sig) in records {
         report.records += 1;
         let broken = match open(payload) {
             Err(e) => Some(Break::Unreadable {
@@ -320,7 +395,12 @@ where
                         expected: report.last_hash.clone(),
                         found: link.prev,
                     })
+                } else if let Some(b) = check_signature(campaign, &link, stream_seq, sig, keys) {
+                    Some(b)
                 } else {
+                    if !keys.is_empty() {
+                        report.signed += 1;
+                    }
                     report.last_seq = link.seq;
                     report.last_hash = link.hash;
                     None
@@ -334,6 +414,40 @@ where
         }
     }
     report
+}
+
+/// The signature problem of a record whose links are intact, if any
+/// (none when no key is required).
+fn check_signature(
+    campaign: &str,
+    link: &Link,
+    stream_seq: u64,
+    sig: Option<RecordSig<'_>>,
+    keys: &[PublicKey],
+) -> Option<Break> {
+    if keys.is_empty() {
+        return None;
+    }
+    let seq = link.seq;
+    let Some(sig) = sig else {
+        return Some(Break::Unsigned { seq, stream_seq });
+    };
+    let Some(key) = keys.iter().find(|k| k.id().as_str() == sig.key_id) else {
+        return Some(Break::UnknownKey {
+            seq,
+            stream_seq,
+            key_id: sig.key_id.to_string(),
+        });
+    };
+    if key.verify_audit(campaign, seq, &link.hash, sig.signature) {
+        None
+    } else {
+        Some(Break::BadSignature {
+            seq,
+            stream_seq,
+            key_id: sig.key_id.to_string(),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -376,6 +490,81 @@ mod tests {
                 .enumerate()
                 .map(|(i, p)| (i as u64 + 10, p.as_slice())),
         )
+    }
+
+    /// Signatures make a consistently rewritten chain detectable: the
+    /// rewrite has correct hashes and links, but not the key.
+    #[test]
+    fn signed_records_verify_and_a_rehashed_rewrite_does_not() {
+        use crate::sign::SigningKey;
+        let key = SigningKey::generate();
+        let keys = [key.public().clone()];
+        let c = chain(4);
+        let sign = |payload: &[u8], key: &SigningKey| {
+            let (link, _) = open(payload).unwrap();
+            (
+                key.id().to_string(),
+                key.sign_audit("c-1", link.seq, &link.hash),
+            )
+        };
+        let run_signed = |c: &[Vec<u8>], sigs: &[Option<(String, String)>], keys: &[PublicKey]| {
+            verify_signed(
+                "c-1",
+                c.iter().zip(sigs).enumerate().map(|(i, (p, s))| {
+                    (
+                        i as u64 + 1,
+                        p.as_slice(),
+                        s.as_ref().map(|(k, sig)| RecordSig {
+                            key_id: k,
+                            signature: sig,
+                        }),
+                    )
+                }),
+                keys,
+            )
+        };
+        let sigs: Vec<_> = c.iter().map(|p| Some(sign(p, &key))).collect();
+        let r = run_signed(&c, &sigs, &keys);
+        assert!(r.ok && r.signed == 4, "{r:?}");
+        // Without keys the signatures are not looked at.
+        assert_eq!(run_signed(&c, &sigs, &[]).signed, 0);
+
+        // A rewrite from record 2 on with every hash and link recomputed
+        // passes the chain checks, but record 2's signature no longer fits.
+        let rewritten = {
+            let mut prev = open(&c[0]).unwrap().0.hash;
+            let mut out = vec![c[0].clone()];
+            for p in &c[1..] {
+                // The record without its `,"hash":"…"` suffix, closed again.
+                let mut body = String::from_utf8(p[..p.len() - SUFFIX_LEN].to_vec()).unwrap();
+                body.push('}');
+                let mut r: AuditRecord = serde_json::from_str(&body).unwrap();
+                r.prev = prev.clone();
+                r.writer = "intruder".into();
+                let (payload, hash) = seal(&r).unwrap();
+                prev = hash;
+                out.push(payload);
+            }
+            out
+        };
+        assert!(run(&rewritten).ok, "the rewrite fools the hash chain alone");
+        match run_signed(&rewritten, &sigs, &keys).broken {
+            Some(Break::BadSignature { seq: 2, .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        // Signed by another key, or not at all.
+        let other = SigningKey::generate();
+        let foreign: Vec<_> = rewritten.iter().map(|p| Some(sign(p, &other))).collect();
+        match run_signed(&rewritten, &foreign, &keys).broken {
+            Some(Break::UnknownKey { seq: 1, .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        let mut unsigned = sigs.clone();
+        unsigned[2] = None;
+        match run_signed(&c, &unsigned, &keys).broken {
+            Some(Break::Unsigned { seq: 3, .. }) => {}
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

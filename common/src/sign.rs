@@ -302,6 +302,42 @@ pub fn signing_bytes(f: &Facts<'_>, body: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Domain tag of a signed audit record (see [`crate::audit`]).
+pub const AUDIT_DOMAIN: &str = "keywave-audit-sig-v1";
+
+/// The bytes an audit record's signature covers: the domain tag, the
+/// campaign, the record's `seq` and its `hash` (which covers everything else
+/// in the record, `prev` included).
+fn audit_bytes(campaign: &str, seq: u64, hash: &str) -> Vec<u8> {
+    format!("{AUDIT_DOMAIN}\n{campaign}\n{seq}\n{hash}").into_bytes()
+}
+
+impl SigningKey {
+    /// Signs audit record `seq` of `campaign` with hash `hash`; base64 of
+    /// the 64-byte signature.
+    pub fn sign_audit(&self, campaign: &str, seq: u64, hash: &str) -> String {
+        let sig = self.key.sign(&audit_bytes(campaign, seq, hash));
+        base64::engine::general_purpose::STANDARD.encode(sig.to_bytes())
+    }
+}
+
+impl PublicKey {
+    /// Whether `sig_b64` is this key's signature of audit record `seq` of
+    /// `campaign` with hash `hash`.
+    pub fn verify_audit(&self, campaign: &str, seq: u64, hash: &str, sig_b64: &str) -> bool {
+        let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(sig_b64.trim()) else {
+            return false;
+        };
+        let Ok(bytes) = <[u8; 64]>::try_from(raw.as_slice()) else {
+            return false;
+        };
+        let sig = ed25519_dalek::Signature::from_bytes(&bytes);
+        self.key
+            .verify_strict(&audit_bytes(campaign, seq, hash), &sig)
+            .is_ok()
+    }
+}
+
 /// What the coordinator signs tasks with.
 #[derive(Debug, Clone)]
 pub struct TaskSigner {
@@ -322,6 +358,11 @@ impl TaskSigner {
     }
     pub fn public(&self) -> &PublicKey {
         self.key.public()
+    }
+    /// The key itself, shared (the audit writer signs its records with it
+    /// too).
+    pub fn shared_key(&self) -> std::sync::Arc<SigningKey> {
+        self.key.clone()
     }
 
     /// The expiry of `task`: its deadline plus the margin.

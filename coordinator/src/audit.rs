@@ -18,6 +18,11 @@
 //! so a stale writer that missed the loss of its lease can never fork a
 //! chain: its append fails, it re-reads the head and skips what is covered.
 //!
+//! With a signing key (the coordinator's task-signing key), every record is
+//! also signed: headers `Keywave-Audit-Key-Id` and `Keywave-Audit-Signature`
+//! (see [`keywave_common::audit`]); `keywave audit verify --public-key` then
+//! requires the signatures.
+//!
 //! Results are appended in batches (one record per up to [`RESULT_BATCH`]
 //! results of a campaign, or whatever arrived when the stream is caught up),
 //! so auditing a million-credential campaign costs thousands of appends, not
@@ -31,6 +36,7 @@ use async_nats::jetstream::{
     Context,
 };
 use futures::StreamExt;
+use keywave_common::sign::{PublicKey, SigningKey};
 use keywave_common::{
     audit::{self, AuditRecord, ChainReport, Entry, Hwm, ResultDigest, GENESIS, RECORD_VERSION},
     codec, ids, now_ms, subjects, topology,
@@ -38,6 +44,7 @@ use keywave_common::{
 };
 use serde::Serialize;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
@@ -83,10 +90,16 @@ pub struct Writer {
     heads: HashMap<String, Head>,
     /// Result digests not appended yet, per campaign, with their highest sequence.
     pending: HashMap<String, (Vec<ResultDigest>, u64)>,
+    /// Signs every record when set.
+    key: Option<Arc<SigningKey>>,
 }
 
 impl Writer {
-    pub async fn new(js: Context, writer: &str) -> Result<Writer, AuditError> {
+    pub async fn new(
+        js: Context,
+        writer: &str,
+        key: Option<Arc<SigningKey>>,
+    ) -> Result<Writer, AuditError> {
         let stream = js
             .get_stream(topology::STREAM_AUDIT)
             .await
@@ -97,6 +110,7 @@ impl Writer {
             writer: writer.to_string(),
             heads: HashMap::new(),
             pending: HashMap::new(),
+            key,
         })
     }
 
@@ -135,6 +149,13 @@ impl Writer {
             EXPECTED_LAST_SUBJECT_SEQ,
             head.stream_seq.to_string().as_str(),
         );
+        if let Some(key) = &self.key {
+            headers.insert(audit::SIG_KEY_ID_HEADER, key.id().as_str());
+            headers.insert(
+                audit::SIG_HEADER,
+                key.sign_audit(cid, record.seq, &hash).as_str(),
+            );
+        }
         let sent = async {
             self.js
                 .publish_with_headers(subjects::audit(cid), headers, payload.into())
@@ -353,11 +374,12 @@ fn campaign_of(src: Source, subject: &str) -> Option<&str> {
 pub async fn follow(
     js: Context,
     writer_id: String,
+    key: Option<Arc<SigningKey>>,
     stop: CancellationToken,
     halted: CancellationToken,
 ) {
     let mut writer = loop {
-        match Writer::new(js.clone(), &writer_id).await {
+        match Writer::new(js.clone(), &writer_id, key.clone()).await {
             Ok(w) => break w,
             Err(e) => {
                 warn!(error = %e, "Cannot open the audit stream; retrying");
@@ -493,7 +515,11 @@ pub async fn follow(
 }
 
 /// Every record of `cid`'s chain, in stream order: `(stream_seq, payload)`.
-pub async fn read_chain(js: &Context, cid: &str) -> Result<Vec<(u64, Vec<u8>)>, AuditError> {
+/// One stored record: stream sequence, payload, and its signature headers
+/// (key id, signature) when it has them.
+pub type StoredRecord = (u64, Vec<u8>, Option<(String, String)>);
+
+pub async fn read_chain(js: &Context, cid: &str) -> Result<Vec<StoredRecord>, AuditError> {
     let stream = js
         .get_stream(topology::STREAM_AUDIT)
         .await
@@ -523,7 +549,14 @@ pub async fn read_chain(js: &Context, cid: &str) -> Result<Vec<(u64, Vec<u8>)>, 
         };
         let info = m.info().map_err(|e| AuditError::Stream(e.to_string()))?;
         let (seq, pending) = (info.stream_sequence, info.pending);
-        out.push((seq, m.payload.to_vec()));
+        let header = |name: &str| {
+            m.headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_string())
+        };
+        let sig = header(audit::SIG_KEY_ID_HEADER).zip(header(audit::SIG_HEADER));
+        out.push((seq, m.payload.to_vec(), sig));
         if pending == 0 {
             break;
         }
@@ -560,8 +593,13 @@ pub struct VerifyReport {
 }
 
 /// Verifies one campaign's chain, or every chain: the function behind
-/// `keywave audit verify`.
-pub async fn verify(js: &Context, campaign: Option<&str>) -> Result<VerifyReport, AuditError> {
+/// `keywave audit verify`. With `keys`, every record must also be signed by
+/// one of them.
+pub async fn verify(
+    js: &Context,
+    campaign: Option<&str>,
+    keys: &[PublicKey],
+) -> Result<VerifyReport, AuditError> {
     let cids = match campaign {
         Some(c) => vec![c.to_string()],
         None => chains(js).await?,
@@ -569,9 +607,19 @@ pub async fn verify(js: &Context, campaign: Option<&str>) -> Result<VerifyReport
     let mut reports = Vec::new();
     for cid in cids {
         let records = read_chain(js, &cid).await?;
-        reports.push(audit::verify(
+        reports.push(audit::verify_signed(
             &cid,
-            records.iter().map(|(s, p)| (*s, p.as_slice())),
+            records.iter().map(|(s, p, sig)| {
+                (
+                    *s,
+                    p.as_slice(),
+                    sig.as_ref().map(|(k, v)| audit::RecordSig {
+                        key_id: k,
+                        signature: v,
+                    }),
+                )
+            }),
+            keys,
         ));
     }
     Ok(VerifyReport {

@@ -279,12 +279,15 @@ carry fingerprints, never secrets.",
 pub enum AuditCommand {
     /// Verify the audit chains; report the first broken link of each and exit 4 if any is broken.
     #[command(
-        after_help = "Examples:\n  keywave audit verify\n  keywave audit verify --campaign c-0123456789ab --json"
+        after_help = "Examples:\n  keywave audit verify\n  keywave audit verify --campaign c-0123456789ab --json\n  keywave audit verify --public-key \"$(cat coordinator.pub)\""
     )]
     Verify {
         /// Verify only this campaign's chain (default: every chain).
         #[arg(long, value_name = "ID")]
         campaign: Option<String>,
+        /// A coordinator public key (64 hex digits, as `keywave-coordinator keygen` prints it), repeatable: every record must then be signed by one of them, so a chain rewritten by someone with write access to NATS but not the key is found.
+        #[arg(long = "public-key", value_name = "HEX")]
+        public_keys: Vec<String>,
     },
 }
 

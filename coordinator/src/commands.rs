@@ -155,9 +155,10 @@ pub async fn run(cli: Cli) -> Result<u8, CommandError> {
             Ok(if report.verified_ok() { 0 } else { 1 })
         }
         Command::Detect(args) => crate::detect::cli::run(args, &url, json).await,
-        Command::Audit(cli::AuditCommand::Verify { campaign }) => {
-            audit_verify(&url, campaign.as_deref(), json).await
-        }
+        Command::Audit(cli::AuditCommand::Verify {
+            campaign,
+            public_keys,
+        }) => audit_verify(&url, campaign.as_deref(), &public_keys, json).await,
         Command::Reconcile(args) => crate::reconcile::run_cli(args, &url, json).await,
         Command::Inventory(InventoryCommand::Discover(args)) => {
             crate::discover::run_cli(args, &url, json).await
@@ -651,7 +652,20 @@ pub fn render_list(list: &[CampaignSummary]) -> String {
 
 /// `keywave audit verify`: checks the hash chains, prints each chain's
 /// verdict (the first broken link when there is one).
-async fn audit_verify(url: &str, campaign: Option<&str>, json: bool) -> Result<u8, CommandError> {
+async fn audit_verify(
+    url: &str,
+    campaign: Option<&str>,
+    public_keys: &[String],
+    json: bool,
+) -> Result<u8, CommandError> {
+    let keys = public_keys
+        .iter()
+        .map(|k| keywave_common::sign::PublicKey::from_hex(k))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| cli::UsageError {
+            flag: "--public-key".into(),
+            message: e.to_string(),
+        })?;
     if let Some(c) = campaign {
         keywave_common::ids::validate("campaign id", c).map_err(|e| cli::UsageError {
             flag: "--campaign".into(),
@@ -659,7 +673,7 @@ async fn audit_verify(url: &str, campaign: Option<&str>, json: bool) -> Result<u
         })?;
     }
     let js = topology::context(connect(url).await?);
-    let report = crate::audit::verify(&js, campaign)
+    let report = crate::audit::verify(&js, campaign, &keys)
         .await
         .map_err(|e| CommandError::Audit(e.to_string()))?;
     if json {
@@ -670,8 +684,12 @@ async fn audit_verify(url: &str, campaign: Option<&str>, json: bool) -> Result<u
         }
         for c in &report.chains {
             match &c.broken {
-                None => println!(
+                None if keys.is_empty() => println!(
                     "{}: ok, {} records, head {} {}",
+                    c.campaign_id, c.records, c.last_seq, c.last_hash
+                ),
+                None => println!(
+                    "{}: ok, {} records, all signed by a trusted key, head {} {}",
                     c.campaign_id, c.records, c.last_seq, c.last_hash
                 ),
                 Some(b) => println!(

@@ -528,6 +528,7 @@ impl Engine {
             self.tracker.spawn(crate::audit::follow(
                 self.js.clone(),
                 self.opts.coordinator_id.clone(),
+                self.opts.signer.as_ref().map(|s| s.shared_key()),
                 self.stop.clone(),
                 self.halted.clone(),
             ));

@@ -3,13 +3,19 @@
 //! every event and every result exactly once and `keywave audit verify`
 //! passes; deleting a record, forging a replacement, or purging the chain and
 //! republishing it with one record edited is reported at the right record.
+//! The coordinators sign their records: `--public-key` verification passes,
+//! and a chain rewritten consistently (every hash and link recomputed, the
+//! old signature headers copied), which fools the hash chain alone, is
+//! reported at the first rewritten record.
 
 use crate::support::{self, credentials, in_regions, secret};
 use keywave_common::audit::{self, AuditRecord, Break, Entry};
 use keywave_common::crypto::RegionKey;
+use keywave_common::sign::{SigningKey, TaskSigner};
 use keywave_common::wire::{CampaignState, OnFailure, Strategy, TargetKind};
 use keywave_common::{subjects, topology};
 use keywave_coordinator::client::ApiClient;
+use keywave_coordinator::engine::CoordinatorOptions;
 use keywave_tests::{wait_for, NatsServer};
 use keywave_worker::fault::Faults;
 use keywave_worker::targets::sim::{SimOptions, SimTarget};
@@ -21,8 +27,18 @@ use std::time::Duration;
 
 const N: usize = 30;
 
-/// `keywave --nats <url> --json audit verify --campaign <cid>`: exit code and JSON.
+/// `keywave --nats <url> --json audit verify --campaign <cid> [--public-key K]`:
+/// exit code and JSON.
 async fn cli_verify(bin: &Path, url: &str, cid: &str) -> (i32, serde_json::Value) {
+    cli_verify_with(bin, url, cid, &[]).await
+}
+
+async fn cli_verify_with(
+    bin: &Path,
+    url: &str,
+    cid: &str,
+    extra: &[&str],
+) -> (i32, serde_json::Value) {
     let out = tokio::process::Command::new(bin)
         .args([
             "--nats",
@@ -33,6 +49,7 @@ async fn cli_verify(bin: &Path, url: &str, cid: &str) -> (i32, serde_json::Value
             "--campaign",
             cid,
         ])
+        .args(extra)
         .output()
         .await
         .expect("keywave runs");
@@ -56,11 +73,37 @@ async fn records(
         .await
         .unwrap()
         .into_iter()
-        .map(|(s, p)| {
+        .map(|(s, p, _)| {
             let r: AuditRecord = serde_json::from_slice(&p).unwrap();
             (s, p, r)
         })
         .collect()
+}
+
+/// A record's payload and its signature headers (key id, signature).
+type Signed = (Vec<u8>, Option<(String, String)>);
+
+/// Purges the chain and republishes `records` in order, each with the
+/// signature headers given.
+async fn republish_with_headers(
+    js: &async_nats::jetstream::Context,
+    cid: &str,
+    records: &[Signed],
+) {
+    let stream = js.get_stream(topology::STREAM_AUDIT).await.unwrap();
+    stream.purge().filter(subjects::audit(cid)).await.unwrap();
+    for (p, sig) in records {
+        let mut h = async_nats::HeaderMap::new();
+        if let Some((key, sig)) = sig {
+            h.insert(audit::SIG_KEY_ID_HEADER, key.as_str());
+            h.insert(audit::SIG_HEADER, sig.as_str());
+        }
+        js.publish_with_headers(subjects::audit(cid), h, p.clone().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
 }
 
 /// Purges the chain and republishes `payloads` in order.
@@ -107,8 +150,18 @@ async fn the_audit_chain_covers_a_campaign_across_a_coordinator_restart_and_show
     }
 
     // A campaign whose coordinator is replaced after the canary: the second
-    // one continues the chain the first one wrote.
-    let first = support::start_coordinator(&client).await;
+    // one continues the chain the first one wrote. Both sign tasks and
+    // audit records with the same key, as a deployment does.
+    let key = SigningKey::generate();
+    let public = key.public().clone();
+    let signer = TaskSigner::new(key, Duration::from_secs(300));
+    let coordinator = |signer: TaskSigner| CoordinatorOptions {
+        topology: support::topology(),
+        coordinator_id: keywave_tests::unique("coordinator"),
+        signer: Some(signer),
+        ..Default::default()
+    };
+    let first = support::start_coordinator_with(&client, coordinator(signer.clone())).await;
     let api = ApiClient::new(client.clone());
     let mut s = support::spec(
         in_regions(&["eu"]),
@@ -131,7 +184,7 @@ async fn the_audit_chain_covers_a_campaign_across_a_coordinator_restart_and_show
     .await
     .expect("the canary succeeds");
     first.stop().await;
-    let second = support::start_coordinator(&client).await;
+    let second = support::start_coordinator_with(&client, coordinator(signer)).await;
     let status = api
         .wait_terminal(&cid, Duration::from_secs(60))
         .await
@@ -183,7 +236,7 @@ async fn the_audit_chain_covers_a_campaign_across_a_coordinator_restart_and_show
     assert!(chain.len() >= 4, "{}", chain.len());
 
     // Intact: the library and the CLI agree.
-    let report = keywave_coordinator::audit::verify(&js, Some(&cid))
+    let report = keywave_coordinator::audit::verify(&js, Some(&cid), &[])
         .await
         .unwrap();
     assert!(report.ok, "{report:#?}");
@@ -191,15 +244,35 @@ async fn the_audit_chain_covers_a_campaign_across_a_coordinator_restart_and_show
     let (code, json) = cli_verify(&bin, &server.url(), &cid).await;
     assert_eq!(code, 0, "{json}");
     assert_eq!(json["ok"], true);
-    let all = keywave_coordinator::audit::verify(&js, None).await.unwrap();
+    let all = keywave_coordinator::audit::verify(&js, None, &[])
+        .await
+        .unwrap();
     assert!(all.ok && all.chains.iter().any(|c| c.campaign_id == cid));
+    // Every record is signed by the coordinators' key.
+    let report = keywave_coordinator::audit::verify(&js, Some(&cid), std::slice::from_ref(&public))
+        .await
+        .unwrap();
+    assert!(report.ok, "{report:#?}");
+    assert_eq!(report.chains[0].signed, chain.len() as u64);
+    let pk = public.to_hex();
+    let (code, json) = cli_verify_with(&bin, &server.url(), &cid, &["--public-key", &pk]).await;
+    assert_eq!(code, 0, "{json}");
+    assert_eq!(json["chains"][0]["signed"], chain.len() as u64);
+    let signatures: Vec<Option<(String, String)>> =
+        keywave_coordinator::audit::read_chain(&js, &cid)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(_, _, sig)| sig)
+            .collect();
+    assert!(signatures.iter().all(Option::is_some));
 
     let payloads: Vec<Vec<u8>> = chain.iter().map(|(_, p, _)| p.clone()).collect();
 
     // 1. Record 3 deleted through the JetStream API: a gap at 3.
     let stream = js.get_stream(topology::STREAM_AUDIT).await.unwrap();
     assert!(stream.delete_message(chain[2].0).await.unwrap());
-    let report = keywave_coordinator::audit::verify(&js, Some(&cid))
+    let report = keywave_coordinator::audit::verify(&js, Some(&cid), &[])
         .await
         .unwrap();
     match &report.chains[0].broken {
@@ -226,7 +299,7 @@ async fn the_audit_chain_covers_a_campaign_across_a_coordinator_restart_and_show
         .unwrap()
         .await
         .unwrap();
-    let report = keywave_coordinator::audit::verify(&js, Some(&cid))
+    let report = keywave_coordinator::audit::verify(&js, Some(&cid), &[])
         .await
         .unwrap();
     assert!(
@@ -255,7 +328,7 @@ async fn the_audit_chain_covers_a_campaign_across_a_coordinator_restart_and_show
         .into_bytes();
     assert_ne!(edited[2], payloads[2]);
     republish(&js, &cid, &edited).await;
-    let report = keywave_coordinator::audit::verify(&js, Some(&cid))
+    let report = keywave_coordinator::audit::verify(&js, Some(&cid), &[])
         .await
         .unwrap();
     match &report.chains[0].broken {
@@ -270,7 +343,7 @@ async fn the_audit_chain_covers_a_campaign_across_a_coordinator_restart_and_show
     let mut rehashed = payloads.clone();
     rehashed[2] = audit::seal(&forged).unwrap().0;
     republish(&js, &cid, &rehashed).await;
-    let report = keywave_coordinator::audit::verify(&js, Some(&cid))
+    let report = keywave_coordinator::audit::verify(&js, Some(&cid), &[])
         .await
         .unwrap();
     assert!(
@@ -283,10 +356,51 @@ async fn the_audit_chain_covers_a_campaign_across_a_coordinator_restart_and_show
     let (code, _) = cli_verify(&bin, &server.url(), &cid).await;
     assert_eq!(code, 4);
 
-    // The original, republished as it was, verifies again.
-    republish(&js, &cid, &payloads).await;
-    let report = keywave_coordinator::audit::verify(&js, Some(&cid))
+    // The original, republished as it was (with its signatures), verifies
+    // again, signatures included.
+    let original: Vec<_> = payloads.iter().cloned().zip(signatures.clone()).collect();
+    republish_with_headers(&js, &cid, &original).await;
+    let report = keywave_coordinator::audit::verify(&js, Some(&cid), std::slice::from_ref(&public))
         .await
         .unwrap();
     assert!(report.ok, "{report:#?}");
+
+    // 5. A consistent rewrite: record 3 edited and every later record
+    // re-sealed onto it, the old signature headers copied. The hash chain
+    // alone cannot tell; the signatures can, at record 3.
+    let mut rewritten = Vec::new();
+    let mut prev = String::new();
+    for (i, (_, p, r)) in chain.iter().enumerate() {
+        if i < 2 {
+            prev = audit::open(p).unwrap().0.hash;
+            rewritten.push((p.clone(), signatures[i].clone()));
+            continue;
+        }
+        let mut r = r.clone();
+        if i == 2 {
+            r.writer = "mallory".into();
+        }
+        r.prev = prev.clone();
+        let (payload, hash) = audit::seal(&r).unwrap();
+        prev = hash;
+        rewritten.push((payload, signatures[i].clone()));
+    }
+    republish_with_headers(&js, &cid, &rewritten).await;
+    let report = keywave_coordinator::audit::verify(&js, Some(&cid), &[])
+        .await
+        .unwrap();
+    assert!(report.ok, "the hash chain alone is fooled: {report:#?}");
+    let report = keywave_coordinator::audit::verify(&js, Some(&cid), std::slice::from_ref(&public))
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            report.chains[0].broken,
+            Some(Break::BadSignature { seq: 3, .. })
+        ),
+        "{report:#?}"
+    );
+    let (code, json) = cli_verify_with(&bin, &server.url(), &cid, &["--public-key", &pk]).await;
+    assert_eq!(code, 4, "{json}");
+    assert_eq!(json["chains"][0]["broken"]["problem"], "bad_signature");
 }
