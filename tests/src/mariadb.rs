@@ -26,6 +26,8 @@ pub struct MariaDbServer {
     socket: PathBuf,
     /// The CA and server certificate, when TLS is on.
     tls: Option<TestPki>,
+    /// How to start `mariadbd` again on the same data and port.
+    launch: Launch,
     daemon: Daemon,
     // Dropped after `daemon`.
     dir: TempDir,
@@ -79,33 +81,17 @@ impl MariaDbServer {
             TestPki::generate(&tls_dir)
         });
         let socket = dir.path().join("mariadb.sock");
-        let log = dir.path().join("mariadbd.log");
+        let launch = Launch {
+            mariadbd,
+            user,
+            data,
+            tmp,
+            socket: socket.clone(),
+            home: dir.path().to_path_buf(),
+        };
         for attempt in 1..=PORT_ATTEMPTS {
             let port = free_port();
-            let mut cmd = Command::new(&mariadbd);
-            cmd.arg("--no-defaults")
-                .arg(format!("--user={user}"))
-                .arg(format!("--datadir={}", data.display()))
-                .arg(format!("--port={port}"))
-                .arg("--bind-address=127.0.0.1")
-                .arg(format!("--socket={}", socket.display()))
-                .arg(format!("--tmpdir={}", tmp.display()))
-                .arg(format!(
-                    "--pid-file={}",
-                    dir.path().join("mariadbd.pid").display()
-                ))
-                .args(["--skip-log-bin", "--innodb-buffer-pool-size=32M"])
-                .args([
-                    "--innodb-flush-log-at-trx-commit=0",
-                    "--max-connections=300",
-                ]);
-            if let Some(p) = &tls {
-                cmd.arg(format!("--ssl-cert={}", p.cert.display()))
-                    .arg(format!("--ssl-key={}", p.key.display()))
-                    .arg(format!("--ssl-ca={}", p.ca.display()))
-                    .arg("--require-secure-transport=ON");
-            }
-            let mut daemon = Daemon::spawn("mariadbd", cmd, &log);
+            let mut daemon = launch.spawn(port, tls.as_ref());
             let sock = socket.clone();
             match daemon.wait_ready(START_TIMEOUT, || admin_ping(&sock)) {
                 Ok(()) => {
@@ -115,6 +101,7 @@ impl MariaDbServer {
                         password,
                         socket,
                         tls,
+                        launch,
                         daemon,
                         dir,
                     };
@@ -136,6 +123,24 @@ impl MariaDbServer {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Kills `mariadbd` (SIGKILL, as a crashed or unplugged server): every
+    /// connection breaks, new ones are refused until [`Self::restart`].
+    pub fn stop_fast(&mut self) {
+        self.daemon.kill();
+    }
+
+    /// Starts `mariadbd` again on the same data directory and port, and
+    /// waits until it answers.
+    pub fn restart(&mut self) {
+        self.daemon.kill();
+        let mut daemon = self.launch.spawn(self.port, self.tls.as_ref());
+        let sock = self.socket.clone();
+        daemon
+            .wait_ready(START_TIMEOUT, || admin_ping(&sock))
+            .unwrap_or_else(|e| panic!("restarting mariadbd: {e}"));
+        self.daemon = daemon;
     }
 
     /// The admin user's password.
@@ -201,6 +206,47 @@ impl MariaDbServer {
             .args(["--user=root", "--batch", "--skip-column-names", "-e"])
             .arg(sql);
         output(cmd)
+    }
+}
+
+/// Everything `mariadbd` is started with, but the port.
+struct Launch {
+    mariadbd: PathBuf,
+    user: String,
+    data: PathBuf,
+    tmp: PathBuf,
+    socket: PathBuf,
+    home: PathBuf,
+}
+
+impl Launch {
+    fn spawn(&self, port: u16, tls: Option<&TestPki>) -> Daemon {
+        // A restart after a SIGKILL finds the old socket file.
+        let _ = std::fs::remove_file(&self.socket);
+        let mut cmd = Command::new(&self.mariadbd);
+        cmd.arg("--no-defaults")
+            .arg(format!("--user={}", self.user))
+            .arg(format!("--datadir={}", self.data.display()))
+            .arg(format!("--port={port}"))
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--socket={}", self.socket.display()))
+            .arg(format!("--tmpdir={}", self.tmp.display()))
+            .arg(format!(
+                "--pid-file={}",
+                self.home.join("mariadbd.pid").display()
+            ))
+            .args(["--skip-log-bin", "--innodb-buffer-pool-size=32M"])
+            .args([
+                "--innodb-flush-log-at-trx-commit=0",
+                "--max-connections=300",
+            ]);
+        if let Some(p) = tls {
+            cmd.arg(format!("--ssl-cert={}", p.cert.display()))
+                .arg(format!("--ssl-key={}", p.key.display()))
+                .arg(format!("--ssl-ca={}", p.ca.display()))
+                .arg("--require-secure-transport=ON");
+        }
+        Daemon::spawn("mariadbd", cmd, &self.home.join("mariadbd.log"))
     }
 }
 

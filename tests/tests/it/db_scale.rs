@@ -594,6 +594,114 @@ async fn scale_postgres_stopped_mid_campaign_then_rerun_is_consistent() {
     drop_pg_roles(&pg, &pgl, false).await;
 }
 
+/// The same for MariaDB, killed outright (SIGKILL) while a containment
+/// campaign runs: the wave's tasks fail as `target_unreachable` after
+/// bounded retries, the budget pauses the campaign; with `mariadbd` back on
+/// the same port and data, a new campaign leaves every user consistent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_mariadb_killed_mid_campaign_then_rerun_is_consistent() {
+    support::init_tracing();
+    const N: usize = 150;
+    let maria = Arc::new(blocking(MariaDbServer::start).await);
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    let myl = make_creds("kwms", N, MARIA, TargetKind::Mysql);
+    create_maria_users(&maria, &myl, false).await;
+    support::put_inventory(&client, &myl.creds).await;
+
+    let mut targets = Targets::new();
+    targets.insert_limited(
+        MARIA,
+        maria_target(&maria, Continuity::Auto, 4).await,
+        8,
+        Some(20.0),
+    );
+    let worker = support::start_worker(
+        &client,
+        "eu",
+        &RegionKey::generate(),
+        Arc::new(targets),
+        Faults::none(),
+    )
+    .await;
+    enroll(&worker.store, &myl).await;
+    let coordinator = support::start_coordinator(&client).await;
+    let api = ApiClient::new(client.clone());
+    let mut s = spec(
+        in_regions(&["eu"]),
+        Strategy::Containment,
+        "20,50",
+        0.2,
+        OnFailure::Pause,
+    );
+    s.task_timeout_ms = 120_000;
+    let id = api.start(s).await.unwrap();
+    keywave_tests::wait_until(Duration::from_secs(60), || {
+        let (api, id) = (api.clone(), id.clone());
+        async move {
+            api.status(&id)
+                .await
+                .map(|s| s.current_wave >= 1 && s.succeeded() >= 25)
+                .unwrap_or(false)
+        }
+    })
+    .await
+    .expect("the second wave is under way");
+    let mut server = Arc::try_unwrap(maria).unwrap_or_else(|_| panic!("one owner"));
+    server = blocking(move || {
+        server.stop_fast();
+        server
+    })
+    .await;
+    let stopped = Instant::now();
+    let status = api
+        .wait_terminal(&id, Duration::from_secs(90))
+        .await
+        .unwrap();
+    let waited = stopped.elapsed();
+    assert_eq!(status.state, CampaignState::Paused, "{status:#?}");
+    let wave = &status.waves[status.current_wave as usize];
+    assert!(wave.failed > 0, "{wave:#?}");
+    assert_eq!(
+        wave.failures.keys().map(String::as_str).collect::<Vec<_>>(),
+        vec!["target_unreachable"],
+        "every failure is classified unreachable: {wave:#?}"
+    );
+    assert!(waited < Duration::from_secs(60), "{waited:?}");
+    eprintln!(
+        "paused {waited:?} after the kill: {} succeeded, {} unreachable",
+        status.succeeded(),
+        wave.failed
+    );
+
+    // Back on the same port; the paused campaign is aborted and a new one
+    // over the same selector rotates everything (the worker's pool
+    // reconnects by itself).
+    server = blocking(move || {
+        server.restart();
+        server
+    })
+    .await;
+    let maria = Arc::new(server);
+    api.abort(&id).await.unwrap();
+    let status = run_campaign(
+        &api,
+        Strategy::Containment,
+        "50,100%",
+        0.0,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(status.state, CampaignState::Completed, "{status:#?}");
+    assert_eq!(status.succeeded(), N as u64);
+    let p = proofs(&worker.store, &myl.creds, false, &myl.initial).await;
+    verify(p, 0, maria.port()).await;
+
+    coordinator.stop().await;
+    worker.stop().await;
+    drop_maria_users(&maria, &myl, false).await;
+}
+
 /// Peaks seen by the `pg_stat_activity` sampler.
 #[derive(Debug, Default, Clone, Copy)]
 struct Peaks {

@@ -17,7 +17,7 @@
 //! - `bench`: a 2,000-credential `keywave bench` smoke run with its baseline; valid `--json` output.
 //! - `campaign`: a 1,000-credential sim campaign over 3 regions, waves `1,10%,50%`.
 //! - `db_scale`: 500 PostgreSQL roles and 200 MariaDB users in continuity then containment, proven with
-//!   real logins; PostgreSQL stopped mid-campaign (unreachable, paused, re-run consistent); the admin
+//!   real logins; PostgreSQL stopped and MariaDB killed mid-campaign (unreachable, paused, re-run consistent); the admin
 //!   pool never over its limit during a 2,000-role campaign (`pg_stat_activity` sampled every 20 ms).
 //! - `db_targets`: PostgreSQL roles and MariaDB users: containment (hostile names included) and continuity with alternating users, proven with `psql` / `mariadb`.
 //! - `redis_acl`: continuity and containment campaigns on real Redis ACL users, proven with `AUTH`.
