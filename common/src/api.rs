@@ -191,3 +191,10 @@ pub struct CampaignSummary {
     pub failed: u64,
     pub created_at_ms: u64,
 }
+
+/// Reply data of `ping`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Pong {
+    pub coordinator_id: String,
+    pub version: String,
+}

@@ -8,6 +8,9 @@
 //! - [`wire`]: versioned message types (tasks, results, campaigns, events, inventory).
 //! - [`detect`]: leak detections (`keywave.detect.<source>`), their streams and keyed detection fingerprints.
 //! - [`api`]: request/response bodies of the operator API under `keywave.api.v1.`.
+//! - [`client`]: [`client::ApiClient`], the typed client of that API (CLI, dev kit, tests, detection intake).
+//! - [`flags`]: [`flags::UsageError`], the one usage error of every binary, and shared flag parsers.
+//! - [`duration`]: durations as operators write them (`30s`, `1m30s`) and as keywave prints them.
 //! - [`admin`]: request/response bodies of the workers' admin service under `keywave.admin.v1.<region>.` (reconcile, discover).
 //! - [`codec`]: MessagePack / JSON encoding chosen by `Content-Type`, with size and version checks.
 //! - [`topology`]: streams, consumers and KV buckets, created idempotently.
@@ -22,9 +25,12 @@
 pub mod admin;
 pub mod api;
 pub mod audit;
+pub mod client;
 pub mod codec;
 pub mod crypto;
 pub mod detect;
+pub mod duration;
+pub mod flags;
 pub mod ids;
 pub mod nats;
 pub mod planner;

@@ -275,7 +275,51 @@ pub async fn ensure_core(js: &Context, cfg: &Config) -> Result<(), TopologyError
     )
     .await?;
     // Leak detections and rotation notices (see `crate::detect`).
-    crate::detect::ensure_streams(js, cfg).await?;
+    detection_streams(js, cfg).await?;
+    Ok(())
+}
+
+/// Creates the detection and rotation-notice streams (idempotent).
+pub async fn detection_streams(js: &Context, cfg: &Config) -> Result<(), TopologyError> {
+    use async_nats::jetstream::stream::{self, RetentionPolicy, StorageType};
+    let storage = if cfg.memory {
+        StorageType::Memory
+    } else {
+        StorageType::File
+    };
+    for (name, subject, desc, per_subject) in [
+        (
+            crate::detect::STREAM_DETECTIONS,
+            "keywave.detect.>",
+            "keywave leak detections (webhooks, SIEM, CLI)",
+            0,
+        ),
+        (
+            crate::detect::STREAM_ROTATED,
+            "keywave.rotated.>",
+            "keywave rotation notices: keyed detection fingerprints, latest per credential",
+            1,
+        ),
+    ] {
+        js.get_or_create_stream(stream::Config {
+            name: name.into(),
+            description: Some(desc.into()),
+            subjects: vec![subject.into()],
+            retention: RetentionPolicy::Limits,
+            storage,
+            num_replicas: cfg.replicas,
+            duplicate_window: cfg.duplicate_window,
+            max_age: cfg.audit_max_age,
+            max_messages_per_subject: per_subject,
+            max_message_size: (crate::detect::MAX_DETECTION_BYTES * 2) as i32,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| TopologyError {
+            what: format!("stream {name}"),
+            detail: e.to_string(),
+        })?;
+    }
     Ok(())
 }
 

@@ -768,6 +768,16 @@ pub enum OnFailure {
     Pause,
 }
 
+impl OnFailure {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnFailure::Rollback => "rollback",
+            OnFailure::Pause => "pause",
+        }
+    }
+}
+
 impl std::str::FromStr for OnFailure {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -924,6 +934,18 @@ pub enum Decision {
     Complete,
     Pause,
     Rollback,
+}
+
+impl Decision {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::NextWave => "next_wave",
+            Decision::Complete => "complete",
+            Decision::Pause => "pause",
+            Decision::Rollback => "rollback",
+        }
+    }
 }
 
 /// Per-class failure counts.

@@ -21,7 +21,7 @@ use keywave_common::{
     api::{verbs, ApiReply, ApproveRequest, CampaignRef, StartRequest},
     codec, subjects,
 };
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde::{de::DeserializeOwned, Serialize};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -29,12 +29,7 @@ use tracing::{debug, warn};
 /// The queue group every coordinator's API subscription joins.
 pub const QUEUE_GROUP: &str = "keywave-coordinator";
 
-/// Reply data of `ping`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Pong {
-    pub coordinator_id: String,
-    pub version: String,
-}
+pub use keywave_common::api::Pong;
 
 /// Joins the API queue group; the server knows the subscription on return.
 pub(crate) async fn subscribe(

@@ -17,13 +17,13 @@
 //! so login checks at once); `pool` its `admin_connections`, capped at the
 //! concurrency. The worker takes up to 64 tasks at once.
 
+use keywave_common::client::ApiClient;
 use keywave_common::crypto::{generate, RegionKey, Secret, SecretPolicy};
 use keywave_common::topology;
 use keywave_common::wire::{
     CampaignSpec, CampaignState, Credential, OnFailure, Selector, Strategy, TargetKind,
     SCHEMA_VERSION,
 };
-use keywave_coordinator::client::ApiClient;
 use keywave_coordinator::{Coordinator, CoordinatorOptions};
 use keywave_tests::mariadb::ADMIN_USER;
 use keywave_tests::{MariaDbServer, NatsServer, PostgresServer};

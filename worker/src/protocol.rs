@@ -1473,7 +1473,7 @@ mod tests {
     #[tokio::test]
     async fn with_a_detect_key_promote_and_restore_announce_keyed_fingerprints() {
         let fx = Fixture::new().await;
-        detect::ensure_streams(&fx.bucket.js, &topology::Config::default())
+        topology::detection_streams(&fx.bucket.js, &topology::Config::default())
             .await
             .unwrap();
         let key = DetectKey::generate();
@@ -1520,7 +1520,7 @@ mod tests {
     #[tokio::test]
     async fn without_a_detect_key_nothing_is_announced() {
         let fx = Fixture::new().await;
-        detect::ensure_streams(&fx.bucket.js, &topology::Config::default())
+        topology::detection_streams(&fx.bucket.js, &topology::Config::default())
             .await
             .unwrap();
         fx.enrolled("n2").await;

@@ -3,13 +3,13 @@
 
 use anyhow::Context;
 use clap::Parser;
-use keywave_coordinator::{cli::DaemonArgs, Coordinator};
+use keywave_coordinator::{config::DaemonArgs, Coordinator};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = DaemonArgs::parse();
-    if let Some(keywave_coordinator::cli::DaemonCommand::Keygen { out }) = &args.command {
+    if let Some(keywave_coordinator::config::DaemonCommand::Keygen { out }) = &args.command {
         let key = keywave_common::sign::SigningKey::generate();
         if let Err(e) = key.to_file(out) {
             eprintln!("error: {e}");
@@ -55,7 +55,7 @@ const ENV_LEASE_RENEW: &str = "KEYWAVE_LEASE_RENEW";
 
 /// Lease timings and fault injection from the environment.
 fn from_env(opts: &mut keywave_coordinator::CoordinatorOptions) -> Result<(), String> {
-    use keywave_coordinator::cli::parse_duration;
+    use keywave_common::duration::parse as parse_duration;
     if let Ok(v) = std::env::var(ENV_LEASE_TTL) {
         opts.lease.ttl = parse_duration(&v).map_err(|e| format!("{ENV_LEASE_TTL}: {e}"))?;
         opts.lease.renew_every = opts.lease.ttl / 3;

@@ -13,13 +13,13 @@
 
 use super::matcher::{self, InventoryIndex, Resolved};
 use super::store::{self, Claim, Intent, IntentState, Outcome};
-use crate::client::{ApiClient, ClientError};
 use async_nats::jetstream::{
     self,
     consumer::{pull, AckPolicy, DeliverPolicy},
     kv, AckKind, Context,
 };
 use futures::StreamExt;
+use keywave_common::client::{ApiClient, ClientError};
 use keywave_common::{
     api::CampaignStatus,
     detect::{DecodeError, DetectKey, Detection, STREAM_DETECTIONS},

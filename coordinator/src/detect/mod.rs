@@ -20,21 +20,20 @@
 //! process) to start campaigns.
 
 pub mod adapters;
-pub mod cli;
+pub mod args;
 pub mod index;
 pub mod intake;
 pub mod matcher;
 pub mod poll;
-pub mod report;
 pub mod store;
 pub mod webhook;
 
 pub use intake::IntakeConfig;
 pub use webhook::WebhookConfig;
 
-use crate::client::ApiClient;
+use keywave_common::client::ApiClient;
 use keywave_common::{
-    detect::{self as wire_detect, DetectKey},
+    detect::DetectKey,
     topology::{self, TopologyError},
 };
 use std::net::SocketAddr;
@@ -90,7 +89,7 @@ impl Detector {
     ) -> Result<Self, DetectError> {
         let js = topology::context(client.clone());
         topology::ensure_core(&js, &opts.topology).await?;
-        wire_detect::ensure_streams(&js, &opts.topology).await?;
+        keywave_common::topology::detection_streams(&js, &opts.topology).await?;
         let kv = store::bucket(&js, &opts.topology).await?;
         let inventory = topology::inventory(&js, &opts.topology).await?;
         let webhook = match opts.webhook {

@@ -166,12 +166,12 @@ pub fn parse_config(
         let mut s = PollSource::new(r.name, r.url, r.format);
         let ctx = |e: String| format!("source {:?}: {e}", s.name);
         if let Some(v) = &r.interval {
-            s.interval = crate::cli::parse_duration(v)
+            s.interval = keywave_common::duration::parse(v)
                 .map_err(|e| format!("interval: {e}"))
                 .map_err(ctx)?;
         }
         if let Some(v) = &r.timeout {
-            s.timeout = crate::cli::parse_duration(v)
+            s.timeout = keywave_common::duration::parse(v)
                 .map_err(|e| format!("timeout: {e}"))
                 .map_err(ctx)?;
         }

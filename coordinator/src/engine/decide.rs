@@ -54,7 +54,7 @@ pub fn decide(wave: &WaveStatus, spec: &CampaignSpec, is_last: bool) -> Verdict 
             Decision::NextWave,
             format!(
                 "next wave after a {} bake",
-                crate::cli::format_duration_ms(spec.bake_ms)
+                keywave_common::duration::format_ms(spec.bake_ms)
             ),
         )
     } else {

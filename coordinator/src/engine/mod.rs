@@ -796,7 +796,7 @@ impl Engine {
         // records): the selection of a million credentials stays in the
         // low hundreds of megabytes at its peak.
         // Consumer records (issue 6): few next to the credentials.
-        let consumer_index = crate::deps::ConsumerIndex::load(&self.js)
+        let consumer_index = crate::inventory::deps::ConsumerIndex::load(&self.js)
             .await
             .map_err(internal)?;
         let entries: Vec<PlanEntry> = inventory::select(

@@ -36,9 +36,9 @@ pub struct PlanEntry {
 
 impl PlanEntry {
     /// The entry of `c`, with its consumers resolved against `idx`.
-    pub fn with_consumers(c: &Credential, idx: &crate::deps::ConsumerIndex) -> Self {
+    pub fn with_consumers(c: &Credential, idx: &crate::inventory::deps::ConsumerIndex) -> Self {
         PlanEntry {
-            consumers: crate::deps::checks(c, idx),
+            consumers: crate::inventory::deps::checks(c, idx),
             ..PlanEntry::from(c)
         }
     }

@@ -4,8 +4,8 @@
 //! other's credentials, tasks or results.
 
 use super::*;
-use crate::client::{ApiClient, ClientError};
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, ReplayPolicy};
+use keywave_common::client::{ApiClient, ClientError};
 use keywave_common::{
     codec::{self, Format},
     publish, subjects,
@@ -656,17 +656,8 @@ async fn preflight_holds_a_wave_until_its_agents_answer(
     .await;
 
     // An agent answers (it watches only the first credential), resume.
-    let board = keywave_worker::agent_ping::HealthBoard::new([cs[0].id.as_str()]);
     let stop = CancellationToken::new();
-    let agent = keywave_worker::agent_ping::spawn(
-        client.clone(),
-        "api".into(),
-        region.clone(),
-        &board,
-        stop.clone(),
-    )
-    .await
-    .unwrap();
+    let agent = answer_pings(&client, "api", &region, &cs[0].id, stop.clone()).await;
     api.resume(&cid).await.unwrap();
     let s = api.wait_terminal(&cid, WAIT).await.unwrap();
     assert_eq!(s.state, CampaignState::Completed, "{s:#?}");
@@ -777,4 +768,55 @@ async fn engine_scenarios_against_real_nats() {
     assert_eq!(worker.tasks(TaskAction::Rotate).len(), 5);
     running.stop().await;
     worker.stop().await;
+}
+
+/// Answers the consumer `consumer`'s liveness pings as its agent would (the
+/// real agent, in the worker crate, is tested against this coordinator by the
+/// integration tests): it watches `credential`, not yet checked.
+async fn answer_pings(
+    client: &async_nats::Client,
+    consumer: &str,
+    region: &str,
+    credential: &str,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    use futures::StreamExt;
+    use keywave_common::wire::{AgentCredential, AgentStatus};
+    let subject = keywave_common::subjects::agent_ping(region, consumer).unwrap();
+    let sub = client.subscribe(subject).await.unwrap();
+    client.flush().await.unwrap();
+    let (client, consumer, region, credential) = (
+        client.clone(),
+        consumer.to_string(),
+        region.to_string(),
+        credential.to_string(),
+    );
+    tokio::spawn(async move {
+        let mut sub = std::pin::pin!(sub.take_until(stop.cancelled_owned()));
+        while let Some(msg) = sub.next().await {
+            let status = AgentStatus {
+                v: keywave_common::wire::SCHEMA_VERSION,
+                consumer_id: consumer.clone(),
+                region: region.clone(),
+                version: "test".into(),
+                credentials: vec![AgentCredential {
+                    id: credential.clone(),
+                    healthy: None,
+                }],
+                healthy: true,
+                at_ms: keywave_common::now_ms(),
+            };
+            let body = keywave_common::codec::encode(keywave_common::codec::Format::Json, &status)
+                .unwrap();
+            let headers = keywave_common::codec::headers(
+                keywave_common::codec::Format::Json,
+                &format!("ping:{region}:{consumer}:{}", status.at_ms),
+            );
+            let reply = msg.reply.expect("pings carry a reply subject");
+            client
+                .publish_with_headers(reply, headers, body)
+                .await
+                .unwrap();
+        }
+    })
 }

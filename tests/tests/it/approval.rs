@@ -8,9 +8,9 @@
 
 use crate::lease::Node;
 use crate::support::{self, credentials, in_regions, secret, spec};
+use keywave_common::client::ApiClient;
 use keywave_common::crypto::RegionKey;
 use keywave_common::wire::{CampaignState, EventKind, OnFailure, Strategy, TargetKind};
-use keywave_coordinator::client::ApiClient;
 use keywave_coordinator::engine::fault::Faults as CoordinatorFaults;
 use keywave_tests::{unique, wait_for, NatsServer};
 use keywave_worker::fault::Faults;
@@ -91,7 +91,7 @@ async fn wait_state(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_approval_gates_survive_a_killed_coordinator() {
     support::init_tracing();
-    let bin = support::workspace_binary("keywave-coordinator", "keywave");
+    let bin = support::workspace_binary("keywave-cli", "keywave");
     let server = NatsServer::start();
     let client = server.client().await;
     let url = server.url();

@@ -10,11 +10,11 @@
 
 use crate::support::{self, credentials, in_regions, secret};
 use keywave_common::audit::{self, AuditRecord, Break, Entry};
+use keywave_common::client::ApiClient;
 use keywave_common::crypto::RegionKey;
 use keywave_common::sign::{SigningKey, TaskSigner};
 use keywave_common::wire::{CampaignState, OnFailure, Strategy, TargetKind};
 use keywave_common::{subjects, topology};
-use keywave_coordinator::client::ApiClient;
 use keywave_coordinator::engine::CoordinatorOptions;
 use keywave_tests::{wait_for, NatsServer};
 use keywave_worker::fault::Faults;
@@ -125,10 +125,9 @@ async fn the_audit_chain_covers_a_campaign_across_a_coordinator_restart_and_show
     let server = NatsServer::start();
     let client = server.client().await;
     let js = topology::context(client.clone());
-    let bin =
-        tokio::task::spawn_blocking(|| support::workspace_binary("keywave-coordinator", "keywave"))
-            .await
-            .unwrap();
+    let bin = tokio::task::spawn_blocking(|| support::workspace_binary("keywave-cli", "keywave"))
+        .await
+        .unwrap();
 
     let creds = credentials("aud", N, &["eu"], "sim-main", TargetKind::Sim);
     support::put_inventory(&client, &creds).await;

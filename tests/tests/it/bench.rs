@@ -4,7 +4,7 @@
 //! the documented keys; timings are never asserted.
 
 use keywave_common::wire::CampaignState;
-use keywave_coordinator::bench::{self, BenchOptions, BENCH_JSON_KEYS};
+use keywave_devkit::bench::{self, BenchOptions, BENCH_JSON_KEYS};
 use keywave_tests::NatsServer;
 use std::time::Duration;
 

@@ -3,8 +3,8 @@
 //! and moving from wave to wave on acknowledgements.
 
 use crate::support::{self, credentials, in_regions, secret, spec};
+use keywave_common::client::ApiClient;
 use keywave_common::wire::{CampaignState, OnFailure, Strategy, TargetKind};
-use keywave_coordinator::client::ApiClient;
 use keywave_tests::NatsServer;
 use keywave_worker::fault::Faults;
 use keywave_worker::targets::sim::{SimOptions, SimTarget};

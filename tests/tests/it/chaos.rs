@@ -7,10 +7,10 @@
 //! `MONITOR`). The figures are printed at the end.
 
 use crate::support::{self, credentials, in_regions, secret, spec};
+use keywave_common::client::ApiClient;
 use keywave_common::crypto::{RegionKey, Secret};
 use keywave_common::topology;
 use keywave_common::wire::{CampaignState, Credential, OnFailure, Strategy, TargetKind};
-use keywave_coordinator::client::ApiClient;
 use keywave_tests::process::Daemon;
 use keywave_tests::{NatsServer, RedisServer};
 use keywave_worker::store::SecretStore;

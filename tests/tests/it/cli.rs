@@ -7,10 +7,10 @@
 //! containment rollback, abort; exit codes and `--json` throughout.
 
 use crate::support::{self, credentials, secret};
+use keywave_common::client::ApiClient;
 use keywave_common::codec::{self, Format};
 use keywave_common::crypto::RegionKey;
 use keywave_common::wire::{CampaignState, RotationResult, TargetKind};
-use keywave_coordinator::client::ApiClient;
 use keywave_tests::{unique, wait_for, NatsServer};
 use keywave_worker::fault::Faults;
 use keywave_worker::targets::sim::{SimOptions, SimTarget};
@@ -120,7 +120,7 @@ async fn forge_result(client: &async_nats::Client, cid: &str, credential_id: &st
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_plan_start_watch_pause_resume_approve_report() {
     support::init_tracing();
-    let bin = support::workspace_binary("keywave-coordinator", "keywave");
+    let bin = support::workspace_binary("keywave-cli", "keywave");
     let server = NatsServer::start();
     let client = server.client().await;
     let url = server.url();
@@ -388,7 +388,7 @@ async fn cli_plan_start_watch_pause_resume_approve_report() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_rollback_of_a_paused_campaign_and_containment_refusal() {
     support::init_tracing();
-    let bin = support::workspace_binary("keywave-coordinator", "keywave");
+    let bin = support::workspace_binary("keywave-cli", "keywave");
     let server = NatsServer::start();
     let client = server.client().await;
     let url = server.url();

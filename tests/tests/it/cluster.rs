@@ -2,10 +2,10 @@
 //! replicated three times: losing one node mid-campaign loses nothing.
 
 use crate::support::{self, credentials, in_regions, secret, spec};
+use keywave_common::client::ApiClient;
 use keywave_common::crypto::RegionKey;
 use keywave_common::topology;
 use keywave_common::wire::{CampaignState, OnFailure, Strategy, TargetKind};
-use keywave_coordinator::client::ApiClient;
 use keywave_tests::{wait_for, NatsCluster};
 use keywave_worker::fault::Faults;
 use keywave_worker::targets::sim::{SimOptions, SimTarget};

@@ -8,6 +8,7 @@
 //! the old secret CURRENT again; `none` is reported unverified.
 
 use crate::support::{self, secret, spec};
+use keywave_common::client::ApiClient;
 use keywave_common::codec;
 use keywave_common::crypto::{RegionKey, Secret};
 use keywave_common::topology;
@@ -16,7 +17,6 @@ use keywave_common::wire::{
     Outcome, RotationResult, Selector, Strategy, TargetKind, TaskAction, VerifyKind,
     SCHEMA_VERSION,
 };
-use keywave_coordinator::client::ApiClient;
 use keywave_tests::process::Daemon;
 use keywave_tests::{NatsServer, RedisServer};
 use keywave_worker::fault::Faults;

@@ -14,6 +14,7 @@
 //! Afterwards the old passwords are refused by the server itself.
 
 use crate::support::{self, secret, spec};
+use keywave_common::client::ApiClient;
 use keywave_common::crypto::{RegionKey, Secret, SecretPolicy};
 use keywave_common::topology;
 use keywave_common::wire::{
@@ -21,7 +22,6 @@ use keywave_common::wire::{
     Selector, Strategy, TargetKind, TaskAction, VerifyKind, SCHEMA_VERSION,
 };
 use keywave_common::{codec, subjects};
-use keywave_coordinator::client::ApiClient;
 use keywave_tests::process::{require, Daemon};
 use keywave_tests::{NatsServer, PostgresServer};
 use keywave_worker::fault::Faults;

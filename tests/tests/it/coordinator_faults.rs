@@ -7,11 +7,11 @@
 use crate::lease::Node;
 use crate::support::{self, credentials, secret, spec};
 use async_trait::async_trait;
+use keywave_common::client::ApiClient;
 use keywave_common::crypto::{RegionKey, Secret, SecretPolicy};
 use keywave_common::wire::{
     CampaignState, Decision, EventKind, OnFailure, Selector, Strategy, TargetKind,
 };
-use keywave_coordinator::client::ApiClient;
 use keywave_coordinator::engine::fault::{CrashMode, CrashPoint, Faults as CoordinatorFaults};
 use keywave_tests::NatsServer;
 use keywave_worker::fault::Faults;

@@ -3,9 +3,9 @@
 //! target, reuses the staged secret, and sets it exactly once.
 
 use crate::support::{self, credentials, in_regions, secret, spec};
+use keywave_common::client::ApiClient;
 use keywave_common::crypto::RegionKey;
 use keywave_common::wire::{CampaignState, OnFailure, Step, Strategy, TargetKind};
-use keywave_coordinator::client::ApiClient;
 use keywave_tests::NatsServer;
 use keywave_worker::fault::{CrashMode, Faults};
 use keywave_worker::targets::sim::{SimOptions, SimTarget};

@@ -6,9 +6,9 @@
 //! refused with an authentication error, nothing else on the server changed.
 
 use crate::support::{self, credentials, in_regions, secret, spec};
+use keywave_common::client::ApiClient;
 use keywave_common::crypto::{RegionKey, Secret, SecretPolicy};
 use keywave_common::wire::{CampaignState, Credential, OnFailure, Strategy, TargetKind};
-use keywave_coordinator::client::ApiClient;
 use keywave_tests::mariadb::ADMIN_USER;
 use keywave_tests::{MariaDbServer, NatsServer, PostgresServer};
 use keywave_worker::fault::Faults;

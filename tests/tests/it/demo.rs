@@ -17,7 +17,7 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 /// `keywave-worker` (built by cargo when run under it).
 fn bin_dir() -> PathBuf {
     let worker = support::workspace_binary("keywave-worker", "keywave-worker");
-    let cli = support::workspace_binary("keywave-coordinator", "keywave");
+    let cli = support::workspace_binary("keywave-cli", "keywave");
     let coordinator = support::workspace_binary("keywave-coordinator", "keywave-coordinator");
     let dir = worker.parent().expect("binary directory").to_path_buf();
     for b in [&cli, &coordinator] {

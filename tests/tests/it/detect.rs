@@ -8,6 +8,8 @@
 
 use crate::support::{self, credentials, secret};
 use async_nats::jetstream::consumer::pull;
+use keywave_cli::containment as report;
+use keywave_common::client::ApiClient;
 use keywave_common::crypto::{RegionKey, Secret};
 use keywave_common::detect::{
     self as wire_detect, CredentialRef, DetectKey, Detection, RotatedNotice, Severity, Timestamp,
@@ -16,11 +18,10 @@ use keywave_common::detect::{
 use keywave_common::publish::{self, AckWindow};
 use keywave_common::topology;
 use keywave_common::wire::{CampaignState, Credential, Strategy, TargetKind, SCHEMA_VERSION};
-use keywave_coordinator::client::ApiClient;
 use keywave_coordinator::detect::poll::{PollFormat, PollSource};
 use keywave_coordinator::detect::store::{self, DetectionRecord, Outcome};
 use keywave_coordinator::detect::webhook::{sign, WebhookConfig, WebhookServer};
-use keywave_coordinator::detect::{report, DetectOptions, Detector, IntakeConfig};
+use keywave_coordinator::detect::{DetectOptions, Detector, IntakeConfig};
 use keywave_tests::{NatsServer, RedisServer};
 use keywave_worker::fault::Faults;
 use keywave_worker::targets::redis::{RedisOptions, RedisTarget};
@@ -295,7 +296,7 @@ async fn webhooks_authenticate_translate_and_count() {
     topology::ensure_core(&js, &support::topology())
         .await
         .unwrap();
-    wire_detect::ensure_streams(&js, &support::topology())
+    keywave_common::topology::detection_streams(&js, &support::topology())
         .await
         .unwrap();
     let hook = WebhookServer::bind(webhook_config(), js.clone())

@@ -8,10 +8,10 @@
 
 use crate::reconcile::{run_keywave, start_admin};
 use crate::support::{self, secret, spec};
+use keywave_cli::discover::{self, DiscoverArgs, Discovery};
+use keywave_common::client::ApiClient;
 use keywave_common::crypto::{RegionKey, SecretPolicy};
 use keywave_common::wire::{CampaignState, OnFailure, Selector, Strategy, TargetKind};
-use keywave_coordinator::client::ApiClient;
-use keywave_coordinator::discover::{self, DiscoverArgs, Discovery};
 use keywave_tests::mariadb::ADMIN_USER;
 use keywave_tests::{MariaDbServer, NatsServer, PostgresServer};
 use keywave_worker::fault::Faults;

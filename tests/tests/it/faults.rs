@@ -6,6 +6,7 @@
 
 use crate::support::{self, credentials, in_regions, secret, spec};
 use async_trait::async_trait;
+use keywave_common::client::ApiClient;
 use keywave_common::codec;
 use keywave_common::crypto::{RegionKey, Secret, SecretPolicy};
 use keywave_common::wire::{
@@ -13,7 +14,6 @@ use keywave_common::wire::{
     RotationTask, Step, Strategy, TargetKind, TaskAction, SCHEMA_VERSION,
 };
 use keywave_common::{now_ms, publish, subjects, topology};
-use keywave_coordinator::client::ApiClient;
 use keywave_tests::process::{free_port, require, Daemon};
 use keywave_tests::{unique, wait_for, wait_until, NatsServer, RedisServer};
 use keywave_worker::fault::{CrashMode, Faults, Point};

@@ -5,10 +5,10 @@
 //! while it was away is fenced: it publishes and saves nothing more.
 
 use crate::support::{self, credentials, in_regions, secret, spec};
+use keywave_common::client::ApiClient;
 use keywave_common::crypto::RegionKey;
 use keywave_common::topology;
 use keywave_common::wire::{CampaignState, EventKind, OnFailure, Strategy, TargetKind};
-use keywave_coordinator::client::ApiClient;
 use keywave_coordinator::engine::fault::Faults as CoordinatorFaults;
 use keywave_coordinator::lease::{self, LeaseRecord, LEASE_KEY};
 use keywave_coordinator::{Coordinator, CoordinatorOptions};

@@ -4,8 +4,8 @@
 //! against the campaign's final counts.
 
 use crate::support::{self, credentials, in_regions, secret, spec};
+use keywave_common::client::ApiClient;
 use keywave_common::wire::{CampaignState, OnFailure, Strategy, TargetKind};
-use keywave_coordinator::client::ApiClient;
 use keywave_coordinator::metrics::CoordinatorMetrics;
 use keywave_coordinator::CoordinatorOptions;
 use keywave_tests::NatsServer;

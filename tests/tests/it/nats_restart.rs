@@ -3,9 +3,9 @@
 //! JetStream is lost, and every credential is still rotated exactly once.
 
 use crate::support::{self, credentials, in_regions, secret, spec};
+use keywave_common::client::ApiClient;
 use keywave_common::crypto::RegionKey;
 use keywave_common::wire::{CampaignState, OnFailure, Strategy, TargetKind};
-use keywave_coordinator::client::ApiClient;
 use keywave_tests::{wait_for, NatsServer};
 use keywave_worker::fault::Faults;
 use keywave_worker::targets::sim::{SimOptions, SimTarget};

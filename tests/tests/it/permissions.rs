@@ -7,11 +7,11 @@
 use crate::support::{self, credentials, in_regions, secret, spec};
 use async_nats::jetstream;
 use bytes::Bytes;
+use keywave_common::client::ApiClient;
 use keywave_common::crypto::RegionKey;
 use keywave_common::detect::DetectKey;
 use keywave_common::topology;
 use keywave_common::wire::{CampaignState, OnFailure, Strategy, TargetKind};
-use keywave_coordinator::client::ApiClient;
 use keywave_coordinator::detect::{DetectOptions, Detector};
 use keywave_coordinator::{Coordinator, CoordinatorOptions};
 use keywave_tests::SecureNats;

@@ -9,6 +9,7 @@
 //! of 3 agents down start. Credentials live on the simulated target.
 
 use crate::support::{self, secret, spec};
+use keywave_common::client::ApiClient;
 use keywave_common::codec;
 use keywave_common::crypto::RegionKey;
 use keywave_common::topology;
@@ -16,7 +17,6 @@ use keywave_common::wire::{
     AgentStatus, CampaignEvent, CampaignState, ConsumerRef, Credential, EventKind, OnFailure,
     RotationResult, Selector, Strategy, TargetKind, SCHEMA_VERSION,
 };
-use keywave_coordinator::client::ApiClient;
 use keywave_tests::process::Daemon;
 use keywave_tests::{NatsServer, SecureNats};
 use keywave_worker::fault::Faults;

@@ -4,8 +4,9 @@
 //! inventory imports.
 
 use clap::Parser;
+use keywave_cli::args::{CampaignCommand, Cli, Command};
 use keywave_common::wire::{OnFailure, Strategy, TargetKind, WaveSize};
-use keywave_coordinator::cli::{CampaignCommand, Cli, Command, DaemonArgs};
+use keywave_coordinator::config::DaemonArgs;
 use keywave_coordinator::inventory::{parse_reader, Format};
 
 const README: &str = include_str!("../../../README.md");

@@ -8,11 +8,11 @@
 //! (request/reply on `keywave.admin.v1.<region>.reconcile`, queue group).
 
 use crate::support::{self, credentials, in_regions, secret, spec};
+use keywave_cli::reconcile::{self, ReconcileOptions, ReconcileReport};
 use keywave_common::admin::ReconcileStatus;
+use keywave_common::client::ApiClient;
 use keywave_common::crypto::{RegionKey, Secret};
 use keywave_common::wire::{CampaignState, Credential, OnFailure, Step, Strategy, TargetKind};
-use keywave_coordinator::client::ApiClient;
-use keywave_coordinator::reconcile::{self, ReconcileOptions, ReconcileReport};
 use keywave_tests::{unique, wait_until, NatsServer, RedisServer};
 use keywave_worker::admin::{AdminOptions, AdminService};
 use keywave_worker::fault::{CrashMode, Faults};
@@ -29,7 +29,7 @@ const EP: &str = "redis-main";
 
 /// Runs `keywave --nats <url> <args>` off the async workers: (exit code, stdout, stderr).
 pub async fn run_keywave(nats: &str, args: &[&str]) -> (i32, String, String) {
-    let bin = support::workspace_binary("keywave-coordinator", "keywave");
+    let bin = support::workspace_binary("keywave-cli", "keywave");
     let nats = nats.to_string();
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     tokio::task::spawn_blocking(move || {

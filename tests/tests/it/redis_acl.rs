@@ -3,9 +3,9 @@
 //! application would log in.
 
 use crate::support::{self, credentials, in_regions, secret, spec};
+use keywave_common::client::ApiClient;
 use keywave_common::crypto::{RegionKey, Secret};
 use keywave_common::wire::{CampaignState, Credential, OnFailure, Strategy, TargetKind};
-use keywave_coordinator::client::ApiClient;
 use keywave_tests::{NatsServer, RedisServer};
 use keywave_worker::fault::Faults;
 use keywave_worker::targets::redis::{RedisOptions, RedisTarget};

@@ -5,11 +5,11 @@
 
 use crate::support::{self, credentials, secret, spec};
 use async_trait::async_trait;
+use keywave_common::client::ApiClient;
 use keywave_common::crypto::{RegionKey, Secret, SecretPolicy};
 use keywave_common::wire::{
     CampaignState, Credential, EventKind, OnFailure, Selector, Strategy, TargetKind,
 };
-use keywave_coordinator::client::ApiClient;
 use keywave_tests::NatsServer;
 use keywave_worker::fault::Faults;
 use keywave_worker::store::SecretStore;

@@ -7,6 +7,7 @@
 
 use crate::support::{self, credentials, in_regions, secret, spec};
 use bytes::Bytes;
+use keywave_common::client::ApiClient;
 use keywave_common::codec::{self, Format};
 use keywave_common::crypto::{RegionKey, Secret};
 use keywave_common::sign::{SigningKey, TaskSigner, Verifier};
@@ -15,7 +16,6 @@ use keywave_common::wire::{
     Strategy, TargetKind, TaskAction, SCHEMA_VERSION,
 };
 use keywave_common::{now_ms, subjects, topology};
-use keywave_coordinator::client::ApiClient;
 use keywave_coordinator::CoordinatorOptions;
 use keywave_tests::{unique, wait_for, NatsServer};
 use keywave_worker::targets::sim::{SimOptions, SimTarget};

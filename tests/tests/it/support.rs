@@ -2,12 +2,12 @@
 //! redelivery delays, fleets of simulated credentials, and in-process
 //! workers and coordinators that run until their token is cancelled.
 
+use keywave_common::client::ApiClient;
 use keywave_common::crypto::{generate, RegionKey, Secret, SecretPolicy};
 use keywave_common::topology;
 use keywave_common::wire::{
     CampaignSpec, Credential, OnFailure, Selector, Strategy, TargetKind, SCHEMA_VERSION,
 };
-use keywave_coordinator::client::ApiClient;
 use keywave_coordinator::{Coordinator, CoordinatorOptions};
 use keywave_worker::fault::Faults;
 use keywave_worker::store::SecretStore;

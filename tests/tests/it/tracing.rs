@@ -11,9 +11,9 @@
 //! and no global state is shared with other tests.
 
 use crate::support::{self, credentials, in_regions, secret, spec};
+use keywave_common::client::ApiClient;
 use keywave_common::telemetry::{self, LogFormat};
 use keywave_common::wire::{CampaignState, OnFailure, Strategy, TargetKind};
-use keywave_coordinator::client::ApiClient;
 use keywave_tests::NatsServer;
 use keywave_worker::fault::Faults;
 use keywave_worker::targets::sim::{SimOptions, SimTarget};

@@ -1,14 +1,15 @@
-//! [`ApiClient`]: the typed client of the operator API (see [`crate::api`]),
+//! [`ApiClient`]: the typed client of the operator API (`keywave.api.v1.<verb>`, served by the coordinator),
 //! used by the `keywave` CLI, `keywave dev` and the integration tests. API
 //! errors come back as typed [`ClientError`] variants.
 
-use crate::api::Pong;
-use bytes::Bytes;
-use keywave_common::{
-    api::{verbs, ApproveRequest, CampaignRef, CampaignStatus, CampaignSummary, StartRequest},
+use crate::{
+    api::{
+        verbs, ApproveRequest, CampaignRef, CampaignStatus, CampaignSummary, Pong, StartRequest,
+    },
     subjects,
     wire::{CampaignSpec, CampaignState},
 };
+use bytes::Bytes;
 use serde::{de::DeserializeOwned, Serialize};
 use std::time::Duration;
 use thiserror::Error;
@@ -48,13 +49,13 @@ pub enum ClientError {
     },
 }
 
-/// [`keywave_common::api::ApiReply`] as read by the client (without `ApiReply`'s `Default`
+/// [`crate::api::ApiReply`] as read by the client (without `ApiReply`'s `Default`
 /// bound on the data type).
 #[derive(serde::Deserialize)]
 struct WireReply<T> {
     ok: bool,
     data: Option<T>,
-    error: Option<keywave_common::api::ApiError>,
+    error: Option<crate::api::ApiError>,
 }
 
 /// A client of the coordinators' API.
@@ -122,7 +123,7 @@ impl ApiClient {
                 detail: "ok reply without data".into(),
             });
         }
-        let err = reply.error.unwrap_or(keywave_common::api::ApiError {
+        let err = reply.error.unwrap_or(crate::api::ApiError {
             class: "internal".into(),
             message: "error reply without details".into(),
         });
@@ -227,7 +228,7 @@ impl ApiClient {
     ) -> Result<CampaignStatus, ClientError> {
         self.call(
             verbs::CAMPAIGN_ROLLBACK,
-            &keywave_common::api::RollbackRequest {
+            &crate::api::RollbackRequest {
                 campaign_id: id.to_string(),
                 wave,
             },

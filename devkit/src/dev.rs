@@ -5,13 +5,9 @@
 //! in one campaign, reports per wave, and finally proves a sample: the
 //! stored CURRENT secret authenticates at the target and PREVIOUS does not.
 
-use crate::{
-    client::ApiClient,
-    engine::{Coordinator, CoordinatorOptions},
-    inventory,
-};
 use anyhow::{bail, Context as _};
 use futures::{StreamExt, TryStreamExt};
+use keywave_common::client::ApiClient;
 use keywave_common::{
     api::CampaignStatus,
     crypto::{self, RegionKey, SecretPolicy},
@@ -20,6 +16,10 @@ use keywave_common::{
         CampaignSpec, CampaignState, Credential, Decision, OnFailure, RotationTask, Selector,
         Strategy, TargetKind, TaskAction, WaveSize, SCHEMA_VERSION,
     },
+};
+use keywave_coordinator::{
+    engine::{Coordinator, CoordinatorOptions},
+    inventory,
 };
 use keywave_worker::{
     store::{SecretStore, StoreError},
@@ -154,7 +154,7 @@ impl DevReport {
             }
             match (&w.decision, &w.reason) {
                 (Some(d), Some(r)) => {
-                    let _ = writeln!(out, " → {}: {r}", crate::commands::decision_str(*d));
+                    let _ = writeln!(out, " → {}: {r}", d.as_str());
                 }
                 _ => {
                     let _ = writeln!(out, " → not run");
@@ -362,7 +362,7 @@ async fn follow(api: &ApiClient, cid: &str, quiet: bool) -> anyhow::Result<Campa
                     w.size,
                     w.succeeded,
                     w.failed + w.no_result,
-                    crate::commands::decision_str(d)
+                    d.as_str()
                 );
                 announced += 1;
             }
@@ -764,7 +764,6 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn dev_runs_end_to_end() {
         let server = keywave_tests::NatsServer::start();
-        let _serial = crate::engine::COORDINATOR_TEST_LOCK.lock().await;
         let region = ids::random_id("dev");
         let report = run(DevOptions {
             nats_url: Some(server.url()),

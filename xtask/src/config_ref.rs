@@ -5,7 +5,7 @@
 //! against the configuration structs by a unit test of the worker).
 //!
 //! A unit test fails when the committed file differs; regenerate it with
-//! `KEYWAVE_BLESS=1 cargo test -p keywave-coordinator --lib config_ref`.
+//! `cargo run -p keywave-xtask -- config-ref`.
 
 use clap::CommandFactory;
 use std::fmt::Write as _;
@@ -127,12 +127,12 @@ pub fn render() -> String {
          flags with their environment variable and default, the worker's TOML keys, and the \
          other environment variables read. Precedence: flag, then environment variable, then \
          the worker file, then the default.\n\n\
-         _Generated from the code (`coordinator/src/config_ref.rs`); do not edit by hand. \
-         Regenerate with `KEYWAVE_BLESS=1 cargo test -p keywave-coordinator --lib config_ref`._\n\n",
+         _Generated from the code (`xtask/src/config_ref.rs`); do not edit by hand. \
+         Regenerate with `cargo run -p keywave-xtask -- config-ref`._\n\n",
     );
     command(
         &mut out,
-        &crate::cli::DaemonArgs::command(),
+        &keywave_coordinator::config::DaemonArgs::command(),
         "keywave-coordinator",
         0,
     );
@@ -163,7 +163,7 @@ pub fn render() -> String {
         );
     }
     out.push('\n');
-    command(&mut out, &crate::cli::Cli::command(), "keywave", 0);
+    command(&mut out, &keywave_cli::args::Cli::command(), "keywave", 0);
     out.push_str(
         "## Other environment variables\n\n| variable | read by | meaning |\n|---|---|---|\n",
     );
@@ -199,7 +199,7 @@ mod tests {
                 );
             panic!(
                 "{PATH} is out of date (first difference at line {line}): regenerate it with\n  \
-                 KEYWAVE_BLESS=1 cargo test -p keywave-coordinator --lib config_ref\nand commit it"
+                 cargo run -p keywave-xtask -- config-ref\nand commit it"
             );
         }
     }

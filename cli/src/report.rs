@@ -2,7 +2,7 @@
 //! self-contained HTML. It reads the status (`campaign.status`), the
 //! campaign's events (`KEYWAVE_EVENTS`), the head of its audit hash chain
 //! (`KEYWAVE_AUDIT`), the detection intake's claims for containment started
-//! by a detection (time to contain, [`crate::detect::report`]) and every
+//! by a detection (time to contain, [`crate::containment`]) and every
 //! result on `keywave.result.*.<campaign>` (`KEYWAVE_RESULTS`), read once
 //! with an ordered consumer.
 //!
@@ -16,19 +16,19 @@
 //! escaped for the output format ([`html_escape`], [`md_cell`]). Results
 //! carry fingerprints, never secrets, and so does the report.
 
-use crate::client::ApiClient;
-use crate::commands::{self, CommandError};
-use crate::engine::book::BitSet;
+use crate::context::{self, CommandError};
 use async_nats::jetstream::{
     consumer::{pull, DeliverPolicy},
     Context,
 };
 use futures::StreamExt;
+use keywave_common::client::ApiClient;
 use keywave_common::{
     api::CampaignStatus,
     codec, now_ms, subjects, topology,
     wire::{CampaignEvent, EventKind, Outcome, RotationResult, Step, TaskAction},
 };
+use keywave_coordinator::engine::book::BitSet;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -170,7 +170,7 @@ pub struct Header {
     /// `None`: no audit chain for this campaign (no coordinator wrote one).
     pub audit: Option<AuditHead>,
     /// Time to contain, for a containment campaign started by detections.
-    pub containment: Option<crate::detect::report::ContainmentReport>,
+    pub containment: Option<crate::containment::ContainmentReport>,
     pub disclaimer: &'static str,
 }
 
@@ -537,9 +537,15 @@ async fn header(js: &Context, api: &ApiClient, cid: &str) -> Result<Header, Comm
             *failures_by_class.entry(class.clone()).or_default() += *n;
         }
     }
-    let containment = match js.get_key_value(crate::detect::store::KV_DETECTIONS).await {
-        Ok(kv) => match kv.get(crate::detect::store::intent_key(cid)).await {
-            Ok(Some(_)) => crate::detect::report::build(js, api, &kv, cid).await.ok(),
+    let containment = match js
+        .get_key_value(keywave_coordinator::detect::store::KV_DETECTIONS)
+        .await
+    {
+        Ok(kv) => match kv
+            .get(keywave_coordinator::detect::store::intent_key(cid))
+            .await
+        {
+            Ok(Some(_)) => crate::containment::build(js, api, &kv, cid).await.ok(),
             _ => None,
         },
         Err(_) => None,
@@ -808,10 +814,7 @@ impl Doc<'_> {
                         "-".into()
                     },
                     approval,
-                    w.decision
-                        .map(commands::decision_str)
-                        .unwrap_or("-")
-                        .to_string(),
+                    w.decision.map(|d| d.as_str()).unwrap_or("-").to_string(),
                     w.reason.clone().unwrap_or_default(),
                 ]
             })
@@ -871,9 +874,9 @@ impl Doc<'_> {
                 format!(
                     "{:.1}% per wave; on failure {}; bake {}; task timeout {}",
                     spec.failure_budget * 100.0,
-                    commands::on_failure_str(spec.on_failure),
-                    crate::cli::format_duration_ms(spec.bake_ms),
-                    crate::cli::format_duration_ms(spec.task_timeout_ms)
+                    spec.on_failure.as_str(),
+                    keywave_common::duration::format_ms(spec.bake_ms),
+                    keywave_common::duration::format_ms(spec.task_timeout_ms)
                 ),
             ),
         ];
@@ -1211,9 +1214,9 @@ code{{font-family:ui-monospace,monospace;font-size:.9em;word-break:break-all}}.n
 }
 
 /// `keywave campaign report`.
-pub async fn run(args: crate::cli::ReportArgs, url: &str, json: bool) -> Result<u8, CommandError> {
+pub async fn run(args: crate::args::ReportArgs, url: &str, json: bool) -> Result<u8, CommandError> {
     let usage = |flag: &str, message: String| {
-        CommandError::Usage(crate::cli::UsageError {
+        CommandError::Usage(crate::args::UsageError {
             flag: flag.into(),
             message,
         })
@@ -1235,7 +1238,7 @@ pub async fn run(args: crate::cli::ReportArgs, url: &str, json: bool) -> Result<
     if args.max_rows == 0 {
         return Err(usage("--max-rows", "must be at least 1".into()));
     }
-    let client = commands::connect(url).await?;
+    let client = context::connect(url).await?;
     let js = topology::context(client.clone());
     let api = ApiClient::new(client);
     let summary = match &args.output {

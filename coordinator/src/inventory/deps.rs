@@ -13,7 +13,7 @@
 //! record's, else `attest` (fail closed: the old secret is never revoked
 //! until the consumer proved it moved). See docs/inventory.md.
 
-use crate::inventory::{ImportError, InventoryError, Position, MAX_FIELD_BYTES};
+use super::{ImportError, InventoryError, Position, MAX_FIELD_BYTES};
 use crate::kvscan;
 use async_nats::jetstream::kv;
 use futures::{StreamExt, TryStreamExt};
@@ -192,10 +192,10 @@ fn record_from_value(v: Value) -> Result<ConsumerRecord, FieldError> {
 /// columns `id,kind,owner,verify,url,timeout_ms,needs`, `needs`
 /// `;`-separated). Any bad record fails the whole file.
 pub fn parse_consumers(
-    format: crate::inventory::Format,
+    format: super::Format,
     reader: impl Read,
 ) -> Result<Vec<ConsumerRecord>, ImportError> {
-    use crate::inventory::Format;
+    use super::Format;
     let mut out: Vec<ConsumerRecord> = Vec::new();
     let mut first: HashMap<String, Position> = HashMap::new();
     let mut push = |at: Position, r: Result<ConsumerRecord, FieldError>| {
@@ -306,10 +306,10 @@ pub struct ConsumerImportReport {
 pub async fn import_consumers(
     kv: &kv::Store,
     path: &Path,
-    format: Option<crate::inventory::Format>,
+    format: Option<super::Format>,
 ) -> Result<ConsumerImportReport, ImportError> {
     let format = format
-        .or_else(|| crate::inventory::Format::from_path(path))
+        .or_else(|| super::Format::from_path(path))
         .ok_or_else(|| ImportError::UnknownFormat {
             path: path.to_path_buf(),
         })?;
@@ -346,7 +346,7 @@ pub async fn put_consumers(
                 })?;
             Ok::<_, InventoryError>(())
         })
-        .buffer_unordered(crate::inventory::PUT_CONCURRENCY)
+        .buffer_unordered(super::PUT_CONCURRENCY)
         .try_fold(0u64, |n, ()| async move { Ok(n + 1) })
         .await
 }

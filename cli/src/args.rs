@@ -1,104 +1,19 @@
-//! Command-line definitions of the `keywave` operator CLI and the
-//! `keywave-coordinator` daemon. The clap structs hold raw flags; the
-//! `to_*` methods validate them into typed configuration ([`CampaignSpec`],
-//! [`CoordinatorOptions`], [`DevOptions`]) and name the bad flag on error.
-//! Durations are written like `500ms`, `30s`, `2m`, `1h` or `1m30s`.
+//! Command-line definitions of the `keywave` operator CLI. The clap structs
+//! hold raw flags; the `to_*` methods validate them into typed configuration
+//! ([`CampaignSpec`], [`DevOptions`], [`BenchOptions`]) and name the bad flag
+//! on error. Durations are written like `500ms`, `30s`, `2m`, `1h` or `1m30s`.
 
-use crate::{bench::BenchOptions, dev::DevOptions, engine::CoordinatorOptions, inventory};
 use clap::{Args, Parser, Subcommand};
+pub use keywave_common::flags::{usage, UsageError};
 use keywave_common::{
-    ids, topology,
-    wire::{self, CampaignSpec, OnFailure, Selector, Strategy, SCHEMA_VERSION},
+    ids,
+    wire::{self, CampaignSpec, OnFailure, Strategy, SCHEMA_VERSION},
 };
+use keywave_coordinator::config::{NatsAuthArgs, DEFAULT_NATS_URL, NATS_URL_ENV};
+use keywave_coordinator::inventory;
+use keywave_devkit::{bench::BenchOptions, dev::DevOptions};
 use std::path::PathBuf;
 use std::time::Duration;
-use thiserror::Error;
-
-/// Environment variable holding the NATS URL.
-pub const NATS_URL_ENV: &str = "KEYWAVE_NATS_URL";
-/// Environment variable listing the regions whose topology the coordinator creates.
-pub const REGIONS_ENV: &str = "KEYWAVE_REGIONS";
-/// Environment variable holding the coordinator's id.
-pub const COORDINATOR_ID_ENV: &str = "KEYWAVE_COORDINATOR_ID";
-/// NATS URL used when neither `--nats` nor [`NATS_URL_ENV`] is given.
-pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
-
-/// A flag that does not validate.
-#[derive(Debug, Error, Clone, PartialEq, Eq)]
-#[error("{flag}: {message}")]
-pub struct UsageError {
-    pub flag: String,
-    pub message: String,
-}
-
-fn usage(flag: &str, message: impl Into<String>) -> UsageError {
-    UsageError {
-        flag: flag.to_string(),
-        message: message.into(),
-    }
-}
-
-/// Parses a duration such as `500ms`, `30s`, `2m`, `1h` or `1m30s`; a bare
-/// `0` is zero.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    if s == "0" {
-        return Ok(Duration::ZERO);
-    }
-    if s.is_empty() {
-        return Err("empty duration (expected e.g. 500ms, 30s, 2m, 1h)".into());
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            return Err(format!(
-                "bad duration {s:?} (expected e.g. 500ms, 30s, 2m, 1h)"
-            ));
-        }
-        let n: u64 = rest[..digits]
-            .parse()
-            .map_err(|_| format!("duration {s:?} is too large"))?;
-        rest = &rest[digits..];
-        let unit_len = rest.bytes().take_while(|b| b.is_ascii_alphabetic()).count();
-        let unit = &rest[..unit_len];
-        rest = &rest[unit_len..];
-        let part = match unit {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n.saturating_mul(60)),
-            "h" => Duration::from_secs(n.saturating_mul(3600)),
-            "" => {
-                return Err(format!(
-                    "duration {s:?} needs a unit: ms, s, m or h (e.g. 30s)"
-                ))
-            }
-            u => {
-                return Err(format!(
-                    "unknown duration unit {u:?} in {s:?} (use ms, s, m or h)"
-                ))
-            }
-        };
-        total = total.saturating_add(part);
-    }
-    Ok(total)
-}
-
-/// Formats milliseconds compactly: `30s`, `2m`, `1h`, `1500ms`.
-pub fn format_duration_ms(ms: u64) -> String {
-    match ms {
-        0 => "0s".into(),
-        ms if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
-        ms if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
-        ms if ms % 1_000 == 0 => format!("{}s", ms / 1_000),
-        ms => format!("{ms}ms"),
-    }
-}
-
-fn duration_flag(flag: &str, s: &str) -> Result<Duration, UsageError> {
-    parse_duration(s).map_err(|e| usage(flag, e))
-}
 
 /// `keywave`: the operator CLI.
 #[derive(Debug, Parser)]
@@ -126,73 +41,6 @@ pub struct Cli {
     pub nats_auth: NatsAuthArgs,
     #[command(subcommand)]
     pub command: Command,
-}
-
-/// Who this process is on NATS, and TLS to the server (see
-/// `deploy/nats-secure.conf` for the users of a least-privilege server).
-/// Passwords and seeds are only read from files or the environment
-/// (`KEYWAVE_NATS_PASSWORD`), never taken on the command line.
-#[derive(Debug, Args, Clone, Default)]
-pub struct NatsAuthArgs {
-    /// NATS credentials file (user JWT and nkey seed, as written by `nsc`).
-    #[arg(long, global = true, env = keywave_common::nats::ENV_CREDS, value_name = "FILE")]
-    pub nats_creds: Option<PathBuf>,
-    /// File holding a NATS user nkey seed (SU...).
-    #[arg(long, global = true, env = keywave_common::nats::ENV_NKEY, value_name = "FILE")]
-    pub nats_nkey: Option<PathBuf>,
-    /// NATS user name; the password comes from --nats-password-file or KEYWAVE_NATS_PASSWORD.
-    #[arg(long, global = true, env = keywave_common::nats::ENV_USER, value_name = "USER")]
-    pub nats_user: Option<String>,
-    /// File holding the NATS password of --nats-user.
-    #[arg(long, global = true, env = keywave_common::nats::ENV_PASSWORD_FILE, value_name = "FILE")]
-    pub nats_password_file: Option<PathBuf>,
-    /// Prefix of this process's reply subjects (deploy/nats-secure.conf: _INBOX_<user>, e.g. _INBOX_operator).
-    #[arg(long, global = true, env = keywave_common::nats::ENV_INBOX_PREFIX, value_name = "PREFIX")]
-    pub nats_inbox_prefix: Option<String>,
-    /// CA certificate (PEM) that signed the NATS server's certificate; implies TLS.
-    #[arg(long, global = true, env = keywave_common::nats::ENV_CA, value_name = "FILE")]
-    pub nats_ca: Option<PathBuf>,
-    /// Client certificate (PEM) for a server that verifies clients (with --nats-key).
-    #[arg(long, global = true, env = keywave_common::nats::ENV_CERT, value_name = "FILE")]
-    pub nats_cert: Option<PathBuf>,
-    /// Private key (PEM) of --nats-cert.
-    #[arg(long, global = true, env = keywave_common::nats::ENV_KEY, value_name = "FILE")]
-    pub nats_key: Option<PathBuf>,
-    /// Refuse to connect to NATS without TLS.
-    #[arg(long, global = true, env = keywave_common::nats::ENV_TLS_REQUIRED)]
-    pub nats_tls_required: bool,
-}
-
-impl NatsAuthArgs {
-    /// The validated connection identity (no secret is read yet).
-    pub fn to_config(&self) -> Result<keywave_common::nats::ConnectConfig, UsageError> {
-        let cfg = keywave_common::nats::ConnectConfig {
-            creds_file: self.nats_creds.clone(),
-            nkey_seed_file: self.nats_nkey.clone(),
-            user: self.nats_user.clone(),
-            password_file: self.nats_password_file.clone(),
-            password_env: None,
-            inbox_prefix: self.nats_inbox_prefix.clone(),
-            ca_file: self.nats_ca.clone(),
-            client_cert_file: self.nats_cert.clone(),
-            client_key_file: self.nats_key.clone(),
-            tls_required: self.nats_tls_required,
-        };
-        cfg.validate().map_err(|e| {
-            let flag = match e.field.as_str() {
-                "nats.creds_file" => "--nats-creds",
-                "nats.nkey_seed_file" => "--nats-nkey",
-                "nats.password_file" => "--nats-password-file",
-                "nats.inbox_prefix" => "--nats-inbox-prefix",
-                "nats.ca_file" => "--nats-ca",
-                "nats.client_cert_file" => "--nats-cert",
-                "nats.client_key_file" => "--nats-key",
-                _ => "--nats-user",
-            };
-            usage(flag, e.message)
-        })?;
-        Ok(cfg)
-    }
 }
 
 impl Cli {
@@ -246,7 +94,7 @@ detections of the same window). `report` gives a containment campaign's time to 
 credentials still exposed; `unmatched` lists detections that started nothing. Schema: docs/detection.schema.json.",
         after_help = "Examples:\n  keywave detect --credential billing-db-app --severity critical\n  keywave detect --principal sessions --endpoint redis-eu --source siem --source-id INC-1234\n  printf %s \"$LEAKED\" | keywave detect fingerprint   # sha256:... for --fingerprint\n  keywave detect report contain-0123456789ab\n  keywave detect unmatched"
     )]
-    Detect(crate::detect::cli::DetectArgs),
+    Detect(crate::detect::DetectArgs),
     /// Check the tamper-evident audit trail (hash chains on KEYWAVE_AUDIT).
     #[command(
         subcommand,
@@ -372,14 +220,6 @@ pub struct ListArgs {
     pub selector: String,
 }
 
-pub fn parse_selector(s: &str) -> Result<Selector, UsageError> {
-    let sel = Selector::parse(s).map_err(|e| usage("--selector", e))?;
-    for r in &sel.regions {
-        ids::validate("region", r).map_err(|e| usage("--selector", e.to_string()))?;
-    }
-    Ok(sel)
-}
-
 #[derive(Debug, Subcommand)]
 pub enum CampaignCommand {
     /// Dry run: compute the waves from the inventory locally and print them; changes nothing.
@@ -483,7 +323,7 @@ pub struct WatchArgs {
 impl WatchArgs {
     /// The validated refresh interval.
     pub fn interval(&self) -> Result<Duration, UsageError> {
-        let d = duration_flag("--interval", &self.interval)?;
+        let d = keywave_common::flags::duration("--interval", &self.interval)?;
         if d < Duration::from_millis(100) {
             return Err(usage("--interval", "must be at least 100ms"));
         }
@@ -603,20 +443,23 @@ impl SpecArgs {
                 v: SCHEMA_VERSION,
                 name: self.name.clone(),
                 reason: self.reason.clone(),
-                selector: parse_selector(&self.selector)?,
+                selector: keywave_common::flags::selector(&self.selector)?,
                 strategy: self
                     .strategy
                     .parse::<Strategy>()
                     .map_err(|e| usage("--strategy", e))?,
                 waves: wire::parse_wave_plan(&self.waves).map_err(|e| usage("--waves", e))?,
                 failure_budget,
-                bake_ms: duration_flag("--bake", &self.bake)?.as_millis() as u64,
+                bake_ms: keywave_common::flags::duration("--bake", &self.bake)?.as_millis() as u64,
                 on_failure: self
                     .on_failure
                     .parse::<OnFailure>()
                     .map_err(|e| usage("--on-failure", e))?,
-                task_timeout_ms: duration_flag("--task-timeout", &self.task_timeout)?.as_millis()
-                    as u64,
+                task_timeout_ms: keywave_common::flags::duration(
+                    "--task-timeout",
+                    &self.task_timeout,
+                )?
+                .as_millis() as u64,
                 approve_before_waves: Vec::new(),
                 preflight: None,
                 preflight_max_unreachable: 0.0,
@@ -764,7 +607,7 @@ impl DevArgs {
                 .parse()
                 .map_err(|e: String| usage("--strategy", e))?,
             json,
-            bake_ms: duration_flag("--bake", &self.bake)?.as_millis() as u64,
+            bake_ms: keywave_common::flags::duration("--bake", &self.bake)?.as_millis() as u64,
             concurrency: self.concurrency,
         })
     }
@@ -832,14 +675,15 @@ impl BenchArgs {
         if self.concurrency == 0 {
             return Err(usage("--concurrency", "must be at least 1"));
         }
-        let target_latency = duration_flag("--target-latency", &self.target_latency)?;
+        let target_latency =
+            keywave_common::flags::duration("--target-latency", &self.target_latency)?;
         if self.workers_as_processes && target_latency.subsec_nanos() % 1_000_000 != 0 {
             return Err(usage(
                 "--target-latency",
                 "must be whole milliseconds with --workers-as-processes",
             ));
         }
-        let task_timeout = duration_flag("--task-timeout", &self.task_timeout)?;
+        let task_timeout = keywave_common::flags::duration("--task-timeout", &self.task_timeout)?;
         if task_timeout.is_zero() {
             return Err(usage("--task-timeout", "must be positive"));
         }
@@ -860,154 +704,11 @@ impl BenchArgs {
     }
 }
 
-/// `keywave-coordinator`: the coordinator daemon.
-#[derive(Debug, Parser)]
-#[command(
-    name = "keywave-coordinator",
-    version,
-    about = "The keywave coordinator: plans campaigns into waves, publishes rotation tasks, aggregates results, decides.",
-    long_about = "Runs a keywave coordinator. It creates the JetStream streams and buckets if needed, \
-resumes every unfinished campaign found in the keywave-campaigns bucket and serves the operator API \
-(keywave.api.v1.*, queue group keywave-coordinator). SIGTERM or SIGINT stops it cleanly; \
-campaigns resume in the next coordinator. Logs go to stderr; set RUST_LOG (e.g. info, keywave_coordinator=debug).",
-    after_help = "Examples:\n  keywave-coordinator --nats nats://127.0.0.1:4222\n  KEYWAVE_NATS_URL=nats://nats:4222 RUST_LOG=info keywave-coordinator --id coord-1 --replicas 3"
-)]
-pub struct DaemonArgs {
-    /// NATS server URL, or several comma-separated (cluster seeds): nats://a:4222,nats://b:4222.
-    #[arg(long, env = NATS_URL_ENV, default_value = DEFAULT_NATS_URL, value_name = "URL")]
-    pub nats: String,
-    /// This coordinator's name in logs and control records (random by default).
-    #[arg(long, env = COORDINATOR_ID_ENV)]
-    pub id: Option<String>,
-    /// Replicas of the streams and buckets this coordinator creates (3 on a cluster).
-    #[arg(long, default_value_t = 1)]
-    pub replicas: usize,
-    /// How often campaign progress snapshots are saved.
-    #[arg(long, default_value = "1s", value_name = "DURATION")]
-    pub progress_interval: String,
-    #[command(flatten)]
-    pub detect: crate::detect::cli::DaemonDetectArgs,
-    /// Regions whose task consumer (`workers-<region>`) and secret store
-    /// (`keywave-secrets-<region>`) this coordinator creates at start-up, so
-    /// that least-privilege workers only have to look them up (comma-separated).
-    #[arg(long, env = REGIONS_ENV, value_name = "REGIONS", default_value = "")]
-    pub regions: String,
-    #[command(flatten)]
-    pub nats_auth: NatsAuthArgs,
-    /// Ed25519 key that signs every task (create one with `keywave-coordinator keygen`); workers check it against their coordinator_public_keys.
-    #[arg(long, env = SIGNING_KEY_FILE_ENV, value_name = "FILE")]
-    pub signing_key_file: Option<PathBuf>,
-    /// A signed task expires this long after its deadline (replays after that are refused).
-    #[arg(long, env = TASK_EXPIRY_MARGIN_ENV, default_value = "5m", value_name = "DURATION")]
-    pub task_expiry_margin: String,
-    /// Serve /metrics (Prometheus), /healthz and /readyz on this address, e.g. 0.0.0.0:9464 [default: off].
-    #[arg(long, env = crate::metrics::ENV_METRICS_ADDR, value_name = "ADDR")]
-    pub metrics_addr: Option<std::net::SocketAddr>,
-    /// Log line format on stderr: text or json (RUST_LOG filters the lines).
-    #[arg(long, env = keywave_common::telemetry::ENV_LOG_FORMAT, default_value = "text", value_name = "text|json")]
-    pub log_format: keywave_common::telemetry::LogFormat,
-    /// Pre-flight: how long a consumer agent has to answer its ping before a wave (up to 60s).
-    #[arg(long, env = PREFLIGHT_TIMEOUT_ENV, default_value = "2s", value_name = "DURATION")]
-    pub preflight_timeout: String,
-    #[command(subcommand)]
-    pub command: Option<DaemonCommand>,
-}
-
-/// Environment variable with the pre-flight ping timeout.
-pub const PREFLIGHT_TIMEOUT_ENV: &str = "KEYWAVE_PREFLIGHT_TIMEOUT";
-
-/// Environment variable naming the coordinator's task-signing key file.
-pub const SIGNING_KEY_FILE_ENV: &str = "KEYWAVE_SIGNING_KEY_FILE";
-/// Environment variable with the margin from a task's deadline to its expiry.
-pub const TASK_EXPIRY_MARGIN_ENV: &str = "KEYWAVE_TASK_EXPIRY_MARGIN";
-
-/// Subcommands of `keywave-coordinator` (without one it runs the daemon).
-#[derive(Debug, Subcommand)]
-pub enum DaemonCommand {
-    /// Write a new Ed25519 task-signing key to FILE (mode 0600) and print its public key.
-    #[command(
-        after_help = "Example:\n  keywave-coordinator keygen --out /etc/keywave/coordinator.key\n  # put the printed public key in every worker's coordinator_public_keys,\n  # then start the coordinator with --signing-key-file /etc/keywave/coordinator.key"
-    )]
-    Keygen {
-        /// Where to write the private key (refuses to overwrite).
-        #[arg(long, value_name = "FILE")]
-        out: PathBuf,
-    },
-}
-
-impl DaemonArgs {
-    /// The validated `--regions` list (possibly empty).
-    pub fn region_list(&self) -> Result<Vec<String>, UsageError> {
-        let regions: Vec<String> = self
-            .regions
-            .split(',')
-            .map(|r| r.trim().to_string())
-            .filter(|r| !r.is_empty())
-            .collect();
-        for r in &regions {
-            ids::validate("region", r).map_err(|e| usage("--regions", e.to_string()))?;
-        }
-        Ok(regions)
-    }
-
-    pub fn to_options(&self) -> Result<CoordinatorOptions, UsageError> {
-        let mut opts = CoordinatorOptions::default();
-        if let Some(id) = &self.id {
-            ids::validate("coordinator id", id).map_err(|e| usage("--id", e.to_string()))?;
-            opts.coordinator_id = id.clone();
-        }
-        if self.replicas == 0 || self.replicas > 5 {
-            return Err(usage("--replicas", "must be between 1 and 5"));
-        }
-        opts.topology = topology::Config {
-            replicas: self.replicas,
-            ..Default::default()
-        };
-        opts.progress_interval = duration_flag("--progress-interval", &self.progress_interval)?;
-        if opts.progress_interval.is_zero() {
-            return Err(usage("--progress-interval", "must be positive"));
-        }
-        opts.preflight_timeout = duration_flag("--preflight-timeout", &self.preflight_timeout)?;
-        if opts.preflight_timeout.is_zero() || opts.preflight_timeout > Duration::from_secs(60) {
-            return Err(usage("--preflight-timeout", "must be between 1ms and 60s"));
-        }
-        let margin = duration_flag("--task-expiry-margin", &self.task_expiry_margin)?;
-        if let Some(path) = &self.signing_key_file {
-            let key = keywave_common::sign::SigningKey::from_file(path)
-                .map_err(|e| usage("--signing-key-file", e.to_string()))?;
-            opts.signer = Some(keywave_common::sign::TaskSigner::new(key, margin));
-        }
-        Ok(opts)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::CommandFactory;
-
-    #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration(" 0 "), Ok(Duration::ZERO));
-        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
-        for bad in ["", "30", "s", "1.5s", "10d", "-1s", "1s2"] {
-            assert!(parse_duration(bad).is_err(), "{bad:?} must be rejected");
-        }
-    }
-
-    #[test]
-    fn durations_format() {
-        assert_eq!(format_duration_ms(0), "0s");
-        assert_eq!(format_duration_ms(30_000), "30s");
-        assert_eq!(format_duration_ms(120_000), "2m");
-        assert_eq!(format_duration_ms(7_200_000), "2h");
-        assert_eq!(format_duration_ms(1_500), "1500ms");
-    }
+    use keywave_coordinator::config::DaemonArgs;
 
     #[test]
     fn every_command_has_an_example_in_its_help() {

@@ -8,17 +8,17 @@
 //! one worker of the region answers) and prints one report. Reports carry
 //! fingerprints only.
 
-use crate::cli::{self, parse_selector, UsageError};
-use crate::commands::{connect, CommandError};
-use crate::inventory;
+use crate::context::{connect, CommandError};
 use bytes::Bytes;
 use clap::Args;
 use keywave_common::admin::{
     verbs, CredentialReport, ReconcileItem, ReconcileReply, ReconcileRequest, ReconcileStatus,
     DEFAULT_STALE_AFTER_MS, MAX_BATCH,
 };
+use keywave_common::flags::{selector as parse_selector, usage, UsageError};
 use keywave_common::wire::{Credential, Selector};
 use keywave_common::{ids, subjects, topology};
+use keywave_coordinator::inventory;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -99,25 +99,19 @@ impl ReconcileArgs {
                 format!("must be between 1 and {MAX_BATCH}"),
             ));
         }
-        let timeout = cli::parse_duration(&self.timeout).map_err(|e| usage("--timeout", e))?;
+        let timeout =
+            keywave_common::duration::parse(&self.timeout).map_err(|e| usage("--timeout", e))?;
         if timeout.is_zero() {
             return Err(usage("--timeout", "must be positive"));
         }
         Ok(ReconcileOptions {
             selector,
             repair: self.repair,
-            stale_after: cli::parse_duration(&self.stale_after)
+            stale_after: keywave_common::duration::parse(&self.stale_after)
                 .map_err(|e| usage("--stale-after", e))?,
             batch: self.batch,
             timeout,
         })
-    }
-}
-
-fn usage(flag: &str, message: impl Into<String>) -> UsageError {
-    UsageError {
-        flag: flag.to_string(),
-        message: message.into(),
     }
 }
 
@@ -377,8 +371,8 @@ mod tests {
     fn args(a: &[&str]) -> ReconcileArgs {
         let mut argv = vec!["keywave", "reconcile"];
         argv.extend_from_slice(a);
-        match crate::cli::Cli::try_parse_from(argv).unwrap().command {
-            crate::cli::Command::Reconcile(r) => r,
+        match crate::args::Cli::try_parse_from(argv).unwrap().command {
+            crate::args::Command::Reconcile(r) => r,
             other => panic!("unexpected {other:?}"),
         }
     }

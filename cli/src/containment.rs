@@ -4,19 +4,19 @@
 //! `old_rejected`, `finished_at_ms`). Credentials without that proof are
 //! named as still exposed.
 
-use super::store::{self, Claim, Intent};
-use crate::client::ApiClient;
 use async_nats::jetstream::{
     consumer::{pull, DeliverPolicy},
     kv, Context,
 };
 use futures::StreamExt;
+use keywave_common::client::ApiClient;
 use keywave_common::{
     api::CampaignStatus,
     codec, subjects,
     topology::STREAM_RESULTS,
     wire::{CampaignState, Outcome, RotationResult, TaskAction},
 };
+use keywave_coordinator::detect::store::{self, Claim, Intent};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::time::Duration;

@@ -4,86 +4,19 @@
 //! one line and exits non-zero ([`CommandError::exit_code`]).
 
 use crate::{
-    bench,
-    cli::{self, CampaignCommand, Cli, Command, InventoryCommand, UsageError},
-    client::{ApiClient, ClientError},
-    dev,
-    engine::plan::PlanEntry,
-    inventory::{self, ImportError, InventoryError},
+    args::{self, CampaignCommand, Cli, Command, InventoryCommand, UsageError},
+    context::{connect, print_json, CommandError, EXIT_AUDIT_BROKEN, EXIT_NOT_COMPLETED},
 };
+use keywave_common::client::ApiClient;
 use keywave_common::{
     api::{CampaignStatus, CampaignSummary},
     planner,
-    topology::{self, TopologyError},
-    wire::{CampaignState, Credential, Decision, OnFailure},
+    topology::{self},
+    wire::{CampaignState, Credential},
 };
+use keywave_coordinator::{engine::plan::PlanEntry, inventory};
+use keywave_devkit::{bench, dev};
 use serde::Serialize;
-use thiserror::Error;
-
-/// Exit code of `campaign start --wait` when the campaign did not complete.
-pub const EXIT_NOT_COMPLETED: u8 = 3;
-/// Exit code of `audit verify` when a chain is broken.
-pub const EXIT_AUDIT_BROKEN: u8 = 4;
-
-#[derive(Debug, Error)]
-pub enum CommandError {
-    #[error(transparent)]
-    Usage(#[from] UsageError),
-    #[error("cannot connect to NATS at {url}: {detail}")]
-    Connect { url: String, detail: String },
-    #[error(transparent)]
-    Topology(#[from] TopologyError),
-    #[error(transparent)]
-    Import(#[from] ImportError),
-    #[error(transparent)]
-    Inventory(#[from] InventoryError),
-    #[error(transparent)]
-    Client(#[from] ClientError),
-    #[error("the selector matches no credential in the inventory")]
-    EmptySelection,
-    #[error("{0}")]
-    Dev(String),
-    #[error("{0}")]
-    Bench(String),
-    #[error("{0}")]
-    Detect(String),
-    /// A worker admin request (reconcile, discover) failed.
-    #[error("{0}")]
-    Admin(String),
-    /// The audit stream could not be read.
-    #[error("{0}")]
-    Audit(String),
-    /// `campaign report` could not read its sources or write its output.
-    #[error("{0}")]
-    Report(String),
-}
-
-impl CommandError {
-    /// 2 for usage errors (like clap), 1 for everything else.
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            CommandError::Usage(_) => 2,
-            _ => 1,
-        }
-    }
-}
-
-/// Connects to NATS with the CLI's client name.
-pub async fn connect(url: &str) -> Result<async_nats::Client, CommandError> {
-    keywave_common::nats::connect(url, "keywave-cli")
-        .await
-        .map_err(|e| CommandError::Connect {
-            url: url.to_string(),
-            detail: e.to_string(),
-        })
-}
-
-fn print_json<T: Serialize>(v: &T) {
-    println!(
-        "{}",
-        serde_json::to_string(v).unwrap_or_else(|e| format!("{{\"ok\":false,\"error\":\"{e}\"}}"))
-    );
-}
 
 /// Runs a parsed command; returns the process exit code.
 pub async fn run(cli: Cli) -> Result<u8, CommandError> {
@@ -113,7 +46,9 @@ pub async fn run(cli: Cli) -> Result<u8, CommandError> {
             let client = connect(&url).await?;
             let js = topology::context(client);
             let kv = topology::consumers(&js, &topology::Config::default()).await?;
-            let report = crate::deps::import_consumers(&kv, &args.file, format).await?;
+            let report =
+                keywave_coordinator::inventory::deps::import_consumers(&kv, &args.file, format)
+                    .await?;
             if json {
                 print_json(&report);
             } else {
@@ -128,7 +63,7 @@ pub async fn run(cli: Cli) -> Result<u8, CommandError> {
         }
         Command::Inventory(InventoryCommand::Deps(args)) => deps(args, &url, json).await,
         Command::Inventory(InventoryCommand::List(args)) => {
-            let selector = cli::parse_selector(&args.selector)?;
+            let selector = keywave_common::flags::selector(&args.selector)?;
             let kv = existing_inventory(&url).await?;
             let creds = match &kv {
                 Some(kv) => inventory::list(kv, &selector).await?,
@@ -154,8 +89,8 @@ pub async fn run(cli: Cli) -> Result<u8, CommandError> {
             }
             Ok(if report.verified_ok() { 0 } else { 1 })
         }
-        Command::Detect(args) => crate::detect::cli::run(args, &url, json).await,
-        Command::Audit(cli::AuditCommand::Verify {
+        Command::Detect(args) => crate::detect::run(args, &url, json).await,
+        Command::Audit(args::AuditCommand::Verify {
             campaign,
             public_keys,
         }) => audit_verify(&url, campaign.as_deref(), &public_keys, json).await,
@@ -184,16 +119,16 @@ pub async fn run(cli: Cli) -> Result<u8, CommandError> {
 
 /// The inventory bucket if it exists (read-only commands create nothing).
 /// `keywave inventory deps`: both directions of the dependencies.
-async fn deps(args: cli::DepsArgs, url: &str, json: bool) -> Result<u8, CommandError> {
+async fn deps(args: args::DepsArgs, url: &str, json: bool) -> Result<u8, CommandError> {
     let js = topology::context(connect(url).await?);
-    let idx = crate::deps::ConsumerIndex::load(&js).await?;
+    let idx = keywave_coordinator::inventory::deps::ConsumerIndex::load(&js).await?;
     let inv = js.get_key_value(topology::KV_INVENTORY).await.ok();
     if let Some(consumer) = &args.consumer {
         let creds = match &inv {
             Some(kv) => inventory::list(kv, &keywave_common::wire::Selector::default()).await?,
             None => Vec::new(),
         };
-        let d = crate::deps::consumer_deps(consumer, &creds, &idx);
+        let d = keywave_coordinator::inventory::deps::consumer_deps(consumer, &creds, &idx);
         if json {
             print_json(&d);
         } else {
@@ -243,8 +178,8 @@ async fn deps(args: cli::DepsArgs, url: &str, json: bool) -> Result<u8, CommandE
             message: format!("credential {id:?} is not in the inventory"),
         }));
     };
-    let d = crate::deps::CredentialDeps {
-        consumers: crate::deps::resolve(&cred, &idx),
+    let d = keywave_coordinator::inventory::deps::CredentialDeps {
+        consumers: keywave_coordinator::inventory::deps::resolve(&cred, &idx),
         credential: cred.id,
         region: cred.region,
     };
@@ -333,8 +268,10 @@ async fn campaign(cmd: CampaignCommand, url: &str, json: bool) -> Result<u8, Com
                 return Err(CommandError::EmptySelection);
             }
             let sizes = planner::wave_sizes(creds.len() as u64, &spec.waves);
-            let idx =
-                crate::deps::ConsumerIndex::load(&topology::context(connect(url).await?)).await?;
+            let idx = keywave_coordinator::inventory::deps::ConsumerIndex::load(
+                &topology::context(connect(url).await?),
+            )
+            .await?;
             let mut rest = creds.iter();
             let waves = sizes
                 .iter()
@@ -377,7 +314,7 @@ async fn campaign(cmd: CampaignCommand, url: &str, json: bool) -> Result<u8, Com
                     plan.waves.len(),
                     plan.spec.strategy,
                     plan.spec.failure_budget * 100.0,
-                    on_failure_str(plan.spec.on_failure)
+                    plan.spec.on_failure.as_str()
                 );
                 for w in &plan.waves {
                     let unverified = w
@@ -411,10 +348,8 @@ async fn campaign(cmd: CampaignCommand, url: &str, json: bool) -> Result<u8, Com
         }
         CampaignCommand::Start(args) => {
             let spec = args.spec.to_spec()?;
-            let wait_timeout = cli::parse_duration(&args.wait_timeout).map_err(|e| UsageError {
-                flag: "--wait-timeout".into(),
-                message: e,
-            })?;
+            let wait_timeout = keywave_common::duration::parse(&args.wait_timeout)
+                .map_err(|e| args::usage("--wait-timeout", e))?;
             let api = ApiClient::new(connect(url).await?);
             let id = api.start(spec).await?;
             if !args.wait {
@@ -539,24 +474,6 @@ async fn control(verb: &str, id: &str, url: &str, json: bool) -> Result<u8, Comm
     Ok(0)
 }
 
-/// The wire name of an `on_failure` value.
-pub fn on_failure_str(o: OnFailure) -> &'static str {
-    match o {
-        OnFailure::Rollback => "rollback",
-        OnFailure::Pause => "pause",
-    }
-}
-
-/// The wire name of a decision.
-pub fn decision_str(d: Decision) -> &'static str {
-    match d {
-        Decision::NextWave => "next_wave",
-        Decision::Complete => "complete",
-        Decision::Pause => "pause",
-        Decision::Rollback => "rollback",
-    }
-}
-
 /// A campaign status for people.
 pub fn render_status(s: &CampaignStatus) -> String {
     use std::fmt::Write;
@@ -574,8 +491,8 @@ pub fn render_status(s: &CampaignStatus) -> String {
         s.total,
         s.waves.len(),
         s.spec.failure_budget * 100.0,
-        on_failure_str(s.spec.on_failure),
-        cli::format_duration_ms(s.spec.task_timeout_ms)
+        s.spec.on_failure.as_str(),
+        keywave_common::duration::format_ms(s.spec.task_timeout_ms)
     );
     let _ = writeln!(
         out,
@@ -612,7 +529,7 @@ pub fn render_status(s: &CampaignStatus) -> String {
             let _ = write!(out, ", needs approval");
         }
         if let Some(d) = w.decision {
-            let _ = write!(out, " → {}", decision_str(d));
+            let _ = write!(out, " → {}", d.as_str());
         }
         let _ = writeln!(out);
         if let Some(r) = &w.reason {
@@ -662,18 +579,18 @@ async fn audit_verify(
         .iter()
         .map(|k| keywave_common::sign::PublicKey::from_hex(k))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| cli::UsageError {
+        .map_err(|e| args::UsageError {
             flag: "--public-key".into(),
             message: e.to_string(),
         })?;
     if let Some(c) = campaign {
-        keywave_common::ids::validate("campaign id", c).map_err(|e| cli::UsageError {
+        keywave_common::ids::validate("campaign id", c).map_err(|e| args::UsageError {
             flag: "--campaign".into(),
             message: e.to_string(),
         })?;
     }
     let js = topology::context(connect(url).await?);
-    let report = crate::audit::verify(&js, campaign, &keys)
+    let report = keywave_coordinator::audit::verify(&js, campaign, &keys)
         .await
         .map_err(|e| CommandError::Audit(e.to_string()))?;
     if json {

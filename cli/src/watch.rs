@@ -10,11 +10,11 @@
 //! Event text (reasons, approvers) comes from the bus: control characters
 //! are replaced before anything reaches the terminal.
 
-use crate::cli::{self, WatchArgs};
-use crate::client::{ApiClient, ClientError};
-use crate::commands::{self, CommandError, EXIT_NOT_COMPLETED};
+use crate::args::{self, WatchArgs};
+use crate::context::{self, CommandError, EXIT_NOT_COMPLETED};
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use futures::StreamExt;
+use keywave_common::client::{ApiClient, ClientError};
 use keywave_common::{
     api::CampaignStatus,
     codec, now_ms, subjects, topology,
@@ -127,10 +127,7 @@ pub fn describe(kind: &EventKind) -> String {
             wave,
             decision,
             reason,
-        } => format!(
-            "wave {wave} decision {}: {reason}",
-            commands::decision_str(*decision)
-        ),
+        } => format!("wave {wave} decision {}: {reason}", decision.as_str()),
         EventKind::RollbackStarted { wave, tasks } => {
             format!("wave {wave} rollback started ({tasks} tasks)")
         }
@@ -289,7 +286,7 @@ pub fn frame(
             in_flight,
             rate_per_s: rate,
             eta_s,
-            decision: w.decision.map(commands::decision_str),
+            decision: w.decision.map(|d| d.as_str()),
             reason: w.reason.as_deref().map(clean),
             approved_by: w.approved_by.as_deref().map(clean),
         });
@@ -608,11 +605,11 @@ pub fn exit_code(state: CampaignState) -> u8 {
 /// `keywave campaign watch`.
 pub async fn run(args: WatchArgs, url: &str, json: bool) -> Result<u8, CommandError> {
     let interval = args.interval()?;
-    keywave_common::ids::validate("campaign id", &args.id).map_err(|e| cli::UsageError {
+    keywave_common::ids::validate("campaign id", &args.id).map_err(|e| args::UsageError {
         flag: "ID".into(),
         message: e.to_string(),
     })?;
-    let client = commands::connect(url).await?;
+    let client = context::connect(url).await?;
     let api = ApiClient::new(client.clone()).with_timeout(Duration::from_secs(10));
     // The first status also tells a wrong id apart before anything is drawn.
     let mut status = api.status(&args.id).await?;

@@ -33,6 +33,8 @@
 //! array) and the field. Unknown fields and columns are errors, so a typo
 //! never silently drops data. The inventory never holds a secret.
 
+pub mod deps;
+
 use crate::kvscan;
 use async_nats::jetstream::kv;
 use futures::{StreamExt, TryStreamExt};
@@ -293,7 +295,7 @@ fn validate(raw: RawRecord) -> Result<Credential, FieldError> {
         check_label("tags", t)?;
     }
     for (i, c) in raw.consumers.iter().enumerate() {
-        crate::deps::check_consumer_ref(c)?;
+        deps::check_consumer_ref(c)?;
         if raw.consumers[..i].iter().any(|o| o.id == c.id) {
             return Err(ferr(
                 "consumers",

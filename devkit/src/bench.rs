@@ -18,12 +18,7 @@
 //! the final "old secret rejected" check is true trivially. The protocol's
 //! steps, target calls and durable writes are the same in both modes.
 
-use crate::{
-    client::{ApiClient, ClientError},
-    dev::{find_in_path, log_tail, NatsServer},
-    engine::{Coordinator, CoordinatorOptions, TASK_ACK_WINDOW},
-    inventory,
-};
+use crate::dev::{find_in_path, log_tail, NatsServer};
 use anyhow::{bail, Context as _};
 use async_nats::jetstream::{
     self,
@@ -31,6 +26,7 @@ use async_nats::jetstream::{
     stream::{self, DiscardPolicy, RetentionPolicy, StorageType},
 };
 use futures::{StreamExt, TryStreamExt};
+use keywave_common::client::{ApiClient, ClientError};
 use keywave_common::{
     codec::{self, Format},
     crypto::{self, RegionKey, Secret, SecretPolicy},
@@ -41,6 +37,10 @@ use keywave_common::{
         CampaignSpec, CampaignState, Credential, OnFailure, Outcome, RotationResult, RotationTask,
         Selector, Step, StepTiming, Strategy, TargetKind, TaskAction, WaveSize, SCHEMA_VERSION,
     },
+};
+use keywave_coordinator::{
+    engine::{Coordinator, CoordinatorOptions, TASK_ACK_WINDOW},
+    inventory,
 };
 use keywave_worker::{
     store::{Record, SecretStore, StoreError},
@@ -1335,7 +1335,8 @@ fn sample_task(c: &Credential, opts: &BenchOptions) -> RotationTask {
         kind: c.kind,
         principal: c.principal.clone(),
         issued_at_ms: issued,
-        deadline_ms: issued + crate::engine::start_window_ms(opts.task_timeout.as_millis() as u64),
+        deadline_ms: issued
+            + keywave_coordinator::engine::start_window_ms(opts.task_timeout.as_millis() as u64),
         run_timeout_ms: opts.task_timeout.as_millis() as u64,
         consumers: Vec::new(),
     }

@@ -6,14 +6,14 @@
 //! Privileged logins and the endpoint's admin login are left out unless
 //! `--include-privileged`; clone logins of alternating pairs always are.
 
-use crate::cli::{self, UsageError};
-use crate::commands::{connect, CommandError};
-use crate::inventory::{self, Format};
+use crate::context::{connect, CommandError};
 use crate::reconcile::request;
 use clap::Args;
 use keywave_common::admin::{verbs, DiscoverReply, DiscoverRequest};
+use keywave_common::flags;
 use keywave_common::wire::{Credential, SCHEMA_VERSION};
 use keywave_common::{ids, subjects, topology};
+use keywave_coordinator::inventory::{self, Format};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::time::Duration;
@@ -102,16 +102,11 @@ pub async fn discover(
     client: &async_nats::Client,
     args: &DiscoverArgs,
 ) -> Result<Discovery, CommandError> {
-    let usage = |flag: &str, m: String| {
-        CommandError::Usage(UsageError {
-            flag: flag.into(),
-            message: m,
-        })
-    };
+    let usage = |flag: &str, m: String| CommandError::Usage(flags::usage(flag, m));
     ids::validate("region", &args.region).map_err(|e| usage("--region", e.to_string()))?;
     ids::validate("endpoint", &args.endpoint).map_err(|e| usage("--endpoint", e.to_string()))?;
-    let timeout: Duration =
-        cli::parse_duration(&args.timeout).map_err(|e| usage("--timeout", e))?;
+    let timeout: Duration = keywave_common::duration::parse(&args.timeout)
+        .map_err(|e| usage("--timeout", e.to_string()))?;
     let mut tags = vec![DISCOVERED_TAG.to_string()];
     tags.extend(args.tags.iter().cloned());
     // Tags and owner checked by the inventory's own rules before asking anyone.

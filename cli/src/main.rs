@@ -2,7 +2,7 @@
 //! into one line on stderr (and a JSON object with `--json`) and an exit code.
 
 use clap::Parser;
-use keywave_coordinator::{cli::Cli, commands};
+use keywave_cli::{args::Cli, commands};
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {

@@ -1,0 +1,10 @@
+//! The keywave dev kit: everything needed to run the whole system on one
+//! machine, for demos, benchmarks and tests. The coordinator daemon never
+//! links it.
+//!
+//! # Layout
+//! - [`dev`]: `keywave dev`, a complete in-process demo (nats-server, sim workers, coordinator).
+//! - [`bench`]: `keywave bench`, one measured sim campaign next to the bare broker path's throughput.
+
+pub mod bench;
+pub mod dev;
