@@ -129,12 +129,12 @@ if [ -n "${KEYWAVE_BIN_DIR:-}" ]; then
     BIN="$(cd "$KEYWAVE_BIN_DIR" && pwd)"
     step "Using the binaries in $BIN"
 else
-    step "cargo build (debug) -p keywave-coordinator -p keywave-worker"
-    cargo build --quiet -p keywave-coordinator -p keywave-worker
+    step "cargo build (debug) -p keywave-coordinator -p keywave-cli -p keywave-worker"
+    cargo build --quiet -p keywave-coordinator -p keywave-cli -p keywave-worker
     BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug"
 fi
 for b in keywave keywave-coordinator keywave-worker; do
-    [ -x "$BIN/$b" ] || die "$BIN/$b is missing (build with: cargo build -p keywave-coordinator -p keywave-worker)"
+    [ -x "$BIN/$b" ] || die "$BIN/$b is missing (build with: cargo build -p keywave-coordinator -p keywave-cli -p keywave-worker)"
 done
 KEYWAVE="$BIN/keywave"
 WORKER="$BIN/keywave-worker"
