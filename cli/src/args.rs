@@ -561,24 +561,29 @@ pub struct DevArgs {
     pub concurrency: usize,
 }
 
+/// The `--regions` of a local fleet (`dev`, `bench`): at least one, each a valid name.
+fn fleet_regions(list: &str) -> Result<Vec<String>, UsageError> {
+    let regions: Vec<String> = list
+        .split(',')
+        .map(|r| r.trim().to_string())
+        .filter(|r| !r.is_empty())
+        .collect();
+    if regions.is_empty() {
+        return Err(usage("--regions", "at least one region is required"));
+    }
+    for r in &regions {
+        ids::validate("region", r).map_err(|e| usage("--regions", e))?;
+    }
+    Ok(regions)
+}
+
 impl DevArgs {
     pub fn to_options(
         &self,
         nats_url: Option<String>,
         json: bool,
     ) -> Result<DevOptions, UsageError> {
-        let regions: Vec<String> = self
-            .regions
-            .split(',')
-            .map(|r| r.trim().to_string())
-            .filter(|r| !r.is_empty())
-            .collect();
-        if regions.is_empty() {
-            return Err(usage("--regions", "at least one region is required"));
-        }
-        for r in &regions {
-            ids::validate("region", r).map_err(|e| usage("--regions", e.to_string()))?;
-        }
+        let regions = fleet_regions(&self.regions)?;
         if self.credentials == 0 {
             return Err(usage("--credentials", "must be at least 1"));
         }
@@ -654,18 +659,7 @@ impl BenchArgs {
         nats_url: Option<String>,
         json: bool,
     ) -> Result<BenchOptions, UsageError> {
-        let regions: Vec<String> = self
-            .regions
-            .split(',')
-            .map(|r| r.trim().to_string())
-            .filter(|r| !r.is_empty())
-            .collect();
-        if regions.is_empty() {
-            return Err(usage("--regions", "at least one region is required"));
-        }
-        for r in &regions {
-            ids::validate("region", r).map_err(|e| usage("--regions", e.to_string()))?;
-        }
+        let regions = fleet_regions(&self.regions)?;
         if self.credentials == 0 {
             return Err(usage("--credentials", "must be at least 1"));
         }

@@ -400,20 +400,7 @@ async fn campaign(cmd: CampaignCommand, url: &str, json: bool) -> Result<u8, Com
         CampaignCommand::Rollback(args) => {
             let api = ApiClient::new(connect(url).await?);
             let status = api.rollback(&args.id, args.wave).await?;
-            if json {
-                print_json(&status);
-            } else {
-                println!(
-                    "campaign {}: {}{}",
-                    status.campaign_id,
-                    status.state,
-                    status
-                        .reason
-                        .as_deref()
-                        .map(|r| format!(" ({r})"))
-                        .unwrap_or_default()
-                );
-            }
+            print_control(&status, json);
             Ok(0)
         }
         CampaignCommand::Pause(id) => control("pause", &id.id, url, json).await,
@@ -430,20 +417,7 @@ async fn campaign(cmd: CampaignCommand, url: &str, json: bool) -> Result<u8, Com
                 })?;
             let api = ApiClient::new(connect(url).await?);
             let status = api.approve(&args.id, args.wave, &by).await?;
-            if json {
-                print_json(&status);
-            } else {
-                println!(
-                    "campaign {}: {}{}",
-                    status.campaign_id,
-                    status.state,
-                    status
-                        .reason
-                        .as_deref()
-                        .map(|r| format!(" ({r})"))
-                        .unwrap_or_default()
-                );
-            }
+            print_control(&status, json);
             Ok(0)
         }
     }
@@ -457,8 +431,16 @@ async fn control(verb: &str, id: &str, url: &str, json: bool) -> Result<u8, Comm
         "resume" => api.resume(id).await?,
         _ => api.abort(id).await?,
     };
+    print_control(&status, json);
+    Ok(0)
+}
+
+/// The answer to an operator control (pause, resume, abort, rollback,
+/// approve): one line, or the
+/// status as JSON.
+fn print_control(status: &CampaignStatus, json: bool) {
     if json {
-        print_json(&status);
+        print_json(status);
     } else {
         println!(
             "campaign {}: {}{}",
@@ -471,7 +453,6 @@ async fn control(verb: &str, id: &str, url: &str, json: bool) -> Result<u8, Comm
                 .unwrap_or_default()
         );
     }
-    Ok(0)
 }
 
 /// A campaign status for people.

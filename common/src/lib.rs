@@ -20,6 +20,7 @@
 //! - [`planner`]: pure wave sizing and the failure-budget rule.
 //! - [`sign`]: Ed25519 signatures of tasks (coordinator signs, workers verify).
 //! - [`audit`]: the hash-chained audit records of `KEYWAVE_AUDIT` and their verification.
+//! - [`exposition`]: the `/metrics`, `/healthz` and `/readyz` endpoint every daemon serves.
 //! - [`telemetry`]: logs (`text`/`json`), OpenTelemetry traces over OTLP with W3C trace context in NATS headers, and the Prometheus text format.
 
 pub mod admin;
@@ -30,6 +31,7 @@ pub mod codec;
 pub mod crypto;
 pub mod detect;
 pub mod duration;
+pub mod exposition;
 pub mod flags;
 pub mod ids;
 pub mod nats;

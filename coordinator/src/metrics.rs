@@ -18,9 +18,6 @@
 //! and the lease state is known (active or standing by), 503 otherwise.
 
 use async_nats::jetstream;
-use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
-use axum::routing::get;
 use futures::StreamExt;
 use keywave_common::api::CampaignStatus;
 use keywave_common::telemetry::prom;
@@ -321,52 +318,21 @@ impl CoordinatorMetrics {
     }
 }
 
+impl keywave_common::exposition::Exposition for CoordinatorMetrics {
+    fn render(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send + '_>> {
+        Box::pin(async move { self.render().await })
+    }
+    fn ready(&self) -> bool {
+        CoordinatorMetrics::ready(self)
+    }
+}
+
 /// Binds `addr` and serves `/metrics`, `/healthz` and `/readyz` until
-/// `shutdown`; returns the bound address (port 0 picks one). Call
-/// [`CoordinatorMetrics::attach`] first for readiness and JetStream figures.
+/// `shutdown`; returns the bound address (port 0 picks one).
 pub async fn serve(
     addr: SocketAddr,
     metrics: Arc<CoordinatorMetrics>,
     shutdown: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
-    let m = metrics.clone();
-    let app = axum::Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let m = m.clone();
-                async move {
-                    (
-                        [(header::CONTENT_TYPE, prom::CONTENT_TYPE)],
-                        m.render().await,
-                    )
-                }
-            }),
-        )
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/readyz",
-            get(move || {
-                let ready = metrics.ready();
-                async move {
-                    if ready {
-                        (StatusCode::OK, "ready\n").into_response()
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
-                    }
-                }
-            }),
-        );
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
-        {
-            tracing::warn!(error = %e, "Metrics endpoint failed");
-        }
-    });
-    tracing::info!(addr = %bound, "Serving /metrics, /healthz and /readyz");
-    Ok(bound)
+    keywave_common::exposition::serve(addr, metrics, shutdown.cancelled_owned()).await
 }

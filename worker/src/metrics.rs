@@ -13,9 +13,6 @@
 //! region's consumer is bound and while the NATS connection is up, else 503.
 //! Counting costs a few atomic operations and one uncontended lock per task.
 
-use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
-use axum::routing::get;
 use keywave_common::telemetry::prom;
 use keywave_common::wire::{Outcome, RotationResult};
 use std::collections::BTreeMap;
@@ -209,6 +206,15 @@ impl WorkerMetrics {
     }
 }
 
+impl keywave_common::exposition::Exposition for WorkerMetrics {
+    fn render(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send + '_>> {
+        Box::pin(async move { self.render() })
+    }
+    fn ready(&self) -> bool {
+        WorkerMetrics::ready(self)
+    }
+}
+
 /// Binds `addr` and serves `/metrics`, `/healthz` and `/readyz` until
 /// `shutdown`; returns the bound address (port 0 picks one).
 pub async fn serve(
@@ -216,39 +222,5 @@ pub async fn serve(
     metrics: Arc<WorkerMetrics>,
     shutdown: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
-    let m = metrics.clone();
-    let app = axum::Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let m = m.clone();
-                async move { ([(header::CONTENT_TYPE, prom::CONTENT_TYPE)], m.render()) }
-            }),
-        )
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/readyz",
-            get(move || {
-                let ready = metrics.ready();
-                async move {
-                    if ready {
-                        (StatusCode::OK, "ready\n").into_response()
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
-                    }
-                }
-            }),
-        );
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
-        {
-            tracing::warn!(error = %e, "Metrics endpoint failed");
-        }
-    });
-    tracing::info!(addr = %bound, "Serving /metrics, /healthz and /readyz");
-    Ok(bound)
+    keywave_common::exposition::serve(addr, metrics, shutdown.cancelled_owned()).await
 }
