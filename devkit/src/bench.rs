@@ -19,6 +19,7 @@
 //! steps, target calls and durable writes are the same in both modes.
 
 use crate::dev::{find_in_path, log_tail, NatsServer};
+use crate::fleet::InProcess;
 use anyhow::{bail, Context as _};
 use async_nats::jetstream::{
     self,
@@ -39,7 +40,7 @@ use keywave_common::{
     },
 };
 use keywave_coordinator::{
-    engine::{Coordinator, CoordinatorOptions, TASK_ACK_WINDOW},
+    engine::{CoordinatorOptions, TASK_ACK_WINDOW},
     inventory,
 };
 use keywave_worker::{
@@ -48,7 +49,7 @@ use keywave_worker::{
         sim::{SimOptions, SimTarget},
         Targets,
     },
-    Worker, WorkerOptions,
+    WorkerOptions,
 };
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -570,10 +571,7 @@ async fn connect(url: &str, name: String) -> anyhow::Result<async_nats::Client> 
 
 /// Everything that runs the campaign, in-process or as children.
 enum Fleet {
-    InProcess {
-        stop: CancellationToken,
-        tasks: Vec<tokio::task::JoinHandle<()>>,
-    },
+    InProcess(Box<InProcess>),
     Processes {
         coordinator: Box<Child>,
         workers: Vec<Child>,
@@ -890,60 +888,39 @@ async fn start_in_process(
     cfg: &topology::Config,
     regions: &[(String, RegionKey, Arc<SimTarget>)],
 ) -> anyhow::Result<Fleet> {
-    let stop = CancellationToken::new();
-    let mut tasks = Vec::new();
-    // Tasks are signed with an ephemeral key and the workers verify it, so
-    // the signed path is what runs (and what is measured).
-    let signing = keywave_common::sign::SigningKey::generate();
-    let task_keys = keywave_common::sign::Verifier::new(vec![signing.public().clone()]);
-    let signer =
-        keywave_common::sign::TaskSigner::new(signing, keywave_common::sign::DEFAULT_EXPIRY_MARGIN);
+    let mut fleet = InProcess::new();
     for (name, key, sim) in regions {
         let mut targets = Targets::new();
         targets.insert("sim", sim.clone(), SIM_ENDPOINT_CONCURRENCY);
-        let targets = Arc::new(targets);
         let wclient = connect(url, format!("keywave-bench worker {name}")).await?;
-        for i in 0..opts.workers_per_region {
-            let worker = Worker::start(
-                wclient.clone(),
-                WorkerOptions {
-                    region: name.clone(),
-                    worker_id: format!("bench-{name}-{i}"),
-                    concurrency: opts.concurrency,
-                    topology: cfg.clone(),
-                    task_keys: task_keys.clone(),
-                    require_signed_tasks: true,
-                    ..Default::default()
-                },
-                key.clone(),
-                targets.clone(),
+        let template = WorkerOptions {
+            region: name.clone(),
+            worker_id: format!("bench-{name}"),
+            concurrency: opts.concurrency,
+            topology: cfg.clone(),
+            ..Default::default()
+        };
+        fleet
+            .start_workers(
+                &wclient,
+                template,
+                key,
+                Arc::new(targets),
+                opts.workers_per_region,
             )
             .await?;
-            let token = stop.clone();
-            tasks.push(tokio::spawn(async move {
-                if let Err(e) = worker.run(token).await {
-                    tracing::warn!(error = %e, "Worker stopped with an error");
-                }
-            }));
-        }
     }
-    let coordinator = Coordinator::start(
-        client.clone(),
-        CoordinatorOptions {
-            topology: cfg.clone(),
-            coordinator_id: format!("coordinator-{run_id}"),
-            signer: Some(signer),
-            ..Default::default()
-        },
-    )
-    .await?;
-    let token = stop.clone();
-    tasks.push(tokio::spawn(async move {
-        if let Err(e) = coordinator.run(token).await {
-            tracing::warn!(error = %e, "Coordinator stopped with an error");
-        }
-    }));
-    Ok(Fleet::InProcess { stop, tasks })
+    fleet
+        .start_coordinator(
+            client,
+            CoordinatorOptions {
+                topology: cfg.clone(),
+                coordinator_id: format!("coordinator-{run_id}"),
+                ..Default::default()
+            },
+        )
+        .await?;
+    Ok(Fleet::InProcess(Box::new(fleet)))
 }
 
 async fn start_processes(
@@ -1182,15 +1159,7 @@ async fn campaign(
         },
     };
     match fleet {
-        Fleet::InProcess { stop, tasks } => {
-            stop.cancel();
-            let drained =
-                tokio::time::timeout(Duration::from_secs(20), futures::future::join_all(tasks))
-                    .await;
-            if drained.is_err() {
-                tracing::warn!("Workers and coordinator did not stop within 20s");
-            }
-        }
+        Fleet::InProcess(fleet) => fleet.shutdown().await,
         Fleet::Processes {
             coordinator,
             workers,

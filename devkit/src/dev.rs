@@ -5,6 +5,7 @@
 //! in one campaign, reports per wave, and finally proves a sample: the
 //! stored CURRENT secret authenticates at the target and PREVIOUS does not.
 
+use crate::fleet::InProcess;
 use anyhow::{bail, Context as _};
 use futures::{StreamExt, TryStreamExt};
 use keywave_common::client::ApiClient;
@@ -17,24 +18,20 @@ use keywave_common::{
         Strategy, TargetKind, TaskAction, WaveSize, SCHEMA_VERSION,
     },
 };
-use keywave_coordinator::{
-    engine::{Coordinator, CoordinatorOptions},
-    inventory,
-};
+use keywave_coordinator::{engine::CoordinatorOptions, inventory};
 use keywave_worker::{
     store::{SecretStore, StoreError},
     targets::{
         sim::{SimOptions, SimTarget},
         Targets,
     },
-    Worker, WorkerOptions,
+    WorkerOptions,
 };
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio_util::sync::CancellationToken;
 
 /// Seeding and enrolment operations in flight.
 const SEED_CONCURRENCY: usize = 64;
@@ -600,59 +597,38 @@ async fn run_on(opts: &DevOptions, url: &str) -> anyhow::Result<DevReport> {
     ));
 
     // Workers and a coordinator, in-process.
-    let stop = CancellationToken::new();
-    let mut tasks = Vec::new();
-    // Tasks are signed with an ephemeral key and the workers verify it, so
-    // the signed path is what runs (and what is measured).
-    let signing = keywave_common::sign::SigningKey::generate();
-    let task_keys = keywave_common::sign::Verifier::new(vec![signing.public().clone()]);
-    let signer =
-        keywave_common::sign::TaskSigner::new(signing, keywave_common::sign::DEFAULT_EXPIRY_MARGIN);
+    let mut fleet = InProcess::new();
     for region in &regions {
         let mut targets = Targets::new();
         targets.insert("sim", region.sim.clone(), SIM_ENDPOINT_CONCURRENCY);
-        let targets = Arc::new(targets);
         let wclient = connect(format!("keywave-dev worker {}", region.name)).await?;
-        for i in 0..opts.workers_per_region {
-            let worker = Worker::start(
-                wclient.clone(),
-                WorkerOptions {
-                    region: region.name.clone(),
-                    worker_id: format!("dev-{}-{i}", region.name),
-                    concurrency: opts.concurrency,
-                    topology: cfg.clone(),
-                    task_keys: task_keys.clone(),
-                    require_signed_tasks: true,
-                    ..Default::default()
-                },
-                region.key.clone(),
-                targets.clone(),
+        let template = WorkerOptions {
+            region: region.name.clone(),
+            worker_id: format!("dev-{}", region.name),
+            concurrency: opts.concurrency,
+            topology: cfg.clone(),
+            ..Default::default()
+        };
+        fleet
+            .start_workers(
+                &wclient,
+                template,
+                &region.key,
+                Arc::new(targets),
+                opts.workers_per_region,
             )
             .await?;
-            let token = stop.clone();
-            tasks.push(tokio::spawn(async move {
-                if let Err(e) = worker.run(token).await {
-                    tracing::warn!(error = %e, "Worker stopped with an error");
-                }
-            }));
-        }
     }
-    let coordinator = Coordinator::start(
-        client.clone(),
-        CoordinatorOptions {
-            topology: cfg.clone(),
-            coordinator_id: format!("coordinator-{run_id}"),
-            signer: Some(signer),
-            ..Default::default()
-        },
-    )
-    .await?;
-    let token = stop.clone();
-    tasks.push(tokio::spawn(async move {
-        if let Err(e) = coordinator.run(token).await {
-            tracing::warn!(error = %e, "Coordinator stopped with an error");
-        }
-    }));
+    fleet
+        .start_coordinator(
+            &client,
+            CoordinatorOptions {
+                topology: cfg.clone(),
+                coordinator_id: format!("coordinator-{run_id}"),
+                ..Default::default()
+            },
+        )
+        .await?;
 
     // The campaign.
     let spec = CampaignSpec {
@@ -684,12 +660,7 @@ async fn run_on(opts: &DevOptions, url: &str) -> anyhow::Result<DevReport> {
     }
     .await;
 
-    stop.cancel();
-    let drained =
-        tokio::time::timeout(Duration::from_secs(20), futures::future::join_all(tasks)).await;
-    if drained.is_err() {
-        tracing::warn!("Workers and coordinator did not stop within 20s");
-    }
+    fleet.shutdown().await;
     outcome
 }
 

@@ -3,8 +3,10 @@
 //! links it.
 //!
 //! # Layout
+//! - [`fleet`]: the in-process fleet (regional workers and a coordinator as tasks of this process).
 //! - [`dev`]: `keywave dev`, a complete in-process demo (nats-server, sim workers, coordinator).
 //! - [`bench`]: `keywave bench`, one measured sim campaign next to the bare broker path's throughput.
 
 pub mod bench;
 pub mod dev;
+pub mod fleet;
