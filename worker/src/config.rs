@@ -1365,19 +1365,19 @@ mod tests {
 
     #[test]
     fn the_readme_database_endpoint_is_valid() {
-        // The README's database example is its toml block with a postgres
-        // endpoint (other toml blocks show single settings).
-        let readme = include_str!("../../README.md");
+        // docs/targets.md's database example is its toml block with a
+        // postgres endpoint (other toml blocks show single settings).
+        let readme = include_str!("../../docs/targets.md");
         let block = readme
             .split("```toml\n")
             .skip(1)
             .map(|b| &b[..b.find("```").unwrap()])
             .find(|b| b.contains("kind = \"postgres\""))
-            .expect("a toml block with a postgres endpoint in the README");
+            .expect("a toml block with a postgres endpoint in docs/targets.md");
         let text = format!("region = \"eu\"\n{block}");
         let c = Config::parse(
             &text,
-            "README.md",
+            "docs/targets.md",
             &Overrides::default(),
             &env(&[
                 (ENV_REGION_KEY, &RegionKey::generate().to_hex()),
