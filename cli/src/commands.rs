@@ -235,7 +235,7 @@ fn print_credentials(creds: &[Credential]) {
 struct PlannedWave {
     wave: u32,
     size: u64,
-    /// Distinct consumers the wave's credentials have (issue 6).
+    /// Distinct consumers the wave's credentials have.
     consumer_count: u64,
     /// Those consumers, sorted, with their verification.
     consumers: Vec<PlannedConsumer>,

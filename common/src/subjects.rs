@@ -78,7 +78,7 @@ pub fn admin_region_filter(region: &str) -> String {
     format!("keywave.admin.v1.{region}.>")
 }
 
-/// A consumer agent's liveness ping (issue 6, pre-flight):
+/// A consumer agent's liveness ping (pre-flight):
 /// `keywave.agent.v1.<region>.<consumer>.ping`, core NATS request/reply
 /// answered by every agent running for that consumer in that region. Both
 /// names are checked here: consumer ids in the inventory need not be subject

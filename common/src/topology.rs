@@ -37,7 +37,7 @@ pub const STREAM_DEADLETTER: &str = "KEYWAVE_DEADLETTER";
 /// The hash-chained audit trail (see [`crate::audit`]).
 pub const STREAM_AUDIT: &str = "KEYWAVE_AUDIT";
 pub const KV_INVENTORY: &str = "keywave-inventory";
-/// Consumer records (issue 6): one JSON record per consumer id.
+/// Consumer records: one JSON record per consumer id.
 pub const KV_CONSUMERS: &str = "keywave-consumers";
 /// Consumer agents' attestations, `keywave.attest.<region>.<credential>`.
 pub const STREAM_ATTEST: &str = "KEYWAVE_ATTEST";
@@ -356,7 +356,7 @@ pub async fn inventory(js: &Context, cfg: &Config) -> Result<kv::Store, Topology
     .await
 }
 
-/// The consumer records bucket (issue 6).
+/// The consumer records bucket.
 pub async fn consumers(js: &Context, cfg: &Config) -> Result<kv::Store, TopologyError> {
     bucket(
         js,

@@ -427,7 +427,7 @@ pub struct RotationTask {
     /// timeout does not fail its tail in the queue. 0: `deadline_ms` only.
     #[serde(default)]
     pub run_timeout_ms: u64,
-    /// The credential's consumers and how each is verified (issue 6); empty
+    /// The credential's consumers and how each is verified; empty
     /// (and left out of the encoding) when it has none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub consumers: Vec<ConsumerCheck>,
@@ -821,7 +821,7 @@ pub struct CampaignSpec {
     /// (`keywave campaign approve`) before they start.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub approve_before_waves: Vec<u32>,
-    /// Pre-flight (issue 6): before each wave, ask the agent of every
+    /// Pre-flight: before each wave, ask the agent of every
     /// `attest` consumer of the wave's credentials whether it is alive; when
     /// more than `preflight_max_unreachable` of them do not answer, the wave
     /// does not start and the campaign pauses. Unset in a request: on when

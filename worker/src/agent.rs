@@ -1,4 +1,4 @@
-//! The consumer agent (issue 6): `keywave-worker agent --config agent.toml`
+//! The consumer agent: `keywave-worker agent --config agent.toml`
 //! runs next to an application. It watches the region's secret store (KV
 //! `keywave-secrets-<region>`; it holds the region key, like a worker) for
 //! the credentials its consumer uses and, whenever a credential's CURRENT

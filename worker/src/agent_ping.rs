@@ -1,4 +1,4 @@
-//! The consumer agent's liveness responder (issue 6, pre-flight): answers
+//! The consumer agent's liveness responder (pre-flight): answers
 //! `keywave.agent.v1.<region>.<consumer>.ping` (a plain core NATS
 //! subscription, no JetStream) with an [`AgentStatus`]: consumer id, region,
 //! the agent's version, the credentials it watches and how their last health

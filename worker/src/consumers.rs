@@ -1,4 +1,4 @@
-//! Consumer verification (issue 6): after a continuity rotation promotes the
+//! Consumer verification: after a continuity rotation promotes the
 //! new secret, and before the old one is revoked, the worker waits until every
 //! consumer of the credential is proven to use the new secret:
 //!

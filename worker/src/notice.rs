@@ -1,4 +1,4 @@
-//! Rotation notices for leak detection (issue 5): a worker that holds the
+//! Rotation notices for leak detection: a worker that holds the
 //! detection key announces, on `keywave.rotated.<region>.<credential>`, the
 //! keyed `dfp1:` fingerprints of each secret that becomes CURRENT (rotation
 //! promoted, rollback restored, enrolment) and of the one it replaced, so the

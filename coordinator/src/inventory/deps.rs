@@ -1,4 +1,4 @@
-//! Dependencies between credentials and their consumers (issue 6).
+//! Dependencies between credentials and their consumers.
 //!
 //! Two sources, merged:
 //! - a credential's own `consumers` list in the inventory: bare ids, or

@@ -1,4 +1,4 @@
-//! The tamper-evident audit trail (issue 8): after a campaign whose
+//! The tamper-evident audit trail: after a campaign whose
 //! coordinator was replaced mid-way, its hash chain on `KEYWAVE_AUDIT` holds
 //! every event and every result exactly once and `keywave audit verify`
 //! passes; deleting a record, forging a replacement, or purging the chain and

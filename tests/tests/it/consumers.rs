@@ -1,4 +1,4 @@
-//! Consumers and dependencies (issue 6) against a real `nats-server` and
+//! Consumers and dependencies against a real `nats-server` and
 //! real Redis ACL users: two real `keywave-worker agent` processes write each
 //! new secret to a file (atomically, mode 0600), reload, check their health
 //! with `redis-cli` logging in with the file's secret, and attest; a

@@ -1,4 +1,4 @@
-//! Consumers of real PostgreSQL roles (issue 6): 100 login roles rotated
+//! Consumers of real PostgreSQL roles: 100 login roles rotated
 //! with alternating users (`app` / `app_clone`) in a continuity campaign,
 //! each consumed by an application that reads its login and password from
 //! a file kept by a real `keywave-worker agent` process. The agents render

@@ -1,4 +1,4 @@
-//! Pre-flight checks (issue 6): before a wave, the coordinator pings the
+//! Pre-flight checks: before a wave, the coordinator pings the
 //! agent of every `attest` consumer of the wave's credentials
 //! (`keywave.agent.v1.<region>.<consumer>.ping`), real `keywave-worker agent`
 //! processes answering. Live agents: the wave runs (with every component as

@@ -1,4 +1,4 @@
-//! Signed tasks (issue 8): workers configured with coordinator public keys
+//! Signed tasks: workers configured with coordinator public keys
 //! refuse tasks that are unsigned, signed by another key, altered after
 //! signing, moved to another region's subject or expired. Each is terminated,
 //! dead-lettered with its reason class, and the credential is untouched at
