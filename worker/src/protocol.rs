@@ -1,9 +1,10 @@
-//! The rotation and rollback state machine (DESIGN decision 3). A task goes
-//! in, a [`RotationResult`] (fingerprints only) comes out; in between, every
-//! step is either recorded in the secret store or can be read back from the
-//! target, so a redelivered task resumes where it stopped, reuses the secret it
-//! staged, and never rotates a credential twice.
+//! The executor of the rotation and rollback protocols: a task goes in, a
+//! [`RotationResult`] (fingerprints only) comes out; in between it performs,
+//! against the target and the store, the steps that [`machine::next`] decides.
 //!
+//! Every step is either recorded in the secret store or can be read back from
+//! the target, so a redelivered task resumes where it stopped, reuses the
+//! secret it staged, and never rotates a credential twice.
 //! Rotation: stage → set → test → promote → revoke → verify.
 //! Rollback (continuity only): set the previous secret back → test → swap.
 //!
@@ -18,19 +19,22 @@
 //! With a detection key, each secret made CURRENT is also announced (see
 //! [`crate::notice`]); that publish is advisory and never fails a task.
 
+pub mod machine;
+
 use crate::consumers::ConsumerVerifier;
 use crate::fault::{Crash, Faults, Point};
 use crate::notice::Notifier;
-use crate::store::{Applied, Loaded, SecretStore, StoreError, Version};
+use crate::store::{Applied, Loaded, RecordStore, StoreError, Version};
 use crate::targets::{AuthCheck, Endpoint, TargetError, Targets};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use keywave_common::crypto::{generate, Secret};
 use keywave_common::now_ms;
 use keywave_common::wire::{ConsumerOutcome, ConsumerStatus, VerifyKind};
 use keywave_common::wire::{
-    ErrorClass, Outcome, RotationResult, RotationTask, Step, StepTiming, Strategy, TargetKind,
-    TaskAction, SCHEMA_VERSION,
+    ErrorClass, Outcome, RotationResult, RotationTask, Step, StepTiming, TargetKind, TaskAction,
+    SCHEMA_VERSION,
 };
+use machine::{Next, Progress, Refusal, Slot, Stage, TargetOp};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,6 +45,10 @@ use tracing::{debug, info, warn};
 /// How often a task restarts from the top after losing a CAS race before it
 /// gives up with [`ErrorClass::Store`].
 const MAX_CONFLICTS: usize = 5;
+
+/// Steps one execution may take before it is declared a bug (a rotation
+/// takes about 25).
+const MAX_STEPS: usize = 200;
 
 /// Longest error text put in a result.
 const MAX_ERROR_TEXT: usize = 300;
@@ -110,7 +118,7 @@ enum Fail {
         task: TargetKind,
     },
     #[error("inconsistent record: {0}")]
-    Internal(String),
+    Internal(&'static str),
     /// Lost a CAS race: restart from the top with a fresh read.
     #[error("record changed concurrently")]
     Conflict,
@@ -129,6 +137,18 @@ impl From<StoreError> for Fail {
         match e {
             StoreError::Conflict { .. } => Fail::Conflict,
             e => Fail::Store(e),
+        }
+    }
+}
+
+impl From<Refusal> for Fail {
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::NewSecretRejected => Fail::NewSecretRejected,
+            Refusal::OldSecretStillAccepted => Fail::OldSecretStillAccepted,
+            Refusal::NoPrevious => Fail::NoPrevious,
+            Refusal::PromotedNotCurrent => Fail::Internal("promoted task is not CURRENT"),
+            Refusal::OutOfOrder => Fail::Internal("step out of order"),
         }
     }
 }
@@ -175,7 +195,7 @@ struct Run<'a> {
     new_is_current: bool,
     old_fp: Option<String>,
     old_rejected: Option<bool>,
-    /// Per-consumer verification outcomes (issue 6).
+    /// Per-consumer verification outcomes.
     consumers: Vec<ConsumerOutcome>,
     /// No step starts after this instant (ms since the epoch; 0: none): the
     /// task's run timeout counted from its receipt, or, for a task without
@@ -227,14 +247,14 @@ impl<'a> Run<'a> {
 /// Runs tasks against a worker's targets and store.
 #[derive(Clone)]
 pub struct Protocol {
-    store: SecretStore,
+    store: Arc<dyn RecordStore>,
     targets: Arc<Targets>,
     worker_id: String,
     faults: Faults,
     retry: RetryPolicy,
     /// Announces secrets made CURRENT when a detection key is configured.
     notifier: Option<Notifier>,
-    /// Verifies a credential's consumers after promote (issue 6).
+    /// Verifies a credential's consumers after promote.
     consumers: Option<ConsumerVerifier>,
 }
 
@@ -251,13 +271,13 @@ impl std::fmt::Debug for Protocol {
 
 impl Protocol {
     pub fn new(
-        store: SecretStore,
+        store: impl RecordStore + 'static,
         targets: Arc<Targets>,
         worker_id: impl Into<String>,
         faults: Faults,
     ) -> Self {
         Protocol {
-            store,
+            store: Arc::new(store),
             targets,
             worker_id: worker_id.into(),
             faults,
@@ -285,8 +305,8 @@ impl Protocol {
         self
     }
 
-    pub fn store(&self) -> &SecretStore {
-        &self.store
+    pub fn store(&self) -> &dyn RecordStore {
+        self.store.as_ref()
     }
 
     /// Runs `task` to its end (or to an injected crash). Never panics; the
@@ -366,11 +386,7 @@ impl Protocol {
         }
         let mut conflicts = 0;
         loop {
-            let r = match task.action {
-                TaskAction::Rotate => self.rotate(run, &ep, shutdown).await,
-                TaskAction::Rollback => self.rollback(run, &ep, shutdown).await,
-            };
-            match r {
+            match self.drive(run, &ep, shutdown).await {
                 // Another delivery of this task (or another task on this
                 // credential) wrote first. Every step is idempotent, so start
                 // over from a fresh read.
@@ -527,7 +543,7 @@ impl Protocol {
         secret: &Secret,
     ) -> Result<(), Fail> {
         let p = &run.task.principal;
-        self.retrying(run, shutdown, op.name(), move || async move {
+        self.retrying(run, shutdown, op_name(op), move || async move {
             match op {
                 TargetOp::Add => ep.add(p, secret).await,
                 TargetOp::Replace => ep.replace(p, secret).await,
@@ -538,189 +554,199 @@ impl Protocol {
         .await
     }
 
-    async fn rotate(
+    /// Performs the steps [`machine::next`] decides, one at a time, from a
+    /// fresh read of the record, until the task finishes or fails.
+    async fn drive(
         &self,
         run: &mut Run<'_>,
         ep: &Endpoint,
         shutdown: &CancellationToken,
     ) -> Result<Outcome, Fail> {
         let task = run.task;
-        let mut loaded = self.load(run, shutdown).await?;
-
-        // Already applied: either promoted by an earlier delivery whose result
-        // may not have been published (finish revoke and verify, both
-        // idempotent), or superseded by a later task (report, touch nothing).
-        if let Some(applied) = loaded.record.applied(&task.task_id).cloned() {
-            run.new_fp = applied.new_fingerprint.clone();
-            run.new_is_current = true;
-            run.old_fp = applied.old_fingerprint.clone();
-            let is_last = loaded.record.last_task.as_deref() == Some(task.task_id.as_str());
-            if is_last && applied.action == TaskAction::Rotate {
-                run.step = Step::Promoted;
-                let new = loaded
-                    .record
-                    .current
-                    .clone()
-                    .filter(|c| c.task_id.as_deref() == Some(task.task_id.as_str()))
-                    .ok_or_else(|| Fail::Internal("promoted task is not CURRENT".into()))?;
-                let old = loaded.record.previous.clone();
-                info!(task = %task.task_id, credential = %task.credential_id, "Resuming after promote");
-                // The first delivery may have stopped before its notice.
-                self.announce(task, &new, old.as_ref()).await;
-                return self
-                    .revoke_and_verify(run, ep, shutdown, &new, old.as_ref())
-                    .await;
-            }
-            run.step = applied.step;
-            info!(task = %task.task_id, credential = %task.credential_id, "Task was applied earlier and superseded; reporting it again");
-            return Ok(match applied.action {
-                TaskAction::Rotate => Outcome::Succeeded,
-                TaskAction::Rollback => Outcome::RolledBack,
-            });
-        }
-        run.old_fp = loaded
-            .record
-            .current
-            .as_ref()
-            .map(|c| c.fingerprint.clone());
-
-        // Stage: reuse this task's staged secret, or generate one and record it
-        // as PENDING (durable write #1).
-        self.enter(run, Step::Staged).await?;
-        let t0 = Instant::now();
-        let pending = match loaded.record.pending.clone() {
-            Some(p) if p.task_id.as_deref() == Some(task.task_id.as_str()) => {
-                debug!(task = %task.task_id, "Reusing the secret staged by an earlier delivery");
-                p
-            }
-            abandoned => {
-                if let (Some(a), Strategy::Continuity) = (abandoned, task.strategy) {
-                    // Staged by a task that never promoted it; it may have been
-                    // added at the target, and continuity would leave it valid.
-                    // (Containment's replace invalidates it anyway.)
-                    self.target_op(run, shutdown, ep, TargetOp::Remove, &a.secret)
-                        .await?;
+        let view = machine::Task {
+            task_id: &task.task_id,
+            action: task.action,
+            strategy: task.strategy,
+        };
+        let mut loaded = Loaded::default();
+        let mut p = Progress::default();
+        let mut t0 = Instant::now();
+        // A rotation takes about 25 steps; a machine that loops is a bug, and
+        // must not spin a worker forever.
+        for _ in 0..MAX_STEPS {
+            let next = machine::next(&view, &loaded.record, &p);
+            match next {
+                Next::Load => {
+                    loaded = self.load(run, shutdown).await?;
+                    p.read = true;
                 }
-                let v = self.store.version(
-                    generate(&ep.policy()),
-                    Some(task.task_id.clone()),
-                    Some(task.strategy),
-                );
-                loaded.record.pending = Some(v.clone());
-                loaded.revision = self.save(run, shutdown, &loaded).await?;
-                v
+                Next::Enter(step) => {
+                    // What the result reports as old and new is known before
+                    // the first step starts, so a deadline failure has it too.
+                    let rec = &loaded.record;
+                    match (task.action, step) {
+                        (TaskAction::Rotate, Step::Staged) => {
+                            run.old_fp = rec.current.as_ref().map(|c| c.fingerprint.clone());
+                        }
+                        (TaskAction::Rollback, Step::Set) => {
+                            run.new_fp = rec.previous.as_ref().map(|v| v.fingerprint.clone());
+                            run.old_fp = rec.current.as_ref().map(|v| v.fingerprint.clone());
+                        }
+                        _ => {}
+                    }
+                    self.enter(run, step).await?;
+                    t0 = Instant::now();
+                    p.enter(step);
+                }
+                Next::Complete(step) => {
+                    self.done(run, step, t0)?;
+                    p.complete(step);
+                }
+                Next::Stage(how) => {
+                    if how == Stage::Generate {
+                        let v = self.store.version(
+                            generate(&ep.policy()),
+                            Some(task.task_id.clone()),
+                            Some(task.strategy),
+                        );
+                        loaded.record.pending = Some(v);
+                        loaded.revision = self.save(run, shutdown, &loaded).await?;
+                    } else {
+                        debug!(task = %task.task_id, "Reusing the secret staged by an earlier delivery");
+                    }
+                    run.new_fp = Some(slot(&loaded, Slot::Pending)?.fingerprint.clone());
+                    p.step_staged = true;
+                }
+                Next::Probe(s) => {
+                    let v = slot(&loaded, s)?;
+                    p.login = self.placement(run, shutdown, ep, &v.secret).await?;
+                    p.step_probed = true;
+                    if p.login.is_some()
+                        && task.action == TaskAction::Rotate
+                        && p.open == Some(Step::Set)
+                    {
+                        info!(task = %task.task_id, credential = %task.credential_id, "Staged secret already authenticates; set happened before, skipping");
+                    }
+                }
+                Next::ReadBack(s) => {
+                    let r = self
+                        .check(run, shutdown, ep, &slot(&loaded, s)?.secret)
+                        .await?;
+                    match s {
+                        Slot::Previous => p.step_previous = Some(r),
+                        Slot::Current | Slot::Pending => p.step_current = Some(r),
+                    }
+                    if p.step_previous == Some(AuthCheck::Accepted)
+                        && p.step_current == Some(AuthCheck::Rejected)
+                    {
+                        info!(task = %task.task_id, credential = %task.credential_id, "Previous secret already restored at the target; skipping the set");
+                    }
+                }
+                Next::ProveRejected(s) => {
+                    let r = self
+                        .check(run, shutdown, ep, &slot(&loaded, s)?.secret)
+                        .await?;
+                    run.old_rejected = Some(r == AuthCheck::Rejected);
+                    p.step_proof = Some(r);
+                }
+                Next::Target(op, s) => {
+                    let v = slot(&loaded, s)?;
+                    self.target_op(run, shutdown, ep, op, &v.secret).await?;
+                    p.step_changed = true;
+                }
+                Next::Promote => {
+                    let rec = &mut loaded.record;
+                    let pending = rec
+                        .pending
+                        .take()
+                        .ok_or(Fail::Internal("nothing staged to promote"))?;
+                    rec.previous = rec.current.take();
+                    rec.current = Some(Version {
+                        since_ms: now_ms(),
+                        login: p.login.clone(),
+                        ..pending
+                    });
+                    rec.push_applied(Applied {
+                        task_id: task.task_id.clone(),
+                        action: TaskAction::Rotate,
+                        step: Step::Promoted,
+                        at_ms: now_ms(),
+                        new_fingerprint: run.new_fp.clone(),
+                        old_fingerprint: run.old_fp.clone(),
+                    });
+                    loaded.revision = self.save(run, shutdown, &loaded).await?;
+                    run.new_is_current = true;
+                }
+                Next::Restore => {
+                    let rec = &mut loaded.record;
+                    let (Some(prev), Some(cur)) = (rec.previous.take(), rec.current.take()) else {
+                        return Err(Fail::Internal("nothing to restore"));
+                    };
+                    rec.current = Some(Version {
+                        since_ms: now_ms(),
+                        login: p.login.clone(),
+                        ..prev
+                    });
+                    rec.previous = Some(Version {
+                        since_ms: now_ms(),
+                        ..cur
+                    });
+                    // The replace at the target invalidated anything staged.
+                    rec.pending = None;
+                    rec.push_applied(Applied {
+                        task_id: task.task_id.clone(),
+                        action: TaskAction::Rollback,
+                        step: Step::Restored,
+                        at_ms: now_ms(),
+                        new_fingerprint: run.new_fp.clone(),
+                        old_fingerprint: run.old_fp.clone(),
+                    });
+                    loaded.revision = self.save(run, shutdown, &loaded).await?;
+                    run.new_is_current = true;
+                }
+                Next::Announce => {
+                    if let Some(cur) = &loaded.record.current {
+                        self.announce(task, cur, loaded.record.previous.as_ref())
+                            .await;
+                    }
+                    p.announced = true;
+                }
+                Next::VerifyConsumers { required } => {
+                    let fp = slot(&loaded, Slot::Current)?.fingerprint.clone();
+                    self.verify_consumers(run, &fp, shutdown, required).await?;
+                    p.consumers_verified = true;
+                }
+                Next::Resume => {
+                    self.reported(run, &loaded)?;
+                    run.step = Step::Promoted;
+                    p.done = Step::Promoted;
+                    info!(task = %task.task_id, credential = %task.credential_id, "Resuming after promote");
+                }
+                Next::Report(outcome) => {
+                    run.step = self.reported(run, &loaded)?;
+                    if task.action == TaskAction::Rotate {
+                        info!(task = %task.task_id, credential = %task.credential_id, "Task was applied earlier and superseded; reporting it again");
+                    }
+                    return Ok(outcome);
+                }
+                Next::Finish(outcome) => return Ok(outcome),
+                Next::Fail(refusal) => return Err(refusal.into()),
             }
-        };
-        run.new_fp = Some(pending.fingerprint.clone());
-        self.done(run, Step::Staged, t0)?;
-
-        // Set, unless reading back shows it happened before a crash.
-        self.enter(run, Step::Set).await?;
-        let t0 = Instant::now();
-        let mut login = self.placement(run, shutdown, ep, &pending.secret).await?;
-        let already_set = login.is_some();
-        if already_set {
-            info!(task = %task.task_id, credential = %task.credential_id, "Staged secret already authenticates; set happened before, skipping");
-        } else {
-            let op = match task.strategy {
-                Strategy::Continuity => TargetOp::Add,
-                Strategy::Containment => TargetOp::Replace,
-            };
-            self.target_op(run, shutdown, ep, op, &pending.secret)
-                .await?;
         }
-        self.done(run, Step::Set, t0)?;
-
-        // Test: a real login with the new secret (already proven when the set
-        // was skipped because of it).
-        self.enter(run, Step::Tested).await?;
-        let t0 = Instant::now();
-        if !already_set {
-            login = self.placement(run, shutdown, ep, &pending.secret).await?;
-        }
-        if login.is_none() {
-            return Err(Fail::NewSecretRejected);
-        }
-        self.done(run, Step::Tested, t0)?;
-
-        // Promote (durable write #2): PREVIOUS = CURRENT, CURRENT = PENDING.
-        self.enter(run, Step::Promoted).await?;
-        let t0 = Instant::now();
-        let old = loaded.record.current.take();
-        let new = Version {
-            since_ms: now_ms(),
-            login,
-            ..pending
-        };
-        loaded.record.previous = old.clone();
-        loaded.record.current = Some(new.clone());
-        loaded.record.pending = None;
-        loaded.record.push_applied(Applied {
-            task_id: task.task_id.clone(),
-            action: TaskAction::Rotate,
-            step: Step::Promoted,
-            at_ms: now_ms(),
-            new_fingerprint: run.new_fp.clone(),
-            old_fingerprint: run.old_fp.clone(),
-        });
-        self.save(run, shutdown, &loaded).await?;
-        run.new_is_current = true;
-        self.announce(task, &new, old.as_ref()).await;
-        self.done(run, Step::Promoted, t0)?;
-
-        self.revoke_and_verify(run, ep, shutdown, &new, old.as_ref())
-            .await
+        Err(Fail::Internal("the protocol did not converge"))
     }
 
-    /// Revoke and verify, after promote. Idempotent: runs again whole on a
-    /// redelivery.
-    async fn revoke_and_verify(
-        &self,
-        run: &mut Run<'_>,
-        ep: &Endpoint,
-        shutdown: &CancellationToken,
-        new: &Version,
-        old: Option<&Version>,
-    ) -> Result<Outcome, Fail> {
-        // Continuity: every consumer must be proven on the new secret before
-        // the old one goes (issue 6); if one is not, nothing is revoked.
-        if run.task.strategy == Strategy::Continuity {
-            self.verify_consumers(run, new, shutdown, true).await?;
-        }
-        self.enter(run, Step::Revoked).await?;
-        let t0 = Instant::now();
-        match (run.task.strategy, old) {
-            (Strategy::Continuity, Some(old)) => {
-                self.target_op(run, shutdown, ep, TargetOp::Remove, &old.secret)
-                    .await?
-            }
-            // Nobody knows what else is valid (never enrolled): make the new
-            // secret the only one.
-            (Strategy::Continuity, None) => {
-                self.target_op(run, shutdown, ep, TargetOp::Replace, &new.secret)
-                    .await?
-            }
-            // Set used replace: every other secret is invalid already.
-            (Strategy::Containment, _) => {}
-        }
-        self.done(run, Step::Revoked, t0)?;
-
-        self.enter(run, Step::Verified).await?;
-        let t0 = Instant::now();
-        if let Some(old) = old {
-            let r = self.check(run, shutdown, ep, &old.secret).await?;
-            run.old_rejected = Some(r == AuthCheck::Rejected);
-            if r == AuthCheck::Accepted {
-                return Err(Fail::OldSecretStillAccepted);
-            }
-        }
-        self.done(run, Step::Verified, t0)?;
-        // Containment: the old secret is gone already; consumers are
-        // verified after the fact, recorded in the result, never blocking.
-        if run.task.strategy == Strategy::Containment {
-            self.verify_consumers(run, new, shutdown, false).await?;
-        }
-        Ok(Outcome::Succeeded)
+    /// Fills the result from the record of this task's earlier application;
+    /// returns the step that application recorded.
+    fn reported(&self, run: &mut Run<'_>, loaded: &Loaded) -> Result<Step, Fail> {
+        let applied = loaded
+            .record
+            .applied(&run.task.task_id)
+            .ok_or(Fail::Internal("task not applied"))?;
+        run.new_fp = applied.new_fingerprint.clone();
+        run.new_is_current = true;
+        run.old_fp = applied.old_fingerprint.clone();
+        Ok(applied.step)
     }
 
     /// Waits until the task's consumers use `new` (see [`crate::consumers`]),
@@ -729,7 +755,7 @@ impl Protocol {
     async fn verify_consumers(
         &self,
         run: &mut Run<'_>,
-        new: &Version,
+        new_fingerprint: &str,
         shutdown: &CancellationToken,
         required: bool,
     ) -> Result<(), Fail> {
@@ -741,7 +767,7 @@ impl Protocol {
             Some(v) => v
                 .verify(
                     &run.task.credential_id,
-                    &new.fingerprint,
+                    new_fingerprint,
                     checks,
                     run.deadline,
                     shutdown,
@@ -785,106 +811,6 @@ impl Protocol {
             );
         }
         Ok(())
-    }
-
-    async fn rollback(
-        &self,
-        run: &mut Run<'_>,
-        ep: &Endpoint,
-        shutdown: &CancellationToken,
-    ) -> Result<Outcome, Fail> {
-        let task = run.task;
-        let mut loaded = self.load(run, shutdown).await?;
-
-        if let Some(applied) = loaded.record.applied(&task.task_id) {
-            // Restored by an earlier delivery (the swap is the last step).
-            run.step = applied.step;
-            run.new_fp = applied.new_fingerprint.clone();
-            run.new_is_current = true;
-            run.old_fp = applied.old_fingerprint.clone();
-            // Announce again (that delivery may have stopped before its
-            // notice), unless a later task has changed CURRENT since.
-            if loaded.record.last_task.as_deref() == Some(task.task_id.as_str()) {
-                if let Some(cur) = &loaded.record.current {
-                    self.announce(task, cur, loaded.record.previous.as_ref())
-                        .await;
-                }
-            }
-            return Ok(Outcome::RolledBack);
-        }
-        let current = loaded.record.current.clone();
-        // Never restore an exposed secret: the task says containment, or the
-        // CURRENT secret was made by a containment rotation.
-        if task.strategy == Strategy::Containment
-            || current.as_ref().and_then(|c| c.strategy) == Some(Strategy::Containment)
-        {
-            return Ok(Outcome::RollbackRefused);
-        }
-        let (Some(prev), Some(cur)) = (loaded.record.previous.clone(), current) else {
-            return Err(Fail::NoPrevious);
-        };
-        run.new_fp = Some(prev.fingerprint.clone());
-        run.old_fp = Some(cur.fingerprint.clone());
-
-        // Set: the previous secret becomes the only valid one, unless reading
-        // back shows that an earlier delivery did it already (the previous
-        // secret logs in again and the rolled-back one does not: after a
-        // complete rotation, only the reverse can be true).
-        self.enter(run, Step::Set).await?;
-        let t0 = Instant::now();
-        let already_set = self.check(run, shutdown, ep, &prev.secret).await? == AuthCheck::Accepted
-            && self.check(run, shutdown, ep, &cur.secret).await? == AuthCheck::Rejected;
-        if already_set {
-            info!(task = %task.task_id, credential = %task.credential_id, "Previous secret already restored at the target; skipping the set");
-        } else {
-            self.target_op(run, shutdown, ep, TargetOp::Replace, &prev.secret)
-                .await?;
-        }
-        self.done(run, Step::Set, t0)?;
-
-        // Test: the previous secret logs in, the rolled-back one does not.
-        self.enter(run, Step::Tested).await?;
-        let t0 = Instant::now();
-        let Some(login) = self.placement(run, shutdown, ep, &prev.secret).await? else {
-            return Err(Fail::NewSecretRejected);
-        };
-        let r = self.check(run, shutdown, ep, &cur.secret).await?;
-        run.old_rejected = Some(r == AuthCheck::Rejected);
-        if r == AuthCheck::Accepted {
-            return Err(Fail::OldSecretStillAccepted);
-        }
-        self.done(run, Step::Tested, t0)?;
-
-        // Swap in the store (the rollback's one durable write).
-        self.enter(run, Step::Restored).await?;
-        let t0 = Instant::now();
-        loaded.record.current = Some(Version {
-            since_ms: now_ms(),
-            login: Some(login),
-            ..prev
-        });
-        loaded.record.previous = Some(Version {
-            since_ms: now_ms(),
-            ..cur
-        });
-        // Replace invalidated anything staged as well.
-        loaded.record.pending = None;
-        loaded.record.push_applied(Applied {
-            task_id: task.task_id.clone(),
-            action: TaskAction::Rollback,
-            step: Step::Restored,
-            at_ms: now_ms(),
-            new_fingerprint: run.new_fp.clone(),
-            old_fingerprint: run.old_fp.clone(),
-        });
-        self.save(run, shutdown, &loaded).await?;
-        run.new_is_current = true;
-        if let Some(restored) = &loaded.record.current {
-            self.announce(task, restored, loaded.record.previous.as_ref())
-                .await;
-        }
-        self.done(run, Step::Restored, t0)?;
-        Ok(Outcome::RolledBack)
     }
 
     /// Announces `current` as the credential's CURRENT secret, when a
@@ -958,21 +884,25 @@ fn result_consumers(run: &Run<'_>) -> Vec<ConsumerOutcome> {
         .collect()
 }
 
-#[derive(Debug, Clone, Copy)]
-enum TargetOp {
-    Add,
-    Replace,
-    Remove,
+fn op_name(op: TargetOp) -> &'static str {
+    match op {
+        TargetOp::Add => "add",
+        TargetOp::Replace => "replace",
+        TargetOp::Remove => "remove",
+    }
 }
 
-impl TargetOp {
-    fn name(self) -> &'static str {
-        match self {
-            TargetOp::Add => "add",
-            TargetOp::Replace => "replace",
-            TargetOp::Remove => "remove",
-        }
+/// The version in `slot` of the record; the machine only names filled slots.
+fn slot(loaded: &Loaded, slot: Slot) -> Result<&Version, Fail> {
+    let r = &loaded.record;
+    match slot {
+        Slot::Pending => r.pending.as_ref(),
+        Slot::Current => r.current.as_ref(),
+        Slot::Previous => r.previous.as_ref(),
     }
+    .ok_or(Fail::Internal(
+        "a step needs a secret the record does not hold",
+    ))
 }
 
 fn short(mut s: String) -> String {
@@ -991,6 +921,7 @@ mod tests {
     use super::*;
     use crate::fault::CrashMode;
     use crate::notice::Notifier;
+    use crate::store::SecretStore;
     use crate::targets::sim::{SimOptions, SimTarget};
     use crate::targets::Target;
     use crate::testutil::TestBucket;
@@ -998,6 +929,7 @@ mod tests {
     use keywave_common::crypto::RegionKey;
     use keywave_common::crypto::SecretPolicy;
     use keywave_common::detect::{self, DetectKey, RotatedNotice};
+    use keywave_common::wire::Strategy;
     use keywave_common::{subjects, topology};
     use std::sync::atomic::{AtomicUsize, Ordering};
 

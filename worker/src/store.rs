@@ -1,14 +1,17 @@
-//! The regional secret store: one record per credential in KV bucket
-//! `keywave-secrets-<region>`, holding the staged versions (PENDING, CURRENT,
-//! PREVIOUS) and which task last changed them. The whole record is serialized
-//! and sealed with the region key (AAD `<region>/<credential_id>`), so the
-//! bucket holds only ciphertext. Every write is a compare-and-set on the
-//! revision that was read, so two workers can never both win a step.
+//! The regional secret store: one record per credential, holding the staged
+//! versions (PENDING, CURRENT, PREVIOUS) and which task last changed them,
+//! behind [`RecordStore`] so the protocol runs on either [`SecretStore`] (KV
+//! bucket `keywave-secrets-<region>`, sealed with the region key) or
+//! [`memory::MemoryStore`]; every write is a compare-and-set on the revision
+//! read, so two workers can never both win a step.
+
+pub mod memory;
 
 use async_nats::jetstream::{
     self,
     kv::{self, Operation},
 };
+use async_trait::async_trait;
 use bytes::Bytes;
 use keywave_common::crypto::{RegionKey, Secret};
 use keywave_common::ids::{self, IdError};
@@ -128,6 +131,80 @@ pub struct Loaded {
     pub exists: bool,
 }
 
+/// What the protocol, the runner and the admin service need from a region's
+/// secret store. Implementations give revisions the KV semantics: 0 means
+/// "never written", every write returns a larger revision, and a save whose
+/// expected revision is stale fails with [`StoreError::Conflict`].
+#[async_trait]
+pub trait RecordStore: Send + Sync + std::fmt::Debug {
+    fn region(&self) -> &str;
+
+    /// The keyed fingerprint of `secret` under this region's key.
+    fn fingerprint(&self, secret: &Secret) -> String;
+
+    /// A new version of `secret`, fingerprinted.
+    fn version(
+        &self,
+        secret: Secret,
+        task_id: Option<String>,
+        strategy: Option<Strategy>,
+    ) -> Version {
+        Version {
+            fingerprint: self.fingerprint(&secret),
+            secret,
+            task_id,
+            since_ms: keywave_common::now_ms(),
+            strategy,
+            login: None,
+        }
+    }
+
+    /// Reads a credential's record with its revision (an empty record at
+    /// revision 0 when it was never written).
+    async fn load(&self, credential_id: &str) -> Result<Loaded, StoreError>;
+
+    /// Writes `record` if the stored revision is still `expected_revision`
+    /// (0: the record must not exist yet). Returns the new revision.
+    async fn save(
+        &self,
+        credential_id: &str,
+        record: &Record,
+        expected_revision: u64,
+    ) -> Result<u64, StoreError>;
+
+    /// Removes a credential's record (its secrets are no longer managed).
+    async fn forget(&self, credential_id: &str) -> Result<(), StoreError>;
+
+    /// The record of a credential, if any.
+    async fn get(&self, credential_id: &str) -> Result<Option<Record>, StoreError> {
+        let l = self.load(credential_id).await?;
+        Ok(l.exists.then_some(l.record))
+    }
+
+    /// Records `secret`, the one in use today, as CURRENT for a credential
+    /// keywave has not managed before. Idempotent for the same secret; refused
+    /// with [`StoreError::AlreadyManaged`] when another secret is CURRENT.
+    async fn enroll(&self, credential_id: &str, secret: Secret) -> Result<(), StoreError> {
+        loop {
+            let mut l = self.load(credential_id).await?;
+            if let Some(cur) = &l.record.current {
+                if cur.secret == secret {
+                    return Ok(());
+                }
+                return Err(StoreError::AlreadyManaged {
+                    credential: credential_id.to_string(),
+                });
+            }
+            l.record.current = Some(self.version(secret.clone(), None, None));
+            match self.save(credential_id, &l.record, l.revision).await {
+                Ok(_) => return Ok(()),
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
 // The sealed layout, private to this module. Secrets are borrowed while a
 // record is serialized and while it is parsed, so their clear form lives in
 // `Secret`s (wiped on drop) and in the sealed buffer's clear text, itself held
@@ -244,14 +321,7 @@ impl SecretStore {
         task_id: Option<String>,
         strategy: Option<Strategy>,
     ) -> Version {
-        Version {
-            fingerprint: self.key.fingerprint(&secret),
-            secret,
-            task_id,
-            since_ms: keywave_common::now_ms(),
-            strategy,
-            login: None,
-        }
+        RecordStore::version(self, secret, task_id, strategy)
     }
 
     fn aad(&self, credential_id: &str) -> Vec<u8> {
@@ -342,8 +412,7 @@ impl SecretStore {
 
     /// The record of a credential, if any.
     pub async fn get(&self, credential_id: &str) -> Result<Option<Record>, StoreError> {
-        let l = self.load(credential_id).await?;
-        Ok(l.exists.then_some(l.record))
+        RecordStore::get(self, credential_id).await
     }
 
     /// Writes `record` if the stored revision is still `expected_revision`
@@ -371,23 +440,7 @@ impl SecretStore {
     /// keywave has not managed before. Idempotent for the same secret; refused
     /// with [`StoreError::AlreadyManaged`] when another secret is CURRENT.
     pub async fn enroll(&self, credential_id: &str, secret: Secret) -> Result<(), StoreError> {
-        loop {
-            let mut l = self.load(credential_id).await?;
-            if let Some(cur) = &l.record.current {
-                if cur.secret == secret {
-                    return Ok(());
-                }
-                return Err(StoreError::AlreadyManaged {
-                    credential: credential_id.to_string(),
-                });
-            }
-            l.record.current = Some(self.version(secret.clone(), None, None));
-            match self.save(credential_id, &l.record, l.revision).await {
-                Ok(_) => return Ok(()),
-                Err(StoreError::Conflict { .. }) => continue,
-                Err(e) => return Err(e),
-            }
-        }
+        RecordStore::enroll(self, credential_id, secret).await
     }
 
     /// Removes a credential's record (its secrets are no longer managed).
@@ -397,6 +450,34 @@ impl SecretStore {
             .purge(credential_id)
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))
+    }
+}
+
+#[async_trait]
+impl RecordStore for SecretStore {
+    fn region(&self) -> &str {
+        &self.region
+    }
+
+    fn fingerprint(&self, secret: &Secret) -> String {
+        self.key.fingerprint(secret)
+    }
+
+    async fn load(&self, credential_id: &str) -> Result<Loaded, StoreError> {
+        SecretStore::load(self, credential_id).await
+    }
+
+    async fn save(
+        &self,
+        credential_id: &str,
+        record: &Record,
+        expected_revision: u64,
+    ) -> Result<u64, StoreError> {
+        SecretStore::save(self, credential_id, record, expected_revision).await
+    }
+
+    async fn forget(&self, credential_id: &str) -> Result<(), StoreError> {
+        SecretStore::forget(self, credential_id).await
     }
 }
 
