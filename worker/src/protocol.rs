@@ -34,7 +34,7 @@ use keywave_common::wire::{
     ErrorClass, Outcome, RotationResult, RotationTask, Step, StepTiming, TargetKind, TaskAction,
     SCHEMA_VERSION,
 };
-use machine::{Next, Progress, Refusal, Slot, Stage, TargetOp};
+use machine::{Next, Progress, Refusal, Slot, Staging, TargetOp};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -603,7 +603,7 @@ impl Protocol {
                     p.complete(step);
                 }
                 Next::Stage(how) => {
-                    if how == Stage::Generate {
+                    if how == Staging::Generate {
                         let v = self.store.version(
                             generate(&ep.policy()),
                             Some(task.task_id.clone()),
