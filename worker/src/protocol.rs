@@ -20,6 +20,8 @@
 //! [`crate::notice`]); that publish is advisory and never fails a task.
 
 pub mod machine;
+#[cfg(test)]
+mod offline;
 
 use crate::consumers::ConsumerVerifier;
 use crate::fault::{Crash, Faults, Point};
