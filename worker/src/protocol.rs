@@ -1,23 +1,8 @@
 //! The executor of the rotation and rollback protocols: a task goes in, a
-//! [`RotationResult`] (fingerprints only) comes out; in between it performs,
-//! against the target and the store, the steps that [`machine::next`] decides.
-//!
-//! Every step is either recorded in the secret store or can be read back from
-//! the target, so a redelivered task resumes where it stopped, reuses the
-//! secret it staged, and never rotates a credential twice.
-//! Rotation: stage → set → test → promote → revoke → verify.
-//! Rollback (continuity only): set the previous secret back → test → swap.
-//!
-//! Durable writes per rotated credential are kept at the minimum the
-//! guarantees need, four: the task (published by the coordinator), PENDING
-//! (stage: the new secret is stored before it is set at the target), the
-//! promote CAS, and the result publish done by the runner. This module makes
-//! two of them and no more: set, test, revoke and verify are read back from
-//! the target itself on redelivery (a staged secret that authenticates has
-//! been set), so they need no record of their own. A rollback writes once
-//! (the swap).
-//! With a detection key, each secret made CURRENT is also announced (see
-//! [`crate::notice`]); that publish is advisory and never fails a task.
+//! [`RotationResult`] (fingerprints only) comes out, and in between it
+//! performs, against the target and the secret store, the steps that the pure
+//! [`machine::next`] decides. A redelivered task resumes where it stopped,
+//! reuses the secret it staged, and never rotates a credential twice.
 
 pub mod machine;
 #[cfg(test)]
@@ -247,6 +232,17 @@ impl<'a> Run<'a> {
 }
 
 /// Runs tasks against a worker's targets and store.
+///
+/// Durable writes per rotated credential are kept at the minimum the
+/// guarantees need, four: the task (published by the coordinator), PENDING
+/// (stage: the new secret is stored before it is set at the target), the
+/// promote CAS, and the result publish done by the runner. The protocol makes
+/// two of them and no more: set, test, revoke and verify are read back from
+/// the target itself on redelivery (a staged secret that authenticates has
+/// been set), so they need no record of their own. A rollback writes once
+/// (the swap). With a detection key, each secret made CURRENT is also
+/// announced (see [`crate::notice`]); that publish is advisory and never
+/// fails a task.
 #[derive(Clone)]
 pub struct Protocol {
     store: Arc<dyn RecordStore>,

@@ -2,6 +2,8 @@
 //! the task, the credential's record and what this delivery has done so far
 //! ([`Progress`]), the one thing to do next. No I/O and no clock: the executor
 //! in `protocol.rs` performs each [`Next`] and notes what it saw.
+//! Rotation: stage → set → test → promote → revoke → verify; rollback
+//! (continuity only): set the previous secret back → test → swap.
 
 use crate::store::{Record, Version};
 use crate::targets::AuthCheck;
@@ -213,17 +215,15 @@ fn rotate(t: &Task, rec: &Record, p: &Progress) -> Next {
         };
     };
     match open {
-        Staged => match &rec.pending {
-            _ if p.step_staged => Next::Complete(Staged),
-            p2 @ Some(_) if owned_by(t, p2) => Next::Stage(Staging::Reuse),
-            // Staged by a task that never promoted it; it may have been added
-            // at the target, and continuity would leave it valid (a
-            // containment set replaces it anyway).
-            Some(_) if continuity && !p.step_changed => {
-                Next::Target(TargetOp::Remove, Slot::Pending)
-            }
-            _ => Next::Stage(Staging::Generate),
-        },
+        Staged if p.step_staged => Next::Complete(Staged),
+        Staged if owned_by(t, &rec.pending) => Next::Stage(Staging::Reuse),
+        // Staged by a task that never promoted it; it may have been added at
+        // the target, and continuity would leave it valid (a containment set
+        // replaces it anyway).
+        Staged if rec.pending.is_some() && continuity && !p.step_changed => {
+            Next::Target(TargetOp::Remove, Slot::Pending)
+        }
+        Staged => Next::Stage(Staging::Generate),
         // A staged secret that authenticates was set before a crash.
         Set if !p.step_probed => Next::Probe(Slot::Pending),
         Set if p.login.is_some() || p.step_changed => Next::Complete(Set),
