@@ -11,7 +11,7 @@ mod offline;
 use crate::consumers::ConsumerVerifier;
 use crate::fault::{Crash, Faults, Point};
 use crate::notice::Notifier;
-use crate::store::{Applied, Loaded, RecordStore, StoreError, Version};
+use crate::store::{Loaded, RecordStore, StoreError, Version};
 use crate::targets::{AuthCheck, Endpoint, TargetError, Targets};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use keywave_common::crypto::{generate, Secret};
@@ -653,52 +653,16 @@ impl Protocol {
                     p.step_changed = true;
                 }
                 Next::Promote => {
-                    let rec = &mut loaded.record;
-                    let pending = rec
-                        .pending
-                        .take()
+                    let fps = (run.new_fp.clone(), run.old_fp.clone());
+                    machine::promote(&mut loaded.record, &view, p.login.clone(), fps, now_ms())
                         .ok_or(Fail::Internal("nothing staged to promote"))?;
-                    rec.previous = rec.current.take();
-                    rec.current = Some(Version {
-                        since_ms: now_ms(),
-                        login: p.login.clone(),
-                        ..pending
-                    });
-                    rec.push_applied(Applied {
-                        task_id: task.task_id.clone(),
-                        action: TaskAction::Rotate,
-                        step: Step::Promoted,
-                        at_ms: now_ms(),
-                        new_fingerprint: run.new_fp.clone(),
-                        old_fingerprint: run.old_fp.clone(),
-                    });
                     loaded.revision = self.save(run, shutdown, &loaded).await?;
                     run.new_is_current = true;
                 }
                 Next::Restore => {
-                    let rec = &mut loaded.record;
-                    let (Some(prev), Some(cur)) = (rec.previous.take(), rec.current.take()) else {
-                        return Err(Fail::Internal("nothing to restore"));
-                    };
-                    rec.current = Some(Version {
-                        since_ms: now_ms(),
-                        login: p.login.clone(),
-                        ..prev
-                    });
-                    rec.previous = Some(Version {
-                        since_ms: now_ms(),
-                        ..cur
-                    });
-                    // The replace at the target invalidated anything staged.
-                    rec.pending = None;
-                    rec.push_applied(Applied {
-                        task_id: task.task_id.clone(),
-                        action: TaskAction::Rollback,
-                        step: Step::Restored,
-                        at_ms: now_ms(),
-                        new_fingerprint: run.new_fp.clone(),
-                        old_fingerprint: run.old_fp.clone(),
-                    });
+                    let fps = (run.new_fp.clone(), run.old_fp.clone());
+                    machine::restore(&mut loaded.record, &view, p.login.clone(), fps, now_ms())
+                        .ok_or(Fail::Internal("nothing to restore"))?;
                     loaded.revision = self.save(run, shutdown, &loaded).await?;
                     run.new_is_current = true;
                 }

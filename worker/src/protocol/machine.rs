@@ -5,7 +5,7 @@
 //! Rotation: stage → set → test → promote → revoke → verify; rollback
 //! (continuity only): set the previous secret back → test → swap.
 
-use crate::store::{Record, Version};
+use crate::store::{Applied, Record, Version};
 use crate::targets::AuthCheck;
 use keywave_common::wire::{Outcome, Step, Strategy, TaskAction};
 
@@ -303,10 +303,72 @@ fn rollback(t: &Task, rec: &Record, p: &Progress) -> Next {
     }
 }
 
+/// The promote write: PREVIOUS = CURRENT, CURRENT = PENDING (proven to open
+/// `login`), remembered as applied by `task`. `None` when nothing is staged.
+pub fn promote(
+    rec: &mut Record,
+    task: &Task,
+    login: Option<String>,
+    fingerprints: (Option<String>, Option<String>),
+    now_ms: u64,
+) -> Option<()> {
+    let pending = rec.pending.take()?;
+    rec.previous = rec.current.take();
+    rec.current = Some(Version {
+        since_ms: now_ms,
+        login,
+        ..pending
+    });
+    rec.push_applied(applied(task, Step::Promoted, fingerprints, now_ms));
+    Some(())
+}
+
+/// The rollback's swap: CURRENT = PREVIOUS (proven to open `login`),
+/// PREVIOUS = CURRENT, nothing staged (the replace at the target invalidated
+/// it), remembered as applied by `task`. `None` without both versions.
+pub fn restore(
+    rec: &mut Record,
+    task: &Task,
+    login: Option<String>,
+    fingerprints: (Option<String>, Option<String>),
+    now_ms: u64,
+) -> Option<()> {
+    let (Some(prev), Some(cur)) = (rec.previous.take(), rec.current.take()) else {
+        return None;
+    };
+    rec.current = Some(Version {
+        since_ms: now_ms,
+        login,
+        ..prev
+    });
+    rec.previous = Some(Version {
+        since_ms: now_ms,
+        ..cur
+    });
+    rec.pending = None;
+    rec.push_applied(applied(task, Step::Restored, fingerprints, now_ms));
+    Some(())
+}
+
+fn applied(
+    task: &Task,
+    step: Step,
+    (new, old): (Option<String>, Option<String>),
+    now_ms: u64,
+) -> Applied {
+    Applied {
+        task_id: task.task_id.to_string(),
+        action: task.action,
+        step,
+        at_ms: now_ms,
+        new_fingerprint: new,
+        old_fingerprint: old,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Applied;
     use keywave_common::crypto::Secret;
     use std::collections::HashSet;
     use Next::*;
@@ -446,15 +508,10 @@ mod tests {
                     }
                     p.step_changed = true;
                 }
-                Promote => {
-                    rec.previous = rec.current.take();
-                    rec.current = rec.pending.take();
-                    applied(&mut rec, T, TaskAction::Rotate);
-                }
-                Restore => {
-                    std::mem::swap(&mut rec.current, &mut rec.previous);
-                    applied(&mut rec, T, TaskAction::Rollback);
-                }
+                Promote => super::promote(&mut rec, t, p.login.clone(), (None, None), 0)
+                    .expect("a staged secret"),
+                Restore => super::restore(&mut rec, t, p.login.clone(), (None, None), 0)
+                    .expect("two versions"),
                 Announce => p.announced = true,
                 VerifyConsumers { .. } => p.consumers_verified = true,
                 Resume => p.done = Promoted,
@@ -859,5 +916,47 @@ mod tests {
             }
         }
         assert_eq!(runs, 4 * 4 * 4 * 4 * 4 * 4);
+    }
+    #[test]
+    fn promote_and_restore_move_the_versions_and_remember_the_task() {
+        let t = rotate(Strategy::Continuity);
+        let mut rec = enrolled();
+        assert_eq!(promote(&mut rec, &t, None, (None, None), 7), None);
+        rec.pending = Some(ver("new", Some(T), Some(Strategy::Continuity)));
+        let fps = (Some("fp-new".to_string()), Some("fp-old".to_string()));
+        promote(&mut rec, &t, Some("app".into()), fps.clone(), 7).unwrap();
+        let cur = rec.current.clone().unwrap();
+        assert_eq!(
+            (cur.secret.expose(), cur.login.as_deref(), cur.since_ms),
+            ("new", Some("app"), 7)
+        );
+        assert_eq!(rec.previous.as_ref().unwrap().secret.expose(), "old");
+        assert!(rec.pending.is_none());
+        let a = rec.applied(T).unwrap();
+        assert_eq!(
+            (a.step, a.action, a.at_ms),
+            (Promoted, TaskAction::Rotate, 7)
+        );
+        assert_eq!((a.new_fingerprint.clone(), a.old_fingerprint.clone()), fps);
+
+        let rb = Task {
+            task_id: "t2",
+            ..rollback()
+        };
+        rec.pending = Some(ver("stale", Some("t3"), None));
+        restore(&mut rec, &rb, Some("app_b".into()), (None, None), 9).unwrap();
+        let cur = rec.current.clone().unwrap();
+        assert_eq!(
+            (cur.secret.expose(), cur.login.as_deref()),
+            ("old", Some("app_b"))
+        );
+        assert_eq!(rec.previous.as_ref().unwrap().secret.expose(), "new");
+        assert!(rec.pending.is_none());
+        assert_eq!(rec.last_step, Some(Restored));
+        assert_eq!(rec.last_task.as_deref(), Some("t2"));
+        assert_eq!(
+            restore(&mut Record::default(), &rb, None, (None, None), 9),
+            None
+        );
     }
 }
