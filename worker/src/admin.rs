@@ -20,7 +20,7 @@
 //! reported `in_flight` too.
 
 use crate::notice::Notifier;
-use crate::store::{Applied, Loaded, SecretStore, StoreError, Version};
+use crate::store::{Applied, Loaded, RecordStore, StoreError, Version};
 use crate::targets::{AuthCheck, Endpoint, TargetError, Targets};
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
@@ -86,7 +86,7 @@ pub struct AdminService {
 struct Inner {
     client: async_nats::Client,
     js: jetstream::Context,
-    store: SecretStore,
+    store: Arc<dyn RecordStore>,
     targets: Arc<Targets>,
     notifier: Option<Notifier>,
     opts: AdminOptions,
@@ -106,7 +106,7 @@ impl AdminService {
     pub fn new(
         client: async_nats::Client,
         opts: AdminOptions,
-        store: SecretStore,
+        store: impl RecordStore + 'static,
         targets: Arc<Targets>,
         notifier: Option<Notifier>,
     ) -> Self {
@@ -114,7 +114,7 @@ impl AdminService {
             inner: Arc::new(Inner {
                 js: topology::context(client.clone()),
                 client,
-                store,
+                store: Arc::new(store),
                 targets,
                 notifier,
                 opts,

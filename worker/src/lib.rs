@@ -7,14 +7,16 @@
 //! - [`cli`]: the `keywave-worker` command line (clap definitions).
 //! - [`config_keys`]: every configuration key with its default and environment variable (docs/configuration.md).
 //! - [`config`]: the worker's TOML configuration (region, NATS servers, region and detection keys, endpoints), validated at start-up.
-//! - [`store`]: the regional secret store (KV `keywave-secrets-<region>`), sealed with the region key, updated by CAS.
+//! - [`store`]: the regional secret store behind [`store::RecordStore`]: [`store::SecretStore`] (KV `keywave-secrets-<region>`, sealed with the region key), updated by CAS.
+//!   - [`store::memory`]: the same CAS semantics in memory, for protocol tests and demos without a nats-server.
 //! - [`targets`]: the [`targets::Target`] trait and the per-endpoint registry with concurrency bounds.
 //!   - [`targets::sim`]: in-memory simulation, for demos, benchmarks and protocol tests.
 //!   - [`targets::redis`]: Redis ACL users (native dual passwords).
 //!   - [`targets::postgres`]: PostgreSQL login roles (SCRAM verifiers computed on the worker).
 //!   - [`targets::mysql`]: MariaDB / MySQL user accounts (native hashes, MySQL dual passwords).
 //!   - [`targets::db`]: what the SQL targets share: continuity schemes (alternating users), admin settings, redacted errors.
-//! - [`protocol`]: the rotation / rollback state machine (stage, set, test, promote, revoke, verify), resumable and idempotent.
+//! - [`protocol`]: the executor of the rotation / rollback protocols (stage, set, test, promote, revoke, verify), resumable and idempotent.
+//!   - [`protocol::machine`]: the protocols as a pure next-step function over the record and what this delivery has seen.
 //! - [`notice`]: rotation notices (`keywave.rotated.<region>.<credential>`): keyed detection fingerprints of each new CURRENT secret, only with a detection key.
 //! - [`consumers`]: consumer verification after promote (attestations on `KEYWAVE_ATTEST`, HTTP probes), before revoke.
 //! - [`agent`]: the consumer agent (`keywave-worker agent`): writes each new CURRENT secret for an application, reloads it, attests the fingerprint.

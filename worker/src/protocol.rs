@@ -1,30 +1,17 @@
 //! The executor of the rotation and rollback protocols: a task goes in, a
-//! [`RotationResult`] (fingerprints only) comes out; in between it performs,
-//! against the target and the store, the steps that [`machine::next`] decides.
-//!
-//! Every step is either recorded in the secret store or can be read back from
-//! the target, so a redelivered task resumes where it stopped, reuses the
-//! secret it staged, and never rotates a credential twice.
-//! Rotation: stage → set → test → promote → revoke → verify.
-//! Rollback (continuity only): set the previous secret back → test → swap.
-//!
-//! Durable writes per rotated credential are kept at the minimum the
-//! guarantees need, four: the task (published by the coordinator), PENDING
-//! (stage: the new secret is stored before it is set at the target), the
-//! promote CAS, and the result publish done by the runner. This module makes
-//! two of them and no more: set, test, revoke and verify are read back from
-//! the target itself on redelivery (a staged secret that authenticates has
-//! been set), so they need no record of their own. A rollback writes once
-//! (the swap).
-//! With a detection key, each secret made CURRENT is also announced (see
-//! [`crate::notice`]); that publish is advisory and never fails a task.
+//! [`RotationResult`] (fingerprints only) comes out, and in between it
+//! performs, against the target and the secret store, the steps that the pure
+//! [`machine::next`] decides. A redelivered task resumes where it stopped,
+//! reuses the secret it staged, and never rotates a credential twice.
 
 pub mod machine;
+#[cfg(test)]
+mod offline;
 
 use crate::consumers::ConsumerVerifier;
 use crate::fault::{Crash, Faults, Point};
 use crate::notice::Notifier;
-use crate::store::{Applied, Loaded, RecordStore, StoreError, Version};
+use crate::store::{Loaded, RecordStore, StoreError, Version};
 use crate::targets::{AuthCheck, Endpoint, TargetError, Targets};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use keywave_common::crypto::{generate, Secret};
@@ -34,7 +21,7 @@ use keywave_common::wire::{
     ErrorClass, Outcome, RotationResult, RotationTask, Step, StepTiming, TargetKind, TaskAction,
     SCHEMA_VERSION,
 };
-use machine::{Next, Progress, Refusal, Slot, Stage, TargetOp};
+use machine::{Next, Progress, Refusal, Slot, Staging, TargetOp};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -245,6 +232,17 @@ impl<'a> Run<'a> {
 }
 
 /// Runs tasks against a worker's targets and store.
+///
+/// Durable writes per rotated credential are kept at the minimum the
+/// guarantees need, four: the task (published by the coordinator), PENDING
+/// (stage: the new secret is stored before it is set at the target), the
+/// promote CAS, and the result publish done by the runner. The protocol makes
+/// two of them and no more: set, test, revoke and verify are read back from
+/// the target itself on redelivery (a staged secret that authenticates has
+/// been set), so they need no record of their own. A rollback writes once
+/// (the swap). With a detection key, each secret made CURRENT is also
+/// announced (see [`crate::notice`]); that publish is advisory and never
+/// fails a task.
 #[derive(Clone)]
 pub struct Protocol {
     store: Arc<dyn RecordStore>,
@@ -603,7 +601,7 @@ impl Protocol {
                     p.complete(step);
                 }
                 Next::Stage(how) => {
-                    if how == Stage::Generate {
+                    if how == Staging::Generate {
                         let v = self.store.version(
                             generate(&ep.policy()),
                             Some(task.task_id.clone()),
@@ -655,52 +653,16 @@ impl Protocol {
                     p.step_changed = true;
                 }
                 Next::Promote => {
-                    let rec = &mut loaded.record;
-                    let pending = rec
-                        .pending
-                        .take()
+                    let fps = (run.new_fp.clone(), run.old_fp.clone());
+                    machine::promote(&mut loaded.record, &view, p.login.clone(), fps, now_ms())
                         .ok_or(Fail::Internal("nothing staged to promote"))?;
-                    rec.previous = rec.current.take();
-                    rec.current = Some(Version {
-                        since_ms: now_ms(),
-                        login: p.login.clone(),
-                        ..pending
-                    });
-                    rec.push_applied(Applied {
-                        task_id: task.task_id.clone(),
-                        action: TaskAction::Rotate,
-                        step: Step::Promoted,
-                        at_ms: now_ms(),
-                        new_fingerprint: run.new_fp.clone(),
-                        old_fingerprint: run.old_fp.clone(),
-                    });
                     loaded.revision = self.save(run, shutdown, &loaded).await?;
                     run.new_is_current = true;
                 }
                 Next::Restore => {
-                    let rec = &mut loaded.record;
-                    let (Some(prev), Some(cur)) = (rec.previous.take(), rec.current.take()) else {
-                        return Err(Fail::Internal("nothing to restore"));
-                    };
-                    rec.current = Some(Version {
-                        since_ms: now_ms(),
-                        login: p.login.clone(),
-                        ..prev
-                    });
-                    rec.previous = Some(Version {
-                        since_ms: now_ms(),
-                        ..cur
-                    });
-                    // The replace at the target invalidated anything staged.
-                    rec.pending = None;
-                    rec.push_applied(Applied {
-                        task_id: task.task_id.clone(),
-                        action: TaskAction::Rollback,
-                        step: Step::Restored,
-                        at_ms: now_ms(),
-                        new_fingerprint: run.new_fp.clone(),
-                        old_fingerprint: run.old_fp.clone(),
-                    });
+                    let fps = (run.new_fp.clone(), run.old_fp.clone());
+                    machine::restore(&mut loaded.record, &view, p.login.clone(), fps, now_ms())
+                        .ok_or(Fail::Internal("nothing to restore"))?;
                     loaded.revision = self.save(run, shutdown, &loaded).await?;
                     run.new_is_current = true;
                 }
