@@ -436,6 +436,7 @@ impl Job {
         let js = self.engine.js.clone();
         let faults = self.engine.opts.faults;
         let mut sent = 0u64;
+        let mut held = false;
         while pos < end {
             let current = state.borrow_and_update().state;
             match publish_mode(current, action) {
@@ -445,14 +446,17 @@ impl Job {
                 }
                 PublishMode::Hold => {
                     window.drain().await?;
-                    info!(campaign = %cid, wave = w, published = pos - offset, "Publishing held while paused");
+                    if !held {
+                        held = true;
+                        info!(campaign = %cid, wave = w, published = pos - offset, "Publishing held while paused");
+                    }
                     tokio::select! {
                         r = state.changed() => if r.is_err() { return Err(DriveError::Shutdown) },
                         _ = self.h.stop.cancelled() => return Err(DriveError::Shutdown),
                     }
                     continue;
                 }
-                PublishMode::Go => {}
+                PublishMode::Go => held = false,
             }
             if self.h.stop.is_cancelled() {
                 return Err(DriveError::Shutdown);

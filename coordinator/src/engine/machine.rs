@@ -594,12 +594,14 @@ impl Machine {
         match self.approvals {
             Some(ApprovalsRead::Reading { wave }) if wave == w => return,
             Some(ApprovalsRead::Read { wave, next_ms }) if wave == w => {
-                if now_ms >= next_ms && self.state() == CampaignState::AwaitingApproval {
-                    self.approvals = Some(ApprovalsRead::Reading { wave: w });
-                    fx.push(Effect::ReadApprovals { wave: w });
-                    return;
+                if self.state() == CampaignState::AwaitingApproval {
+                    if now_ms >= next_ms {
+                        self.approvals = Some(ApprovalsRead::Reading { wave: w });
+                        fx.push(Effect::ReadApprovals { wave: w });
+                        return;
+                    }
+                    self.wake_at(next_ms);
                 }
-                self.wake_at(next_ms);
             }
             _ => {
                 self.approvals = Some(ApprovalsRead::Reading { wave: w });
@@ -1337,6 +1339,48 @@ mod tests {
         m.step(control(ControlAction::Resume, 1), 4);
         assert_eq!(m.status().current_wave, 1);
         assert_eq!(m.state(), CampaignState::Running);
+    }
+
+    #[test]
+    fn a_gate_rereads_approvals_while_waiting_but_not_while_paused() {
+        let mut m = Machine::new(status(&[1, 1], &[0]));
+        assert_eq!(names(&m.step(Msg::CaughtUp, 0)), ["read_approvals:0"]);
+        let found = |wave| Msg::Approvals {
+            wave,
+            found: vec![],
+        };
+        let out = m.step(found(0), 10);
+        assert_eq!(m.state(), CampaignState::AwaitingApproval);
+        assert_eq!(out.wake_at_ms, Some(10 + APPROVAL_RESCAN_MS));
+        let out = m.step(Msg::Timer, 10 + APPROVAL_RESCAN_MS);
+        assert_eq!(names(&out), ["read_approvals:0"]);
+        m.step(found(0), 20_000);
+        m.step(control(ControlAction::Pause, 1), 20_001);
+        let out = m.step(Msg::Timer, 60_000);
+        assert!(
+            out.effects.is_empty() && out.wake_at_ms.is_none(),
+            "{out:?}"
+        );
+        // Resumed: read again, then wait again (the event is deduplicated).
+        assert_eq!(
+            names(&m.step(control(ControlAction::Resume, 2), 60_001)),
+            ["fence", "state:running", "save", "read_approvals:0"]
+        );
+        // An approval found in the stream (a restarted coordinator) starts the wave.
+        let approval = Approval {
+            wave: 0,
+            by: "bob".into(),
+            at_ms: 5,
+        };
+        let out = m.step(
+            Msg::Approvals {
+                wave: 0,
+                found: vec![approval],
+            },
+            60_002,
+        );
+        assert_eq!(names(&out), starts(0));
+        assert_eq!(m.status().waves[0].approved_at_ms, Some(5));
     }
 
     #[test]
