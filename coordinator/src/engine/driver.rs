@@ -213,8 +213,8 @@ impl Owner {
                 Err(DriveError::Shutdown) => return Flow::Exit,
                 Err(DriveError::Crashed(c)) => {
                     warn!(campaign = %self.cid(), error = %c, "Campaign owner crashed (fault injection)");
-                    self.engine.halted.cancel();
                     self.engine.crashed.cancel();
+                    self.engine.halted.cancel();
                     return Flow::Exit;
                 }
                 Err(e) => {
@@ -400,8 +400,8 @@ impl Job {
             }
             Err(DriveError::Crashed(c)) => {
                 warn!(campaign = %self.cid(), error = %c, "Campaign job crashed (fault injection)");
-                self.engine.halted.cancel();
                 self.engine.crashed.cancel();
+                self.engine.halted.cancel();
                 return;
             }
             Err(e) => Msg::JobFailed {

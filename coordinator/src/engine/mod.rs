@@ -537,6 +537,12 @@ impl Engine {
                 _ = self.halted.cancelled() => TermEnd::Lost,
             },
         };
+        // An injected crash also halts the term: whichever the select saw
+        // first, it ends as killed.
+        let end = match end {
+            TermEnd::Lost if self.crashed.is_cancelled() => TermEnd::Killed,
+            end => end,
+        };
         match end {
             TermEnd::Shutdown | TermEnd::Failed(_) => {
                 api_stop.cancel();
