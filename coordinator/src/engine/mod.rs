@@ -683,7 +683,10 @@ impl Engine {
     ) {
         let cid = status.campaign_id.clone();
         let (tx, rx) = mpsc::channel(OWNER_CHANNEL);
-        let (published, snapshot) = watch::channel(Arc::new(status.clone()));
+        let machine = machine::Machine::new(status);
+        // Counters of unfinished waves start from zero: the results replay
+        // rebuilds them.
+        let (published, snapshot) = watch::channel(Arc::new(machine.status().clone()));
         let handle = Arc::new(Handle {
             cid: cid.clone(),
             tx,
@@ -716,7 +719,7 @@ impl Engine {
         // children, and the workers' task spans theirs.
         let span = tracing::info_span!(parent: None, "campaign", campaign = %handle.cid);
         self.tracker.spawn(tracing::Instrument::instrument(
-            driver::run(owner, machine::Machine::new(status), rx),
+            driver::run(owner, machine, rx),
             span,
         ));
     }
