@@ -101,9 +101,13 @@ pub(super) async fn run(mut owner: Owner, mut machine: Machine, rx: mpsc::Receiv
     let engine = owner.engine.clone();
     let h = owner.h.clone();
     let aggregator = engine.tracker.spawn(aggregate(engine.clone(), h.clone()));
-    engine
-        .tracker
-        .spawn(follow_approvals(engine.clone(), h.clone()));
+    // Only a campaign with approval gates listens for approvals (a
+    // least-privilege coordinator of the others needs no such subscription).
+    if !machine.status().spec.approve_before_waves.is_empty() {
+        engine
+            .tracker
+            .spawn(follow_approvals(engine.clone(), h.clone()));
+    }
     engine
         .tracker
         .spawn(forward_stop(engine.clone(), h.clone()));
