@@ -1,9 +1,12 @@
 //! The campaign engine. [`Coordinator::start`] creates the JetStream topology;
 //! [`Coordinator::run`] resumes every unfinished campaign found in the
 //! `keywave-campaigns` bucket and serves the operator API until shutdown.
-//! Each campaign is driven by one task (see `driver`) that publishes waves of
-//! tasks, waits for their results or deadline, decides, and persists a
-//! snapshot; its results are counted by one ordered consumer per campaign.
+//! Each campaign has one owner task (see `driver`), the only writer of its
+//! state: results, operator requests, approvals, timers and lease changes
+//! reach it as messages ([`machine::Msg`]) over a bounded channel; what to do
+//! is decided by the pure [`machine::Machine::step`] and carried out by the
+//! owner (publish a wave, events, snapshot). API handlers send messages and
+//! await a reply; readers see the snapshots the owner publishes.
 //!
 //! Keys of `keywave-campaigns`: `campaign.<cid>` (the [`CampaignStatus`]
 //! snapshot), `plan.<cid>` and `plan.<cid>.<n>` (the plan, see [`plan`]) and
@@ -27,6 +30,7 @@ pub mod decide;
 mod driver;
 pub mod events;
 pub mod fault;
+pub mod machine;
 pub mod plan;
 mod poison;
 pub mod preflight;
@@ -34,7 +38,6 @@ pub mod preflight;
 use crate::inventory;
 use crate::lease::{self, Lease};
 use async_nats::jetstream::{self, kv, Context};
-use book::Book;
 use futures::StreamExt;
 use keywave_common::{
     api::{ApproveRequest, CampaignStatus, CampaignSummary, StartRequest, WaveStatus},
@@ -45,11 +48,10 @@ use keywave_common::{
 use plan::{PlanEntry, PlanManifest};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use thiserror::Error;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
@@ -192,65 +194,48 @@ fn control_key(cid: &str) -> String {
     format!("control.{cid}")
 }
 
-/// Everything this coordinator knows about a campaign it drives.
+/// Messages queued for one campaign's owner at most (results wait in
+/// JetStream beyond that).
+pub const OWNER_CHANNEL: usize = 1_024;
+
+/// How the rest of the coordinator reaches a campaign it drives: messages to
+/// the campaign's owner task (see `driver`), and the status snapshots the
+/// owner publishes. Nothing here mutates the campaign.
 pub(crate) struct Handle {
     pub cid: String,
-    pub book: Mutex<Book>,
-    /// Counters changed since the last snapshot save.
-    pub dirty: AtomicBool,
-    /// Woken when a wave or rollback got its last result, or the results
-    /// replay caught up.
-    pub progress: Notify,
-    pub control: watch::Sender<Option<ControlAction>>,
-    control_rx: Mutex<Option<watch::Receiver<Option<ControlAction>>>>,
-    pub state: watch::Sender<CampaignState>,
-    /// The aggregator has replayed every result stored before it started.
-    pub caught_up: watch::Sender<bool>,
-    /// Cancelled when the campaign's driver ends (or the coordinator stops).
+    tx: mpsc::Sender<machine::Msg>,
+    snapshot: watch::Receiver<Arc<CampaignStatus>>,
+    /// Cancelled when the campaign's owner ends (or the coordinator stops).
     pub stop: CancellationToken,
-    pub manifest: PlanManifest,
-    /// KV revision of the last snapshot written or read: the next save is a
-    /// compare-and-set on it.
-    pub snapshot_rev: AtomicU64,
-    /// Woken when an approval was published for this campaign.
-    pub approval: Notify,
 }
 
 impl Handle {
-    fn new(
-        status: CampaignStatus,
-        revision: u64,
-        manifest: PlanManifest,
-        stop: CancellationToken,
-    ) -> Self {
-        let (control, control_rx) = watch::channel(None);
-        let state = status.state;
-        Handle {
-            snapshot_rev: AtomicU64::new(revision),
-            cid: status.campaign_id.clone(),
-            book: Mutex::new(Book::new(status)),
-            dirty: AtomicBool::new(false),
-            progress: Notify::new(),
-            control,
-            control_rx: Mutex::new(Some(control_rx)),
-            state: watch::channel(state).0,
-            caught_up: watch::channel(false).0,
-            stop,
-            manifest,
-            approval: Notify::new(),
-        }
-    }
-
-    pub fn take_control_rx(&self) -> watch::Receiver<Option<ControlAction>> {
-        self.control_rx
-            .lock()
-            .expect("control lock")
-            .take()
-            .unwrap_or_else(|| self.control.subscribe())
-    }
-
+    /// The status as the owner last published it.
     pub fn status(&self) -> CampaignStatus {
-        self.book.lock().expect("book lock").status.clone()
+        (**self.snapshot.borrow()).clone()
+    }
+
+    /// Queues a message for the owner (waits while the queue is full).
+    pub async fn send(&self, msg: machine::Msg) -> Result<(), machine::Msg> {
+        self.tx.send(msg).await.map_err(|e| e.0)
+    }
+
+    /// Sends the message `make` builds around a reply and waits for the
+    /// owner's answer until `until`; past it (or when the owner is gone),
+    /// the status as last published.
+    pub async fn request(
+        &self,
+        make: impl FnOnce(machine::Reply) -> machine::Msg,
+        until: tokio::time::Instant,
+    ) -> CampaignStatus {
+        let (tx, rx) = oneshot::channel();
+        let sent = tokio::time::timeout_at(until, self.send(make(machine::Reply(Some(tx))))).await;
+        if let Ok(Ok(())) = sent {
+            if let Ok(Ok(status)) = tokio::time::timeout_at(until, rx).await {
+                return status;
+            }
+        }
+        self.status()
     }
 }
 
@@ -552,6 +537,12 @@ impl Engine {
                 _ = self.halted.cancelled() => TermEnd::Lost,
             },
         };
+        // An injected crash also halts the term: whichever the select saw
+        // first, it ends as killed.
+        let end = match end {
+            TermEnd::Lost if self.crashed.is_cancelled() => TermEnd::Killed,
+            end => end,
+        };
         match end {
             TermEnd::Shutdown | TermEnd::Failed(_) => {
                 api_stop.cancel();
@@ -644,7 +635,17 @@ async fn control_watch(
                         };
                         if let Some(h) = engine.handle(cid) {
                             info!(campaign = %cid, action = ?rec.action, by = %rec.by, "Operator request");
-                            h.control.send_replace(Some(rec.action));
+                            let msg = machine::Msg::Control {
+                                action: rec.action,
+                                revision: entry.revision,
+                                reply: machine::Reply::none(),
+                            };
+                            // Not awaited here: one busy campaign must not
+                            // hold up the requests of the others (the
+                            // revision puts late deliveries in order).
+                            engine.tracker.spawn(async move {
+                                let _ = h.send(msg).await;
+                            });
                         }
                     }
                 }
@@ -670,24 +671,35 @@ impl Engine {
         self.registry.lock().expect("registry lock").remove(cid);
     }
 
-    /// Registers a campaign and spawns its driver. `pending` is an operator
-    /// request that arrived while no coordinator was driving it.
+    /// Registers a campaign and spawns its owner. `pending` is an operator
+    /// request (with its control record's revision) that arrived while no
+    /// coordinator was driving it.
     fn spawn_driver(
         self: &Arc<Self>,
         status: CampaignStatus,
         revision: u64,
         manifest: PlanManifest,
-        pending: Option<ControlAction>,
+        pending: Option<(ControlAction, u64)>,
     ) {
         let cid = status.campaign_id.clone();
-        let handle = Arc::new(Handle::new(
-            status,
-            revision,
-            manifest,
-            self.stop.child_token(),
-        ));
-        if pending.is_some() {
-            handle.control.send_replace(pending);
+        let (tx, rx) = mpsc::channel(OWNER_CHANNEL);
+        let machine = machine::Machine::new(status);
+        // Counters of unfinished waves start from zero: the results replay
+        // rebuilds them.
+        let (published, snapshot) = watch::channel(Arc::new(machine.status().clone()));
+        let handle = Arc::new(Handle {
+            cid: cid.clone(),
+            tx,
+            snapshot,
+            stop: self.stop.child_token(),
+        });
+        if let Some((action, revision)) = pending {
+            // The channel is new and empty: this cannot fail.
+            let _ = handle.tx.try_send(machine::Msg::Control {
+                action,
+                revision,
+                reply: machine::Reply::none(),
+            });
         }
         {
             let mut reg = self.registry.lock().expect("registry lock");
@@ -696,11 +708,18 @@ impl Engine {
             }
             reg.insert(cid, handle.clone());
         }
+        let owner = driver::Owner {
+            engine: self.clone(),
+            h: handle.clone(),
+            manifest,
+            snapshot_rev: revision,
+            published,
+        };
         // A root span per campaign (per process driving it): its waves are
         // children, and the workers' task spans theirs.
         let span = tracing::info_span!(parent: None, "campaign", campaign = %handle.cid);
         self.tracker.spawn(tracing::Instrument::instrument(
-            driver::run(self.clone(), handle),
+            driver::run(owner, machine, rx),
             span,
         ));
     }
@@ -747,7 +766,7 @@ impl Engine {
             let pending = controls
                 .get(&cid)
                 .filter(|(_, rev)| *rev > revision)
-                .map(|(rec, _)| rec.action);
+                .map(|(rec, rev)| (rec.action, *rev));
             info!(campaign = %cid, state = %status.state, wave = status.current_wave, "Resuming campaign");
             self.spawn_driver(status, revision, manifest, pending);
         }
@@ -1009,14 +1028,15 @@ impl Engine {
             by: self.opts.coordinator_id.clone(),
         };
         let body = serde_json::to_vec(&rec).map_err(internal)?;
-        self.campaigns
+        let revision = self
+            .campaigns
             .put(control_key(cid), body.into())
             .await
             .map_err(internal)?;
+        let until = tokio::time::Instant::now() + CONTROL_WAIT;
         let Some(h) = self.handle(cid) else {
             // Driven by another coordinator: it acts on the control record
             // and saves its snapshot at once; wait for that briefly.
-            let until = tokio::time::Instant::now() + CONTROL_WAIT;
             let mut latest = current;
             while !done(latest.state) && tokio::time::Instant::now() < until {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1026,9 +1046,12 @@ impl Engine {
             }
             return Ok(latest);
         };
-        let mut rx = h.state.subscribe();
-        let _ = tokio::time::timeout(CONTROL_WAIT, rx.wait_for(|s| done(*s))).await;
-        Ok(h.status())
+        let make = |reply| machine::Msg::Control {
+            action,
+            revision,
+            reply,
+        };
+        Ok(h.request(make, until).await)
     }
 }
 
@@ -1179,28 +1202,13 @@ impl Engine {
         let until = tokio::time::Instant::now() + CONTROL_WAIT;
         match self.handle(cid) {
             Some(h) => {
-                {
-                    // Shown at once; the driver takes it from the book (or,
-                    // after a restart, from the event).
-                    let mut b = h.book.lock().expect("book lock");
-                    if let Some(ws) = b.status.waves.get_mut(wave as usize) {
-                        if ws.approved_at_ms.is_none() {
-                            ws.approved_by = Some(by);
-                            ws.approved_at_ms = Some(now_ms());
-                            h.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
-                        }
-                    }
-                }
-                h.approval.notify_one();
-                if waiting_here {
-                    let mut rx = h.state.subscribe();
-                    let _ = tokio::time::timeout_at(
-                        until,
-                        rx.wait_for(|s| *s != CampaignState::AwaitingApproval),
-                    )
-                    .await;
-                }
-                Ok(h.status())
+                let approval = Approval {
+                    wave,
+                    by,
+                    at_ms: now_ms(),
+                };
+                let make = |reply| machine::Msg::Approve { approval, reply };
+                Ok(h.request(make, until).await)
             }
             None => {
                 let mut latest = status;
@@ -1234,7 +1242,7 @@ fn same_spec(
 
 /// An approval read back from the events stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Approval {
+pub struct Approval {
     pub wave: u32,
     pub by: String,
     pub at_ms: u64,
