@@ -814,7 +814,7 @@ impl Engine {
         // Only the plan entries are kept while scanning (not whole inventory
         // records): the selection of a million credentials stays in the
         // low hundreds of megabytes at its peak.
-        // Consumer records (issue 6): few next to the credentials.
+        // Consumer records: few next to the credentials.
         let consumer_index = crate::inventory::deps::ConsumerIndex::load(&self.js)
             .await
             .map_err(internal)?;

@@ -28,7 +28,7 @@ pub struct PlanEntry {
     pub endpoint: String,
     pub kind: TargetKind,
     pub principal: String,
-    /// The credential's consumers and their verification (issue 6),
+    /// The credential's consumers and their verification,
     /// resolved from the inventory and the consumer records at planning.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub consumers: Vec<ConsumerCheck>,

@@ -1,4 +1,4 @@
-//! Pre-flight checks (issue 6): before a wave's tasks are published, the
+//! Pre-flight checks: before a wave's tasks are published, the
 //! agent of every `attest` consumer of the wave's credentials is asked
 //! whether it is alive: one core NATS request per (region, consumer) on
 //! `keywave.agent.v1.<region>.<consumer>.ping`, at most [`CONCURRENCY`] at
