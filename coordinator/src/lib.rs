@@ -7,13 +7,11 @@
 //! # Layout
 //! - [`inventory`]: import (JSON, JSON Lines, CSV) and listing of the `keywave-inventory` KV bucket;
 //!   `inventory::deps`: who consumes each credential (the consumer index).
-//! - [`engine`]: the [`Coordinator`]: campaign start, per-campaign driver, result
+//! - [`engine`]: the [`Coordinator`] and its operator API server (`engine::api`, `keywave.api.v1.<verb>`): campaign start, per-campaign owner, result
 //!   aggregation, wave decisions, rollback, snapshots and restart recovery.
 //! - [`metrics`]: `/metrics` (Prometheus), `/healthz` and `/readyz` of the coordinator daemon.
 //! - [`lease`]: the coordinator lease (KV compare-and-set with expiry): one active coordinator, fenced.
 //! - [`audit`]: the audit writer (hash chains on `KEYWAVE_AUDIT`) and `keywave audit verify`.
-//! - [`api`]: the NATS request/reply server for `keywave.api.v1.<verb>` (its
-//!   typed client is `keywave_common::client::ApiClient`).
 //! - [`config`]: the daemon's flags and environment, validated into [`CoordinatorOptions`].
 //! - [`detect`]: leak detections in (NATS, webhooks, polled sources), containment campaigns out.
 //! - `kvscan` (private): reading the latest value of every key of a KV bucket in one pass.
@@ -22,7 +20,6 @@
 //! in-process fleet in `keywave-devkit`: this crate links neither the worker
 //! nor a database driver.
 
-pub mod api;
 pub mod audit;
 pub mod config;
 pub mod detect;
@@ -32,4 +29,5 @@ mod kvscan;
 pub mod lease;
 pub mod metrics;
 
+pub use engine::api;
 pub use engine::{Coordinator, CoordinatorError, CoordinatorOptions};

@@ -25,6 +25,7 @@
 //! Snapshots are written with compare-and-set on their revision, so even a
 //! stale holder that missed the loss of its lease cannot overwrite them.
 
+pub mod api;
 pub mod book;
 pub mod decide;
 mod driver;
@@ -359,7 +360,7 @@ impl Coordinator {
         )
         .await
         {
-            Ok(Some(lease)) => match crate::api::subscribe(&client).await {
+            Ok(Some(lease)) => match api::subscribe(&client).await {
                 Ok(api) => Some((lease, api)),
                 Err(e) => {
                     lease.release().await;
@@ -437,7 +438,7 @@ impl Coordinator {
                         info!(coordinator = %id, "Coordinator stopped while standing by");
                         return Ok(());
                     };
-                    match crate::api::subscribe(&shared.client).await {
+                    match api::subscribe(&shared.client).await {
                         Ok(api) => (lease, api),
                         Err(e) => {
                             lease.release().await;
@@ -522,7 +523,7 @@ impl Engine {
         .await;
         // Boxed so that it can be dropped (the API subscription with it)
         // before the drivers are waited for.
-        let mut serving = Box::pin(crate::api::serve(self.clone(), api, api_stop.clone()));
+        let mut serving = Box::pin(api::serve(self.clone(), api, api_stop.clone()));
         let end = match started {
             Err(e) => TermEnd::Failed(e),
             Ok(()) => tokio::select! {
