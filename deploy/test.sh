@@ -7,7 +7,7 @@
 #   3. cargo fmt --check, cargo clippy -D warnings, and the whole test suite.
 # Works from any directory; exits non-zero on the first failure.
 #
-# Environment: KEYWAVE_TEST_TIMEOUT (default 15m) bounds the test run.
+# Environment: KEYWAVE_TEST_TIMEOUT (default 30m) bounds the test run.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -153,13 +153,19 @@ else
     echo "cargo-deny not installed: supply-chain checks skipped (cargo install cargo-deny --locked)"
 fi
 
-timeout_="${KEYWAVE_TEST_TIMEOUT:-15m}"
+# The bound covers running the tests, not compiling them (a cold build takes
+# minutes on a small machine): the tests are built first.
+timeout_="${KEYWAVE_TEST_TIMEOUT:-30m}"
 if cargo nextest --version >/dev/null 2>&1; then
+    step "Building the tests"
+    cargo nextest run --workspace --no-run
     step "Tests with cargo-nextest ($(cargo nextest --version | head -n 1)), bounded by $timeout_"
     timeout --foreground "$timeout_" cargo nextest run --workspace --no-fail-fast
     step "Doc tests (cargo test --doc; nextest does not run them)"
     timeout --foreground "$timeout_" cargo test --workspace --doc
 else
+    step "Building the tests"
+    cargo test --workspace --no-run
     step "Tests with cargo test (cargo-nextest not installed), bounded by $timeout_"
     timeout --foreground "$timeout_" cargo test --workspace --no-fail-fast
 fi

@@ -35,6 +35,7 @@ pub mod config;
 pub mod config_keys;
 pub mod consumers;
 pub mod fault;
+mod keyed_lock;
 pub mod metrics;
 pub mod notice;
 pub mod protocol;

@@ -6,6 +6,7 @@
 //! pulling, lets the tasks in hand finish and ack, and returns the counts.
 
 use crate::fault::{Faults, Point};
+use crate::keyed_lock::KeyedLocks;
 use crate::notice::Notifier;
 use crate::protocol::{Flow, Protocol};
 use crate::store::SecretStore;
@@ -234,6 +235,8 @@ struct Ctx {
     /// Checks task signatures (no keys: nothing checked).
     verifier: Verifier,
     metrics: Arc<crate::metrics::WorkerMetrics>,
+    /// Deliveries of one credential run one after the other.
+    credentials: KeyedLocks,
 }
 
 /// A region worker. Build with [`Worker::start`], then [`Worker::run`].
@@ -338,6 +341,7 @@ impl Worker {
             counters: Counters::default(),
             verifier: self.opts.task_keys.clone(),
             metrics: self.metrics.clone(),
+            credentials: KeyedLocks::new(),
         });
         let slots = Arc::new(Semaphore::new(self.opts.concurrency));
         let batch = self.opts.concurrency.min(MAX_PULL_BATCH);
@@ -817,6 +821,9 @@ async fn handle(ctx: &Ctx, msg: &jetstream::Message) -> Handled {
             .and_then(|h| h.get(codec::TRACEPARENT))
             .map(|v| v.as_str().to_string());
         let work = async {
+            // A redelivery that overtook a still-running delivery of the same
+            // credential waits for it, then resumes from the record.
+            let _turn = ctx.credentials.lock(&task.credential_id).await;
             match ctx.protocol.execute(&task, &ctx.shutdown).await {
                 Flow::Finished(result) => {
                     let published = ctx.publish_result(&result, traceparent.as_deref()).await;

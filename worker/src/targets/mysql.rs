@@ -519,14 +519,19 @@ impl Target for MysqlTarget {
                 self.exec(&[sql], &[new]).await
             }
             Scheme::Alternating { primary, clone } => {
-                let inactive = match self.unlocked([&primary, &clone]).await? {
+                let unlocked = self.unlocked([&primary, &clone]).await?;
+                // An unlocked account that `new` already opens: an earlier
+                // delivery of this task set it (and the rotation may have
+                // moved on since). Setting the other one now would leave two
+                // accounts with the same secret.
+                for (login, on) in [(&primary, unlocked[0]), (&clone, unlocked[1])] {
+                    if on && self.login(login, new).await? == AuthCheck::Accepted {
+                        return Ok(());
+                    }
+                }
+                let inactive = match unlocked {
                     [true, false] => clone,
                     [false, true] | [false, false] => primary,
-                    // Both unlocked: fine if `new` is what unlocked the
-                    // second one (a duplicate delivery got there first).
-                    [true, true] if self.active_login(principal, new).await?.is_some() => {
-                        return Ok(())
-                    }
                     [true, true] => {
                         return Err(TargetError::Rejected(format!(
                             "alternating users: both {primary:?} and {clone:?} are unlocked, so keywave cannot tell which one is in use; \

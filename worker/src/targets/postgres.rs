@@ -704,17 +704,21 @@ impl Target for PostgresTarget {
                     .await
             }
             Scheme::Alternating { primary, clone } => {
+                let active = self.can_login([&primary, &clone]).await?;
+                // An active login that `new` already opens: an earlier
+                // delivery of this task set it (and the rotation may have
+                // moved on since). Setting the other one now would leave two
+                // logins with the same secret.
+                for (login, on) in [(&primary, active[0]), (&clone, active[1])] {
+                    if on && self.login(login, new).await? == AuthCheck::Accepted {
+                        return Ok(());
+                    }
+                }
                 // The inactive login takes the new secret; the primary when
                 // neither is active.
-                let inactive = match self.can_login([&primary, &clone]).await? {
+                let inactive = match active {
                     [true, false] => clone,
                     [false, true] | [false, false] => primary,
-                    // Both active: fine if `new` is what made the second one
-                    // active (a duplicate delivery of this task got there
-                    // first), else ambiguous.
-                    [true, true] if self.active_login(principal, new).await?.is_some() => {
-                        return Ok(())
-                    }
                     [true, true] => {
                         return Err(TargetError::Rejected(format!(
                             "alternating users: both {primary:?} and {clone:?} can log in, so keywave cannot tell which one is in use; \
