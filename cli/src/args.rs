@@ -527,6 +527,11 @@ pub struct StartArgs {
     /// Longest --wait.
     #[arg(long, default_value = "24h", value_name = "DURATION")]
     pub wait_timeout: String,
+    /// Leave out the selected credentials that other unfinished campaigns
+    /// hold (one campaign per credential at a time) instead of refusing to
+    /// start; the campaign's start reason says how many were skipped.
+    #[arg(long)]
+    pub skip_locked: bool,
 }
 
 /// Raw flags of `keywave dev`.

@@ -351,7 +351,13 @@ async fn campaign(cmd: CampaignCommand, url: &str, json: bool) -> Result<u8, Com
             let wait_timeout = keywave_common::duration::parse(&args.wait_timeout)
                 .map_err(|e| args::usage("--wait-timeout", e))?;
             let api = ApiClient::new(connect(url).await?);
-            let id = api.start(spec).await?;
+            let id = api
+                .start_request(keywave_common::api::StartRequest {
+                    spec,
+                    campaign_id: None,
+                    skip_locked: args.skip_locked,
+                })
+                .await?;
             if !args.wait {
                 if json {
                     print_json(&serde_json::json!({ "campaign_id": id }));

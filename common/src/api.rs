@@ -61,6 +61,10 @@ pub struct StartRequest {
     /// Optional caller-chosen id (idempotent start); generated when absent.
     #[serde(default)]
     pub campaign_id: Option<String>,
+    /// Leave out the selected credentials that other unfinished campaigns
+    /// hold, instead of refusing the start.
+    #[serde(default)]
+    pub skip_locked: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -151,12 +151,18 @@ impl ApiClient {
         spec: CampaignSpec,
         campaign_id: Option<String>,
     ) -> Result<String, ClientError> {
+        self.start_request(StartRequest {
+            spec,
+            campaign_id,
+            skip_locked: false,
+        })
+        .await
+    }
+
+    /// Starts a campaign from a whole request (see [`StartRequest`]).
+    pub async fn start_request(&self, req: StartRequest) -> Result<String, ClientError> {
         let r: CampaignRef = self
-            .call(
-                verbs::CAMPAIGN_START,
-                &StartRequest { spec, campaign_id },
-                START_TIMEOUT.max(self.timeout),
-            )
+            .call(verbs::CAMPAIGN_START, &req, START_TIMEOUT.max(self.timeout))
             .await?;
         Ok(r.campaign_id)
     }

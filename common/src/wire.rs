@@ -524,6 +524,11 @@ pub enum ErrorClass {
     NewSecretRejected,
     /// The old secret still authenticates after revocation.
     OldSecretStillAccepted,
+    /// The target let a random wrong secret in for the login (a Redis user
+    /// with `nopass`, a `trust` rule in `pg_hba.conf`, an account without a
+    /// password): nothing it answers proves anything, so nothing was set or
+    /// recorded.
+    TargetAcceptsAnySecret,
     /// The task names an endpoint this worker does not have.
     UnknownEndpoint,
     /// The endpoint exists but is of another kind than the task says.
@@ -560,6 +565,7 @@ impl ErrorClass {
             ErrorClass::TargetPermission => "target_permission",
             ErrorClass::NewSecretRejected => "new_secret_rejected",
             ErrorClass::OldSecretStillAccepted => "old_secret_still_accepted",
+            ErrorClass::TargetAcceptsAnySecret => "target_accepts_any_secret",
             ErrorClass::UnknownEndpoint => "unknown_endpoint",
             ErrorClass::KindMismatch => "kind_mismatch",
             ErrorClass::Store => "store",

@@ -97,6 +97,8 @@ enum Fail {
     OldSecretStillAccepted,
     #[error("no previous secret to roll back to")]
     NoPrevious,
+    #[error("the target accepts a random wrong secret for this login (e.g. Redis `nopass`, a `trust` rule in pg_hba.conf, an account without a password): nothing can be proven, nothing was set")]
+    AcceptsAnySecret,
     #[error("endpoint {0:?} is not configured on this worker")]
     UnknownEndpoint(String),
     #[error("endpoint is of kind {endpoint}, the task says {task}")]
@@ -134,6 +136,7 @@ impl From<Refusal> for Fail {
             Refusal::NewSecretRejected => Fail::NewSecretRejected,
             Refusal::OldSecretStillAccepted => Fail::OldSecretStillAccepted,
             Refusal::NoPrevious => Fail::NoPrevious,
+            Refusal::AcceptsAnySecret => Fail::AcceptsAnySecret,
             Refusal::PromotedNotCurrent => Fail::Internal("promoted task is not CURRENT"),
             Refusal::OutOfOrder => Fail::Internal("step out of order"),
         }
@@ -163,6 +166,7 @@ impl Fail {
             Fail::NewSecretRejected => ErrorClass::NewSecretRejected,
             Fail::OldSecretStillAccepted => ErrorClass::OldSecretStillAccepted,
             Fail::NoPrevious => ErrorClass::NoPrevious,
+            Fail::AcceptsAnySecret => ErrorClass::TargetAcceptsAnySecret,
             Fail::UnknownEndpoint(_) => ErrorClass::UnknownEndpoint,
             Fail::KindMismatch { .. } => ErrorClass::KindMismatch,
             Fail::ConsumerNotVerified(_) => ErrorClass::ConsumerNotVerified,
@@ -182,6 +186,10 @@ struct Run<'a> {
     new_is_current: bool,
     old_fp: Option<String>,
     old_rejected: Option<bool>,
+    /// What the target answered to a random wrong secret in this delivery;
+    /// kept when a store conflict restarts the machine (it is about the
+    /// target, not the record).
+    canary: Option<AuthCheck>,
     /// Per-consumer verification outcomes.
     consumers: Vec<ConsumerOutcome>,
     /// No step starts after this instant (ms since the epoch; 0: none): the
@@ -207,6 +215,7 @@ impl<'a> Run<'a> {
             timings: Vec::new(),
             new_fp: None,
             new_is_current: false,
+            canary: None,
             old_fp: None,
             old_rejected: None,
             consumers: Vec::new(),
@@ -567,7 +576,10 @@ impl Protocol {
             strategy: task.strategy,
         };
         let mut loaded = Loaded::default();
-        let mut p = Progress::default();
+        let mut p = Progress {
+            canary: run.canary,
+            ..Progress::default()
+        };
         let mut t0 = Instant::now();
         // A rotation takes about 25 steps; a machine that loops is a bug, and
         // must not spin a worker forever.
@@ -646,6 +658,15 @@ impl Protocol {
                         .await?;
                     run.old_rejected = Some(r == AuthCheck::Rejected);
                     p.step_proof = Some(r);
+                }
+                Next::Canary => {
+                    let wrong = generate(&ep.policy());
+                    let r = self.check(run, shutdown, ep, &wrong).await?;
+                    if r == AuthCheck::Accepted {
+                        warn!(task = %task.task_id, credential = %task.credential_id, "The target accepts a random wrong secret for this login; refusing to rotate or prove anything");
+                    }
+                    p.canary = Some(r);
+                    run.canary = Some(r);
                 }
                 Next::Target(op, s) => {
                     let v = slot(&loaded, s)?;
@@ -1531,7 +1552,9 @@ mod tests {
         let r = finished(p.execute(&fx_task("b"), &shutdown).await);
         assert_eq!(r.outcome, Outcome::Failed);
         assert_eq!(r.error_class, Some(ErrorClass::TargetUnavailable));
-        assert_eq!(r.step, Step::Staged);
+        // It failed asking the target to refuse a wrong secret, before
+        // anything was staged.
+        assert_eq!(r.step, Step::Received);
 
         // Shutdown during a backoff wait hands the task back.
         let slow = p.clone().with_retry(RetryPolicy {

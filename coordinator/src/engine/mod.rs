@@ -31,6 +31,7 @@ pub mod decide;
 mod driver;
 pub mod events;
 pub mod fault;
+pub mod locks;
 pub mod machine;
 pub mod plan;
 mod poison;
@@ -268,6 +269,8 @@ pub(crate) struct Engine {
     pub tasks: jetstream::stream::Stream,
     pub advisories: jetstream::stream::Stream,
     registry: Mutex<HashMap<String, Arc<Handle>>>,
+    /// The credentials held by this term's unfinished campaigns.
+    pub locks: locks::Locks,
     pub tracker: TaskTracker,
     /// Stops the drivers (they save their snapshots unless `halted`).
     pub stop: CancellationToken,
@@ -483,6 +486,7 @@ impl Engine {
             tasks: shared.tasks.clone(),
             advisories: shared.advisories.clone(),
             registry: Mutex::new(HashMap::new()),
+            locks: locks::Locks::default(),
             tracker: TaskTracker::new(),
             stop: CancellationToken::new(),
             lease,
@@ -668,8 +672,10 @@ impl Engine {
             .cloned()
     }
 
+    /// A campaign ended: it drives nothing and holds no credential any more.
     pub(crate) fn forget(&self, cid: &str) {
         self.registry.lock().expect("registry lock").remove(cid);
+        self.locks.release_campaign(cid);
     }
 
     /// Registers a campaign and spawns its owner. `pending` is an operator
@@ -763,6 +769,16 @@ impl Engine {
                     continue;
                 }
             };
+            // Its credentials stay held, whoever drives it now.
+            if let Err(e) = plan::for_each_chunk(&self.campaigns, &manifest, |chunk| {
+                self.locks
+                    .hold_all(&cid, chunk.iter().map(|e| e.id.as_str()))
+            })
+            .await
+            {
+                warn!(campaign = %cid, error = %e, "Cannot read the campaign plan; not resuming it");
+                continue;
+            }
             // A request stored after the last snapshot was never applied.
             let pending = controls
                 .get(&cid)
@@ -832,6 +848,9 @@ impl Engine {
                 "the selector matches no credential in the inventory (import some with `keywave inventory import`, or check the selector)".into(),
             ));
         }
+        let (entries, held, notes) = self
+            .hold_credentials(&cid, &spec, req.skip_locked, entries)
+            .await?;
         // Pre-flight by default when some consumer has an agent to ask; the
         // choice is recorded in the spec (a campaign stored without it, from
         // before pre-flight existed, runs without).
@@ -880,10 +899,14 @@ impl Engine {
             }
         }
         drop(entries);
-        let reason = format!(
+        let mut reason = format!(
             "campaign started: {total} credentials in {} waves",
             sizes.len()
         );
+        for n in &notes {
+            reason.push_str("; ");
+            reason.push_str(n);
+        }
         let status = CampaignStatus {
             campaign_id: cid.clone(),
             spec: spec.clone(),
@@ -943,8 +966,89 @@ impl Engine {
             warn!(campaign = %cid, error = %e, "Could not publish the campaign's first state event");
         }
         info!(campaign = %cid, total, waves = sizes.len(), strategy = %spec.strategy, "Campaign started");
+        held.keep();
         self.spawn_driver(status, revision, manifest, None);
         Ok(cid)
+    }
+
+    /// Takes the locks of a starting campaign's credentials (see [`locks`]):
+    /// a containment first takes over credentials from continuity campaigns
+    /// that wait for a human (paused or awaiting approval) by aborting them;
+    /// with `skip_locked` the credentials other campaigns hold are left out;
+    /// otherwise any such credential refuses the start, naming the
+    /// conflicts. Returns the entries to plan, the locks taken (given back
+    /// if the start fails) and what to say in the start reason.
+    async fn hold_credentials<'a>(
+        &'a self,
+        cid: &str,
+        spec: &keywave_common::wire::CampaignSpec,
+        skip_locked: bool,
+        mut entries: Vec<PlanEntry>,
+    ) -> Result<(Vec<PlanEntry>, locks::Taken<'a>, Vec<String>), RequestError> {
+        let mut notes = Vec::new();
+        let found = self
+            .locks
+            .conflicts(cid, entries.iter().map(|e| e.id.as_str()));
+        if found.count > 0 && spec.strategy == keywave_common::wire::Strategy::Containment {
+            let mut aborted = Vec::new();
+            for holder in &found.campaigns {
+                if self.take_over(holder, cid).await? {
+                    aborted.push(holder.as_str());
+                }
+            }
+            if !aborted.is_empty() {
+                notes.push(format!(
+                    "took its credentials over from continuity campaign(s) {} (aborted while waiting for an operator)",
+                    aborted.join(", ")
+                ));
+            }
+        }
+        if skip_locked {
+            let before = entries.len();
+            entries.retain(|e| !self.locks.held_by_other(cid, &e.id));
+            let skipped = before - entries.len();
+            if entries.is_empty() {
+                return Err(RequestError::Conflict(format!(
+                    "all {before} selected credentials are in other unfinished campaigns"
+                )));
+            }
+            if skipped > 0 {
+                notes.push(format!(
+                    "{skipped} selected credential(s) skipped: other unfinished campaigns hold them"
+                ));
+            }
+        }
+        let taken = self
+            .locks
+            .try_hold(cid, entries.iter().map(|e| e.id.as_str()))
+            .map_err(|c| {
+                RequestError::Conflict(format!(
+                    "{c}. One campaign per credential at a time: wait for them to end, abort them, or start with --skip-locked"
+                ))
+            })?;
+        Ok((entries, locks::Taken::new(&self.locks, cid, taken), notes))
+    }
+
+    /// Aborts `holder` so that containment campaign `by` can take its
+    /// credentials, if it is a continuity campaign waiting for an operator.
+    async fn take_over(&self, holder: &str, by: &str) -> Result<bool, RequestError> {
+        let s = self.status(holder).await?;
+        let waiting = matches!(
+            s.state,
+            CampaignState::Paused | CampaignState::AwaitingApproval
+        );
+        if !waiting || s.spec.strategy != keywave_common::wire::Strategy::Continuity {
+            return Ok(false);
+        }
+        warn!(campaign = %holder, containment = %by, "Aborting a waiting continuity campaign: a containment takes over its credentials");
+        let after = self.control(holder, ControlAction::Abort).await?;
+        if !after.state.is_terminal() {
+            return Err(RequestError::Conflict(format!(
+                "campaign {holder} holds selected credentials and did not abort in time; try again"
+            )));
+        }
+        self.locks.release_campaign(holder);
+        Ok(true)
     }
 
     /// `campaign.status`: from memory when driven here, else from the snapshot.

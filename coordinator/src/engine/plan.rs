@@ -163,6 +163,19 @@ pub async fn read_manifest(kv: &kv::Store, cid: &str) -> Result<Option<PlanManif
         })
 }
 
+/// Calls `f` with the entries of a plan, in plan order, one chunk at a time.
+pub async fn for_each_chunk(
+    kv: &kv::Store,
+    manifest: &PlanManifest,
+    mut f: impl FnMut(&[PlanEntry]),
+) -> Result<(), PlanError> {
+    let mut r = PlanReader::new(kv.clone(), manifest.clone());
+    for n in 0..manifest.chunks {
+        f(&r.chunk(n).await?);
+    }
+    Ok(())
+}
+
 /// Reads ranges of a plan, caching the last chunk.
 pub struct PlanReader {
     kv: kv::Store,

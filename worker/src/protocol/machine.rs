@@ -48,6 +48,8 @@ pub enum Refusal {
     NewSecretRejected,
     OldSecretStillAccepted,
     NoPrevious,
+    /// A random wrong secret opened the login: the target cannot refuse.
+    AcceptsAnySecret,
     /// The record says this task was promoted, but CURRENT is not its secret.
     PromotedNotCurrent,
     /// A step the protocol never reaches from there (a bug, not a record).
@@ -71,6 +73,9 @@ pub enum Next {
     ReadBack(Slot),
     /// Whether the secret being retired is rejected, reported in the result.
     ProveRejected(Slot),
+    /// Whether a random wrong secret is refused for the login: unless it is,
+    /// no answer of the target proves anything (see [`Progress::canary`]).
+    Canary,
     Target(TargetOp, Slot),
     /// PREVIOUS = CURRENT, CURRENT = PENDING (a durable write).
     Promote,
@@ -105,6 +110,10 @@ pub struct Progress {
     pub login: Option<String>,
     pub announced: bool,
     pub consumers_verified: bool,
+    /// What the target answered to a random wrong secret in this delivery.
+    /// Nothing is read back as "set before", promoted or restored until it
+    /// answered `Rejected`.
+    pub canary: Option<AuthCheck>,
     pub step_staged: bool,
     pub step_probed: bool,
     /// A target operation was done in the open step.
@@ -123,6 +132,7 @@ impl Default for Progress {
             login: None,
             announced: false,
             consumers_verified: false,
+            canary: None,
             step_staged: false,
             step_probed: false,
             step_changed: false,
@@ -142,6 +152,7 @@ impl Progress {
             login: self.login.take(),
             announced: self.announced,
             consumers_verified: self.consumers_verified,
+            canary: self.canary,
             ..Progress::default()
         };
     }
@@ -161,6 +172,19 @@ pub fn next(task: &Task, rec: &Record, p: &Progress) -> Next {
         TaskAction::Rotate => rotate(task, rec, p),
         TaskAction::Rollback => rollback(task, rec, p),
     }
+}
+
+/// Until the target refused a wrong secret in this delivery: ask it, or
+/// fail when it let the wrong secret in.
+fn canary(p: &Progress) -> Next {
+    match p.canary {
+        Some(AuthCheck::Accepted) => Next::Fail(Refusal::AcceptsAnySecret),
+        _ => Next::Canary,
+    }
+}
+
+fn refused_wrong(p: &Progress) -> bool {
+    p.canary == Some(AuthCheck::Rejected)
 }
 
 fn owned_by(task: &Task, v: &Option<Version>) -> bool {
@@ -215,6 +239,9 @@ fn rotate(t: &Task, rec: &Record, p: &Progress) -> Next {
         };
     };
     match open {
+        // Only a target that refuses a wrong secret can tell anything: ask
+        // before staging, reading back or promoting.
+        Staged | Set | Promoted if !refused_wrong(p) => canary(p),
         Staged if p.step_staged => Next::Complete(Staged),
         Staged if owned_by(t, &rec.pending) => Next::Stage(Staging::Reuse),
         // Staged by a task that never promoted it; it may have been added at
@@ -279,6 +306,8 @@ fn rollback(t: &Task, rec: &Record, p: &Progress) -> Next {
     };
     use AuthCheck::{Accepted, Rejected};
     match open {
+        // Only a target that refuses a wrong secret can tell anything.
+        Set | Restored if !refused_wrong(p) => canary(p),
         // Set was done by an earlier delivery when the previous secret logs
         // in again and the rolled-back one does not (after a complete
         // rotation, only the reverse can be true).
@@ -448,6 +477,7 @@ mod tests {
         let mut p = read();
         p.done = done;
         p.announced = done >= Promoted;
+        p.canary = Some(AuthCheck::Rejected);
         p.enter(step);
         p
     }
@@ -471,10 +501,12 @@ mod tests {
                 .expose()
                 .to_string()
         };
-        let check = |valid: &HashSet<String>, n: &str| match valid.contains(n) {
-            true => AuthCheck::Accepted,
-            false => AuthCheck::Rejected,
-        };
+        // "*": the target lets any secret in.
+        let check =
+            |valid: &HashSet<String>, n: &str| match valid.contains(n) || valid.contains("*") {
+                true => AuthCheck::Accepted,
+                false => AuthCheck::Rejected,
+            };
         for _ in 0..100 {
             let n = next(t, &rec, &p);
             seen.push(n);
@@ -488,8 +520,10 @@ mod tests {
                     }
                     p.step_staged = true;
                 }
+                Canary => p.canary = Some(check(&valid, "wrong")),
                 Probe(s) => {
-                    p.login = valid.contains(&name(&rec, s)).then(|| "login".into());
+                    p.login = (check(&valid, &name(&rec, s)) == AuthCheck::Accepted)
+                        .then(|| "login".into());
                     p.step_probed = true;
                 }
                 ReadBack(Previous) => p.step_previous = Some(check(&valid, &name(&rec, Previous))),
@@ -541,6 +575,7 @@ mod tests {
             vec![
                 Load,
                 Enter(Staged),
+                Canary,
                 Stage(Staging::Generate),
                 Complete(Staged),
                 Enter(Set),
@@ -596,7 +631,7 @@ mod tests {
         rec.pending = Some(ver("new", Some(T), Some(Strategy::Continuity)));
         let seen = steps(&t, rec.clone(), &["old", "new"]);
         assert_eq!(
-            seen[2..12],
+            seen[3..13],
             [
                 Stage(Staging::Reuse),
                 Complete(Staged),
@@ -612,7 +647,7 @@ mod tests {
         );
         // Staged but never set (a crash after stage): set it, test it.
         let seen = steps(&t, rec, &["old"]);
-        assert_eq!(seen[2], Stage(Staging::Reuse));
+        assert_eq!(seen[3], Stage(Staging::Reuse));
         assert!(seen.contains(&Target(TargetOp::Add, Pending)));
     }
 
@@ -626,16 +661,20 @@ mod tests {
             &["old", "stale"],
         );
         assert_eq!(
-            seen[1..5],
+            seen[1..6],
             [
                 Enter(Staged),
+                Canary,
                 Target(TargetOp::Remove, Pending),
                 Stage(Staging::Generate),
                 Complete(Staged),
             ]
         );
         let seen = steps(&rotate(Strategy::Containment), rec, &["old", "stale"]);
-        assert_eq!(seen[1..3], [Enter(Staged), Stage(Staging::Generate)]);
+        assert_eq!(
+            seen[1..4],
+            [Enter(Staged), Canary, Stage(Staging::Generate)]
+        );
     }
 
     #[test]
@@ -766,6 +805,7 @@ mod tests {
             [
                 Load,
                 Enter(Set),
+                Canary,
                 ReadBack(Previous),
                 Target(TargetOp::Replace, Previous),
                 Complete(Set),
@@ -788,9 +828,10 @@ mod tests {
     fn rollback_skips_the_set_an_earlier_delivery_did() {
         let seen = steps(&rollback(), rotated(Strategy::Continuity), &["old"]);
         assert_eq!(
-            seen[1..5],
+            seen[1..6],
             [
                 Enter(Set),
+                Canary,
                 ReadBack(Previous),
                 ReadBack(Current),
                 Complete(Set)
@@ -798,7 +839,7 @@ mod tests {
         );
         // Both valid (continuity mid-rotation): the set is not skipped.
         let seen = steps(&rollback(), rotated(Strategy::Continuity), &["old", "new"]);
-        assert_eq!(seen[4], Target(TargetOp::Replace, Previous));
+        assert_eq!(seen[5], Target(TargetOp::Replace, Previous));
     }
 
     #[test]
@@ -958,5 +999,50 @@ mod tests {
             restore(&mut Record::default(), &rb, None, (None, None), 9),
             None
         );
+    }
+
+    #[test]
+    fn a_target_that_lets_any_secret_in_fails_before_anything_is_staged_set_or_recorded() {
+        for strategy in [Strategy::Continuity, Strategy::Containment] {
+            let t = rotate(strategy);
+            let (seen, rec, valid) = play(&t, enrolled(), &["old", "*"]);
+            assert_eq!(
+                seen,
+                [Load, Enter(Staged), Canary, Fail(Refusal::AcceptsAnySecret)]
+            );
+            assert_eq!(rec, enrolled(), "nothing staged or recorded");
+            assert_eq!(valid.len(), 2, "nothing changed at the target");
+        }
+        // A secret staged by an earlier delivery that "authenticates" is not
+        // taken as set when any secret would.
+        let mut rec = enrolled();
+        rec.pending = Some(ver("new", Some(T), Some(Strategy::Continuity)));
+        let (seen, after, _) = play(&rotate(Strategy::Continuity), rec.clone(), &["*"]);
+        assert!(!seen.iter().any(|n| matches!(n, Probe(_) | Promote)));
+        assert_eq!(after, rec);
+        // Rollback: nothing read back or restored.
+        let (seen, after, _) = play(&rollback(), rotated(Strategy::Continuity), &["*"]);
+        assert_eq!(
+            seen,
+            [Load, Enter(Set), Canary, Fail(Refusal::AcceptsAnySecret)]
+        );
+        assert_eq!(after, rotated(Strategy::Continuity));
+    }
+
+    #[test]
+    fn nothing_is_promoted_or_restored_in_a_delivery_whose_target_did_not_refuse_a_wrong_secret() {
+        let mut rec = enrolled();
+        rec.pending = Some(ver("new", Some(T), Some(Strategy::Continuity)));
+        for (t, rec, step) in [
+            (rotate(Strategy::Continuity), rec, Promoted),
+            (rollback(), rotated(Strategy::Continuity), Restored),
+        ] {
+            let mut p = inside(Tested, step);
+            p.login = Some("app".into());
+            p.canary = None;
+            assert_eq!(next(&t, &rec, &p), Canary);
+            p.canary = Some(AuthCheck::Accepted);
+            assert_eq!(next(&t, &rec, &p), Fail(Refusal::AcceptsAnySecret));
+        }
     }
 }
