@@ -293,6 +293,11 @@ async fn enroll(cfg: &Config, credential: &str, endpoint: &str, principal: &str)
         field: "--credential".into(),
         message: e.to_string(),
     })?;
+    // The rules of an inventory import: what is enrolled must be importable.
+    ids::validate_principal(principal).map_err(|e| ConfigError::Invalid {
+        field: "--principal".into(),
+        message: e.to_string(),
+    })?;
     let ep = cfg.endpoint(endpoint).ok_or_else(|| ConfigError::Invalid {
         field: "--endpoint".into(),
         message: format!("endpoint {endpoint:?} is not in the configuration"),
@@ -302,6 +307,20 @@ async fn enroll(cfg: &Config, credential: &str, endpoint: &str, principal: &str)
         .connect()
         .await
         .with_context(|| format!("connecting to endpoint {endpoint}"))?;
+    // A login that lets a wrong secret in proves nothing: refuse to enrol it.
+    let wrong = keywave_common::crypto::generate(&target.policy());
+    if target
+        .check(principal, &wrong)
+        .await
+        .with_context(|| format!("checking that endpoint {endpoint} refuses a wrong secret"))?
+        == AuthCheck::Accepted
+    {
+        bail!(
+            "endpoint {endpoint} lets {principal:?} in with a random wrong secret (a Redis user with nopass, \
+             a trust rule in pg_hba.conf, an account without a password): nothing it answers proves anything, \
+             so nothing was stored (error class target_accepts_any_secret)"
+        );
+    }
     match target
         .check(principal, &secret)
         .await

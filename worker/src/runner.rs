@@ -718,15 +718,8 @@ fn accept(
     ] {
         ids::validate(what, v).map_err(|e| refuse("invalid_id", e.to_string()))?;
     }
-    if task.principal.is_empty()
-        || task.principal.len() > 256
-        || task.principal.chars().any(char::is_control)
-    {
-        return Err(refuse(
-            "invalid_principal",
-            "principal must be 1-256 characters without control characters".into(),
-        ));
-    }
+    ids::validate_principal(&task.principal)
+        .map_err(|e| refuse("invalid_principal", e.to_string()))?;
     if task.region != region {
         return Err(refuse(
             "wrong_region",

@@ -7,11 +7,12 @@
 //! |---|---|
 //! | `POST /webhooks/github` | `X-Hub-Signature-256: sha256=<hex HMAC-SHA256(secret, body)>` |
 //! | `POST /webhooks/gitguardian` | `Gitguardian-Signature: sha256=<hex HMAC-SHA256(timestamp ‖ secret, body)>`, `Timestamp: <unix s>` within the allowed skew |
-//! | `POST /webhooks/detection` | `X-Keywave-Signature: sha256=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`, `X-Keywave-Timestamp: <unix s>` within the allowed skew |
+//! | `POST /webhooks/detection` | `Content-Type: application/json`, `X-Keywave-Signature: sha256=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`, `X-Keywave-Timestamp: <unix s>` within the allowed skew |
 //! | `GET /metrics` | none: Prometheus text, `keywave_webhook_requests_total{source,outcome}` |
 //! | `GET /healthz` | none |
 //!
-//! Unsigned, wrongly signed, stale, oversized and malformed requests get a
+//! Unsigned, wrongly signed, stale, oversized, malformed and (on the generic
+//! route) non-JSON requests get a
 //! 4xx with a JSON `reason`, are counted, and publish nothing. Signatures are
 //! compared in constant time. Secrets are never logged.
 
@@ -129,6 +130,8 @@ enum Verdict {
     BadSignature,
     Stale,
     Malformed,
+    /// The body is not declared `application/json`.
+    WrongMediaType,
     PublishFailed,
 }
 
@@ -144,6 +147,7 @@ impl Verdict {
             Verdict::BadSignature => "bad_signature",
             Verdict::Stale => "stale",
             Verdict::Malformed => "malformed",
+            Verdict::WrongMediaType => "unsupported_media_type",
             Verdict::PublishFailed => "publish_failed",
         }
     }
@@ -155,6 +159,7 @@ impl Verdict {
             Verdict::Oversized => StatusCode::PAYLOAD_TOO_LARGE,
             Verdict::Unsigned | Verdict::BadSignature | Verdict::Stale => StatusCode::UNAUTHORIZED,
             Verdict::Malformed => StatusCode::BAD_REQUEST,
+            Verdict::WrongMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Verdict::PublishFailed => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -298,6 +303,15 @@ struct Reply {
     body: serde_json::Value,
 }
 
+/// `application/json`, with or without parameters (`; charset=utf-8`).
+fn is_json(content_type: Option<&str>) -> bool {
+    content_type.is_some_and(|v| {
+        v.split(';')
+            .next()
+            .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+    })
+}
+
 fn refuse(verdict: Verdict, reason: impl Into<String>) -> Reply {
     Reply {
         verdict,
@@ -349,6 +363,15 @@ impl Shared {
         };
         let max = self.cfg.max_body_bytes;
         let (parts, body) = req.into_parts();
+        // The generic route takes exactly what its schema says: a JSON body
+        // declared as such (a form or text/plain post from a browser page
+        // must not start a containment).
+        if source == Source::Generic && !is_json(header_str(&parts.headers, "content-type")) {
+            return refuse(
+                Verdict::WrongMediaType,
+                "content-type must be application/json",
+            );
+        }
         let declared =
             header_str(&parts.headers, "content-length").and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > max as u64) {

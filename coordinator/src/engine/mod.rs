@@ -188,6 +188,24 @@ struct ControlRecord {
     by: String,
 }
 
+/// Two selected credentials naming the same login (principal at one
+/// endpoint of one region) would both be rotated and both "proven", leaving
+/// the login with two valid secrets: such a selection is refused, naming both
+/// (records imported separately can collide; one import refuses it itself).
+fn refuse_shared_logins(entries: &[PlanEntry]) -> Result<(), RequestError> {
+    let mut seen: HashMap<(&str, &str, &str), &str> = HashMap::with_capacity(entries.len());
+    for e in entries {
+        let login = (e.region.as_str(), e.endpoint.as_str(), e.principal.as_str());
+        if let Some(first) = seen.insert(login, e.id.as_str()) {
+            return Err(RequestError::BadRequest(format!(
+                "credentials {first} and {} name the same login (principal {:?} at endpoint {} in region {}); keep one inventory record per login",
+                e.id, e.principal, e.endpoint, e.region
+            )));
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn snapshot_key(cid: &str) -> String {
     format!("campaign.{cid}")
 }
@@ -848,6 +866,7 @@ impl Engine {
                 "the selector matches no credential in the inventory (import some with `keywave inventory import`, or check the selector)".into(),
             ));
         }
+        refuse_shared_logins(&entries)?;
         let (entries, held, notes) = self
             .hold_credentials(&cid, &spec, req.skip_locked, entries)
             .await?;

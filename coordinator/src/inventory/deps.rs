@@ -64,16 +64,23 @@ fn ferr(field: &str, m: impl Into<String>) -> FieldError {
     (field.to_string(), m.into())
 }
 
+/// A consumer id names NATS subjects (its agent's ping and attestations), so
+/// it follows the rule of every id: `[A-Za-z0-9][A-Za-z0-9_-]*`, at most 128
+/// bytes.
+fn check_consumer_id(field: &str, v: &str) -> Result<(), FieldError> {
+    ids::validate("consumer id", v).map_err(|e| ferr(field, e.to_string()))
+}
+
 fn check_label(field: &str, v: &str) -> Result<(), FieldError> {
     if v.is_empty() || v.len() > MAX_FIELD_BYTES {
         return Err(ferr(field, format!("must be 1 to {MAX_FIELD_BYTES} bytes")));
     }
-    if v.chars()
-        .any(|c| c.is_control() || c.is_whitespace() || c == ',' || c == ';')
-    {
+    if v.chars().any(|c| {
+        c.is_control() || c.is_whitespace() || c == ',' || c == ';' || ids::is_invisible(c)
+    }) {
         return Err(ferr(
             field,
-            format!("{v:?} must not contain whitespace, ',', ';' or control characters"),
+            format!("{v:?} must not contain whitespace, ',', ';', control or invisible characters"),
         ));
     }
     Ok(())
@@ -127,7 +134,7 @@ pub fn check_verification(
 
 /// Checks one consumer entry of a credential (`consumers[i]`).
 pub fn check_consumer_ref(c: &ConsumerRef) -> Result<(), FieldError> {
-    check_label("consumers", &c.id)?;
+    check_consumer_id("consumers", &c.id)?;
     if let Some(k) = &c.kind {
         check_label("consumers.kind", k)?;
     }
@@ -143,8 +150,11 @@ fn validate_record(r: ConsumerRecord) -> Result<ConsumerRecord, FieldError> {
         check_label("kind", k)?;
     }
     if let Some(o) = &r.owner {
-        if o.len() > MAX_FIELD_BYTES || o.chars().any(char::is_control) {
-            return Err(ferr("owner", "at most 256 bytes, no control characters"));
+        if ids::validate_text("owner", o, MAX_FIELD_BYTES).is_err() {
+            return Err(ferr(
+                "owner",
+                "at most 256 bytes, no control or invisible characters",
+            ));
         }
     }
     check_verification(r.verify, r.url.as_deref(), r.timeout_ms, "")?;

@@ -22,10 +22,10 @@
 //! | `region` | yes | same rule as `id` |
 //! | `endpoint` | yes | same rule as `id`: the endpoint's name in the region's worker configuration |
 //! | `kind` | yes | `redis`, `postgres`, `mysql` or `sim` |
-//! | `principal` | yes | the login (role, user, ACL user); 1..=256 bytes, no control characters |
+//! | `principal` | yes | the login (role, user, ACL user); 1..=256 bytes, no control or invisible characters (bidi overrides, zero-width); one record per principal and endpoint |
 //! | `tags` | no | `key=value` or `label`; no whitespace, `,` or `;` |
-//! | `owner` | no | team or person; at most 256 bytes, no control characters |
-//! | `consumers` | no | ids of the systems using the secret; no whitespace, `,` or `;` |
+//! | `owner` | no | team or person; at most 256 bytes, no control or invisible characters |
+//! | `consumers` | no | ids of the systems using the secret, `;`-separated; each with the same rule as `id` |
 //! | `v` | no | schema version, `1` when given (JSON only) |
 //!
 //! An invalid record is reported as an [`ImportError`] naming its position
@@ -46,7 +46,7 @@ use serde::de::{DeserializeSeed, Error as _, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::fmt;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use thiserror::Error;
@@ -161,6 +161,22 @@ pub enum ImportError {
         id: String,
         first: Position,
     },
+    /// Two records name the same login (principal at one endpoint of one
+    /// region): rotating both would leave the login with two valid secrets
+    /// and two records each "proving" theirs.
+    #[error("{at}: credential {id:?} has the same login as credential {} (at {first}): principal {principal:?} at endpoint {endpoint} in region {region}; keep one record per login", first_id.as_deref().map(|f| format!("{f:?}")).unwrap_or_else(|| "?".into()))]
+    DuplicateLogin {
+        at: Position,
+        id: String,
+        first: Position,
+        /// The first record's id (looked up once the duplicate is found).
+        first_id: Option<String>,
+        /// 0-based record number of the first record, to look its id up.
+        first_index: u64,
+        region: String,
+        endpoint: String,
+        principal: String,
+    },
     #[error(transparent)]
     Write(#[from] InventoryError),
 }
@@ -171,7 +187,8 @@ impl ImportError {
         match self {
             ImportError::Syntax { at, .. }
             | ImportError::Invalid { at, .. }
-            | ImportError::Duplicate { at, .. } => Some(at.number()),
+            | ImportError::Duplicate { at, .. }
+            | ImportError::DuplicateLogin { at, .. } => Some(at.number()),
             _ => None,
         }
     }
@@ -181,6 +198,7 @@ impl ImportError {
         match self {
             ImportError::Invalid { field, .. } => Some(field),
             ImportError::Duplicate { .. } => Some("id"),
+            ImportError::DuplicateLogin { .. } => Some("principal"),
             _ => None,
         }
     }
@@ -245,6 +263,15 @@ fn check_text(field: &str, value: &str, allow_empty: bool) -> Result<(), FieldEr
     }
     if value.chars().any(char::is_control) {
         return Err(ferr(field, "must not contain control characters"));
+    }
+    if let Some(c) = value.chars().find(|&c| ids::is_invisible(c)) {
+        return Err(ferr(
+            field,
+            format!(
+                "must not contain invisible or direction-changing characters (U+{:04X})",
+                c as u32
+            ),
+        ));
     }
     Ok(())
 }
@@ -426,6 +453,10 @@ type Sink<'a> = dyn FnMut(Credential) -> Result<(), ImportError> + 'a;
 struct Collector<'a> {
     hashers: [RandomState; 2],
     seen: HashMap<u128, Position>,
+    /// Logins (region, endpoint, principal) the same way, with the record
+    /// number of the first record naming each.
+    logins: HashMap<u128, (Position, u64)>,
+    records: u64,
     sink: &'a mut Sink<'a>,
 }
 
@@ -434,6 +465,8 @@ impl<'a> Collector<'a> {
         Collector {
             hashers: [RandomState::new(), RandomState::new()],
             seen: HashMap::new(),
+            logins: HashMap::new(),
+            records: 0,
             sink,
         }
     }
@@ -445,8 +478,16 @@ impl<'a> Collector<'a> {
     ) -> Result<(), ImportError> {
         let cred =
             record.map_err(|(field, message)| ImportError::Invalid { at, field, message })?;
-        let key = (u128::from(self.hashers[0].hash_one(&cred.id)) << 64)
-            | u128::from(self.hashers[1].hash_one(&cred.id));
+        let hash = |v: &dyn Fn(&mut dyn std::hash::Hasher)| {
+            let mut out = 0u128;
+            for h in &self.hashers {
+                let mut h = h.build_hasher();
+                v(&mut h);
+                out = (out << 64) | u128::from(h.finish());
+            }
+            out
+        };
+        let key = hash(&|h| cred.id.hash(&mut HashWrite(h)));
         if let Some(first) = self.seen.get(&key) {
             return Err(ImportError::Duplicate {
                 at,
@@ -454,8 +495,36 @@ impl<'a> Collector<'a> {
                 first: *first,
             });
         }
+        let login =
+            hash(&|h| (&cred.region, &cred.endpoint, &cred.principal).hash(&mut HashWrite(h)));
+        if let Some(&(first, first_index)) = self.logins.get(&login) {
+            return Err(ImportError::DuplicateLogin {
+                at,
+                id: cred.id,
+                first,
+                first_id: None,
+                first_index,
+                region: cred.region,
+                endpoint: cred.endpoint,
+                principal: cred.principal,
+            });
+        }
         self.seen.insert(key, at);
+        self.logins.insert(login, (at, self.records));
+        self.records += 1;
         (self.sink)(cred)
+    }
+}
+
+/// A `dyn Hasher` as a `Hasher`, so values hash through a trait object.
+struct HashWrite<'a>(&'a mut dyn std::hash::Hasher);
+
+impl std::hash::Hasher for HashWrite<'_> {
+    fn finish(&self) -> u64 {
+        self.0.finish()
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.write(bytes)
     }
 }
 
@@ -630,11 +699,53 @@ fn parse_csv(reader: impl Read, collector: &mut Collector<'_>) -> Result<(), Imp
 /// fails the whole file; duplicate ids are an error.
 pub fn parse_reader(format: Format, reader: impl Read) -> Result<Vec<Credential>, ImportError> {
     let mut creds = Vec::new();
-    scan(format, reader, &mut |c| {
+    let scanned = scan(format, reader, &mut |c| {
         creds.push(c);
         Ok(())
-    })?;
-    Ok(creds)
+    });
+    match scanned {
+        Err(ImportError::DuplicateLogin {
+            at,
+            id,
+            first,
+            first_index,
+            region,
+            endpoint,
+            principal,
+            ..
+        }) => Err(ImportError::DuplicateLogin {
+            at,
+            id,
+            first,
+            first_id: creds.get(first_index as usize).map(|c| c.id.clone()),
+            first_index,
+            region,
+            endpoint,
+            principal,
+        }),
+        Err(e) => Err(e),
+        Ok(_) => Ok(creds),
+    }
+}
+
+/// The id of record number `index` (0-based) of a file, to name the first
+/// record of a duplicate login.
+fn id_at(format: Format, reader: impl Read, index: u64) -> Option<String> {
+    let mut n = 0u64;
+    let mut found = None;
+    let _ = scan(format, reader, &mut |c| {
+        if n == index {
+            found = Some(c.id);
+            // Stop reading: the sink's error ends the scan.
+            return Err(ImportError::Syntax {
+                at: Position::Line(0),
+                message: String::new(),
+            });
+        }
+        n += 1;
+        Ok(())
+    });
+    found
 }
 
 /// Parses and validates an inventory file record by record, handing each
@@ -694,7 +805,35 @@ pub async fn import_file(
     let file = open(path)?;
     let validated = tokio::task::spawn_blocking(move || scan(format, file, &mut |_| Ok(())))
         .await
-        .map_err(joined(path))??;
+        .map_err(joined(path))?;
+    let validated = match validated {
+        Err(ImportError::DuplicateLogin {
+            at,
+            id,
+            first,
+            first_index,
+            region,
+            endpoint,
+            principal,
+            ..
+        }) => {
+            let file = open(path)?;
+            let first_id = tokio::task::spawn_blocking(move || id_at(format, file, first_index))
+                .await
+                .map_err(joined(path))?;
+            return Err(ImportError::DuplicateLogin {
+                at,
+                id,
+                first,
+                first_id,
+                first_index,
+                region,
+                endpoint,
+                principal,
+            });
+        }
+        other => other?,
+    };
 
     // Pass 2: the parser feeds a bounded channel, the writer drains it.
     let file = open(path)?;
@@ -955,7 +1094,7 @@ mod tests {
 
     #[test]
     fn duplicate_ids_are_an_error() {
-        let text = "id,region,endpoint,kind,principal\na,eu,e,sim,p\nb,eu,e,sim,p\na,us,e,sim,q\n";
+        let text = "id,region,endpoint,kind,principal\na,eu,e,sim,p\nb,eu,e,sim,pb\na,us,e,sim,q\n";
         match parse_reader(Format::Csv, text.as_bytes()).unwrap_err() {
             ImportError::Duplicate { at, id, first } => {
                 assert_eq!(at, Position::Line(4));
@@ -967,9 +1106,54 @@ mod tests {
     }
 
     #[test]
+    fn two_records_for_one_login_are_an_error_naming_both() {
+        // The same principal in another region or at another endpoint is
+        // another login.
+        let ok = "id,region,endpoint,kind,principal\na,eu,e,sim,p\nb,us,e,sim,p\nc,eu,f,sim,p\n";
+        assert_eq!(parse_reader(Format::Csv, ok.as_bytes()).unwrap().len(), 3);
+        let text = format!("{ok}d,eu,x,sim,q\ne,us,e,sim,p\n");
+        let err = parse_reader(Format::Csv, text.as_bytes()).unwrap_err();
+        match &err {
+            ImportError::DuplicateLogin {
+                at,
+                id,
+                first,
+                first_id,
+                ..
+            } => {
+                assert_eq!(*at, Position::Line(6));
+                assert_eq!(*first, Position::Line(3));
+                assert_eq!(id, "e");
+                assert_eq!(first_id.as_deref(), Some("b"));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let msg = err.to_string();
+        assert!(msg.contains("\"e\"") && msg.contains("\"b\""), "{msg}");
+        assert_eq!(err.field(), Some("principal"));
+    }
+
+    #[test]
+    fn principals_with_invisible_characters_are_refused() {
+        let text = "id,region,endpoint,kind,principal\na,eu,e,sim,admin\u{202E}nimda\n";
+        match parse_reader(Format::Csv, text.as_bytes()).unwrap_err() {
+            ImportError::Invalid { field, message, .. } => {
+                assert_eq!(field, "principal");
+                assert!(message.contains("U+202E"), "{message}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let text = "id,region,endpoint,kind,principal,consumers\na,eu,e,sim,p,svc.a\n";
+        match parse_reader(Format::Csv, text.as_bytes()).unwrap_err() {
+            ImportError::Invalid { field, .. } => assert_eq!(field, "consumers"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
     fn scan_streams_records_to_the_sink_and_stops_on_its_error() {
         let text: String = (0..5)
-            .map(|i| format!("{{\"id\":\"c{i}\",\"region\":\"eu\",\"endpoint\":\"e\",\"kind\":\"sim\",\"principal\":\"p\"}}\n"))
+            .map(|i| format!("{{\"id\":\"c{i}\",\"region\":\"eu\",\"endpoint\":\"e\",\"kind\":\"sim\",\"principal\":\"p{i}\"}}\n"))
             .collect();
         let mut ids = Vec::new();
         let n = scan(Format::JsonLines, text.as_bytes(), &mut |c| {

@@ -124,8 +124,16 @@ async fn http(
     declared_len: Option<usize>,
 ) -> (u16, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // JSON unless the caller sets a Content-Type of its own.
+    let content_type = match headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+    {
+        true => "",
+        false => "Content-Type: application/json\r\n",
+    };
     let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: keywave.test\r\nUser-Agent: GitHub-Hookshot/test\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: keywave.test\r\nUser-Agent: GitHub-Hookshot/test\r\n{content_type}Content-Length: {}\r\nConnection: close\r\n",
         declared_len.unwrap_or(body.len())
     );
     for (k, v) in headers {
@@ -495,6 +503,28 @@ async fn webhooks_authenticate_translate_and_count() {
     )
     .await;
     assert_eq!(st, 202, "{body}");
+    // The same authentic body declared as text/plain (what a browser page
+    // can send cross-origin without a preflight) is refused.
+    for content_type in ["text/plain", "application/x-www-form-urlencoded"] {
+        let (st, body) = http(
+            addr,
+            "POST",
+            "/webhooks/detection",
+            &[
+                ("Content-Type", content_type.to_string()),
+                (
+                    "X-Keywave-Signature",
+                    sign::generic(GENERIC_SECRET, &ts, &generic),
+                ),
+                ("X-Keywave-Timestamp", ts.clone()),
+            ],
+            &generic,
+            None,
+        )
+        .await;
+        assert_eq!(st, 415, "{content_type}: {body}");
+        assert!(body.contains("unsupported_media_type"), "{body}");
+    }
     let invalid = br#"{"source":"siem","source_id":"1","detected_at":"2026-03-17T15:42:05Z","credential":{"secret":"hunter2"}}"#;
     let (st, body) = http(
         addr,
@@ -543,6 +573,7 @@ async fn webhooks_authenticate_translate_and_count() {
         r#"keywave_webhook_requests_total{source="gitguardian",outcome="bad_signature"} 1"#,
         r#"keywave_webhook_requests_total{source="detection",outcome="accepted"} 1"#,
         r#"keywave_webhook_requests_total{source="detection",outcome="malformed"} 1"#,
+        r#"keywave_webhook_requests_total{source="detection",outcome="unsupported_media_type"} 2"#,
     ] {
         assert!(metrics.contains(line), "missing {line} in\n{metrics}");
     }

@@ -153,6 +153,22 @@ impl RedisTarget {
         }
     }
 
+    /// The user the admin connection logs in as (`default` without one).
+    fn admin_user(&self) -> &str {
+        self.info.redis_settings().username().unwrap_or("default")
+    }
+
+    /// Refuses the endpoint's own admin user as a credential: rotating it
+    /// would cut keywave off, and proving it says nothing about a consumer.
+    fn rotatable(&self, principal: &str) -> Result<(), TargetError> {
+        if principal == self.admin_user() {
+            return Err(TargetError::Rejected(format!(
+                "{principal:?} is the endpoint's admin user; keywave never rotates or proves it"
+            )));
+        }
+        Ok(())
+    }
+
     /// `ACL SETUSER <user> <modifiers...>` on the admin connection.
     async fn setuser(
         &self,
@@ -160,6 +176,7 @@ impl RedisTarget {
         modifiers: &[&str],
         secret: &Secret,
     ) -> Result<(), TargetError> {
+        self.rotatable(user)?;
         let mut conn = self.admin().await?;
         let mut cmd = ::redis::cmd("ACL");
         cmd.arg("SETUSER").arg(user);
@@ -210,6 +227,7 @@ impl Target for RedisTarget {
     }
 
     async fn check(&self, principal: &str, secret: &Secret) -> Result<AuthCheck, TargetError> {
+        self.rotatable(principal)?;
         // A fresh connection with no credentials of its own, so that the AUTH
         // below is the only authentication it performs.
         let info = self
@@ -248,12 +266,7 @@ impl Target for RedisTarget {
             Ok(u) => u,
             Err(e) => return Err(self.fail(&e, &[]).await),
         };
-        let admin_user = self
-            .info
-            .redis_settings()
-            .username()
-            .unwrap_or("default")
-            .to_string();
+        let admin_user = self.admin_user().to_string();
         let mut found = Vec::with_capacity(users.len());
         for user in users {
             let fields: Vec<::redis::Value> = match ::redis::cmd("ACL")
