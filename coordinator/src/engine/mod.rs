@@ -1051,7 +1051,13 @@ impl Engine {
     /// Aborts `holder` so that containment campaign `by` can take its
     /// credentials, if it is a continuity campaign waiting for an operator.
     async fn take_over(&self, holder: &str, by: &str) -> Result<bool, RequestError> {
-        let s = self.status(holder).await?;
+        let s = match self.status(holder).await {
+            Ok(s) => s,
+            // Still starting (it holds its credentials before its first
+            // snapshot): not waiting for anyone.
+            Err(RequestError::NotFound(_)) => return Ok(false),
+            Err(e) => return Err(e),
+        };
         let waiting = matches!(
             s.state,
             CampaignState::Paused | CampaignState::AwaitingApproval

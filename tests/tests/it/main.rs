@@ -89,6 +89,7 @@ mod metrics;
 mod nats_restart;
 mod permissions;
 mod preflight;
+mod proof;
 mod readme;
 mod reconcile;
 mod redis_acl;
