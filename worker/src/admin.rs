@@ -512,6 +512,23 @@ impl AdminService {
         let Some(pending) = rec.pending.clone() else {
             return;
         };
+        // "Logs in" proves something only where a wrong secret is refused.
+        let wrong = keywave_common::crypto::generate(&ep.policy());
+        match ep.check(&item.principal, &wrong).await {
+            Ok(AuthCheck::Rejected) => {}
+            Ok(AuthCheck::Accepted) => {
+                r.finding(
+                    "the target lets a random wrong secret in for this login (target_accepts_any_secret): \
+                     no login check proves anything, so PENDING is not promoted; close the login first"
+                        .to_string(),
+                );
+                return;
+            }
+            Err(e) => {
+                r.target_failed(e);
+                return;
+            }
+        }
         let old = rec.current.clone();
         if let Some(old) = &old {
             // Shown for the report; its answer decides nothing here.
