@@ -794,7 +794,8 @@ impl Engine {
         req: StartRequest,
     ) -> Result<String, RequestError> {
         let mut spec = req.spec;
-        spec.validate().map_err(RequestError::BadRequest)?;
+        spec.validate()
+            .map_err(|e| RequestError::BadRequest(e.to_string()))?;
         let cid = match req.campaign_id {
             Some(id) => {
                 ids::validate("campaign_id", &id)

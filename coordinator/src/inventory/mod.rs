@@ -40,7 +40,7 @@ use async_nats::jetstream::kv;
 use futures::{StreamExt, TryStreamExt};
 use keywave_common::{
     ids,
-    wire::{ConsumerRef, Credential, Selector, TargetKind, SCHEMA_VERSION},
+    wire::{ConsumerRef, Credential, Selector, TargetKind, UnknownName, SCHEMA_VERSION},
 };
 use serde::de::{DeserializeSeed, Error as _, SeqAccess, Visitor};
 use serde_json::{Map, Value};
@@ -286,7 +286,7 @@ fn validate(raw: RawRecord) -> Result<Credential, FieldError> {
         .kind
         .ok_or_else(|| ferr("kind", "is required"))?
         .parse()
-        .map_err(|e: String| ferr("kind", e))?;
+        .map_err(|e: UnknownName| ferr("kind", e.to_string()))?;
     let principal = raw
         .principal
         .ok_or_else(|| ferr("principal", "is required"))?;
