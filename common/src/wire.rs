@@ -125,7 +125,11 @@ impl std::str::FromStr for TargetKind {
             "sim" => Ok(TargetKind::Sim),
             "postgres" => Ok(TargetKind::Postgres),
             "mysql" => Ok(TargetKind::Mysql),
-            o => Err(UnknownName::new("target kind", o, "redis, sim, postgres or mysql")),
+            o => Err(UnknownName::new(
+                "target kind",
+                o,
+                "redis, sim, postgres or mysql",
+            )),
         }
     }
 }
