@@ -95,14 +95,16 @@ impl fmt::Display for Format {
 }
 
 impl std::str::FromStr for Format {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, UnknownName> {
         match s.to_ascii_lowercase().as_str() {
             "json" => Ok(Format::Json),
             "jsonl" | "jsonlines" | "ndjson" => Ok(Format::JsonLines),
             "csv" => Ok(Format::Csv),
-            o => Err(format!(
-                "unknown inventory format {o:?} (expected json, jsonl or csv)"
+            o => Err(UnknownName::new(
+                "inventory format",
+                o,
+                "json, jsonl or csv",
             )),
         }
     }
