@@ -206,7 +206,7 @@ impl std::str::FromStr for VerifyKind {
 }
 
 /// A consumer of a credential as the credential's inventory record names it.
-/// Written as a bare id when nothing else is set (the pre-issue-6 form), else
+/// Written as a bare id when nothing else is set (the original form), else
 /// as an object. Fields left unset come from the consumer's own record
 /// (`keywave-consumers`), else the defaults (`attest`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
