@@ -492,17 +492,16 @@ impl SpecArgs {
             })?;
         }
         spec.validate().map_err(|e| {
-            let (field, msg) = e.split_once(": ").unwrap_or(("spec", e.as_str()));
-            let flag = match field {
+            let flag = match e.field {
                 "failure_budget" => "--failure-budget",
                 "task_timeout_ms" => "--task-timeout",
                 "waves" => "--waves",
-                "selector region" => "--selector",
+                "selector.regions" => "--selector",
                 "preflight_max_unreachable" => "--preflight-max-unreachable",
                 "requested_by" => "--by",
                 _ => "--spec",
             };
-            usage(flag, msg)
+            usage(flag, e.problem)
         })?;
         Ok(spec)
     }
@@ -614,8 +613,8 @@ impl DevArgs {
             failure_budget: self.failure_budget,
             strategy: self
                 .strategy
-                .parse()
-                .map_err(|e: String| usage("--strategy", e))?,
+                .parse::<Strategy>()
+                .map_err(|e| usage("--strategy", e))?,
             json,
             bake_ms: keywave_common::flags::duration("--bake", &self.bake)?.as_millis() as u64,
             concurrency: self.concurrency,

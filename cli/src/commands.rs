@@ -79,9 +79,7 @@ pub async fn run(cli: Cli) -> Result<u8, CommandError> {
         Command::Campaign(cmd) => campaign(cmd, &url, json).await,
         Command::Dev(args) => {
             let opts = args.to_options(cli.nats.clone(), json)?;
-            let report = dev::run(opts)
-                .await
-                .map_err(|e| CommandError::Dev(format!("{e:#}")))?;
+            let report = dev::run(opts).await.map_err(CommandError::Dev)?;
             if json {
                 print_json(&report);
             } else {
@@ -100,9 +98,7 @@ pub async fn run(cli: Cli) -> Result<u8, CommandError> {
         }
         Command::Bench(args) => {
             let opts = args.to_options(cli.nats.clone(), json)?;
-            let report = bench::run(opts)
-                .await
-                .map_err(|e| CommandError::Bench(format!("{e:#}")))?;
+            let report = bench::run(opts).await.map_err(CommandError::Bench)?;
             if json {
                 println!("{}", report.json_line());
             } else {
@@ -577,9 +573,7 @@ async fn audit_verify(
         })?;
     }
     let js = topology::context(connect(url).await?);
-    let report = keywave_coordinator::audit::verify(&js, campaign, &keys)
-        .await
-        .map_err(|e| CommandError::Audit(e.to_string()))?;
+    let report = keywave_coordinator::audit::verify(&js, campaign, &keys).await?;
     if json {
         print_json(&report);
     } else {

@@ -9,17 +9,42 @@ use async_nats::jetstream::{
     kv, Context,
 };
 use futures::StreamExt;
-use keywave_common::client::ApiClient;
+use keywave_common::client::{ApiClient, ClientError};
 use keywave_common::{
     api::CampaignStatus,
     codec, subjects,
-    topology::STREAM_RESULTS,
+    topology::{StreamReadError, STREAM_RESULTS},
     wire::{CampaignState, Outcome, RotationResult, TaskAction},
 };
 use keywave_coordinator::detect::store::{self, Claim, Intent};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::time::Duration;
+use thiserror::Error;
+
+/// Why the containment report could not be built.
+#[derive(Debug, Error)]
+pub enum ContainmentError {
+    #[error(transparent)]
+    Status(#[from] ClientError),
+    #[error("reading the detection intent of {campaign}: {source}")]
+    Intent {
+        campaign: String,
+        #[source]
+        source: kv::EntryError,
+    },
+    #[error("reading the detection claim of {credential}: {source}")]
+    Claim {
+        credential: String,
+        #[source]
+        source: kv::EntryError,
+    },
+    #[error(transparent)]
+    Results(#[from] StreamReadError),
+}
+
+/// Longest wait for the next result before the read gives up.
+const RESULTS_IDLE: Duration = Duration::from_secs(10);
 
 /// One credential's timeline (milliseconds since the epoch).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -90,11 +115,14 @@ pub async fn build(
     api: &ApiClient,
     detections: &kv::Store,
     campaign_id: &str,
-) -> Result<ContainmentReport, String> {
-    let status: CampaignStatus = api.status(campaign_id).await.map_err(|e| e.to_string())?;
+) -> Result<ContainmentReport, ContainmentError> {
+    let status: CampaignStatus = api.status(campaign_id).await?;
     let intent = store::get_json::<Intent>(detections, &store::intent_key(campaign_id))
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|source| ContainmentError::Intent {
+            campaign: campaign_id.to_string(),
+            source,
+        })?
         .map(|(i, _)| i);
     let ids = status.spec.selector.ids.clone();
     let mut claims: HashMap<String, Claim> = HashMap::new();
@@ -111,7 +139,11 @@ pub async fn build(
     .collect::<Vec<_>>()
     .await;
     for (r, id) in fetched {
-        if let Some((c, _)) = r.map_err(|e| e.to_string())? {
+        let claim = r.map_err(|source| ContainmentError::Claim {
+            credential: id.clone(),
+            source,
+        })?;
+        if let Some((c, _)) = claim {
             if c.campaign_id == campaign_id {
                 claims.insert(id, c);
             }
@@ -186,11 +218,18 @@ pub async fn build(
 }
 
 /// The last rotate result per credential of the campaign.
-async fn results(js: &Context, cid: &str) -> Result<HashMap<String, RotationResult>, String> {
+async fn results(
+    js: &Context,
+    cid: &str,
+) -> Result<HashMap<String, RotationResult>, StreamReadError> {
+    const STREAM: &str = STREAM_RESULTS;
     let stream = js
-        .get_stream(STREAM_RESULTS)
+        .get_stream(STREAM)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|source| StreamReadError::Open {
+            stream: STREAM,
+            source,
+        })?;
     let consumer = stream
         .create_consumer(pull::OrderedConfig {
             filter_subject: subjects::result_campaign_filter(cid),
@@ -198,19 +237,40 @@ async fn results(js: &Context, cid: &str) -> Result<HashMap<String, RotationResu
             ..Default::default()
         })
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|source| StreamReadError::Consumer {
+            stream: STREAM,
+            source,
+        })?;
     let mut out = HashMap::new();
     if consumer.cached_info().num_pending == 0 {
         return Ok(out);
     }
-    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|source| StreamReadError::Messages {
+            stream: STREAM,
+            source,
+        })?;
     loop {
-        let next = tokio::time::timeout(Duration::from_secs(10), messages.next())
+        let next = tokio::time::timeout(RESULTS_IDLE, messages.next())
             .await
-            .map_err(|_| "results stopped arriving".to_string())?;
+            .map_err(|_| StreamReadError::Stalled {
+                stream: STREAM,
+                idle: RESULTS_IDLE,
+            })?;
         let Some(m) = next else { break };
-        let m = m.map_err(|e| e.to_string())?;
-        let pending = m.info().map_err(|e| e.to_string())?.pending;
+        let m = m.map_err(|source| StreamReadError::Next {
+            stream: STREAM,
+            source,
+        })?;
+        let pending = m
+            .info()
+            .map_err(|source| StreamReadError::Info {
+                stream: STREAM,
+                source,
+            })?
+            .pending;
         if let Ok(r) = codec::decode::<RotationResult>(m.headers.as_ref(), &m.payload) {
             if r.action == TaskAction::Rotate {
                 out.insert(r.credential_id.clone(), r);

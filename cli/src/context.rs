@@ -18,8 +18,12 @@ pub const EXIT_AUDIT_BROKEN: u8 = 4;
 pub enum CommandError {
     #[error(transparent)]
     Usage(#[from] UsageError),
-    #[error("cannot connect to NATS at {url}: {detail}")]
-    Connect { url: String, detail: String },
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
     #[error(transparent)]
     Topology(#[from] TopologyError),
     #[error(transparent)]
@@ -30,21 +34,26 @@ pub enum CommandError {
     Client(#[from] ClientError),
     #[error("the selector matches no credential in the inventory")]
     EmptySelection,
-    #[error("{0}")]
-    Dev(String),
-    #[error("{0}")]
-    Bench(String),
-    #[error("{0}")]
-    Detect(String),
+    /// `keywave dev` failed; the message is the whole chain of causes.
+    #[error("{0:#}")]
+    Dev(#[source] anyhow::Error),
+    /// `keywave bench` failed; the message is the whole chain of causes.
+    #[error("{0:#}")]
+    Bench(#[source] anyhow::Error),
+    #[error(transparent)]
+    Detect(#[from] crate::detect::DetectCommandError),
     /// A worker admin request (reconcile, discover) failed.
-    #[error("{0}")]
-    Admin(String),
+    #[error(transparent)]
+    Admin(#[from] crate::reconcile::AdminError),
+    /// `inventory discover --import` could not write a proposed record.
+    #[error(transparent)]
+    Discover(#[from] crate::discover::DiscoverImportError),
     /// The audit stream could not be read.
-    #[error("{0}")]
-    Audit(String),
+    #[error(transparent)]
+    Audit(#[from] keywave_coordinator::audit::AuditError),
     /// `campaign report` could not read its sources or write its output.
-    #[error("{0}")]
-    Report(String),
+    #[error(transparent)]
+    Report(#[from] crate::report::ReportError),
 }
 
 impl CommandError {
@@ -61,9 +70,9 @@ impl CommandError {
 pub async fn connect(url: &str) -> Result<async_nats::Client, CommandError> {
     keywave_common::nats::connect(url, "keywave-cli")
         .await
-        .map_err(|e| CommandError::Connect {
+        .map_err(|source| CommandError::Connect {
             url: url.to_string(),
-            detail: e.to_string(),
+            source,
         })
 }
 
@@ -72,4 +81,36 @@ pub fn print_json<T: Serialize>(v: &T) {
         "{}",
         serde_json::to_string(v).unwrap_or_else(|e| format!("{{\"ok\":false,\"error\":\"{e}\"}}"))
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn wrapped_errors_keep_their_message_and_their_cause() {
+        let e = CommandError::Dev(anyhow::anyhow!("address in use").context("starting NATS"));
+        assert_eq!(e.to_string(), "starting NATS: address in use");
+        assert!(e.source().is_some());
+        assert_eq!(e.exit_code(), 1);
+
+        let e = CommandError::from(crate::reconcile::AdminError::NoData {
+            subject: "keywave.admin.v1.eu.reconcile".into(),
+        });
+        assert_eq!(
+            e.to_string(),
+            "malformed reply on keywave.admin.v1.eu.reconcile: no data"
+        );
+
+        let e = CommandError::from(crate::report::ReportError::Write(std::io::Error::other(
+            "disk full",
+        )));
+        assert_eq!(e.to_string(), "writing the report: disk full");
+        assert_eq!(
+            e.source().map(|c| c.to_string()).as_deref(),
+            Some("disk full")
+        );
+        assert_eq!(e.exit_code(), 1);
+    }
 }

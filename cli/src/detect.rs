@@ -15,6 +15,21 @@ use keywave_common::{
 use keywave_coordinator::detect::store;
 use std::collections::BTreeMap;
 use std::io::Read;
+use thiserror::Error;
+
+/// Why a `keywave detect` command failed once its flags were valid.
+#[derive(Debug, Error)]
+pub enum DetectCommandError {
+    /// The detection streams or bucket could not be created or opened.
+    #[error(transparent)]
+    Topology(#[from] topology::TopologyError),
+    #[error(transparent)]
+    Publish(#[from] detect::PublishDetectionError),
+    #[error(transparent)]
+    Report(#[from] report::ContainmentError),
+    #[error(transparent)]
+    Records(#[from] topology::StreamReadError),
+}
 
 /// `keywave detect`: report a leak, or inspect what detections did.
 #[derive(Debug, Args)]
@@ -157,8 +172,8 @@ fn print_json<T: serde::Serialize>(v: &T) {
     );
 }
 
-fn fail(e: impl std::fmt::Display) -> CommandError {
-    CommandError::Detect(e.to_string())
+fn fail(e: impl Into<DetectCommandError>) -> CommandError {
+    CommandError::Detect(e.into())
 }
 
 /// Runs `keywave detect ...`; returns the exit code.
@@ -251,10 +266,13 @@ pub async fn run(args: DetectArgs, url: &str, json: bool) -> Result<u8, CommandE
 async fn recent_records(
     js: &async_nats::jetstream::Context,
     limit: usize,
-) -> Result<Vec<store::DetectionRecord>, String> {
+) -> Result<Vec<store::DetectionRecord>, topology::StreamReadError> {
     use async_nats::jetstream::consumer::{pull, DeliverPolicy};
     use futures::StreamExt;
-    let stream = match js.get_stream(topology::STREAM_EVENTS).await {
+    use topology::StreamReadError;
+    const STREAM: &str = topology::STREAM_EVENTS;
+    const IDLE: std::time::Duration = std::time::Duration::from_secs(10);
+    let stream = match js.get_stream(STREAM).await {
         Ok(s) => s,
         Err(_) => return Ok(Vec::new()),
     };
@@ -265,19 +283,40 @@ async fn recent_records(
             ..Default::default()
         })
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|source| StreamReadError::Consumer {
+            stream: STREAM,
+            source,
+        })?;
     let mut out = std::collections::VecDeque::new();
     if consumer.cached_info().num_pending == 0 {
         return Ok(Vec::new());
     }
-    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|source| StreamReadError::Messages {
+            stream: STREAM,
+            source,
+        })?;
     loop {
-        let next = tokio::time::timeout(std::time::Duration::from_secs(10), messages.next())
+        let next = tokio::time::timeout(IDLE, messages.next())
             .await
-            .map_err(|_| "records stopped arriving".to_string())?;
+            .map_err(|_| StreamReadError::Stalled {
+                stream: STREAM,
+                idle: IDLE,
+            })?;
         let Some(m) = next else { break };
-        let m = m.map_err(|e| e.to_string())?;
-        let pending = m.info().map_err(|e| e.to_string())?.pending;
+        let m = m.map_err(|source| StreamReadError::Next {
+            stream: STREAM,
+            source,
+        })?;
+        let pending = m
+            .info()
+            .map_err(|source| StreamReadError::Info {
+                stream: STREAM,
+                source,
+            })?
+            .pending;
         if let Ok(r) = serde_json::from_slice::<store::DetectionRecord>(&m.payload) {
             if r.outcome != store::Outcome::Contained {
                 out.push_back(r);

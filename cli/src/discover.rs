@@ -17,6 +17,24 @@ use keywave_coordinator::inventory::{self, Format};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::time::Duration;
+use thiserror::Error;
+
+/// Why `inventory discover --import` could not write a proposed record.
+#[derive(Debug, Error)]
+pub enum DiscoverImportError {
+    #[error("encoding inventory record {id}: {source}")]
+    Encode {
+        id: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("writing inventory record {id}: {source}")]
+    Write {
+        id: String,
+        #[source]
+        source: async_nats::jetstream::kv::CreateError,
+    },
+}
 
 /// Tag put on every discovered record.
 pub const DISCOVERED_TAG: &str = "discovered";
@@ -208,17 +226,21 @@ pub async fn import(client: &async_nats::Client, d: &mut Discovery) -> Result<us
         if d.existing.contains(&c.id) {
             continue;
         }
-        let body = serde_json::to_vec(c).map_err(|e| CommandError::Admin(e.to_string()))?;
+        let body = serde_json::to_vec(c).map_err(|source| DiscoverImportError::Encode {
+            id: c.id.clone(),
+            source,
+        })?;
         match kv.create(&c.id, body.into()).await {
             Ok(_) => n += 1,
             Err(e) if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {
                 d.existing.push(c.id.clone());
             }
-            Err(e) => {
-                return Err(CommandError::Admin(format!(
-                    "writing inventory record {}: {e}",
-                    c.id
-                )))
+            Err(source) => {
+                return Err(DiscoverImportError::Write {
+                    id: c.id.clone(),
+                    source,
+                }
+                .into())
             }
         }
     }

@@ -22,6 +22,7 @@ use keywave_coordinator::inventory;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Duration;
+use thiserror::Error;
 
 /// Exit code when a credential needs attention or could not be checked.
 pub const EXIT_NEEDS_ATTENTION: u8 = 4;
@@ -277,7 +278,7 @@ async fn reconcile_region(
                 principal: c.principal.clone(),
                 status: ReconcileStatus::Unreachable,
                 checks: Vec::new(),
-                findings: vec![why.clone()],
+                findings: vec![why.to_string()],
                 actions: Vec::new(),
             })),
         }
@@ -285,45 +286,91 @@ async fn reconcile_region(
     out
 }
 
-/// One admin request; the error is a sentence for the report.
+/// Why a worker admin request (reconcile, discover) failed; its text is a
+/// sentence for the report.
+#[derive(Debug, Error)]
+pub enum AdminError {
+    #[error("cannot encode the request: {0}")]
+    Encode(#[source] serde_json::Error),
+    #[error("no worker answers on {subject} (is a keywave-worker of that region running?)")]
+    NoResponders {
+        subject: String,
+        #[source]
+        source: async_nats::RequestError,
+    },
+    #[error("no reply on {subject} within {timeout:?}")]
+    TimedOut {
+        subject: String,
+        timeout: Duration,
+        #[source]
+        source: async_nats::RequestError,
+    },
+    #[error("request on {subject} failed: {source}")]
+    Request {
+        subject: String,
+        #[source]
+        source: async_nats::RequestError,
+    },
+    #[error("malformed reply on {subject}: {source}")]
+    Malformed {
+        subject: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("malformed reply on {subject}: no data")]
+    NoData { subject: String },
+    /// The worker answered with an error.
+    #[error("{}: {}", .0.class, .0.message)]
+    Refused(keywave_common::api::ApiError),
+}
+
+/// One admin request.
 pub(crate) async fn request<Req: Serialize, Resp: serde::de::DeserializeOwned>(
     client: &async_nats::Client,
     subject: &str,
     body: &Req,
     timeout: Duration,
-) -> Result<Resp, String> {
+) -> Result<Resp, AdminError> {
     #[derive(Deserialize)]
     struct Wire<T> {
         ok: bool,
         data: Option<T>,
         error: Option<keywave_common::api::ApiError>,
     }
-    let payload: Bytes = serde_json::to_vec(body)
-        .map_err(|e| format!("cannot encode the request: {e}"))?
-        .into();
+    let payload: Bytes = serde_json::to_vec(body).map_err(AdminError::Encode)?.into();
+    let subject = subject.to_string();
     let msg = client
         .send_request(
-            subject.to_string(),
+            subject.clone(),
             async_nats::Request::new()
                 .payload(payload)
                 .timeout(Some(timeout)),
         )
-        .await
-        .map_err(|e| match e.kind() {
-            async_nats::RequestErrorKind::NoResponders => format!(
-                "no worker answers on {subject} (is a keywave-worker of that region running?)"
-            ),
-            async_nats::RequestErrorKind::TimedOut => {
-                format!("no reply on {subject} within {timeout:?}")
-            }
-            _ => format!("request on {subject} failed: {e}"),
-        })?;
-    let reply: Wire<Resp> = serde_json::from_slice(&msg.payload)
-        .map_err(|e| format!("malformed reply on {subject}: {e}"))?;
+        .await;
+    let msg = match msg {
+        Ok(m) => m,
+        Err(source) => {
+            return Err(match source.kind() {
+                async_nats::RequestErrorKind::NoResponders => {
+                    AdminError::NoResponders { subject, source }
+                }
+                async_nats::RequestErrorKind::TimedOut => AdminError::TimedOut {
+                    subject,
+                    timeout,
+                    source,
+                },
+                _ => AdminError::Request { subject, source },
+            })
+        }
+    };
+    let reply: Wire<Resp> = match serde_json::from_slice(&msg.payload) {
+        Ok(r) => r,
+        Err(source) => return Err(AdminError::Malformed { subject, source }),
+    };
     match (reply.ok, reply.data, reply.error) {
         (true, Some(d), _) => Ok(d),
-        (_, _, Some(e)) => Err(format!("{}: {}", e.class, e.message)),
-        _ => Err(format!("malformed reply on {subject}: no data")),
+        (_, _, Some(e)) => Err(AdminError::Refused(e)),
+        _ => Err(AdminError::NoData { subject }),
     }
 }
 

@@ -32,7 +32,46 @@ use keywave_coordinator::engine::book::BitSet;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
+use std::path::PathBuf;
 use std::time::Duration;
+use thiserror::Error;
+use topology::StreamReadError;
+
+/// Why `campaign report` could not read its sources or write its output.
+#[derive(Debug, Error)]
+pub enum ReportError {
+    #[error("reading the events of {campaign}: {source}")]
+    Events {
+        campaign: String,
+        #[source]
+        source: StreamReadError,
+    },
+    #[error("reading the results of {campaign}: {source}")]
+    Results {
+        campaign: String,
+        #[source]
+        source: StreamReadError,
+    },
+    #[error("encoding the report: {0}")]
+    Encode(#[source] serde_json::Error),
+    #[error("writing the report: {0}")]
+    Write(#[source] std::io::Error),
+    #[error("cannot create {}: {source}", path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {}: {source}", path.display())]
+    Rename {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Longest wait for the next message of a stream before the read gives up.
+const READ_IDLE: Duration = Duration::from_secs(10);
 
 /// Failures listed in Markdown and HTML beyond the first `max_rows` rows.
 pub const MAX_FAILURE_ROWS: usize = 10_000;
@@ -50,14 +89,16 @@ pub enum Format {
 }
 
 impl std::str::FromStr for Format {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = keywave_common::wire::UnknownName;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "json" => Ok(Format::Json),
             "markdown" | "md" => Ok(Format::Markdown),
             "html" => Ok(Format::Html),
-            other => Err(format!(
-                "unknown format {other:?} (expected json, markdown or html)"
+            other => Err(keywave_common::wire::UnknownName::new(
+                "format",
+                other,
+                "json, markdown or html",
             )),
         }
     }
@@ -429,12 +470,16 @@ impl Tally {
 }
 
 /// The campaign's events, oldest first (a campaign has few).
-async fn read_events(js: &Context, cid: &str) -> Result<Vec<CampaignEvent>, String> {
+async fn read_events(js: &Context, cid: &str) -> Result<Vec<CampaignEvent>, ReportError> {
     let mut out = Vec::new();
     read_ordered(
         js,
         topology::STREAM_EVENTS,
         subjects::event_campaign_filter(cid),
+        |source| ReportError::Events {
+            campaign: cid.to_string(),
+            source,
+        },
         |m| {
             if let Ok(e) = codec::decode::<CampaignEvent>(m.headers.as_ref(), &m.payload) {
                 out.push(e);
@@ -447,14 +492,22 @@ async fn read_events(js: &Context, cid: &str) -> Result<Vec<CampaignEvent>, Stri
 }
 
 /// Reads every message of `stream` on `filter` present now, in order, with
-/// an ordered consumer; `each` sees them one at a time.
-async fn read_ordered(
+/// an ordered consumer; `each` sees them one at a time and stops the read
+/// with its error. A failed read becomes an error through `read_failed`.
+async fn read_ordered<E>(
     js: &Context,
-    stream: &str,
+    stream: &'static str,
     filter: String,
-    mut each: impl FnMut(&async_nats::jetstream::Message) -> Result<(), String>,
-) -> Result<(), String> {
-    let stream = js.get_stream(stream).await.map_err(|e| e.to_string())?;
+    read_failed: impl Fn(StreamReadError) -> E,
+    mut each: impl FnMut(&async_nats::jetstream::Message) -> Result<(), E>,
+) -> Result<(), E> {
+    let name = stream;
+    let stream = js.get_stream(name).await.map_err(|source| {
+        read_failed(StreamReadError::Open {
+            stream: name,
+            source,
+        })
+    })?;
     let consumer = stream
         .create_consumer(pull::OrderedConfig {
             filter_subject: filter,
@@ -462,18 +515,46 @@ async fn read_ordered(
             ..Default::default()
         })
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|source| {
+            read_failed(StreamReadError::Consumer {
+                stream: name,
+                source,
+            })
+        })?;
     if consumer.cached_info().num_pending == 0 {
         return Ok(());
     }
-    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    let mut messages = consumer.messages().await.map_err(|source| {
+        read_failed(StreamReadError::Messages {
+            stream: name,
+            source,
+        })
+    })?;
     loop {
-        let next = tokio::time::timeout(Duration::from_secs(10), messages.next())
+        let next = tokio::time::timeout(READ_IDLE, messages.next())
             .await
-            .map_err(|_| "the stream stopped delivering".to_string())?;
+            .map_err(|_| {
+                read_failed(StreamReadError::Stalled {
+                    stream: name,
+                    idle: READ_IDLE,
+                })
+            })?;
         let Some(m) = next else { break };
-        let m = m.map_err(|e| e.to_string())?;
-        let pending = m.info().map_err(|e| e.to_string())?.pending;
+        let m = m.map_err(|source| {
+            read_failed(StreamReadError::Next {
+                stream: name,
+                source,
+            })
+        })?;
+        let pending = m
+            .info()
+            .map_err(|source| {
+                read_failed(StreamReadError::Info {
+                    stream: name,
+                    source,
+                })
+            })?
+            .pending;
         each(&m)?;
         if pending == 0 {
             break;
@@ -528,9 +609,7 @@ fn decisions(events: &[CampaignEvent]) -> Vec<Decided> {
 /// Reads the header's sources.
 async fn header(js: &Context, api: &ApiClient, cid: &str) -> Result<Header, CommandError> {
     let status = api.status(cid).await?;
-    let events = read_events(js, cid)
-        .await
-        .map_err(|e| CommandError::Report(format!("reading the events of {cid}: {e}")))?;
+    let events = read_events(js, cid).await?;
     let mut failures_by_class = BTreeMap::new();
     for w in &status.waves {
         for (class, n) in &w.failures {
@@ -594,20 +673,22 @@ pub async fn write(
                 .collect()
         })
         .unwrap_or_default();
-    let io = |e: std::io::Error| CommandError::Report(format!("writing the report: {e}"));
+    let io = |e: std::io::Error| CommandError::from(ReportError::Write(e));
+    let results_failed = |source| ReportError::Results {
+        campaign: cid.to_string(),
+        source,
+    };
     let mut tally = Tally::new(&h.wave_sizes);
     let filter = subjects::result_campaign_filter(cid);
     match format {
         Format::Json => {
-            let head =
-                serde_json::to_string(&h).map_err(|e| CommandError::Report(e.to_string()))?;
+            let head = serde_json::to_string(&h).map_err(ReportError::Encode)?;
             // `{...header...` then the rows, then the summary: one line.
             out.write_all(&head.as_bytes()[..head.len() - 1])
                 .map_err(io)?;
             out.write_all(b",\"credentials\":[").map_err(io)?;
             let mut first = true;
-            let mut werr = None;
-            read_ordered(js, topology::STREAM_RESULTS, filter, |m| {
+            read_ordered(js, topology::STREAM_RESULTS, filter, results_failed, |m| {
                 let Ok(r) = codec::decode::<RotationResult>(m.headers.as_ref(), &m.payload) else {
                     return Ok(());
                 };
@@ -616,27 +697,21 @@ pub async fn write(
                 };
                 let row = row(&r, ttc.get(&r.credential_id).copied(), counted);
                 tally.consumers(&row);
-                let line = serde_json::to_string(&row).map_err(|e| e.to_string())?;
+                let line = serde_json::to_string(&row).map_err(ReportError::Encode)?;
                 let sep: &[u8] = if first { b"" } else { b"," };
                 first = false;
-                if let Err(e) = out
-                    .write_all(sep)
+                out.write_all(sep)
                     .and_then(|_| out.write_all(line.as_bytes()))
-                {
-                    werr = Some(e.to_string());
-                    return Err("write failed".into());
-                }
-                Ok(())
+                    .map_err(ReportError::Write)
             })
-            .await
-            .map_err(|e| CommandError::Report(werr.clone().unwrap_or(e)))?;
+            .await?;
             let summary = tally.summary.clone();
             let controls = controls(&h, &summary);
             let tail = serde_json::to_string(&serde_json::json!({
                 "summary": summary,
                 "controls": controls,
             }))
-            .map_err(|e| CommandError::Report(e.to_string()))?;
+            .map_err(ReportError::Encode)?;
             out.write_all(b"],").map_err(io)?;
             out.write_all(&tail.as_bytes()[1..]).map_err(io)?;
             out.write_all(b"\n").map_err(io)?;
@@ -648,7 +723,7 @@ pub async fn write(
             let mut failures = Vec::new();
             let mut unplanned = Vec::new();
             let mut left_out = 0u64;
-            read_ordered(js, topology::STREAM_RESULTS, filter, |m| {
+            read_ordered(js, topology::STREAM_RESULTS, filter, results_failed, |m| {
                 let Ok(r) = codec::decode::<RotationResult>(m.headers.as_ref(), &m.payload) else {
                     return Ok(());
                 };
@@ -670,8 +745,7 @@ pub async fn write(
                 }
                 Ok(())
             })
-            .await
-            .map_err(|e| CommandError::Report(format!("reading the results of {cid}: {e}")))?;
+            .await?;
             tally.summary.rows_left_out = left_out;
             let summary = tally.summary.clone();
             let doc = Doc {
@@ -1221,12 +1295,12 @@ pub async fn run(args: crate::args::ReportArgs, url: &str, json: bool) -> Result
             message,
         })
     };
-    let format: Format = args
+    let format = args
         .format
         .as_deref()
         .unwrap_or(if json { "json" } else { "markdown" })
-        .parse()
-        .map_err(|e| usage("--format", e))?;
+        .parse::<Format>()
+        .map_err(|e| usage("--format", e.to_string()))?;
     keywave_common::ids::validate("campaign id", &args.id)
         .map_err(|e| usage("ID", e.to_string()))?;
     if json && args.output.is_none() && format != Format::Json {
@@ -1246,16 +1320,18 @@ pub async fn run(args: crate::args::ReportArgs, url: &str, json: bool) -> Result
             // Written next to the destination, then renamed: a failed
             // report never leaves half a file under the name asked for.
             let tmp = path.with_extension("keywave-partial");
-            let file = std::fs::File::create(&tmp).map_err(|e| {
-                CommandError::Report(format!("cannot create {}: {e}", tmp.display()))
+            let file = std::fs::File::create(&tmp).map_err(|source| ReportError::Create {
+                path: tmp.clone(),
+                source,
             })?;
             let mut w = std::io::BufWriter::new(file);
             let r = write(&js, &api, &args.id, format, args.max_rows, &mut w).await;
             drop(w);
             match r {
                 Ok(s) => {
-                    std::fs::rename(&tmp, path).map_err(|e| {
-                        CommandError::Report(format!("cannot write {}: {e}", path.display()))
+                    std::fs::rename(&tmp, path).map_err(|source| ReportError::Rename {
+                        path: path.clone(),
+                        source,
                     })?;
                     s
                 }

@@ -68,15 +68,17 @@ impl fmt::Display for Severity {
 }
 
 impl std::str::FromStr for Severity {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = crate::wire::UnknownName;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.to_ascii_lowercase().as_str() {
             "low" | "info" => Ok(Severity::Low),
             "medium" => Ok(Severity::Medium),
             "high" => Ok(Severity::High),
             "critical" => Ok(Severity::Critical),
-            o => Err(format!(
-                "unknown severity {o:?} (expected low, medium, high or critical)"
+            o => Err(crate::wire::UnknownName::new(
+                "severity",
+                o,
+                "low, medium, high or critical",
             )),
         }
     }
@@ -387,15 +389,16 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
+/// A date-time that is not RFC 3339; holds at most the first 64 characters
+/// of the text.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("{0:?} is not an RFC 3339 date-time (e.g. 2026-03-17T15:42:05Z)")]
+pub struct NotRfc3339(pub String);
+
 /// Parses an RFC 3339 date-time (`2026-03-17T15:42:05Z`, optional fraction,
 /// `Z` or `±HH:MM`) into milliseconds since the epoch.
-pub fn parse_rfc3339(s: &str) -> Result<u64, String> {
-    let bad = || {
-        format!(
-            "{:?} is not an RFC 3339 date-time (e.g. 2026-03-17T15:42:05Z)",
-            truncate(s)
-        )
-    };
+pub fn parse_rfc3339(s: &str) -> Result<u64, NotRfc3339> {
+    let bad = || NotRfc3339(truncate(s));
     let b = s.as_bytes();
     if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
         return Err(bad());
@@ -403,7 +406,7 @@ pub fn parse_rfc3339(s: &str) -> Result<u64, String> {
     if b[13] != b':' || b[16] != b':' {
         return Err(bad());
     }
-    let num = |r: std::ops::Range<usize>| -> Result<i64, String> {
+    let num = |r: std::ops::Range<usize>| -> Result<i64, NotRfc3339> {
         let part = s.get(r).ok_or_else(bad)?;
         if !part.bytes().all(|c| c.is_ascii_digit()) {
             return Err(bad());

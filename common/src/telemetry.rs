@@ -100,12 +100,16 @@ impl fmt::Display for LogFormat {
 }
 
 impl FromStr for LogFormat {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = crate::wire::UnknownName;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.trim().to_ascii_lowercase().as_str() {
             "text" => Ok(LogFormat::Text),
             "json" => Ok(LogFormat::Json),
-            other => Err(format!("unknown log format {other:?}: use text or json")),
+            other => Err(crate::wire::UnknownName::new(
+                "log format",
+                other,
+                "text or json",
+            )),
         }
     }
 }

@@ -69,6 +69,47 @@ pub struct TopologyError {
     pub detail: String,
 }
 
+/// Why reading a stream through a consumer failed; `stream` names the
+/// stream.
+#[derive(Debug, Error)]
+pub enum StreamReadError {
+    #[error("opening stream {stream}: {source}")]
+    Open {
+        stream: &'static str,
+        #[source]
+        source: jetstream::context::GetStreamError,
+    },
+    #[error("creating a consumer on {stream}: {source}")]
+    Consumer {
+        stream: &'static str,
+        #[source]
+        source: jetstream::stream::ConsumerError,
+    },
+    #[error("reading {stream}: {source}")]
+    Messages {
+        stream: &'static str,
+        #[source]
+        source: jetstream::consumer::StreamError,
+    },
+    #[error("reading {stream}: {source}")]
+    Next {
+        stream: &'static str,
+        #[source]
+        source: pull::OrderedError,
+    },
+    #[error("reading {stream}: a message without stream metadata: {source}")]
+    Info {
+        stream: &'static str,
+        #[source]
+        source: async_nats::Error,
+    },
+    #[error("{stream} stopped delivering (nothing for {idle:?})")]
+    Stalled {
+        stream: &'static str,
+        idle: Duration,
+    },
+}
+
 fn terr(what: impl Into<String>, e: impl std::fmt::Display) -> TopologyError {
     TopologyError {
         what: what.into(),

@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use thiserror::Error;
 
 /// The schema version every message written by this build carries.
 pub const SCHEMA_VERSION: u16 = 1;
@@ -31,6 +32,30 @@ versioned!(
     AgentStatus
 );
 
+/// A word that names none of the values a setting accepts (a strategy, a
+/// target kind, a log format, ...). Shared by the `FromStr` impls of the
+/// closed sets of names keywave reads from flags and files.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("unknown {what} {value:?} (expected {expected})")]
+pub struct UnknownName {
+    /// What was being named, e.g. `strategy`.
+    pub what: &'static str,
+    /// The word given.
+    pub value: String,
+    /// The accepted words, for people, e.g. `continuity or containment`.
+    pub expected: &'static str,
+}
+
+impl UnknownName {
+    pub fn new(what: &'static str, value: &str, expected: &'static str) -> Self {
+        UnknownName {
+            what,
+            value: value.to_string(),
+            expected,
+        }
+    }
+}
+
 /// How a credential is rotated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -51,14 +76,12 @@ impl fmt::Display for Strategy {
 }
 
 impl std::str::FromStr for Strategy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, UnknownName> {
         match s {
             "continuity" => Ok(Strategy::Continuity),
             "containment" => Ok(Strategy::Containment),
-            o => Err(format!(
-                "unknown strategy {o:?} (expected continuity or containment)"
-            )),
+            o => Err(UnknownName::new("strategy", o, "continuity or containment")),
         }
     }
 }
@@ -95,15 +118,17 @@ impl fmt::Display for TargetKind {
 }
 
 impl std::str::FromStr for TargetKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, UnknownName> {
         match s {
             "redis" => Ok(TargetKind::Redis),
             "sim" => Ok(TargetKind::Sim),
             "postgres" => Ok(TargetKind::Postgres),
             "mysql" => Ok(TargetKind::Mysql),
-            o => Err(format!(
-                "unknown target kind {o:?} (expected redis, sim, postgres or mysql)"
+            o => Err(UnknownName::new(
+                "target kind",
+                o,
+                "redis, sim, postgres or mysql",
             )),
         }
     }
@@ -169,21 +194,19 @@ impl fmt::Display for VerifyKind {
 }
 
 impl std::str::FromStr for VerifyKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, UnknownName> {
         match s {
             "attest" => Ok(VerifyKind::Attest),
             "http" => Ok(VerifyKind::Http),
             "none" => Ok(VerifyKind::None),
-            o => Err(format!(
-                "unknown verification {o:?} (expected attest, http or none)"
-            )),
+            o => Err(UnknownName::new("verification", o, "attest, http or none")),
         }
     }
 }
 
 /// A consumer of a credential as the credential's inventory record names it.
-/// Written as a bare id when nothing else is set (the pre-issue-6 form), else
+/// Written as a bare id when nothing else is set (the original form), else
 /// as an object. Fields left unset come from the consumer's own record
 /// (`keywave-consumers`), else the defaults (`attest`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -649,25 +672,50 @@ impl fmt::Display for WaveSize {
     }
 }
 
+/// A wave size that does not parse.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum WaveSizeError {
+    #[error("bad wave percentage {value:?}")]
+    BadPercent {
+        value: String,
+        #[source]
+        source: std::num::ParseFloatError,
+    },
+    #[error("wave percentage {0:?} must be in (0, 100]")]
+    PercentOutOfRange(String),
+    #[error("bad wave size {value:?} (expected a count like 10 or a percentage like 10%)")]
+    BadCount {
+        value: String,
+        #[source]
+        source: std::num::ParseIntError,
+    },
+    #[error("wave size must be at least 1")]
+    Zero,
+}
+
 impl std::str::FromStr for WaveSize {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = WaveSizeError;
+    fn from_str(s: &str) -> Result<Self, WaveSizeError> {
         let s = s.trim();
         if let Some(p) = s.strip_suffix('%') {
             let p: f64 = p
                 .trim()
                 .parse()
-                .map_err(|_| format!("bad wave percentage {s:?}"))?;
+                .map_err(|source| WaveSizeError::BadPercent {
+                    value: s.to_string(),
+                    source,
+                })?;
             if !(p > 0.0 && p <= 100.0) {
-                return Err(format!("wave percentage {s:?} must be in (0, 100]"));
+                return Err(WaveSizeError::PercentOutOfRange(s.to_string()));
             }
             Ok(WaveSize::Percent(p))
         } else {
-            let n: u64 = s.parse().map_err(|_| {
-                format!("bad wave size {s:?} (expected a count like 10 or a percentage like 10%)")
+            let n: u64 = s.parse().map_err(|source| WaveSizeError::BadCount {
+                value: s.to_string(),
+                source,
             })?;
             if n == 0 {
-                return Err("wave size must be at least 1".into());
+                return Err(WaveSizeError::Zero);
             }
             Ok(WaveSize::Count(n))
         }
@@ -695,11 +743,20 @@ impl<'de> Deserialize<'de> for WaveSize {
     }
 }
 
+/// A wave plan that does not parse.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum WavePlanError {
+    #[error(transparent)]
+    Size(#[from] WaveSizeError),
+    #[error("wave plan is empty")]
+    Empty,
+}
+
 /// Parses a wave plan such as `1,10%,50%`.
-pub fn parse_wave_plan(s: &str) -> Result<Vec<WaveSize>, String> {
+pub fn parse_wave_plan(s: &str) -> Result<Vec<WaveSize>, WavePlanError> {
     let plan: Vec<WaveSize> = s.split(',').map(str::parse).collect::<Result<_, _>>()?;
     if plan.is_empty() {
-        return Err("wave plan is empty".into());
+        return Err(WavePlanError::Empty);
     }
     Ok(plan)
 }
@@ -737,12 +794,12 @@ impl Selector {
 
     /// Parses the CLI form: `id=a,b tag=env=prod region=eu,us endpoint=x kind=redis`,
     /// space- or `;`-separated clauses.
-    pub fn parse(s: &str) -> Result<Selector, String> {
+    pub fn parse(s: &str) -> Result<Selector, SelectorError> {
         let mut sel = Selector::default();
         for clause in s.split([' ', ';']).filter(|c| !c.trim().is_empty()) {
             let (k, v) = clause
                 .split_once('=')
-                .ok_or_else(|| format!("selector clause {clause:?} is not key=value"))?;
+                .ok_or_else(|| SelectorError::NotKeyValue(clause.to_string()))?;
             match k {
                 "id" | "ids" => sel.ids.extend(v.split(',').map(String::from)),
                 "tag" | "tags" => sel.tags.extend(v.split(',').map(String::from)),
@@ -754,14 +811,27 @@ impl Selector {
                     }
                 }
                 o => {
-                    return Err(format!(
-                        "unknown selector key {o:?} (expected id, tag, region, endpoint or kind)"
-                    ))
+                    return Err(SelectorError::UnknownKey(UnknownName::new(
+                        "selector key",
+                        o,
+                        "id, tag, region, endpoint or kind",
+                    )))
                 }
             }
         }
         Ok(sel)
     }
+}
+
+/// A `--selector` expression that does not parse.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum SelectorError {
+    #[error("selector clause {0:?} is not key=value")]
+    NotKeyValue(String),
+    #[error(transparent)]
+    UnknownKey(UnknownName),
+    #[error(transparent)]
+    Kind(#[from] UnknownName),
 }
 
 /// What to do when a wave exceeds its failure budget.
@@ -785,14 +855,12 @@ impl OnFailure {
 }
 
 impl std::str::FromStr for OnFailure {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, UnknownName> {
         match s {
             "rollback" => Ok(OnFailure::Rollback),
             "pause" => Ok(OnFailure::Pause),
-            o => Err(format!(
-                "unknown on_failure {o:?} (expected rollback or pause)"
-            )),
+            o => Err(UnknownName::new("on_failure", o, "rollback or pause")),
         }
     }
 }
@@ -856,34 +924,66 @@ fn is_zero(x: &f64) -> bool {
     *x == 0.0
 }
 
+/// A campaign spec field that does not validate; `field` names it as the
+/// spec spells it (`failure_budget`, `waves`, ...).
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("{field}: {problem}")]
+pub struct SpecError {
+    pub field: &'static str,
+    #[source]
+    pub problem: SpecProblem,
+}
+
+/// What is wrong with a campaign spec field.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum SpecProblem {
+    #[error("unsupported schema version {0}")]
+    Version(u16),
+    #[error("at least one wave size is required")]
+    NoWaves,
+    #[error("must be between 0 and 1")]
+    NotAFraction,
+    #[error("must be positive")]
+    NotPositive,
+    #[error(transparent)]
+    BadRegion(#[from] crate::ids::IdError),
+    #[error("at most 1000 approval gates")]
+    TooManyGates,
+    #[error("1 to 128 characters, no control characters")]
+    BadRequester,
+}
+
 impl CampaignSpec {
     /// Checks the fields the coordinator relies on; names the bad one.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let bad = |field: &'static str, problem: SpecProblem| Err(SpecError { field, problem });
         if self.v != SCHEMA_VERSION {
-            return Err(format!("v: unsupported schema version {}", self.v));
+            return bad("v", SpecProblem::Version(self.v));
         }
         if self.waves.is_empty() {
-            return Err("waves: at least one wave size is required".into());
+            return bad("waves", SpecProblem::NoWaves);
         }
         if !(0.0..=1.0).contains(&self.failure_budget) {
-            return Err("failure_budget: must be between 0 and 1".into());
+            return bad("failure_budget", SpecProblem::NotAFraction);
         }
         if self.task_timeout_ms == 0 {
-            return Err("task_timeout_ms: must be positive".into());
+            return bad("task_timeout_ms", SpecProblem::NotPositive);
         }
         for r in &self.selector.regions {
-            crate::ids::validate("selector region", r).map_err(|e| e.to_string())?;
+            if let Err(e) = crate::ids::validate("region", r) {
+                return bad("selector.regions", e.into());
+            }
         }
         if self.approve_before_waves.len() > 1_000 {
-            return Err("approve_before_waves: at most 1000 approval gates".into());
+            return bad("approve_before_waves", SpecProblem::TooManyGates);
         }
         if !(0.0..=1.0).contains(&self.preflight_max_unreachable) {
-            return Err("preflight_max_unreachable: must be between 0 and 1".into());
+            return bad("preflight_max_unreachable", SpecProblem::NotAFraction);
         }
         if let Some(by) = &self.requested_by {
             if by.trim().is_empty() || by.chars().count() > 128 || by.chars().any(char::is_control)
             {
-                return Err("requested_by: 1 to 128 characters, no control characters".into());
+                return bad("requested_by", SpecProblem::BadRequester);
             }
         }
         Ok(())
@@ -1132,6 +1232,36 @@ mod tests {
     }
 
     #[test]
+    fn parse_errors_name_the_bad_word() {
+        assert_eq!(
+            "x".parse::<Strategy>().unwrap_err().to_string(),
+            "unknown strategy \"x\" (expected continuity or containment)"
+        );
+        assert_eq!(
+            "oracle".parse::<TargetKind>().unwrap_err().to_string(),
+            "unknown target kind \"oracle\" (expected redis, sim, postgres or mysql)"
+        );
+        assert_eq!(
+            parse_wave_plan("1,0").unwrap_err(),
+            WavePlanError::Size(WaveSizeError::Zero)
+        );
+        let e = parse_wave_plan("x").unwrap_err();
+        assert!(std::error::Error::source(&e).is_some(), "{e}");
+        assert_eq!(
+            Selector::parse("kind=oracle").unwrap_err(),
+            SelectorError::Kind(UnknownName::new(
+                "target kind",
+                "oracle",
+                "redis, sim, postgres or mysql"
+            ))
+        );
+        assert_eq!(
+            Selector::parse("color=red").unwrap_err().to_string(),
+            "unknown selector key \"color\" (expected id, tag, region, endpoint or kind)"
+        );
+    }
+
+    #[test]
     fn preflight_fields_are_optional_and_checked() {
         let text = r#"{"strategy":"continuity","waves":[1],"failure_budget":0.1,
             "on_failure":"pause","task_timeout_ms":1000}"#;
@@ -1150,7 +1280,11 @@ mod tests {
         for bad in [-0.1, 1.5, f64::NAN] {
             spec.preflight_max_unreachable = bad;
             let e = spec.validate().unwrap_err();
-            assert!(e.starts_with("preflight_max_unreachable:"), "{e}");
+            assert_eq!(e.field, "preflight_max_unreachable", "{e}");
+            assert!(
+                e.to_string().starts_with("preflight_max_unreachable: "),
+                "{e}"
+            );
         }
     }
 

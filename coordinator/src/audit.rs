@@ -39,7 +39,8 @@ use futures::StreamExt;
 use keywave_common::sign::{PublicKey, SigningKey};
 use keywave_common::{
     audit::{self, AuditRecord, ChainReport, Entry, Hwm, ResultDigest, GENESIS, RECORD_VERSION},
-    codec, ids, now_ms, subjects, topology,
+    codec, ids, now_ms, subjects,
+    topology::{self, StreamReadError},
     wire::RotationResult,
 };
 use serde::Serialize;
@@ -66,10 +67,25 @@ const EXPECTED_LAST_SUBJECT_SEQ: HeaderName =
 pub enum AuditError {
     #[error("audit stream: {0}")]
     Stream(String),
-    #[error("appending to the audit chain of {campaign}: {detail}")]
-    Append { campaign: String, detail: String },
+    #[error("appending to the audit chain of {campaign}: {source}")]
+    Append {
+        campaign: String,
+        #[source]
+        source: AppendError,
+    },
     #[error("the audit chain of {campaign} ends in an unreadable record: {detail}")]
     Head { campaign: String, detail: String },
+}
+
+/// Why a record was not appended to its chain.
+#[derive(Debug, Error)]
+pub enum AppendError {
+    #[error(transparent)]
+    Seal(serde_json::Error),
+    #[error(transparent)]
+    Publish(async_nats::jetstream::context::PublishError),
+    #[error("record {0} was already written by another coordinator")]
+    AlreadyWritten(u64),
 }
 
 /// The head of a chain as this writer knows it.
@@ -138,11 +154,11 @@ impl Writer {
             hwm,
             entry,
         };
-        let err = |detail: String| AuditError::Append {
+        let err = |source: AppendError| AuditError::Append {
             campaign: cid.to_string(),
-            detail,
+            source,
         };
-        let (payload, hash) = audit::seal(&record).map_err(|e| err(e.to_string()))?;
+        let (payload, hash) = audit::seal(&record).map_err(|e| err(AppendError::Seal(e)))?;
         let mut headers: HeaderMap =
             codec::headers(codec::Format::Json, &format!("audit:{cid}:{}", record.seq));
         headers.insert(
@@ -159,12 +175,11 @@ impl Writer {
         let sent = async {
             self.js
                 .publish_with_headers(subjects::audit(cid), headers, payload.into())
+                .await?
                 .await
-                .map_err(|e| e.to_string())?
-                .await
-                .map_err(|e| e.to_string())
         }
-        .await;
+        .await
+        .map_err(AppendError::Publish);
         match sent {
             Ok(ack) if !ack.duplicate => {
                 self.heads.insert(
@@ -180,10 +195,7 @@ impl Writer {
             }
             Ok(_) => {
                 self.heads.remove(cid);
-                Err(err(format!(
-                    "record {} was already written by another coordinator",
-                    record.seq
-                )))
+                Err(err(AppendError::AlreadyWritten(record.seq)))
             }
             Err(e) => {
                 self.heads.remove(cid);
@@ -401,7 +413,13 @@ pub async fn follow(
                 .into_iter()
                 .enumerate()
             {
-                let s = js.get_stream(name).await.map_err(|e| e.to_string())?;
+                let s = js
+                    .get_stream(name)
+                    .await
+                    .map_err(|source| StreamReadError::Open {
+                        stream: name,
+                        source,
+                    })?;
                 let c = s
                     .create_consumer(pull::OrderedConfig {
                         deliver_policy: DeliverPolicy::ByStartSequence {
@@ -410,10 +428,20 @@ pub async fn follow(
                         ..Default::default()
                     })
                     .await
-                    .map_err(|e| e.to_string())?;
-                out.push(c.messages().await.map_err(|e| e.to_string())?);
+                    .map_err(|source| StreamReadError::Consumer {
+                        stream: name,
+                        source,
+                    })?;
+                out.push(
+                    c.messages()
+                        .await
+                        .map_err(|source| StreamReadError::Messages {
+                            stream: name,
+                            source,
+                        })?,
+                );
             }
-            Ok::<_, String>(out)
+            Ok::<_, StreamReadError>(out)
         };
         let mut streams = match consumers.await {
             Ok(s) => s,

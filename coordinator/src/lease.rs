@@ -46,20 +46,40 @@ impl Default for Config {
     }
 }
 
+/// A lease timing out of bounds; [`ConfigError::field`] names it, the
+/// message says what is wrong with it.
+#[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("must be at least 100ms")]
+    Ttl,
+    #[error("must be positive and at most half the lease ttl")]
+    RenewPeriod,
+    #[error("must be positive")]
+    PollPeriod,
+}
+
+impl ConfigError {
+    /// The timing at fault, as operators name it.
+    pub fn field(self) -> &'static str {
+        match self {
+            ConfigError::Ttl => "lease ttl",
+            ConfigError::RenewPeriod => "lease renew period",
+            ConfigError::PollPeriod => "lease poll period",
+        }
+    }
+}
+
 impl Config {
     /// Checks the timings; names the bad one.
-    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.ttl < Duration::from_millis(100) {
-            return Err(("lease ttl", "must be at least 100ms".into()));
+            return Err(ConfigError::Ttl);
         }
         if self.renew_every.is_zero() || self.renew_every * 2 > self.ttl {
-            return Err((
-                "lease renew period",
-                "must be positive and at most half the lease ttl".into(),
-            ));
+            return Err(ConfigError::RenewPeriod);
         }
         if self.poll_every.is_zero() {
-            return Err(("lease poll period", "must be positive".into()));
+            return Err(ConfigError::PollPeriod);
         }
         Ok(())
     }
@@ -455,7 +475,7 @@ mod tests {
             renew_every: Duration::from_secs(10),
             ..Default::default()
         };
-        assert_eq!(bad.validate().unwrap_err().0, "lease renew period");
+        assert_eq!(bad.validate().unwrap_err().field(), "lease renew period");
     }
 
     #[tokio::test]

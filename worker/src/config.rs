@@ -798,7 +798,7 @@ fn db_common(
     default_port: u16,
     max_concurrency: usize,
     lengths: std::ops::RangeInclusive<usize>,
-    login_name: &dyn Fn(&str) -> Result<(), String>,
+    login_name: &dyn Fn(&str) -> Result<(), crate::targets::TargetError>,
 ) -> Result<DbCommon, ConfigError> {
     let kind = e.kind;
     let host = e.host.clone().ok_or_else(|| {
@@ -820,7 +820,7 @@ fn db_common(
             format!("required for kind = \"{kind}\""),
         )
     })?;
-    login_name(&user).map_err(|m| invalid(format!("{at}.admin_user"), m))?;
+    login_name(&user).map_err(|e| invalid(format!("{at}.admin_user"), e.to_string()))?;
     let tls = db_tls(at, e)?;
     let connections = e
         .admin_connections
@@ -851,7 +851,7 @@ fn db_common(
     for (principal, clone) in &alternating {
         let field = format!("{at}.alternating.{principal:?}");
         for name in [principal, clone] {
-            login_name(name).map_err(|m| invalid(&field, m))?;
+            login_name(name).map_err(|e| invalid(&field, e.to_string()))?;
             if *name == user {
                 return Err(invalid(&field, "the admin login is never rotated"));
             }
@@ -952,11 +952,7 @@ fn endpoint(at: &str, e: EndpointFile, env: &dyn Env) -> Result<EndpointConfig, 
             let mut allowed = DB_FIELDS.to_vec();
             allowed.push("dbname");
             only_fields(at, &e, e.kind, &allowed)?;
-            let role = |n: &str| {
-                postgres::quote_ident(n)
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            };
+            let role = |n: &str| postgres::quote_ident(n).map(|_| ());
             let c = db_common(
                 at,
                 &e,
@@ -991,11 +987,7 @@ fn endpoint(at: &str, e: EndpointFile, env: &dyn Env) -> Result<EndpointConfig, 
             mysql::account("u", &account_host)
                 .and_then(|_| mysql::quote_literal("account_host", &account_host))
                 .map_err(|err| invalid(format!("{at}.account_host"), err.to_string()))?;
-            let user = |n: &str| {
-                mysql::account(n, &account_host)
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            };
+            let user = |n: &str| mysql::account(n, &account_host).map(|_| ());
             let c = db_common(
                 at,
                 &e,

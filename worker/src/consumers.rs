@@ -23,7 +23,9 @@ use keywave_common::wire::{
 };
 use keywave_common::{codec, subjects, topology};
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
+use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -52,6 +54,97 @@ impl std::fmt::Debug for ConsumerVerifier {
             .field("region", &self.region)
             .finish_non_exhaustive()
     }
+}
+
+/// Why a consumer was not verified; its text is the outcome's `detail`.
+/// Cloned into the outcome of every check of the consumer, hence the shared
+/// causes.
+#[derive(Debug, Clone, Error)]
+pub enum VerifyFailure {
+    /// The wait ended without an answer for this consumer.
+    #[error("no attestation of the new fingerprint")]
+    NoAttestation,
+    #[error("not probed")]
+    NotProbed,
+    #[error("cannot read stream {stream}: {source}", stream = topology::STREAM_ATTEST)]
+    AttestStream {
+        #[source]
+        source: Arc<jetstream::context::GetStreamError>,
+    },
+    #[error("reading attestations: {0}")]
+    AttestConsumer(#[source] Arc<jetstream::stream::ConsumerError>),
+    #[error("reading attestations: {0}")]
+    AttestMessages(#[source] Arc<jetstream::consumer::StreamError>),
+    /// The consumer's time was up; what was last seen of it.
+    #[error("{0} in time")]
+    NotInTime(NotYet),
+    #[error("attestation stream ended before the consumer attested")]
+    StreamEnded,
+    #[error("http verification without a url")]
+    NoUrl,
+    /// The last HTTP probe before the consumer's time was up.
+    #[error(transparent)]
+    Probe(#[from] ProbeFailure),
+}
+
+/// The last thing an attestation wait saw of a consumer that has not moved
+/// over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum NotYet {
+    #[error("no attestation of the new fingerprint")]
+    NoAttestation,
+    #[error("attested another secret, not the new one")]
+    OtherSecret,
+    #[error("attested the new secret but its health check failed")]
+    Unhealthy,
+}
+
+/// Why one HTTP probe did not pass.
+#[derive(Debug, Clone, Error)]
+pub enum ProbeFailure {
+    #[error("probe answered HTTP {0}")]
+    Status(u16),
+    #[error("probe failed: {0}")]
+    Failed(#[source] HttpGetError),
+    #[error("probe timed out")]
+    TimedOut,
+}
+
+/// Why a `GET` got no status code.
+#[derive(Debug, Clone, Error)]
+pub enum HttpGetError {
+    #[error(transparent)]
+    Url(#[from] HttpUrlError),
+    /// Connecting, sending the request or reading the answer failed.
+    #[error("{0}")]
+    Io(#[source] Arc<std::io::Error>),
+    #[error("malformed HTTP status line")]
+    MalformedStatus(#[source] std::num::ParseIntError),
+    #[error("not an HTTP answer")]
+    NotHttp,
+}
+
+impl From<std::io::Error> for HttpGetError {
+    fn from(e: std::io::Error) -> Self {
+        HttpGetError::Io(Arc::new(e))
+    }
+}
+
+/// A URL `http` verification cannot probe.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum HttpUrlError {
+    #[error("only http:// URLs can be probed")]
+    NotHttp,
+    #[error("the URL needs a host (and no credentials)")]
+    NoHost,
+    #[error("bad port {port:?}")]
+    BadPort {
+        port: String,
+        #[source]
+        source: std::num::ParseIntError,
+    },
+    #[error("the path must not contain whitespace")]
+    BadPath,
 }
 
 /// Shutdown interrupted a wait: the task is handed back and resumes (the
@@ -115,26 +208,29 @@ impl ConsumerVerifier {
             _ = shutdown.cancelled() => return Err(Interrupted),
             r = async { tokio::join!(attest_wait, probes) } => r,
         };
-        let probed: HashMap<String, Result<u64, String>> = probed.into_iter().collect();
+        let probed: HashMap<String, Result<u64, VerifyFailure>> = probed.into_iter().collect();
         Ok(checks
             .iter()
             .map(|c| {
                 let r = match c.verify {
                     VerifyKind::None => None,
-                    VerifyKind::Attest => Some(attested.get(&c.id).cloned().unwrap_or_else(|| {
-                        Err("no attestation of the new fingerprint".to_string())
-                    })),
+                    VerifyKind::Attest => Some(
+                        attested
+                            .get(&c.id)
+                            .cloned()
+                            .unwrap_or(Err(VerifyFailure::NoAttestation)),
+                    ),
                     VerifyKind::Http => Some(
                         probed
                             .get(&c.id)
                             .cloned()
-                            .unwrap_or_else(|| Err("not probed".into())),
+                            .unwrap_or(Err(VerifyFailure::NotProbed)),
                     ),
                 };
                 let (status, detail, at) = match r {
                     None => (ConsumerStatus::Unverified, None, None),
                     Some(Ok(at)) => (ConsumerStatus::Verified, None, Some(at)),
-                    Some(Err(d)) => (ConsumerStatus::Failed, Some(d), None),
+                    Some(Err(d)) => (ConsumerStatus::Failed, Some(d.to_string()), None),
                 };
                 ConsumerOutcome {
                     id: c.id.clone(),
@@ -158,8 +254,8 @@ impl ConsumerVerifier {
         checks: &[&ConsumerCheck],
         now: u64,
         deadline_ms: u64,
-    ) -> HashMap<String, Result<u64, String>> {
-        let mut out: HashMap<String, Result<u64, String>> = HashMap::new();
+    ) -> HashMap<String, Result<u64, VerifyFailure>> {
+        let mut out: HashMap<String, Result<u64, VerifyFailure>> = HashMap::new();
         let mut limits: HashMap<&str, u64> = checks
             .iter()
             .map(|c| (c.id.as_str(), wait_limit(c, now, deadline_ms)))
@@ -176,42 +272,41 @@ impl ConsumerVerifier {
                     .await
             }
             Err(e) => {
-                let detail = format!("cannot read stream {}: {e}", topology::STREAM_ATTEST);
-                warn!(credential = %credential_id, error = %detail, "Consumer attestations unavailable");
+                let failure = VerifyFailure::AttestStream {
+                    source: Arc::new(e),
+                };
+                warn!(credential = %credential_id, error = %failure, "Consumer attestations unavailable");
                 for c in checks {
-                    out.insert(c.id.clone(), Err(detail.clone()));
+                    out.insert(c.id.clone(), Err(failure.clone()));
                 }
                 return out;
             }
         };
-        let mut messages = match consumer {
+        let failed = match consumer {
             Ok(c) => match c.messages().await {
-                Ok(m) => m,
-                Err(e) => {
-                    for c in checks {
-                        out.insert(c.id.clone(), Err(format!("reading attestations: {e}")));
-                    }
-                    return out;
-                }
+                Ok(m) => Ok(m),
+                Err(e) => Err(VerifyFailure::AttestMessages(Arc::new(e))),
             },
-            Err(e) => {
+            Err(e) => Err(VerifyFailure::AttestConsumer(Arc::new(e))),
+        };
+        let mut messages = match failed {
+            Ok(m) => m,
+            Err(failure) => {
                 for c in checks {
-                    out.insert(c.id.clone(), Err(format!("reading attestations: {e}")));
+                    out.insert(c.id.clone(), Err(failure.clone()));
                 }
                 return out;
             }
         };
         // Last reason each pending consumer was not verified yet.
-        let mut why: HashMap<&str, String> = HashMap::new();
+        let mut why: HashMap<&str, NotYet> = HashMap::new();
         while !limits.is_empty() {
             let now = now_ms();
             // Consumers whose time is up fail now.
             limits.retain(|id, limit| {
                 if *limit <= now {
-                    let d = why
-                        .remove(id)
-                        .unwrap_or_else(|| "no attestation of the new fingerprint".into());
-                    out.insert(id.to_string(), Err(format!("{d} in time")));
+                    let d = why.remove(id).unwrap_or(NotYet::NoAttestation);
+                    out.insert(id.to_string(), Err(VerifyFailure::NotInTime(d)));
                     false
                 } else {
                     true
@@ -244,7 +339,7 @@ impl ConsumerVerifier {
                 continue;
             };
             if a.fingerprint != fingerprint {
-                why.insert(id, "attested another secret, not the new one".into());
+                why.insert(id, NotYet::OtherSecret);
                 continue;
             }
             if a.healthy {
@@ -253,17 +348,11 @@ impl ConsumerVerifier {
                 why.remove(id);
                 out.insert(id.to_string(), Ok(now_ms()));
             } else {
-                why.insert(
-                    id,
-                    "attested the new secret but its health check failed".into(),
-                );
+                why.insert(id, NotYet::Unhealthy);
             }
         }
         for (id, _) in limits {
-            out.insert(
-                id.to_string(),
-                Err("attestation stream ended before the consumer attested".into()),
-            );
+            out.insert(id.to_string(), Err(VerifyFailure::StreamEnded));
         }
         out
     }
@@ -271,9 +360,9 @@ impl ConsumerVerifier {
 
 /// Probes `check.url` until it answers 2xx or `limit` (ms since the epoch)
 /// passes; returns when it answered.
-async fn probe_until(check: &ConsumerCheck, limit: u64) -> Result<u64, String> {
+async fn probe_until(check: &ConsumerCheck, limit: u64) -> Result<u64, VerifyFailure> {
     let Some(url) = check.url.as_deref() else {
-        return Err("http verification without a url".into());
+        return Err(VerifyFailure::NoUrl);
     };
     let mut last;
     loop {
@@ -281,12 +370,12 @@ async fn probe_until(check: &ConsumerCheck, limit: u64) -> Result<u64, String> {
         let per_try = PROBE_TIMEOUT.min(Duration::from_millis(left.max(1)));
         last = match tokio::time::timeout(per_try, http_get_status(url)).await {
             Ok(Ok(code)) if (200..300).contains(&code) => return Ok(now_ms()),
-            Ok(Ok(code)) => format!("probe answered HTTP {code}"),
-            Ok(Err(e)) => format!("probe failed: {e}"),
-            Err(_) => "probe timed out".into(),
+            Ok(Ok(code)) => ProbeFailure::Status(code),
+            Ok(Err(e)) => ProbeFailure::Failed(e),
+            Err(_) => ProbeFailure::TimedOut,
         };
         if now_ms() + PROBE_INTERVAL.as_millis() as u64 >= limit {
-            return Err(last);
+            return Err(last.into());
         }
         tokio::time::sleep(PROBE_INTERVAL).await;
     }
@@ -301,25 +390,27 @@ pub struct HttpUrl {
 }
 
 /// Parses the plain-HTTP URLs `http` verification accepts.
-pub fn parse_http_url(url: &str) -> Result<HttpUrl, String> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| "only http:// URLs can be probed".to_string())?;
+pub fn parse_http_url(url: &str) -> Result<HttpUrl, HttpUrlError> {
+    let rest = url.strip_prefix("http://").ok_or(HttpUrlError::NotHttp)?;
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
     if authority.is_empty() || authority.contains('@') {
-        return Err("the URL needs a host (and no credentials)".into());
+        return Err(HttpUrlError::NoHost);
     }
     let (host, port) = match authority.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
-            (h, p.parse().map_err(|_| format!("bad port {p:?}"))?)
-        }
+        Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => (
+            h,
+            p.parse().map_err(|source| HttpUrlError::BadPort {
+                port: p.to_string(),
+                source,
+            })?,
+        ),
         _ => (authority, 80),
     };
     if path.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err("the path must not contain whitespace".into());
+        return Err(HttpUrlError::BadPath);
     }
     Ok(HttpUrl {
         host: host
@@ -332,22 +423,18 @@ pub fn parse_http_url(url: &str) -> Result<HttpUrl, String> {
 }
 
 /// One `GET`, returning the status code.
-async fn http_get_status(url: &str) -> Result<u16, String> {
+async fn http_get_status(url: &str) -> Result<u16, HttpGetError> {
     let u = parse_http_url(url)?;
-    let mut s = tokio::net::TcpStream::connect((u.host.as_str(), u.port))
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut s = tokio::net::TcpStream::connect((u.host.as_str(), u.port)).await?;
     let req = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: keywave-worker\r\nConnection: close\r\n\r\n",
         u.path, u.host
     );
-    s.write_all(req.as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
+    s.write_all(req.as_bytes()).await?;
     let mut buf = Vec::with_capacity(256);
     let mut chunk = [0u8; 256];
     while !buf.windows(2).any(|w| w == b"\r\n") && buf.len() < 4096 {
-        let n = s.read(&mut chunk).await.map_err(|e| e.to_string())?;
+        let n = s.read(&mut chunk).await?;
         if n == 0 {
             break;
         }
@@ -356,10 +443,10 @@ async fn http_get_status(url: &str) -> Result<u16, String> {
     let line = String::from_utf8_lossy(&buf);
     let mut parts = line.split_whitespace();
     match (parts.next(), parts.next()) {
-        (Some(v), Some(code)) if v.starts_with("HTTP/") => code
-            .parse()
-            .map_err(|_| "malformed HTTP status line".to_string()),
-        _ => Err("not an HTTP answer".into()),
+        (Some(v), Some(code)) if v.starts_with("HTTP/") => {
+            code.parse().map_err(HttpGetError::MalformedStatus)
+        }
+        _ => Err(HttpGetError::NotHttp),
     }
 }
 
@@ -381,6 +468,48 @@ mod tests {
         assert!(parse_http_url("https://svc/").is_err());
         assert!(parse_http_url("http://u:p@svc/").is_err());
         assert!(parse_http_url("http://svc:x/").is_err());
+        assert_eq!(parse_http_url("http://u:p@svc/"), Err(HttpUrlError::NoHost));
+    }
+
+    #[test]
+    fn failures_read_as_the_outcome_details() {
+        assert_eq!(
+            VerifyFailure::NotInTime(NotYet::OtherSecret).to_string(),
+            "attested another secret, not the new one in time"
+        );
+        assert_eq!(
+            VerifyFailure::NotInTime(NotYet::NoAttestation).to_string(),
+            "no attestation of the new fingerprint in time"
+        );
+        assert_eq!(
+            VerifyFailure::from(ProbeFailure::Status(503)).to_string(),
+            "probe answered HTTP 503"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_probe_keeps_the_io_error() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let check = ConsumerCheck {
+            id: "a".into(),
+            verify: VerifyKind::Http,
+            url: Some(format!("http://127.0.0.1:{port}/healthz")),
+            timeout_ms: None,
+        };
+        let e = probe_until(&check, now_ms() + 200).await.unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                VerifyFailure::Probe(ProbeFailure::Failed(HttpGetError::Io(_)))
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().starts_with("probe failed: "), "{e}");
+        assert!(std::error::Error::source(&e).is_some());
     }
 
     #[test]

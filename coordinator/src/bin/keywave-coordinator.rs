@@ -53,22 +53,38 @@ const ENV_LEASE_TTL: &str = "KEYWAVE_LEASE_TTL";
 /// How often the active coordinator renews its lease (at most half the ttl).
 const ENV_LEASE_RENEW: &str = "KEYWAVE_LEASE_RENEW";
 
+/// A setting from the environment that does not validate.
+#[derive(Debug, thiserror::Error)]
+enum EnvError {
+    #[error("{var}: {source}")]
+    Duration {
+        var: &'static str,
+        #[source]
+        source: keywave_common::duration::DurationError,
+    },
+    #[error("{field}: {source}", field = source.field())]
+    Lease {
+        #[from]
+        source: keywave_coordinator::lease::ConfigError,
+    },
+    #[error(transparent)]
+    Faults(#[from] keywave_coordinator::engine::fault::FaultError),
+}
+
 /// Lease timings and fault injection from the environment.
-fn from_env(opts: &mut keywave_coordinator::CoordinatorOptions) -> Result<(), String> {
-    use keywave_common::duration::parse as parse_duration;
+fn from_env(opts: &mut keywave_coordinator::CoordinatorOptions) -> Result<(), EnvError> {
+    let duration = |var: &'static str, v: &str| {
+        keywave_common::duration::parse(v).map_err(|source| EnvError::Duration { var, source })
+    };
     if let Ok(v) = std::env::var(ENV_LEASE_TTL) {
-        opts.lease.ttl = parse_duration(&v).map_err(|e| format!("{ENV_LEASE_TTL}: {e}"))?;
+        opts.lease.ttl = duration(ENV_LEASE_TTL, &v)?;
         opts.lease.renew_every = opts.lease.ttl / 3;
     }
     if let Ok(v) = std::env::var(ENV_LEASE_RENEW) {
-        opts.lease.renew_every =
-            parse_duration(&v).map_err(|e| format!("{ENV_LEASE_RENEW}: {e}"))?;
+        opts.lease.renew_every = duration(ENV_LEASE_RENEW, &v)?;
     }
-    opts.lease
-        .validate()
-        .map_err(|(field, message)| format!("{field}: {message}"))?;
-    opts.faults =
-        keywave_coordinator::engine::fault::Faults::from_env().map_err(|e| e.to_string())?;
+    opts.lease.validate()?;
+    opts.faults = keywave_coordinator::engine::fault::Faults::from_env()?;
     if opts.faults.crash.is_some() {
         tracing::warn!(faults = ?opts.faults, "Fault injection is ON");
     }

@@ -87,11 +87,28 @@ pub async fn run(js: Context, kv: kv::Store, shutdown: CancellationToken) {
     }
 }
 
-async fn consume(js: &Context, kv: &kv::Store, shutdown: CancellationToken) -> Result<(), String> {
+/// Why the indexer's consumer stopped (it is started again).
+#[derive(Debug, thiserror::Error)]
+enum ConsumeError {
+    #[error("opening stream {STREAM_ROTATED}: {0}")]
+    Stream(#[source] async_nats::jetstream::context::GetStreamError),
+    #[error("creating consumer {CONSUMER}: {0}")]
+    Consumer(#[source] async_nats::jetstream::stream::ConsumerError),
+    #[error("reading {STREAM_ROTATED}: {0}")]
+    Messages(#[source] async_nats::jetstream::consumer::StreamError),
+    #[error("message stream ended")]
+    Ended,
+}
+
+async fn consume(
+    js: &Context,
+    kv: &kv::Store,
+    shutdown: CancellationToken,
+) -> Result<(), ConsumeError> {
     let consumer = js
         .get_stream(STREAM_ROTATED)
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(ConsumeError::Stream)?
         .get_or_create_consumer(
             CONSUMER,
             pull::Config {
@@ -104,8 +121,8 @@ async fn consume(js: &Context, kv: &kv::Store, shutdown: CancellationToken) -> R
             },
         )
         .await
-        .map_err(|e| e.to_string())?;
-    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+        .map_err(ConsumeError::Consumer)?;
+    let mut messages = consumer.messages().await.map_err(ConsumeError::Messages)?;
     info!("Fingerprint indexer running");
     loop {
         let next = tokio::select! {
@@ -113,7 +130,7 @@ async fn consume(js: &Context, kv: &kv::Store, shutdown: CancellationToken) -> R
             _ = shutdown.cancelled() => return Ok(()),
         };
         let msg = match next {
-            None => return Err("message stream ended".into()),
+            None => return Err(ConsumeError::Ended),
             Some(Err(e)) => {
                 warn!(error = %e, "Rotation notice consumer error");
                 continue;

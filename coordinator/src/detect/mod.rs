@@ -68,8 +68,12 @@ pub enum DetectError {
     },
     #[error(transparent)]
     Intake(#[from] intake::IntakeError),
-    #[error("polled source {name}: {detail}")]
-    Poll { name: String, detail: String },
+    #[error("polled source {name}: {source}")]
+    Poll {
+        name: String,
+        #[source]
+        source: poll::PollSetupError,
+    },
 }
 
 /// A prepared detection intake.
@@ -108,7 +112,7 @@ impl Detector {
             let name = src.name.clone();
             pollers.push(
                 poll::Poller::new(src, js.clone())
-                    .map_err(|detail| DetectError::Poll { name, detail })?,
+                    .map_err(|source| DetectError::Poll { name, source })?,
             );
         }
         if opts.detect_key.is_none() {

@@ -96,18 +96,18 @@ impl PollSource {
     }
 
     /// Checks every bound; names the bad field.
-    pub fn validate(&self) -> Result<(), String> {
-        keywave_common::ids::validate("name", &self.name).map_err(|e| e.to_string())?;
-        let uri: Uri = self
-            .url
-            .parse()
-            .map_err(|_| format!("url: {:?} is not a URL", self.url))?;
+    pub fn validate(&self) -> Result<(), SourceError> {
+        keywave_common::ids::validate("name", &self.name)?;
+        let uri: Uri = self.url.parse().map_err(|source| SourceError::NotAUrl {
+            url: self.url.clone(),
+            source,
+        })?;
         if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
-            return Err(format!("url: {:?} must be an http(s) URL", self.url));
+            return Err(SourceError::NotHttp(self.url.clone()));
         }
-        let within = |field: &str, v: Duration, lo: Duration, hi: Duration| {
+        let within = |field: &'static str, v: Duration, lo: Duration, hi: Duration| {
             if v < lo || v > hi {
-                Err(format!("{field}: must be between {lo:?} and {hi:?}"))
+                Err(SourceError::OutOfBounds { field, lo, hi })
             } else {
                 Ok(())
             }
@@ -115,15 +115,38 @@ impl PollSource {
         within("interval", self.interval, MIN_INTERVAL, MAX_INTERVAL)?;
         within("timeout", self.timeout, MIN_TIMEOUT, MAX_TIMEOUT)?;
         if !(MIN_BODY_BYTES..=MAX_BODY_BYTES).contains(&self.max_body_bytes) {
-            return Err(format!(
-                "max_body_bytes: must be between {MIN_BODY_BYTES} and {MAX_BODY_BYTES}"
-            ));
+            return Err(SourceError::MaxBodyBytes);
         }
         if !(1..=MAX_PAGES).contains(&self.max_pages) {
-            return Err(format!("max_pages: must be between 1 and {MAX_PAGES}"));
+            return Err(SourceError::MaxPages);
         }
         Ok(())
     }
+}
+
+/// A poll source setting out of bounds; the message names the field.
+#[derive(Debug, Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Name(#[from] keywave_common::ids::IdError),
+    #[error("url: {url:?} is not a URL")]
+    NotAUrl {
+        url: String,
+        #[source]
+        source: hyper::http::uri::InvalidUri,
+    },
+    #[error("url: {0:?} must be an http(s) URL")]
+    NotHttp(String),
+    #[error("{field}: must be between {lo:?} and {hi:?}")]
+    OutOfBounds {
+        field: &'static str,
+        lo: Duration,
+        hi: Duration,
+    },
+    #[error("max_body_bytes: must be between {MIN_BODY_BYTES} and {MAX_BODY_BYTES}")]
+    MaxBodyBytes,
+    #[error("max_pages: must be between 1 and {MAX_PAGES}")]
+    MaxPages,
 }
 
 /// A source as written in the `--poll-config` JSON file.
@@ -150,63 +173,109 @@ struct RawSource {
     max_pages: Option<usize>,
 }
 
+/// Why the `--poll-config` file was refused. Never holds a token.
+#[derive(Debug, Error)]
+pub enum PollConfigError {
+    #[error("not a JSON array of sources: {0}")]
+    Json(#[source] serde_json::Error),
+    #[error("at most {MAX_SOURCES} sources")]
+    TooMany,
+    #[error("source {name:?}: {problem}")]
+    Source {
+        name: String,
+        #[source]
+        problem: SourceConfigError,
+    },
+}
+
+/// What is wrong with one source of the `--poll-config` file.
+#[derive(Debug, Error)]
+pub enum SourceConfigError {
+    #[error("interval: {0}")]
+    Interval(#[source] keywave_common::duration::DurationError),
+    #[error("timeout: {0}")]
+    Timeout(#[source] keywave_common::duration::DurationError),
+    #[error("set token_env or token_file, not both")]
+    TwoTokens,
+    #[error("token_env: {0} is not set")]
+    TokenEnvUnset(String),
+    #[error("token_file: cannot read {}: {source}", path.display())]
+    TokenFileUnreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("token_file: {} is empty", path.display())]
+    TokenFileEmpty { path: PathBuf },
+    #[error(transparent)]
+    Invalid(#[from] SourceError),
+    #[error("a source of that name is already configured")]
+    Duplicate,
+}
+
 /// Parses the `--poll-config` file: a JSON array of sources. Tokens are read
 /// through `env` (the variable named by `token_env`) or from `token_file`.
 pub fn parse_config(
     text: &str,
     env: impl Fn(&str) -> Option<String>,
-) -> Result<Vec<PollSource>, String> {
-    let raw: Vec<RawSource> =
-        serde_json::from_str(text).map_err(|e| format!("not a JSON array of sources: {e}"))?;
+) -> Result<Vec<PollSource>, PollConfigError> {
+    let raw: Vec<RawSource> = serde_json::from_str(text).map_err(PollConfigError::Json)?;
     if raw.len() > MAX_SOURCES {
-        return Err(format!("at most {MAX_SOURCES} sources"));
+        return Err(PollConfigError::TooMany);
     }
     let mut out: Vec<PollSource> = Vec::with_capacity(raw.len());
     for r in raw {
-        let mut s = PollSource::new(r.name, r.url, r.format);
-        let ctx = |e: String| format!("source {:?}: {e}", s.name);
-        if let Some(v) = &r.interval {
-            s.interval = keywave_common::duration::parse(v)
-                .map_err(|e| format!("interval: {e}"))
-                .map_err(ctx)?;
-        }
-        if let Some(v) = &r.timeout {
-            s.timeout = keywave_common::duration::parse(v)
-                .map_err(|e| format!("timeout: {e}"))
-                .map_err(ctx)?;
-        }
-        if let Some(v) = r.max_body_bytes {
-            s.max_body_bytes = v;
-        }
-        if let Some(v) = r.max_pages {
-            s.max_pages = v;
-        }
-        s.token = match (&r.token_env, &r.token_file) {
-            (Some(_), Some(_)) => {
-                return Err(ctx("set token_env or token_file, not both".into()));
-            }
-            (Some(var), None) => match env(var).filter(|t| !t.trim().is_empty()) {
-                Some(t) => Some(Secret::new(t.trim().to_string())),
-                None => return Err(ctx(format!("token_env: {var} is not set"))),
-            },
-            (None, Some(path)) => {
-                let t = std::fs::read_to_string(path)
-                    .map_err(|e| ctx(format!("token_file: cannot read {}: {e}", path.display())))?;
-                let t = t.trim();
-                if t.is_empty() {
-                    return Err(ctx(format!("token_file: {} is empty", path.display())));
-                }
-                Some(Secret::new(t.to_string()))
-            }
-            (None, None) => None,
-        };
-        s.validate().map_err(ctx)?;
-        if out.iter().any(|o| o.name == s.name) {
-            return Err(ctx("a source of that name is already configured".into()));
-        }
+        let name = r.name.clone();
+        let s = source_of(r, &env, &out)
+            .map_err(|problem| PollConfigError::Source { name, problem })?;
         out.push(s);
     }
     Ok(out)
+}
+
+/// One source of the file, validated; `before` are the sources read so far.
+fn source_of(
+    r: RawSource,
+    env: &impl Fn(&str) -> Option<String>,
+    before: &[PollSource],
+) -> Result<PollSource, SourceConfigError> {
+    let mut s = PollSource::new(r.name, r.url, r.format);
+    if let Some(v) = &r.interval {
+        s.interval = keywave_common::duration::parse(v).map_err(SourceConfigError::Interval)?;
+    }
+    if let Some(v) = &r.timeout {
+        s.timeout = keywave_common::duration::parse(v).map_err(SourceConfigError::Timeout)?;
+    }
+    if let Some(v) = r.max_body_bytes {
+        s.max_body_bytes = v;
+    }
+    if let Some(v) = r.max_pages {
+        s.max_pages = v;
+    }
+    s.token = match (r.token_env, r.token_file) {
+        (Some(_), Some(_)) => return Err(SourceConfigError::TwoTokens),
+        (Some(var), None) => match env(&var).filter(|t| !t.trim().is_empty()) {
+            Some(t) => Some(Secret::new(t.trim().to_string())),
+            None => return Err(SourceConfigError::TokenEnvUnset(var)),
+        },
+        (None, Some(path)) => {
+            let t = match std::fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(source) => return Err(SourceConfigError::TokenFileUnreadable { path, source }),
+            };
+            let t = t.trim();
+            if t.is_empty() {
+                return Err(SourceConfigError::TokenFileEmpty { path });
+            }
+            Some(Secret::new(t.to_string()))
+        }
+        (None, None) => None,
+    };
+    s.validate()?;
+    if before.iter().any(|o| o.name == s.name) {
+        return Err(SourceConfigError::Duplicate);
+    }
+    Ok(s)
 }
 
 /// Why one poll failed (never carries the token).
@@ -214,8 +283,12 @@ pub fn parse_config(
 pub enum PollError {
     #[error("bad url {0:?}")]
     Url(String),
-    #[error("connecting to {host}: {detail}")]
-    Connect { host: String, detail: String },
+    #[error("connecting to {host}: {source}")]
+    Connect {
+        host: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("TLS: {0}")]
     Tls(String),
     #[error("HTTP: {0}")]
@@ -229,7 +302,7 @@ pub enum PollError {
     #[error("the answer is not what was expected: {0}")]
     Format(#[from] AdapterError),
     #[error("publishing a detection: {0}")]
-    Publish(String),
+    Publish(#[source] wire_detect::PublishDetectionError),
 }
 
 /// What one poll did.
@@ -254,9 +327,30 @@ pub struct Poller {
     seen: HashSet<String>,
 }
 
+/// Why a poller could not be prepared.
+#[derive(Debug, Error)]
+pub enum PollSetupError {
+    #[error(transparent)]
+    Invalid(#[from] SourceError),
+    #[error(transparent)]
+    Tls(#[from] TlsSetupError),
+}
+
+/// Why the TLS client of https sources could not be built.
+#[derive(Debug, Error)]
+pub enum TlsSetupError {
+    #[error("no root certificate found on this system (install ca-certificates)")]
+    NoRoots,
+    #[error("TLS protocol versions: {0}")]
+    Protocols(#[source] tokio_rustls::rustls::Error),
+}
+
 impl Poller {
     /// Prepares a poller (loads the system's root certificates for https).
-    pub fn new(src: PollSource, js: async_nats::jetstream::Context) -> Result<Self, String> {
+    pub fn new(
+        src: PollSource,
+        js: async_nats::jetstream::Context,
+    ) -> Result<Self, PollSetupError> {
         src.validate()?;
         let tls = if src.url.starts_with("https://") {
             Some(tls_connector()?)
@@ -337,7 +431,7 @@ impl Poller {
         }
         let duplicate = wire_detect::publish(&self.js, d)
             .await
-            .map_err(|e| PollError::Publish(e.to_string()))?;
+            .map_err(PollError::Publish)?;
         if duplicate {
             stats.duplicates += 1;
         } else {
@@ -408,9 +502,9 @@ impl Poller {
             .map_err(|e| PollError::Http(e.to_string()))?;
         let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
             .await
-            .map_err(|e| PollError::Connect {
+            .map_err(|source| PollError::Connect {
                 host: format!("{host}:{port}"),
-                detail: e.to_string(),
+                source,
             })?;
         let (body, link) = if https {
             let tls = self
@@ -508,19 +602,19 @@ fn same_origin(base: &Uri, next: &str) -> bool {
         .is_ok_and(|n| n.scheme() == base.scheme() && n.authority() == base.authority())
 }
 
-fn tls_connector() -> Result<tokio_rustls::TlsConnector, String> {
+fn tls_connector() -> Result<tokio_rustls::TlsConnector, TlsSetupError> {
     use tokio_rustls::rustls;
     let mut roots = rustls::RootCertStore::empty();
     let found = rustls_native_certs::load_native_certs();
     let (added, _) = roots.add_parsable_certificates(found.certs);
     if added == 0 {
-        return Err("no root certificate found on this system (install ca-certificates)".into());
+        return Err(TlsSetupError::NoRoots);
     }
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
+    .map_err(TlsSetupError::Protocols)?
     .with_root_certificates(roots)
     .with_no_client_auth();
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
@@ -583,7 +677,7 @@ mod tests {
                 "already",
             ),
         ] {
-            let e = parse_config(bad, env).unwrap_err();
+            let e = parse_config(bad, env).unwrap_err().to_string();
             assert!(e.contains(what), "{bad}: {e}");
             assert!(!e.contains("tok-123"));
         }

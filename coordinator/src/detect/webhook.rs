@@ -75,20 +75,24 @@ impl WebhookConfig {
     pub fn secrets_from_env(
         mut self,
         env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Self, String> {
-        let read = |name: &str| -> Result<Option<Secret>, String> {
+    ) -> Result<Self, SecretFileError> {
+        let read = |name: &str| -> Result<Option<Secret>, SecretFileError> {
             if let Some(v) = env(name).filter(|v| !v.is_empty()) {
                 return Ok(Some(Secret::new(v)));
             }
-            let file_var = format!("{name}_FILE");
-            match env(&file_var).filter(|v| !v.is_empty()) {
+            let var = format!("{name}_FILE");
+            match env(&var).filter(|v| !v.is_empty()) {
                 None => Ok(None),
                 Some(path) => {
-                    let s = std::fs::read_to_string(&path)
-                        .map_err(|e| format!("{file_var}: cannot read {path}: {e}"))?;
+                    let s = match std::fs::read_to_string(&path) {
+                        Ok(s) => s,
+                        Err(source) => {
+                            return Err(SecretFileError::Unreadable { var, path, source })
+                        }
+                    };
                     let s = s.trim_end_matches(['\n', '\r']).to_string();
                     if s.is_empty() {
-                        return Err(format!("{file_var}: {path} is empty"));
+                        return Err(SecretFileError::Empty { var, path });
                     }
                     Ok(Some(Secret::new(s)))
                 }
@@ -99,6 +103,21 @@ impl WebhookConfig {
         self.generic_secret = read(GENERIC_SECRET_ENV)?;
         Ok(self)
     }
+}
+
+/// A webhook secret file (`<NAME>_FILE`) that cannot be used; names the
+/// variable and the file, never the content.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretFileError {
+    #[error("{var}: cannot read {path}: {source}")]
+    Unreadable {
+        var: String,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{var}: {path} is empty")]
+    Empty { var: String, path: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

@@ -55,7 +55,7 @@ enum DriveError {
     Crashed(#[from] Crash),
     /// Reading approvals failed: retried.
     #[error("approvals: {0}")]
-    Approvals(String),
+    Approvals(#[source] keywave_common::topology::StreamReadError),
 }
 
 impl From<crate::lease::LeaseError> for DriveError {
@@ -592,6 +592,15 @@ impl Job {
     }
 }
 
+/// Why a wave's unstarted tasks could not be withdrawn.
+#[derive(Debug, Error)]
+enum WithdrawError {
+    #[error("opening stream {stream}: {0}", stream = keywave_common::topology::STREAM_TASKS)]
+    Stream(#[source] async_nats::jetstream::context::GetStreamError),
+    #[error("purging the tasks: {0}")]
+    Purge(#[source] async_nats::jetstream::stream::PurgeError),
+}
+
 /// Removes the campaign's tasks that no worker has finished from the work
 /// queue once their wave is decided without them, so that none of them
 /// starts after the decision (they count as `no_result`). A task a worker
@@ -600,19 +609,18 @@ impl Job {
 /// start deadline still refuses them later.
 async fn withdraw_tasks(engine: &Engine, cid: &str, w: u32) {
     let filter = format!("keywave.task.*.{cid}");
-    let purged = async {
-        let stream = engine
-            .js
-            .get_stream(keywave_common::topology::STREAM_TASKS)
-            .await
-            .map_err(|e| e.to_string())?;
-        stream
+    let purged = match engine
+        .js
+        .get_stream(keywave_common::topology::STREAM_TASKS)
+        .await
+    {
+        Ok(stream) => stream
             .purge()
             .filter(filter)
             .await
-            .map_err(|e| e.to_string())
-    }
-    .await;
+            .map_err(WithdrawError::Purge),
+        Err(e) => Err(WithdrawError::Stream(e)),
+    };
     match purged {
         Ok(r) => {
             info!(campaign = %cid, wave = w, withdrawn = r.purged, "Wave decided without every result; its unstarted tasks were withdrawn")

@@ -130,6 +130,11 @@ pub enum CoordinatorError {
         field: &'static str,
         message: String,
     },
+    #[error("invalid coordinator option {field}: {source}", field = source.field())]
+    Lease {
+        #[from]
+        source: lease::ConfigError,
+    },
     #[error(transparent)]
     Topology(#[from] TopologyError),
     #[error("subscribing to the operator API: {0}")]
@@ -340,9 +345,7 @@ impl Coordinator {
                 message: "must be positive".into(),
             });
         }
-        if let Err((field, message)) = opts.lease.validate() {
-            return Err(CoordinatorError::Options { field, message });
-        }
+        opts.lease.validate()?;
         let js = topology::context(client.clone());
         opts.metrics.attach(client.clone(), opts.topology.clone());
         topology::ensure_core(&js, &opts.topology).await?;
@@ -828,7 +831,8 @@ impl Engine {
         req: StartRequest,
     ) -> Result<String, RequestError> {
         let mut spec = req.spec;
-        spec.validate().map_err(RequestError::BadRequest)?;
+        spec.validate()
+            .map_err(|e| RequestError::BadRequest(e.to_string()))?;
         let cid = match req.campaign_id {
             Some(id) => {
                 ids::validate("campaign_id", &id)
@@ -1381,12 +1385,21 @@ pub struct Approval {
 /// Every `approved` event of campaign `cid` (`keywave.event.<cid>.approved`
 /// on `KEYWAVE_EVENTS`), oldest first: how a driver, also a restarted one,
 /// learns the approvals.
-pub(crate) async fn read_approvals(js: &Context, cid: &str) -> Result<Vec<Approval>, String> {
+pub(crate) async fn read_approvals(
+    js: &Context,
+    cid: &str,
+) -> Result<Vec<Approval>, topology::StreamReadError> {
     use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+    use topology::StreamReadError;
+    const STREAM: &str = topology::STREAM_EVENTS;
+    const IDLE: Duration = Duration::from_secs(5);
     let stream = js
-        .get_stream(topology::STREAM_EVENTS)
+        .get_stream(STREAM)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|source| StreamReadError::Open {
+            stream: STREAM,
+            source,
+        })?;
     let consumer = stream
         .create_consumer(pull::OrderedConfig {
             filter_subject: keywave_common::subjects::event(cid, "approved"),
@@ -1394,17 +1407,34 @@ pub(crate) async fn read_approvals(js: &Context, cid: &str) -> Result<Vec<Approv
             ..Default::default()
         })
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|source| StreamReadError::Consumer {
+            stream: STREAM,
+            source,
+        })?;
     let mut out = Vec::new();
     if consumer.cached_info().num_pending == 0 {
         return Ok(out);
     }
-    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|source| StreamReadError::Messages {
+            stream: STREAM,
+            source,
+        })?;
     loop {
-        let m = match tokio::time::timeout(Duration::from_secs(5), messages.next()).await {
-            Err(_) => return Err("reading approvals timed out".into()),
+        let m = match tokio::time::timeout(IDLE, messages.next()).await {
+            Err(_) => {
+                return Err(StreamReadError::Stalled {
+                    stream: STREAM,
+                    idle: IDLE,
+                })
+            }
             Ok(None) => break,
-            Ok(Some(m)) => m.map_err(|e| e.to_string())?,
+            Ok(Some(m)) => m.map_err(|source| StreamReadError::Next {
+                stream: STREAM,
+                source,
+            })?,
         };
         let pending = m.info().map(|i| i.pending).unwrap_or(0);
         if let Some(a) = approval_of(&m.payload, m.headers.as_ref()) {

@@ -66,8 +66,17 @@ pub(super) async fn run(engine: Arc<Engine>) {
             _ = engine.stop.cancelled() => return,
         };
         let messages = match created {
-            Ok(c) => c.messages().await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+            Ok(c) => c
+                .messages()
+                .await
+                .map_err(|source| topology::StreamReadError::Messages {
+                    stream: topology::STREAM_ADVISORIES,
+                    source,
+                }),
+            Err(source) => Err(topology::StreamReadError::Consumer {
+                stream: topology::STREAM_ADVISORIES,
+                source,
+            }),
         };
         let mut messages = match messages {
             Ok(m) => m,
@@ -113,7 +122,36 @@ pub(super) async fn run(engine: Arc<Engine>) {
     }
 }
 
-async fn handle(engine: &Engine, msg: &jetstream::Message) -> Result<(), String> {
+/// Why an advisory could not be handled yet (it is delivered again).
+#[derive(Debug, thiserror::Error)]
+enum PoisonError {
+    #[error("reading task {seq}: {source}")]
+    ReadTask {
+        seq: u64,
+        #[source]
+        source: jetstream::stream::RawMessageError,
+    },
+    #[error("dead-lettering task {seq}: {source}")]
+    DeadLetter {
+        seq: u64,
+        #[source]
+        source: publish::PublishError,
+    },
+    #[error("recording the dead letter in campaign {campaign}: {source}")]
+    Event {
+        campaign: String,
+        #[source]
+        source: publish::PublishError,
+    },
+    #[error("counting task {task} as failed: {source}")]
+    Result {
+        task: String,
+        #[source]
+        source: publish::PublishError,
+    },
+}
+
+async fn handle(engine: &Engine, msg: &jetstream::Message) -> Result<(), PoisonError> {
     let adv: MaxDeliveries = match serde_json::from_slice(&msg.payload) {
         Ok(a) => a,
         Err(e) => {
@@ -132,7 +170,7 @@ async fn handle(engine: &Engine, msg: &jetstream::Message) -> Result<(), String>
         Ok(m) => m,
         // Acked after all, or handled before: nothing left to do.
         Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(()),
-        Err(e) => return Err(format!("reading task {seq}: {e}")),
+        Err(source) => return Err(PoisonError::ReadTask { seq, source }),
     };
     let task: Option<RotationTask> = codec::decode(Some(&raw.headers), &raw.payload).ok();
     let reason = format!(
@@ -168,7 +206,7 @@ async fn handle(engine: &Engine, msg: &jetstream::Message) -> Result<(), String>
         &dl,
     )
     .await
-    .map_err(|e| e.to_string())?;
+    .map_err(|source| PoisonError::DeadLetter { seq, source })?;
     if let Some(cid) = &campaign {
         events::publish(
             &engine.js,
@@ -180,7 +218,10 @@ async fn handle(engine: &Engine, msg: &jetstream::Message) -> Result<(), String>
             },
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|source| PoisonError::Event {
+            campaign: cid.clone(),
+            source,
+        })?;
     }
     if let (Some(t), Some(cid)) = (&task, &campaign) {
         let result = RotationResult {
@@ -213,7 +254,10 @@ async fn handle(engine: &Engine, msg: &jetstream::Message) -> Result<(), String>
             &result,
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|source| PoisonError::Result {
+            task: t.task_id.clone(),
+            source,
+        })?;
     }
     match engine.tasks.delete_message(seq).await {
         Ok(_) => {}

@@ -40,7 +40,7 @@ use async_nats::jetstream::kv;
 use futures::{StreamExt, TryStreamExt};
 use keywave_common::{
     ids,
-    wire::{ConsumerRef, Credential, Selector, TargetKind, SCHEMA_VERSION},
+    wire::{ConsumerRef, Credential, Selector, TargetKind, UnknownName, SCHEMA_VERSION},
 };
 use serde::de::{DeserializeSeed, Error as _, SeqAccess, Visitor};
 use serde_json::{Map, Value};
@@ -95,14 +95,16 @@ impl fmt::Display for Format {
 }
 
 impl std::str::FromStr for Format {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, UnknownName> {
         match s.to_ascii_lowercase().as_str() {
             "json" => Ok(Format::Json),
             "jsonl" | "jsonlines" | "ndjson" => Ok(Format::JsonLines),
             "csv" => Ok(Format::Csv),
-            o => Err(format!(
-                "unknown inventory format {o:?} (expected json, jsonl or csv)"
+            o => Err(UnknownName::new(
+                "inventory format",
+                o,
+                "json, jsonl or csv",
             )),
         }
     }
@@ -313,7 +315,7 @@ fn validate(raw: RawRecord) -> Result<Credential, FieldError> {
         .kind
         .ok_or_else(|| ferr("kind", "is required"))?
         .parse()
-        .map_err(|e: String| ferr("kind", e))?;
+        .map_err(|e: UnknownName| ferr("kind", e.to_string()))?;
     let principal = raw
         .principal
         .ok_or_else(|| ferr("principal", "is required"))?;
