@@ -166,21 +166,39 @@ pub enum ImportError {
     /// Two records name the same login (principal at one endpoint of one
     /// region): rotating both would leave the login with two valid secrets
     /// and two records each "proving" theirs.
-    #[error("{at}: credential {id:?} has the same login as credential {} (at {first}): principal {principal:?} at endpoint {endpoint} in region {region}; keep one record per login", first_id.as_deref().map(|f| format!("{f:?}")).unwrap_or_else(|| "?".into()))]
-    DuplicateLogin {
-        at: Position,
-        id: String,
-        first: Position,
-        /// The first record's id (looked up once the duplicate is found).
-        first_id: Option<String>,
-        /// 0-based record number of the first record, to look its id up.
-        first_index: u64,
-        region: String,
-        endpoint: String,
-        principal: String,
-    },
+    #[error("{0}")]
+    DuplicateLogin(Box<SharedLogin>),
     #[error(transparent)]
     Write(#[from] InventoryError),
+}
+
+/// The two records of an [`ImportError::DuplicateLogin`].
+#[derive(Debug)]
+pub struct SharedLogin {
+    pub at: Position,
+    pub id: String,
+    pub first: Position,
+    /// The first record's id (looked up once the duplicate is found).
+    pub first_id: Option<String>,
+    /// 0-based record number of the first record, to look its id up.
+    pub first_index: u64,
+    pub region: String,
+    pub endpoint: String,
+    pub principal: String,
+}
+
+impl fmt::Display for SharedLogin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let first = match &self.first_id {
+            Some(id) => format!("{id:?}"),
+            None => "?".into(),
+        };
+        write!(
+            f,
+            "{}: credential {:?} has the same login as credential {first} (at {}): principal {:?} at endpoint {} in region {}; keep one record per login",
+            self.at, self.id, self.first, self.principal, self.endpoint, self.region
+        )
+    }
 }
 
 impl ImportError {
@@ -189,8 +207,8 @@ impl ImportError {
         match self {
             ImportError::Syntax { at, .. }
             | ImportError::Invalid { at, .. }
-            | ImportError::Duplicate { at, .. }
-            | ImportError::DuplicateLogin { at, .. } => Some(at.number()),
+            | ImportError::Duplicate { at, .. } => Some(at.number()),
+            ImportError::DuplicateLogin(d) => Some(d.at.number()),
             _ => None,
         }
     }
@@ -200,7 +218,7 @@ impl ImportError {
         match self {
             ImportError::Invalid { field, .. } => Some(field),
             ImportError::Duplicate { .. } => Some("id"),
-            ImportError::DuplicateLogin { .. } => Some("principal"),
+            ImportError::DuplicateLogin(_) => Some("principal"),
             _ => None,
         }
     }
@@ -500,7 +518,7 @@ impl<'a> Collector<'a> {
         let login =
             hash(&|h| (&cred.region, &cred.endpoint, &cred.principal).hash(&mut HashWrite(h)));
         if let Some(&(first, first_index)) = self.logins.get(&login) {
-            return Err(ImportError::DuplicateLogin {
+            return Err(ImportError::DuplicateLogin(Box::new(SharedLogin {
                 at,
                 id: cred.id,
                 first,
@@ -509,7 +527,7 @@ impl<'a> Collector<'a> {
                 region: cred.region,
                 endpoint: cred.endpoint,
                 principal: cred.principal,
-            });
+            })));
         }
         self.seen.insert(key, at);
         self.logins.insert(login, (at, self.records));
@@ -706,25 +724,10 @@ pub fn parse_reader(format: Format, reader: impl Read) -> Result<Vec<Credential>
         Ok(())
     });
     match scanned {
-        Err(ImportError::DuplicateLogin {
-            at,
-            id,
-            first,
-            first_index,
-            region,
-            endpoint,
-            principal,
-            ..
-        }) => Err(ImportError::DuplicateLogin {
-            at,
-            id,
-            first,
-            first_id: creds.get(first_index as usize).map(|c| c.id.clone()),
-            first_index,
-            region,
-            endpoint,
-            principal,
-        }),
+        Err(ImportError::DuplicateLogin(mut d)) => {
+            d.first_id = creds.get(d.first_index as usize).map(|c| c.id.clone());
+            Err(ImportError::DuplicateLogin(d))
+        }
         Err(e) => Err(e),
         Ok(_) => Ok(creds),
     }
@@ -809,30 +812,13 @@ pub async fn import_file(
         .await
         .map_err(joined(path))?;
     let validated = match validated {
-        Err(ImportError::DuplicateLogin {
-            at,
-            id,
-            first,
-            first_index,
-            region,
-            endpoint,
-            principal,
-            ..
-        }) => {
+        Err(ImportError::DuplicateLogin(mut d)) => {
             let file = open(path)?;
-            let first_id = tokio::task::spawn_blocking(move || id_at(format, file, first_index))
+            let index = d.first_index;
+            d.first_id = tokio::task::spawn_blocking(move || id_at(format, file, index))
                 .await
                 .map_err(joined(path))?;
-            return Err(ImportError::DuplicateLogin {
-                at,
-                id,
-                first,
-                first_id,
-                first_index,
-                region,
-                endpoint,
-                principal,
-            });
+            return Err(ImportError::DuplicateLogin(d));
         }
         other => other?,
     };
@@ -1116,17 +1102,11 @@ mod tests {
         let text = format!("{ok}d,eu,x,sim,q\ne,us,e,sim,p\n");
         let err = parse_reader(Format::Csv, text.as_bytes()).unwrap_err();
         match &err {
-            ImportError::DuplicateLogin {
-                at,
-                id,
-                first,
-                first_id,
-                ..
-            } => {
-                assert_eq!(*at, Position::Line(6));
-                assert_eq!(*first, Position::Line(3));
-                assert_eq!(id, "e");
-                assert_eq!(first_id.as_deref(), Some("b"));
+            ImportError::DuplicateLogin(d) => {
+                assert_eq!(d.at, Position::Line(6));
+                assert_eq!(d.first, Position::Line(3));
+                assert_eq!(d.id, "e");
+                assert_eq!(d.first_id.as_deref(), Some("b"));
             }
             other => panic!("unexpected {other:?}"),
         }
