@@ -1,4 +1,6 @@
-//! What every `keywave` command shares: the typed [`CommandError`] with its
+//! What every `keywave` command shares: the typed [`CommandError`] (and the
+//! error types of the commands it wraps, kept here so that no command module
+//! and this one import each other) with its
 //! exit code, the NATS connection under the CLI's client name, and the one
 //! way a command prints `--json` output.
 
@@ -41,19 +43,121 @@ pub enum CommandError {
     #[error("{0:#}")]
     Bench(#[source] anyhow::Error),
     #[error(transparent)]
-    Detect(#[from] crate::detect::DetectCommandError),
+    Detect(#[from] DetectCommandError),
     /// A worker admin request (reconcile, discover) failed.
     #[error(transparent)]
-    Admin(#[from] crate::reconcile::AdminError),
+    Admin(#[from] AdminError),
     /// `inventory discover --import` could not write a proposed record.
     #[error(transparent)]
-    Discover(#[from] crate::discover::DiscoverImportError),
+    Discover(#[from] DiscoverImportError),
     /// The audit stream could not be read.
     #[error(transparent)]
     Audit(#[from] keywave_coordinator::audit::AuditError),
     /// `campaign report` could not read its sources or write its output.
     #[error(transparent)]
-    Report(#[from] crate::report::ReportError),
+    Report(#[from] ReportError),
+}
+
+/// Why a `keywave detect` command failed once its flags were valid.
+#[derive(Debug, Error)]
+pub enum DetectCommandError {
+    /// The detection streams or bucket could not be created or opened.
+    #[error(transparent)]
+    Topology(#[from] keywave_common::topology::TopologyError),
+    #[error(transparent)]
+    Publish(#[from] keywave_common::detect::PublishDetectionError),
+    #[error(transparent)]
+    Report(#[from] crate::containment::ContainmentError),
+    #[error(transparent)]
+    Records(#[from] keywave_common::topology::StreamReadError),
+}
+
+/// Why a worker admin request (reconcile, discover) failed; its text is a
+/// sentence for the report.
+#[derive(Debug, Error)]
+pub enum AdminError {
+    #[error("cannot encode the request: {0}")]
+    Encode(#[source] serde_json::Error),
+    #[error("no worker answers on {subject} (is a keywave-worker of that region running?)")]
+    NoResponders {
+        subject: String,
+        #[source]
+        source: async_nats::RequestError,
+    },
+    #[error("no reply on {subject} within {timeout:?}")]
+    TimedOut {
+        subject: String,
+        timeout: std::time::Duration,
+        #[source]
+        source: async_nats::RequestError,
+    },
+    #[error("request on {subject} failed: {source}")]
+    Request {
+        subject: String,
+        #[source]
+        source: async_nats::RequestError,
+    },
+    #[error("malformed reply on {subject}: {source}")]
+    Malformed {
+        subject: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("malformed reply on {subject}: no data")]
+    NoData { subject: String },
+    /// The worker answered with an error.
+    #[error("{}: {}", .0.class, .0.message)]
+    Refused(keywave_common::api::ApiError),
+}
+
+/// Why `inventory discover --import` could not write a proposed record.
+#[derive(Debug, Error)]
+pub enum DiscoverImportError {
+    #[error("encoding inventory record {id}: {source}")]
+    Encode {
+        id: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("writing inventory record {id}: {source}")]
+    Write {
+        id: String,
+        #[source]
+        source: async_nats::jetstream::kv::CreateError,
+    },
+}
+
+/// Why `campaign report` could not read its sources or write its output.
+#[derive(Debug, Error)]
+pub enum ReportError {
+    #[error("reading the events of {campaign}: {source}")]
+    Events {
+        campaign: String,
+        #[source]
+        source: keywave_common::topology::StreamReadError,
+    },
+    #[error("reading the results of {campaign}: {source}")]
+    Results {
+        campaign: String,
+        #[source]
+        source: keywave_common::topology::StreamReadError,
+    },
+    #[error("encoding the report: {0}")]
+    Encode(#[source] serde_json::Error),
+    #[error("writing the report: {0}")]
+    Write(#[source] std::io::Error),
+    #[error("cannot create {}: {source}", path.display())]
+    Create {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {}: {source}", path.display())]
+    Rename {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl CommandError {
@@ -95,7 +199,7 @@ mod tests {
         assert!(e.source().is_some());
         assert_eq!(e.exit_code(), 1);
 
-        let e = CommandError::from(crate::reconcile::AdminError::NoData {
+        let e = CommandError::from(AdminError::NoData {
             subject: "keywave.admin.v1.eu.reconcile".into(),
         });
         assert_eq!(
@@ -103,9 +207,7 @@ mod tests {
             "malformed reply on keywave.admin.v1.eu.reconcile: no data"
         );
 
-        let e = CommandError::from(crate::report::ReportError::Write(std::io::Error::other(
-            "disk full",
-        )));
+        let e = CommandError::from(ReportError::Write(std::io::Error::other("disk full")));
         assert_eq!(e.to_string(), "writing the report: disk full");
         assert_eq!(
             e.source().map(|c| c.to_string()).as_deref(),

@@ -3,7 +3,7 @@
 //! [`Detection`] with the bad flag named.
 
 use crate::containment as report;
-use crate::context::{connect, CommandError};
+use crate::context::{connect, CommandError, DetectCommandError};
 use clap::{Args, Subcommand};
 use keywave_common::client::ApiClient;
 use keywave_common::flags::{usage, UsageError};
@@ -15,21 +15,6 @@ use keywave_common::{
 use keywave_coordinator::detect::store;
 use std::collections::BTreeMap;
 use std::io::Read;
-use thiserror::Error;
-
-/// Why a `keywave detect` command failed once its flags were valid.
-#[derive(Debug, Error)]
-pub enum DetectCommandError {
-    /// The detection streams or bucket could not be created or opened.
-    #[error(transparent)]
-    Topology(#[from] topology::TopologyError),
-    #[error(transparent)]
-    Publish(#[from] detect::PublishDetectionError),
-    #[error(transparent)]
-    Report(#[from] report::ContainmentError),
-    #[error(transparent)]
-    Records(#[from] topology::StreamReadError),
-}
 
 /// `keywave detect`: report a leak, or inspect what detections did.
 #[derive(Debug, Args)]

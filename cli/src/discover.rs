@@ -6,7 +6,7 @@
 //! Privileged logins and the endpoint's admin login are left out unless
 //! `--include-privileged`; clone logins of alternating pairs always are.
 
-use crate::context::{connect, CommandError};
+use crate::context::{connect, CommandError, DiscoverImportError};
 use crate::reconcile::request;
 use clap::Args;
 use keywave_common::admin::{verbs, DiscoverReply, DiscoverRequest};
@@ -17,24 +17,6 @@ use keywave_coordinator::inventory::{self, Format};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::time::Duration;
-use thiserror::Error;
-
-/// Why `inventory discover --import` could not write a proposed record.
-#[derive(Debug, Error)]
-pub enum DiscoverImportError {
-    #[error("encoding inventory record {id}: {source}")]
-    Encode {
-        id: String,
-        #[source]
-        source: serde_json::Error,
-    },
-    #[error("writing inventory record {id}: {source}")]
-    Write {
-        id: String,
-        #[source]
-        source: async_nats::jetstream::kv::CreateError,
-    },
-}
 
 /// Tag put on every discovered record.
 pub const DISCOVERED_TAG: &str = "discovered";

@@ -8,7 +8,7 @@
 //! one worker of the region answers) and prints one report. Reports carry
 //! fingerprints only.
 
-use crate::context::{connect, CommandError};
+use crate::context::{connect, AdminError, CommandError};
 use bytes::Bytes;
 use clap::Args;
 use keywave_common::admin::{
@@ -22,7 +22,6 @@ use keywave_coordinator::inventory;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Duration;
-use thiserror::Error;
 
 /// Exit code when a credential needs attention or could not be checked.
 pub const EXIT_NEEDS_ATTENTION: u8 = 4;
@@ -284,44 +283,6 @@ async fn reconcile_region(
         }
     }
     out
-}
-
-/// Why a worker admin request (reconcile, discover) failed; its text is a
-/// sentence for the report.
-#[derive(Debug, Error)]
-pub enum AdminError {
-    #[error("cannot encode the request: {0}")]
-    Encode(#[source] serde_json::Error),
-    #[error("no worker answers on {subject} (is a keywave-worker of that region running?)")]
-    NoResponders {
-        subject: String,
-        #[source]
-        source: async_nats::RequestError,
-    },
-    #[error("no reply on {subject} within {timeout:?}")]
-    TimedOut {
-        subject: String,
-        timeout: Duration,
-        #[source]
-        source: async_nats::RequestError,
-    },
-    #[error("request on {subject} failed: {source}")]
-    Request {
-        subject: String,
-        #[source]
-        source: async_nats::RequestError,
-    },
-    #[error("malformed reply on {subject}: {source}")]
-    Malformed {
-        subject: String,
-        #[source]
-        source: serde_json::Error,
-    },
-    #[error("malformed reply on {subject}: no data")]
-    NoData { subject: String },
-    /// The worker answered with an error.
-    #[error("{}: {}", .0.class, .0.message)]
-    Refused(keywave_common::api::ApiError),
 }
 
 /// One admin request.

@@ -16,7 +16,7 @@
 //! escaped for the output format ([`html_escape`], [`md_cell`]). Results
 //! carry fingerprints, never secrets, and so does the report.
 
-use crate::context::{self, CommandError};
+use crate::context::{self, CommandError, ReportError};
 use async_nats::jetstream::{
     consumer::{pull, DeliverPolicy},
     Context,
@@ -32,43 +32,8 @@ use keywave_coordinator::engine::book::BitSet;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
-use std::path::PathBuf;
 use std::time::Duration;
-use thiserror::Error;
 use topology::StreamReadError;
-
-/// Why `campaign report` could not read its sources or write its output.
-#[derive(Debug, Error)]
-pub enum ReportError {
-    #[error("reading the events of {campaign}: {source}")]
-    Events {
-        campaign: String,
-        #[source]
-        source: StreamReadError,
-    },
-    #[error("reading the results of {campaign}: {source}")]
-    Results {
-        campaign: String,
-        #[source]
-        source: StreamReadError,
-    },
-    #[error("encoding the report: {0}")]
-    Encode(#[source] serde_json::Error),
-    #[error("writing the report: {0}")]
-    Write(#[source] std::io::Error),
-    #[error("cannot create {}: {source}", path.display())]
-    Create {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot write {}: {source}", path.display())]
-    Rename {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
 
 /// Longest wait for the next message of a stream before the read gives up.
 const READ_IDLE: Duration = Duration::from_secs(10);
