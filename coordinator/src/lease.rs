@@ -134,6 +134,30 @@ pub enum Seen {
     Held { record: LeaseRecord, revision: u64 },
 }
 
+/// Says who holds the lease a coordinator waits for. A record with this
+/// coordinator's own id comes from an earlier process (a restart after a
+/// crash): it is not taken back at once, because a second live process
+/// started with the same id would then take over from the first one and the
+/// two would fence each other in turn; it is waited out like any other.
+async fn log_standby(kv: &kv::Store, holder: &str) {
+    match look(kv).await {
+        Ok(Seen::Held { record, .. }) if record.holder == holder => {
+            let left = record.expires_at_ms.saturating_sub(now_ms());
+            info!(
+                holder,
+                earlier_instance = %record.instance,
+                expires_in_ms = left,
+                "Standing by: the lease is held by an earlier process with this coordinator id; \
+                 waiting for it to expire (a live process with the same id must not be taken over)"
+            );
+        }
+        Ok(Seen::Held { record, .. }) => {
+            info!(holder, lease_holder = %record.holder, "Standing by: another coordinator holds the lease")
+        }
+        _ => info!(holder, "Standing by: another coordinator holds the lease"),
+    }
+}
+
 /// Reads the lease key.
 pub async fn look(kv: &kv::Store) -> Result<Seen, LeaseError> {
     let entry = kv
@@ -252,7 +276,7 @@ impl Lease {
                 Ok(Some(l)) => return Some(l),
                 Ok(None) => {
                     if !logged {
-                        info!(holder, "Standing by: another coordinator holds the lease");
+                        log_standby(kv, holder).await;
                         logged = true;
                     }
                 }
