@@ -96,7 +96,11 @@ mod tests {
         for t in tasks {
             t.await.unwrap();
         }
-        assert_eq!(most.load(Ordering::SeqCst), 1, "one holder of a key at a time");
+        assert_eq!(
+            most.load(Ordering::SeqCst),
+            1,
+            "one holder of a key at a time"
+        );
         assert_eq!(locks.len(), 0, "entries are removed when nobody holds them");
     }
 }
