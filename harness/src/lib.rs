@@ -5,8 +5,12 @@
 //! use it, and so do `keywave dev` and `keywave bench` for their
 //! `nats-server`; it depends on no keywave crate but `keywave-common`.
 //!
-//! Each server has a fallible constructor (`try_start`, returning a
-//! [`HarnessError`]) and a panicking one for tests (`start`).
+//! The `nats-server` a program starts ([`NatsServer::try_start`],
+//! [`NatsServer::try_restart`], [`NatsCluster::try_start`]) and the process
+//! layer ([`process::locate`], [`process::Daemon::try_spawn`],
+//! [`process::Daemon::wait_ready`]) return a [`HarnessError`]; `start` and
+//! the database servers' constructors panic with the server log, as tests
+//! want.
 //!
 //! # Layout
 //! - [`nats`]: [`NatsServer`] (single JetStream node, restartable on the same
