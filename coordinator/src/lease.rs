@@ -475,8 +475,8 @@ impl Lease {
 mod tests {
     use super::*;
 
-    async fn bucket() -> (keywave_tests::NatsServer, kv::Store) {
-        let server = keywave_tests::NatsServer::start();
+    async fn bucket() -> (keywave_harness::NatsServer, kv::Store) {
+        let server = keywave_harness::NatsServer::start();
         let js = keywave_common::topology::context(server.client().await);
         let kv = keywave_common::topology::leases(&js, &Default::default())
             .await

@@ -18,7 +18,7 @@
 //! the final "old secret rejected" check is true trivially. The protocol's
 //! steps, target calls and durable writes are the same in both modes.
 
-use crate::dev::{find_in_path, log_tail, NatsServer};
+use crate::dev::start_nats_server;
 use crate::fleet::InProcess;
 use anyhow::{bail, Context as _};
 use async_nats::jetstream::{
@@ -513,9 +513,9 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     let server = match &opts.nats_url {
         Some(_) => None,
         None => {
-            let s = NatsServer::start().await?;
+            let s = start_nats_server().await?;
             if !opts.json {
-                eprintln!("started nats-server on {}", s.url);
+                eprintln!("started nats-server on {}", s.url());
             }
             Some(s)
         }
@@ -523,7 +523,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     let url = opts
         .nats_url
         .clone()
-        .or_else(|| server.as_ref().map(|s| s.url.clone()))
+        .or_else(|| server.as_ref().map(|s| s.url()))
         .expect("a URL or a server");
     // Ctrl-C must not leave children behind (they are killed on drop).
     let server_pid = server.as_ref().and_then(|s| s.pid());
@@ -540,7 +540,8 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
             let _ = std::fs::create_dir_all(dir);
             let _ = std::fs::copy(s.log_path(), dir.join("nats-server.log"));
         }
-        s.stop().await;
+        // Kills the server and removes its directory.
+        drop(s);
     }
     result
 }
@@ -625,6 +626,11 @@ impl Child {
     }
 }
 
+/// The last lines of a child's log, on one line (for an error message).
+fn log_tail(path: &Path) -> String {
+    keywave_harness::process::tail(path, 3).replace('\n', " | ")
+}
+
 /// A sibling of this executable (cargo puts the workspace's binaries side by
 /// side), else one from PATH.
 fn binary(name: &str) -> anyhow::Result<PathBuf> {
@@ -640,7 +646,7 @@ fn binary(name: &str) -> anyhow::Result<PathBuf> {
             dir = d.parent().map(Path::to_path_buf);
         }
     }
-    find_in_path(name).with_context(|| {
+    keywave_harness::process::find_on_path(name).with_context(|| {
         format!("{name} was found neither next to this binary nor in PATH (build it with `cargo build --release -p keywave-coordinator -p keywave-worker`)")
     })
 }

@@ -19,6 +19,7 @@ use keywave_common::{
     },
 };
 use keywave_coordinator::{engine::CoordinatorOptions, inventory};
+use keywave_harness::{HarnessError, NatsOptions, NatsServer};
 use keywave_worker::{
     store::{SecretStore, StoreError},
     targets::{
@@ -28,8 +29,6 @@ use keywave_worker::{
     WorkerOptions,
 };
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -187,94 +186,18 @@ impl DevReport {
     }
 }
 
-/// A `nats-server` child process with its own store directory; killed on drop.
-/// Shared with `keywave bench`.
-pub(crate) struct NatsServer {
-    child: tokio::process::Child,
-    pub(crate) url: String,
-    _dir: tempfile::TempDir,
-}
-
-pub(crate) fn find_in_path(binary: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(binary))
-        .find(|p| p.is_file())
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(l.local_addr()?.port())
-}
-
-impl NatsServer {
-    pub(crate) async fn start() -> anyhow::Result<NatsServer> {
-        let Some(bin) = find_in_path("nats-server") else {
-            bail!("nats-server was not found in PATH; install it (e.g. `apt-get install nats-server`) or pass --nats URL of a running server");
-        };
-        let dir = tempfile::tempdir().context("creating a temporary JetStream directory")?;
-        let port = free_port()?;
-        let log = std::fs::File::create(dir.path().join("nats-server.log"))?;
-        let child = tokio::process::Command::new(&bin)
-            .arg("-js")
-            .arg("-sd")
-            .arg(dir.path().join("jetstream"))
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let mut server = NatsServer {
-            child,
-            url: format!("nats://127.0.0.1:{port}"),
-            _dir: dir,
-        };
-        let until = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(status) = server.child.try_wait()? {
-                bail!(
-                    "nats-server exited ({status}) before accepting connections: {}",
-                    log_tail(&server._dir.path().join("nats-server.log"))
-                );
-            }
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                return Ok(server);
-            }
-            if Instant::now() > until {
-                bail!("nats-server did not accept connections on port {port} within 15s");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+/// Starts `nats-server` with its own defaults on a random loopback port, in
+/// a temporary directory, and waits until JetStream answers; killed (and
+/// the directory removed) when dropped. Shared with `keywave bench`.
+pub(crate) async fn start_nats_server() -> anyhow::Result<NatsServer> {
+    let started = tokio::task::spawn_blocking(|| NatsServer::try_start(&NatsOptions::default()))
+        .await
+        .context("starting nats-server")?;
+    match started {
+        Ok(server) => Ok(server),
+        Err(HarnessError::Missing { .. }) => bail!("nats-server was not found in PATH; install it (e.g. `apt-get install nats-server`) or pass --nats URL of a running server"),
+        Err(e) => Err(e.into()),
     }
-
-    /// The server's process id (for its peak memory).
-    pub(crate) fn pid(&self) -> Option<u32> {
-        self.child.id()
-    }
-
-    /// The server's log file (deleted with the server).
-    pub(crate) fn log_path(&self) -> PathBuf {
-        self._dir.path().join("nats-server.log")
-    }
-
-    pub(crate) async fn stop(mut self) {
-        let _ = self.child.start_kill();
-        let _ = self.child.wait().await;
-    }
-}
-
-pub(crate) fn log_tail(path: &Path) -> String {
-    std::fs::read_to_string(path)
-        .map(|s| {
-            let lines: Vec<&str> = s.lines().collect();
-            lines[lines.len().saturating_sub(3)..].join(" | ")
-        })
-        .unwrap_or_default()
 }
 
 /// The simulated credentials: `sim-000001`... spread round-robin over the regions.
@@ -521,24 +444,23 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<DevReport> {
     let server = match &opts.nats_url {
         Some(_) => None,
         None => {
-            let s = NatsServer::start().await?;
-            say(&format!("started nats-server on {}", s.url));
+            let s = start_nats_server().await?;
+            say(&format!("started nats-server on {}", s.url()));
             Some(s)
         }
     };
     let url = opts
         .nats_url
         .clone()
-        .or_else(|| server.as_ref().map(|s| s.url.clone()))
+        .or_else(|| server.as_ref().map(NatsServer::url))
         .expect("a URL or a server");
     // Ctrl-C must not leave the nats-server child behind.
     let result = tokio::select! {
         r = run_on(&opts, &url) => r,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
-    if let Some(s) = server {
-        s.stop().await;
-    }
+    // Kills the server and removes its directory.
+    drop(server);
     result
 }
 
@@ -734,7 +656,7 @@ mod tests {
     /// The whole demo against the shared server, small.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn dev_runs_end_to_end() {
-        let server = keywave_tests::NatsServer::start();
+        let server = NatsServer::start();
         let region = ids::random_id("dev");
         let report = run(DevOptions {
             nats_url: Some(server.url()),

@@ -24,18 +24,18 @@ use keywave_common::wire::{
     CampaignSpec, CampaignState, Credential, OnFailure, Selector, Strategy, TargetKind,
     SCHEMA_VERSION,
 };
-use keywave_coordinator::{Coordinator, CoordinatorOptions};
+use keywave_coordinator::CoordinatorOptions;
+use keywave_devkit::fleet::{CoordinatorTask, WorkerTask};
 use keywave_tests::mariadb::ADMIN_USER;
 use keywave_tests::{MariaDbServer, NatsServer, PostgresServer};
 use keywave_worker::targets::db::{Admin, Logins, Tls, TlsRequire};
 use keywave_worker::targets::mysql::{MysqlOptions, MysqlTarget};
 use keywave_worker::targets::postgres::{PostgresOptions, PostgresTarget};
 use keywave_worker::targets::Targets;
-use keywave_worker::{Worker, WorkerOptions};
+use keywave_worker::WorkerOptions;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio_util::sync::CancellationToken;
 
 struct Args {
     roles: usize,
@@ -187,8 +187,8 @@ async fn main() {
     keywave_coordinator::inventory::put_all(&kv, &creds)
         .await
         .expect("inventory import");
-    let coordinator = Coordinator::start(
-        client.clone(),
+    let coordinator = CoordinatorTask::start(
+        &client,
         CoordinatorOptions {
             coordinator_id: "db-rate".into(),
             ..Default::default()
@@ -196,9 +196,6 @@ async fn main() {
     )
     .await
     .expect("coordinator");
-    let stop = CancellationToken::new();
-    let c = stop.clone();
-    let coordinator = tokio::spawn(async move { coordinator.run(c).await });
     let api = ApiClient::new(client.clone()).with_timeout(Duration::from_secs(5));
     keywave_tests::wait_until(Duration::from_secs(15), || {
         let api = api.clone();
@@ -236,15 +233,15 @@ async fn main() {
         .await
         .expect("mysql target");
         targets.insert("my", my_target, concurrency);
-        let worker = Worker::start(
-            client.clone(),
+        let worker = WorkerTask::start(
+            &client,
             WorkerOptions {
                 region: "eu".into(),
                 worker_id: format!("db-rate-{concurrency}"),
                 concurrency: 64.max(concurrency),
                 ..Default::default()
             },
-            key.clone(),
+            &key,
             Arc::new(targets),
         )
         .await
@@ -255,9 +252,6 @@ async fn main() {
             }
             enrolled = true;
         }
-        let wstop = CancellationToken::new();
-        let w = wstop.clone();
-        let worker = tokio::spawn(async move { worker.run(w).await });
 
         for kind in &args.targets {
             let spec = CampaignSpec {
@@ -303,9 +297,8 @@ async fn main() {
                 })
             );
         }
-        wstop.cancel();
-        let _ = worker.await;
+        // However long the drain takes.
+        let _ = worker.stop(Duration::MAX).await;
     }
-    stop.cancel();
-    let _ = coordinator.await;
+    let _ = coordinator.stop(Duration::MAX).await;
 }

@@ -1,36 +1,6 @@
-//! The keywave test harness: real servers for integration tests, started
-//! from the binaries on `PATH` on random loopback ports with temporary
-//! directories and killed on drop, plus polling helpers so that no test ever
-//! sleeps to wait. The integration tests themselves live in `tests/tests/it/`.
-//!
-//! # Layout
-//! - [`nats`]: [`NatsServer`] (single JetStream node, restartable on the same
-//!   port and store) and [`NatsCluster`] (3-node JetStream cluster).
-//! - [`redis`]: [`RedisServer`], a private `redis-server` for ACL-user rotation.
-//! - [`secure`]: [`SecureNats`], a `nats-server` running the least-privilege
-//!   `deploy/nats-secure.conf` (optionally with TLS), one user per role.
-//! - [`postgres`]: [`PostgresServer`], a private PostgreSQL (scram-sha-256) for role rotation.
-//! - [`mariadb`]: [`MariaDbServer`], a private MariaDB for MariaDB/MySQL user rotation.
-//! - [`process`]: [`require`] a binary or fail with how to install it, free
-//!   ports, and the log-capturing, kill-on-drop [`process::Daemon`].
-//! - [`wait`]: [`wait_until`] / [`wait_for`] (poll with a timeout) and
-//!   [`unique`] names.
-//!
-//! Missing binaries are never a silent skip: [`require`] panics and says
-//! what to install (`deploy/test.sh` installs or starts everything).
+//! keywave's integration tests live in `tests/tests/it/`; this library only
+//! re-exports the process harness ([`keywave_harness`]: private nats-server,
+//! PostgreSQL, MariaDB and Redis servers, polling helpers) under the name the
+//! tests use. The in-process fleet they run comes from `keywave-devkit`.
 
-pub mod mariadb;
-pub mod nats;
-pub mod postgres;
-pub mod process;
-pub mod redis;
-pub mod secure;
-pub mod wait;
-
-pub use mariadb::MariaDbServer;
-pub use nats::{NatsCluster, NatsServer};
-pub use postgres::PostgresServer;
-pub use process::require;
-pub use redis::RedisServer;
-pub use secure::SecureNats;
-pub use wait::{unique, wait_for, wait_until, TimedOut};
+pub use keywave_harness::*;

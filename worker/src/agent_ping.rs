@@ -142,7 +142,7 @@ mod tests {
 
     #[tokio::test]
     async fn answers_pings_on_its_own_subject() {
-        let server = keywave_tests::NatsServer::start();
+        let server = keywave_harness::NatsServer::start();
         let client = server.client().await;
         let board = HealthBoard::new(["db-orders"]);
         board.set("db-orders", true);

@@ -1496,7 +1496,7 @@ mod tests {
         // A CA bundle and a server name, for mysql too.
         let dir = std::env::temp_dir().join(ids::random_id("kw-db-tls"));
         std::fs::create_dir_all(&dir).unwrap();
-        let pki = keywave_tests::secure::TestPki::generate(&dir);
+        let pki = keywave_harness::secure::TestPki::generate(&dir);
         let ca = pki.ca.display().to_string();
         let c = parse(&format!(
             "{MY}tls = \"require\"\nca_file = {ca:?}\nserver_name = \"db.internal\""

@@ -861,7 +861,7 @@ mod tests {
     use crate::testutil::{eventually, nats, unique_region};
     use keywave_common::crypto::{generate, SecretPolicy};
     use keywave_common::wire::{Strategy, TargetKind, TaskAction};
-    use keywave_tests::NatsServer;
+    use keywave_harness::NatsServer;
     use std::collections::HashMap;
     use std::sync::Mutex;
 

@@ -1,12 +1,12 @@
 //! Helpers for the crate's tests: a private `nats-server` per test (started
-//! by the `keywave-tests` harness on a random port, killed with its store
+//! by the `keywave-harness` crate on a random port, killed with its store
 //! when the guard drops), unique regions, and a secret-store bucket on it.
 
 use crate::store::SecretStore;
 use async_nats::jetstream::{self, kv};
 use keywave_common::crypto::RegionKey;
 use keywave_common::topology;
-use keywave_tests::NatsServer;
+use keywave_harness::NatsServer;
 use std::future::Future;
 use std::time::Duration;
 

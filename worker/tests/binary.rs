@@ -1,5 +1,5 @@
 //! The `keywave-worker` binary against a private `nats-server` per test
-//! (from the `keywave-tests` harness) and the local Redis (127.0.0.1:6379):
+//! (from the `keywave-harness` crate) and the local Redis (127.0.0.1:6379):
 //! enroll a real ACL user, kill the process for real (`abort()`) between Set
 //! and Promote, and let a second process finish the rotation exactly once,
 //! announcing each CURRENT secret when given a detection key; SIGTERM drains
@@ -14,7 +14,7 @@ use keywave_common::wire::{
     Outcome, RotationResult, RotationTask, Strategy, TargetKind, TaskAction, SCHEMA_VERSION,
 };
 use keywave_common::{ids, now_ms, publish, subjects, topology};
-use keywave_tests::NatsServer;
+use keywave_harness::NatsServer;
 use keywave_worker::store::SecretStore;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

@@ -22,8 +22,8 @@ const WAIT: Duration = Duration::from_secs(60);
 /// A private nats-server for this test process: test processes run in
 /// parallel and coordinators on one server would answer each other's API
 /// requests (they share the API queue group).
-async fn connect() -> (keywave_tests::NatsServer, async_nats::Client) {
-    let server = keywave_tests::NatsServer::start();
+async fn connect() -> (keywave_harness::NatsServer, async_nats::Client) {
+    let server = keywave_harness::NatsServer::start();
     let client = server.client().await;
     (server, client)
 }

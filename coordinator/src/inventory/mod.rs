@@ -1176,7 +1176,7 @@ mod tests {
     /// good file is written and listed back, and an empty selection is empty.
     #[tokio::test]
     async fn import_is_all_or_nothing_against_real_kv() {
-        let server = keywave_tests::NatsServer::start();
+        let server = keywave_harness::NatsServer::start();
         let client = server.client().await;
         let js = async_nats::jetstream::new(client);
         let bucket = ids::random_id("kwtest-inv");
@@ -1237,7 +1237,7 @@ mod tests {
     #[tokio::test]
     #[ignore = "benchmark against the real server"]
     async fn list_100k() {
-        let server = keywave_tests::NatsServer::start();
+        let server = keywave_harness::NatsServer::start();
         let client = server.client().await;
         let js = async_nats::jetstream::new(client);
         let bucket = ids::random_id("kwtest-inv");

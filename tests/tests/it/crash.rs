@@ -59,17 +59,17 @@ async fn worker_stopped_between_set_and_promote_is_resumed_and_rotates_once() {
         .await
         .unwrap();
 
-    let stats = tokio::time::timeout(Duration::from_secs(30), a.handle)
+    let store = a.store.clone();
+    let stats = a
+        .join(Duration::from_secs(30))
         .await
-        .expect("worker A stops at the injected crash")
-        .unwrap()
-        .unwrap();
+        .expect("worker A stops at the injected crash");
     assert!(stats.crashed);
     assert_eq!(stats.succeeded, 0);
 
     // In between: the new secret is staged and already valid at the target
     // (continuity keeps today's valid too); nothing is promoted yet.
-    let mid = a.store.get(&cred.id).await.unwrap().expect("record");
+    let mid = store.get(&cred.id).await.unwrap().expect("record");
     let staged = mid.pending.clone().expect("staged secret");
     assert!(mid.current.as_ref().unwrap().secret == today);
     assert!(sim.accepts(&cred.principal, &staged.secret));

@@ -123,12 +123,7 @@ async fn poison_tasks_are_dead_lettered_and_the_queue_keeps_moving() {
             faults: Faults::none(),
             ..Default::default()
         };
-        let w = keywave_worker::Worker::start(client.clone(), opts, key, Arc::new(targets))
-            .await
-            .unwrap();
-        let cancel = tokio_util::sync::CancellationToken::new();
-        let c = cancel.clone();
-        (cancel, tokio::spawn(async move { w.run(c).await }))
+        support::start_worker_with(&client, opts, &key, Arc::new(targets)).await
     };
 
     let results: Vec<RotationResult> = wait_for(Duration::from_secs(30), || {
@@ -210,8 +205,6 @@ async fn poison_tasks_are_dead_lettered_and_the_queue_keeps_moving() {
         "{info:#?}"
     );
 
-    let (cancel, handle) = worker;
-    cancel.cancel();
-    let stats = handle.await.unwrap().unwrap();
+    let stats = worker.stop().await;
     assert_eq!((stats.succeeded, stats.terminated), (3, 3), "{stats:?}");
 }

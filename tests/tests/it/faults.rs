@@ -187,11 +187,10 @@ async fn crash_then_recover(
     )
     .await
     .unwrap();
-    let stats = tokio::time::timeout(Duration::from_secs(30), crashing.handle)
+    let stats = crashing
+        .join(Duration::from_secs(30))
         .await
-        .unwrap_or_else(|_| panic!("{at}: the worker crashes"))
-        .unwrap()
-        .unwrap();
+        .unwrap_or_else(|e| panic!("{at}: the worker crashes: {e}"));
     assert!(stats.crashed, "{at}: {stats:?}");
 
     let fresh = support::start_worker(&client, &region, &key, targets, Faults::none()).await;

@@ -23,11 +23,10 @@ use keywave_worker::fault::Faults;
 use keywave_worker::targets::redis::{RedisOptions, RedisTarget};
 use keywave_worker::targets::sim::{SimOptions, SimTarget};
 use keywave_worker::targets::Targets;
-use keywave_worker::{Worker, WorkerOptions};
+use keywave_worker::WorkerOptions;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
 const SIM_CREDENTIALS: usize = 1000;
 const REDIS_USERS: usize = 20;
@@ -311,18 +310,11 @@ async fn campaign_and_search(logs: Buffer) {
             detect_key: Some(detect_key.clone()),
             ..Default::default()
         };
-        let worker = Worker::start(
-            client.clone(),
-            opts,
-            RegionKey::generate(),
-            Arc::new(targets),
-        )
-        .await
-        .expect("worker starts");
-        stores.insert(region, worker.store().clone());
-        let cancel = CancellationToken::new();
-        let c = cancel.clone();
-        workers.push((cancel, tokio::spawn(async move { worker.run(c).await })));
+        let worker =
+            support::start_worker_with(&client, opts, &RegionKey::generate(), Arc::new(targets))
+                .await;
+        stores.insert(region, worker.store.clone());
+        workers.push(worker);
         sims.insert(region, sim);
     }
 
@@ -396,9 +388,8 @@ async fn campaign_and_search(logs: Buffer) {
     assert!(secrets.len() >= 2 * creds.len());
 
     coordinator.stop().await;
-    for (cancel, handle) in workers {
-        cancel.cancel();
-        handle.await.unwrap().unwrap();
+    for worker in workers {
+        worker.stop().await;
     }
     // Everything published has reached the recorder.
     client.flush().await.unwrap();

@@ -12,13 +12,13 @@ use keywave_common::wire::{CampaignState, EventKind, OnFailure, Strategy, Target
 use keywave_coordinator::engine::fault::Faults as CoordinatorFaults;
 use keywave_coordinator::lease::{self, LeaseRecord, LEASE_KEY};
 use keywave_coordinator::{Coordinator, CoordinatorOptions};
+use keywave_devkit::fleet::CoordinatorTask;
 use keywave_tests::{unique, wait_for, wait_until, NatsServer};
 use keywave_worker::fault::Faults;
 use keywave_worker::targets::sim::{SimOptions, SimTarget};
 use keywave_worker::targets::Targets;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// Short lease timings, so that a fail-over takes seconds (yet long enough
@@ -31,13 +31,11 @@ pub fn quick_lease() -> lease::Config {
     }
 }
 
-/// An in-process coordinator with its shutdown token (SIGTERM) and its kill
-/// switch (SIGKILL).
+/// A coordinator of the in-process fleet with its kill switch (SIGKILL).
 pub struct Node {
     pub active_at_start: bool,
-    pub shutdown: CancellationToken,
     pub kill: CancellationToken,
-    pub handle: JoinHandle<Result<(), keywave_coordinator::CoordinatorError>>,
+    task: CoordinatorTask,
 }
 
 impl Node {
@@ -56,15 +54,10 @@ impl Node {
         )
         .await
         .expect("coordinator starts");
-        let active_at_start = coordinator.is_active();
-        let kill = coordinator.kill_switch();
-        let shutdown = CancellationToken::new();
-        let handle = tokio::spawn(coordinator.run(shutdown.clone()));
         Node {
-            active_at_start,
-            shutdown,
-            kill,
-            handle,
+            active_at_start: coordinator.is_active(),
+            kill: coordinator.kill_switch(),
+            task: CoordinatorTask::spawn(coordinator),
         }
     }
 
@@ -76,17 +69,23 @@ impl Node {
 
     /// As SIGTERM: snapshots saved, lease handed over.
     pub async fn stop(self) {
-        self.shutdown.cancel();
-        self.join().await;
+        self.task
+            .stop(Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|e| panic!("coordinator returns: {e}"));
     }
 
-    /// Waits for `run` to return (after a kill, a stop or an injected crash).
+    /// Waits for `run` to return (after a kill or an injected crash).
     pub async fn join(self) {
-        tokio::time::timeout(Duration::from_secs(30), self.handle)
+        self.task
+            .join(Duration::from_secs(30))
             .await
-            .expect("coordinator returns")
-            .expect("coordinator task")
-            .expect("coordinator run");
+            .unwrap_or_else(|e| panic!("coordinator returns: {e}"));
+    }
+
+    /// Whether `run` has returned.
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
     }
 }
 
@@ -290,10 +289,7 @@ async fn a_leader_whose_lease_was_taken_is_fenced_and_publishes_nothing() {
         "a fenced coordinator published wave 1: {events:#?}"
     );
     assert_eq!(snapshot_rev(campaigns.clone(), id.clone()).await, rev);
-    assert!(
-        !a.handle.is_finished(),
-        "it stands by, waiting for the lease"
-    );
+    assert!(!a.is_finished(), "it stands by, waiting for the lease");
 
     // The lease becomes free again: A takes it back legitimately and
     // finishes from the snapshot.

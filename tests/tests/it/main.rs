@@ -1,9 +1,11 @@
 //! keywave's integration tests: one binary, one module per area, every test
-//! against real servers started by `keywave-tests` (see `tests/src/lib.rs`).
+//! against real servers started by `keywave-harness` (see `harness/src/lib.rs`,
+//! re-exported as `keywave_tests`).
 //! Run them with `cargo test -p keywave-tests` or `./deploy/test.sh`.
 //!
 //! # Layout
-//! - `support`: topology with short redelivery, credential fleets, in-process workers and coordinators.
+//! - `support`: topology with short redelivery, credential fleets, workers and coordinators of the dev kit's
+//!   in-process fleet.
 //! - `approval`: waves gated by `--approve-before-wave` wait for `keywave campaign approve` (real CLI,
 //!   exit codes, `--json`); approvals survive a killed coordinator; pause/resume/abort act within a
 //!   second and survive restarts.

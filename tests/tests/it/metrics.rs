@@ -8,6 +8,7 @@ use keywave_common::client::ApiClient;
 use keywave_common::wire::{CampaignState, OnFailure, Strategy, TargetKind};
 use keywave_coordinator::metrics::CoordinatorMetrics;
 use keywave_coordinator::CoordinatorOptions;
+use keywave_devkit::fleet::WorkerTask;
 use keywave_tests::NatsServer;
 use keywave_worker::metrics::WorkerMetrics;
 use keywave_worker::targets::sim::{SimOptions, SimTarget};
@@ -212,8 +213,7 @@ async fn metrics_agree_with_the_campaign_counts() {
             worker.store().enroll(&c.id, s).await.unwrap();
         }
         sims.insert(region, sim);
-        let c = stop.clone();
-        workers.push(tokio::spawn(async move { worker.run(c).await }));
+        workers.push(support::RunningWorker::from(WorkerTask::spawn(worker)));
     }
 
     let metrics = CoordinatorMetrics::new();
@@ -351,6 +351,6 @@ async fn metrics_agree_with_the_campaign_counts() {
     coordinator.stop().await;
     stop.cancel();
     for w in workers {
-        w.await.unwrap().unwrap();
+        w.stop().await;
     }
 }

@@ -13,12 +13,12 @@ use keywave_common::detect::DetectKey;
 use keywave_common::topology;
 use keywave_common::wire::{CampaignState, OnFailure, Strategy, TargetKind};
 use keywave_coordinator::detect::{DetectOptions, Detector};
-use keywave_coordinator::{Coordinator, CoordinatorOptions};
+use keywave_coordinator::CoordinatorOptions;
 use keywave_tests::SecureNats;
 use keywave_worker::fault::Faults;
 use keywave_worker::targets::sim::{SimOptions, SimTarget};
 use keywave_worker::targets::Targets;
-use keywave_worker::{Worker, WorkerOptions};
+use keywave_worker::WorkerOptions;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -128,18 +128,7 @@ async fn start_worker(
         detect_key: Some(detect_key.clone()),
         ..Default::default()
     };
-    let worker = Worker::start(client.clone(), opts, RegionKey::generate(), targets)
-        .await
-        .expect("worker starts with its region's least-privilege user");
-    let store = worker.store().clone();
-    let cancel = CancellationToken::new();
-    let c = cancel.clone();
-    let handle = tokio::spawn(async move { worker.run(c).await });
-    support::RunningWorker {
-        store,
-        cancel,
-        handle,
-    }
+    support::start_worker_with(client, opts, &RegionKey::generate(), targets).await
 }
 
 /// Starts an in-process coordinator on `client` (the coordinator user) and
@@ -153,20 +142,7 @@ pub async fn start_coordinator(
         coordinator_id: keywave_tests::unique("coordinator"),
         ..Default::default()
     };
-    let coordinator = Coordinator::start(client.clone(), opts)
-        .await
-        .expect("coordinator starts with its least-privilege user");
-    let cancel = CancellationToken::new();
-    let c = cancel.clone();
-    let handle = tokio::spawn(async move { coordinator.run(c).await });
-    let api = ApiClient::new(operator.clone()).with_timeout(Duration::from_secs(1));
-    keywave_tests::wait_until(Duration::from_secs(20), || {
-        let api = api.clone();
-        async move { api.ping().await.is_ok() }
-    })
-    .await
-    .expect("coordinator answers the operator's ping");
-    support::RunningCoordinator { cancel, handle }
+    support::start_coordinator_answering(client, opts, operator, Duration::from_secs(20)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

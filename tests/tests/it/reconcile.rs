@@ -270,11 +270,10 @@ async fn a_rotation_crashed_between_set_and_promote_is_repaired() {
     .unwrap();
     // The worker dies right after the set: the new secret is at Redis and
     // staged as PENDING, never promoted.
-    let stats = tokio::time::timeout(Duration::from_secs(60), crashing.handle)
+    let stats = crashing
+        .join(Duration::from_secs(60))
         .await
-        .expect("the worker crashes")
-        .unwrap()
-        .unwrap();
+        .expect("the worker crashes");
     assert!(stats.crashed);
     let pending = store
         .get(&c.id)

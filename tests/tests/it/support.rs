@@ -1,6 +1,7 @@
 //! Fixtures shared by the integration tests: a JetStream topology with short
-//! redelivery delays, fleets of simulated credentials, and in-process
-//! workers and coordinators that run until their token is cancelled.
+//! redelivery delays, fleets of simulated credentials, and workers and
+//! coordinators of the in-process fleet (`keywave_devkit::fleet`) that run
+//! until stopped.
 
 use keywave_common::client::ApiClient;
 use keywave_common::crypto::{generate, RegionKey, Secret, SecretPolicy};
@@ -8,15 +9,17 @@ use keywave_common::topology;
 use keywave_common::wire::{
     CampaignSpec, Credential, OnFailure, Selector, Strategy, TargetKind, SCHEMA_VERSION,
 };
-use keywave_coordinator::{Coordinator, CoordinatorOptions};
+use keywave_coordinator::CoordinatorOptions;
+use keywave_devkit::fleet::{CoordinatorTask, StopError, WorkerTask};
 use keywave_worker::fault::Faults;
 use keywave_worker::store::SecretStore;
 use keywave_worker::targets::Targets;
-use keywave_worker::{Worker, WorkerOptions, WorkerStats};
+use keywave_worker::{WorkerError, WorkerOptions, WorkerStats};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+
+/// How long a test waits for a worker or a coordinator to stop.
+const STOP_GRACE: Duration = Duration::from_secs(30);
 
 /// Logs to the test's captured output when `RUST_LOG` is set.
 pub fn init_tracing() {
@@ -105,22 +108,34 @@ pub fn in_regions(regions: &[&str]) -> Selector {
     }
 }
 
-/// A worker running in the background.
+/// A worker of the in-process fleet.
 pub struct RunningWorker {
+    /// Its region's secret store.
     pub store: SecretStore,
-    pub cancel: CancellationToken,
-    pub handle: JoinHandle<Result<WorkerStats, keywave_worker::WorkerError>>,
+    task: WorkerTask,
+}
+
+impl From<WorkerTask> for RunningWorker {
+    fn from(task: WorkerTask) -> Self {
+        RunningWorker {
+            store: task.store().clone(),
+            task,
+        }
+    }
 }
 
 impl RunningWorker {
     /// Cancels the worker and waits for it to drain.
     pub async fn stop(self) -> WorkerStats {
-        self.cancel.cancel();
-        tokio::time::timeout(Duration::from_secs(30), self.handle)
+        self.task
+            .stop(STOP_GRACE)
             .await
-            .expect("worker stops within 30 s")
-            .expect("worker task")
-            .expect("worker run")
+            .unwrap_or_else(|e| panic!("worker stops within {STOP_GRACE:?}: {e}"))
+    }
+
+    /// Waits up to `within` for the worker to end by itself (an injected crash).
+    pub async fn join(self, within: Duration) -> Result<WorkerStats, StopError<WorkerError>> {
+        self.task.join(within).await
     }
 }
 
@@ -152,35 +167,34 @@ pub async fn start_worker_on(
         faults,
         ..Default::default()
     };
-    let worker = Worker::start(client.clone(), opts, key.clone(), targets)
-        .await
-        .expect("worker starts");
-    let store = worker.store().clone();
-    let cancel = CancellationToken::new();
-    let c = cancel.clone();
-    let handle = tokio::spawn(async move { worker.run(c).await });
-    RunningWorker {
-        store,
-        cancel,
-        handle,
-    }
+    start_worker_with(client, opts, key, targets).await
 }
 
-/// A coordinator running in the background.
+/// Starts a worker with options of the caller's (task keys, region, ...).
+pub async fn start_worker_with(
+    client: &async_nats::Client,
+    opts: WorkerOptions,
+    key: &RegionKey,
+    targets: Arc<Targets>,
+) -> RunningWorker {
+    WorkerTask::start(client, opts, key, targets)
+        .await
+        .expect("worker starts")
+        .into()
+}
+
+/// A coordinator of the in-process fleet.
 pub struct RunningCoordinator {
-    pub cancel: CancellationToken,
-    pub handle: JoinHandle<Result<(), keywave_coordinator::CoordinatorError>>,
+    task: CoordinatorTask,
 }
 
 impl RunningCoordinator {
     /// Cancels the coordinator (as SIGTERM would) and waits for it to stop.
     pub async fn stop(self) {
-        self.cancel.cancel();
-        tokio::time::timeout(Duration::from_secs(30), self.handle)
+        self.task
+            .stop(STOP_GRACE)
             .await
-            .expect("coordinator stops within 30 s")
-            .expect("coordinator task")
-            .expect("coordinator run");
+            .unwrap_or_else(|e| panic!("coordinator stops within {STOP_GRACE:?}: {e}"))
     }
 }
 
@@ -199,21 +213,38 @@ pub async fn start_coordinator_on(
         coordinator_id: keywave_tests::unique("coordinator"),
         ..Default::default()
     };
-    let coordinator = Coordinator::start(client.clone(), opts)
+    start_coordinator_with(client, opts).await
+}
+
+/// Starts a coordinator with options of the caller's (a task signer, ...)
+/// and waits until it answers the API.
+pub async fn start_coordinator_with(
+    client: &async_nats::Client,
+    opts: CoordinatorOptions,
+) -> RunningCoordinator {
+    start_coordinator_answering(client, opts, client, Duration::from_secs(15)).await
+}
+
+/// Starts a coordinator on `client` and waits up to `within` until it
+/// answers a ping sent on `operator` (its run subscribes to the API in the
+/// background).
+pub async fn start_coordinator_answering(
+    client: &async_nats::Client,
+    opts: CoordinatorOptions,
+    operator: &async_nats::Client,
+    within: Duration,
+) -> RunningCoordinator {
+    let task = CoordinatorTask::start(client, opts)
         .await
         .expect("coordinator starts");
-    let cancel = CancellationToken::new();
-    let c = cancel.clone();
-    let handle = tokio::spawn(async move { coordinator.run(c).await });
-    // `run` subscribes to the API in the background: wait until it answers.
-    let api = ApiClient::new(client.clone()).with_timeout(Duration::from_secs(1));
-    keywave_tests::wait_until(Duration::from_secs(15), || {
+    let api = ApiClient::new(operator.clone()).with_timeout(Duration::from_secs(1));
+    keywave_tests::wait_until(within, || {
         let api = api.clone();
         async move { api.ping().await.is_ok() }
     })
     .await
     .expect("coordinator answers ping");
-    RunningCoordinator { cancel, handle }
+    RunningCoordinator { task }
 }
 
 /// Creates the core topology and stores `creds` in the inventory.
@@ -291,49 +322,6 @@ pub async fn read_stream(
         }
     }
     out
-}
-
-/// Starts a worker with options of the caller's (task keys, region, ...).
-pub async fn start_worker_with(
-    client: &async_nats::Client,
-    opts: WorkerOptions,
-    key: &RegionKey,
-    targets: Arc<Targets>,
-) -> RunningWorker {
-    let worker = Worker::start(client.clone(), opts, key.clone(), targets)
-        .await
-        .expect("worker starts");
-    let store = worker.store().clone();
-    let cancel = CancellationToken::new();
-    let c = cancel.clone();
-    let handle = tokio::spawn(async move { worker.run(c).await });
-    RunningWorker {
-        store,
-        cancel,
-        handle,
-    }
-}
-
-/// Starts a coordinator with options of the caller's (a task signer, ...)
-/// and waits until it answers the API.
-pub async fn start_coordinator_with(
-    client: &async_nats::Client,
-    opts: CoordinatorOptions,
-) -> RunningCoordinator {
-    let coordinator = Coordinator::start(client.clone(), opts)
-        .await
-        .expect("coordinator starts");
-    let cancel = CancellationToken::new();
-    let c = cancel.clone();
-    let handle = tokio::spawn(async move { coordinator.run(c).await });
-    let api = ApiClient::new(client.clone()).with_timeout(Duration::from_secs(1));
-    keywave_tests::wait_until(Duration::from_secs(15), || {
-        let api = api.clone();
-        async move { api.ping().await.is_ok() }
-    })
-    .await
-    .expect("coordinator answers ping");
-    RunningCoordinator { cancel, handle }
 }
 
 /// A binary of this workspace (`package`, `bin`), built (or brought up to

@@ -721,8 +721,8 @@ mod tests {
     use super::*;
     use crate::targets::db::Continuity;
     use keywave_common::wire::ErrorClass;
-    use keywave_tests::mariadb::ADMIN_USER;
-    use keywave_tests::MariaDbServer;
+    use keywave_harness::mariadb::ADMIN_USER;
+    use keywave_harness::MariaDbServer;
     use std::collections::BTreeMap;
 
     #[test]
@@ -867,7 +867,7 @@ mod tests {
     }
 
     fn unique(prefix: &str) -> String {
-        keywave_tests::unique(prefix).replace('-', "_")
+        keywave_harness::unique(prefix).replace('-', "_")
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1139,7 +1139,7 @@ mod tests {
         // handshake proves nothing about a secret.
         let other = fx.server.dir().join("other-ca");
         std::fs::create_dir(&other).unwrap();
-        let other_ca = keywave_tests::secure::TestPki::generate(&other).ca;
+        let other_ca = keywave_harness::secure::TestPki::generate(&other).ca;
         let ca = fx.server.ca_file().unwrap();
         let cases = [
             (require(&other_ca, None), "not signed by a trusted CA"),

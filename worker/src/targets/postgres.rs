@@ -847,7 +847,7 @@ mod tests {
     use crate::targets::db::Continuity;
     use keywave_common::crypto::generate;
     use keywave_common::wire::ErrorClass;
-    use keywave_tests::PostgresServer;
+    use keywave_harness::PostgresServer;
     use postgres_protocol::escape::escape_identifier;
     use std::collections::BTreeMap;
 
@@ -1045,7 +1045,7 @@ mod tests {
     }
 
     fn unique(prefix: &str) -> String {
-        keywave_tests::unique(prefix).replace('-', "_")
+        keywave_harness::unique(prefix).replace('-', "_")
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1457,7 +1457,7 @@ mod tests {
         // handshake proves nothing about a secret.
         let other = fx.server.dir().join("other-ca");
         std::fs::create_dir(&other).unwrap();
-        let other_ca = keywave_tests::secure::TestPki::generate(&other).ca;
+        let other_ca = keywave_harness::secure::TestPki::generate(&other).ca;
         let ca = fx.server.ca_file().unwrap();
         let cases = [
             (require(&other_ca, None), "not signed by a trusted CA"),

@@ -7,7 +7,7 @@
 //!
 //! ```no_run
 //! # async fn f() {
-//! let server = keywave_tests::SecureNats::start();
+//! let server = keywave_harness::SecureNats::start();
 //! let worker_eu = server.client("worker-eu").await;
 //! # }
 //! ```

@@ -1,17 +1,24 @@
-//! Real `nats-server` processes for tests: a restartable single JetStream
-//! node ([`NatsServer`]) and a three-node JetStream cluster ([`NatsCluster`]),
-//! on random loopback ports with temporary store directories, killed on drop.
+//! Real `nats-server` processes: a restartable single JetStream node
+//! ([`NatsServer`], also what `keywave dev` and `keywave bench` start) and a
+//! three-node JetStream cluster ([`NatsCluster`]), on random loopback ports
+//! with temporary store directories, killed on drop.
 //! Modelled on the `nats-server` test crate of nats.rs.
 
-use crate::process::{free_port, require, Daemon, StartError};
+use crate::process::{locate, try_free_port, Daemon};
+use crate::HarnessError;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{mpsc, OnceLock};
 use std::time::Duration;
 use tempfile::TempDir;
 
-/// Base configuration shared by every server the harness starts.
-pub const BASE_CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/jetstream.conf");
+/// The configuration of the servers the tests start: small JetStream limits
+/// and a payload limit that carries oversized tasks. Written into each
+/// server's temporary directory (the binary using it may run anywhere).
+pub const TEST_CONFIG: &str = include_str!("jetstream.conf");
+
+/// The name of the configuration file in a server's directory.
+const CONFIG_FILE: &str = "nats-server.conf";
 
 /// How long a server may take to answer JetStream requests after it starts.
 /// A cluster needs to elect a meta leader first, hence the generous bound.
@@ -70,10 +77,49 @@ fn jetstream_answers(url: &str) -> Result<(), String> {
         .map_err(|_| "probe did not finish".to_string())?
 }
 
+/// How to start a [`NatsServer`]. The default is `nats-server`'s own
+/// configuration (what `keywave dev` and `keywave bench` run);
+/// [`NatsOptions::for_tests`] is what [`NatsServer::start`] runs.
+#[derive(Debug, Clone, Default)]
+pub struct NatsOptions {
+    /// The server name (`-n`); `None` lets `nats-server` choose one.
+    pub name: Option<String>,
+    /// A configuration file's text, written into the server's directory and
+    /// passed with `-c`; the command line's address, port and store
+    /// directory win over it. `None` passes no file.
+    pub config: Option<String>,
+}
+
+impl NatsOptions {
+    /// A server named `keywave-test` running [`TEST_CONFIG`].
+    pub fn for_tests() -> NatsOptions {
+        NatsOptions {
+            name: Some("keywave-test".to_string()),
+            config: Some(TEST_CONFIG.to_string()),
+        }
+    }
+}
+
+/// Writes `text` as the configuration file of `dir`.
+fn write_config(dir: &Path, text: &str) -> Result<PathBuf, HarnessError> {
+    let path = dir.join(CONFIG_FILE);
+    std::fs::write(&path, text).map_err(HarnessError::io(format!("writing {}", path.display())))?;
+    Ok(path)
+}
+
+/// A temporary directory named `<prefix>...`.
+fn temp_dir(prefix: &str) -> Result<TempDir, HarnessError> {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .map_err(HarnessError::io("creating a temporary directory"))
+}
+
 /// One `nats-server` process: its fixed ports and directories, and the
 /// running daemon if any. Restarting reuses everything but the process.
 struct Node {
-    name: String,
+    name: Option<String>,
+    config: Option<PathBuf>,
     port: u16,
     store: PathBuf,
     log: PathBuf,
@@ -86,29 +132,38 @@ impl Node {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
-    fn spawn(&mut self) {
+    fn spawn(&mut self) -> Result<(), HarnessError> {
         self.kill();
-        let mut cmd = Command::new(require("nats-server"));
-        cmd.arg("-c")
-            .arg(BASE_CONFIG)
-            .args(["-js", "-a", "127.0.0.1", "-p"])
+        let mut cmd = Command::new(locate("nats-server")?);
+        if let Some(config) = &self.config {
+            cmd.arg("-c").arg(config);
+        }
+        cmd.args(["-js", "-a", "127.0.0.1", "-p"])
             .arg(self.port.to_string())
             .arg("-sd")
-            .arg(&self.store)
-            .arg("-n")
-            .arg(&self.name)
-            .args(&self.extra);
-        self.daemon = Some(Daemon::spawn(
-            format!("nats-server {}", self.name),
-            cmd,
-            &self.log,
-        ));
+            .arg(&self.store);
+        if let Some(name) = &self.name {
+            cmd.arg("-n").arg(name);
+        }
+        cmd.args(&self.extra);
+        let label = match &self.name {
+            Some(name) => format!("nats-server {name}"),
+            None => "nats-server".to_string(),
+        };
+        self.daemon = Some(Daemon::try_spawn(label, cmd, &self.log)?);
+        Ok(())
     }
 
-    fn wait_ready(&mut self) -> Result<(), StartError> {
+    fn wait_ready(&mut self) -> Result<(), HarnessError> {
         let url = self.url();
         let daemon = self.daemon.as_mut().expect("node spawned");
         daemon.wait_ready(START_TIMEOUT, || jetstream_answers(&url))
+    }
+
+    /// Starts the process (again) and waits until JetStream answers.
+    fn start(&mut self) -> Result<(), HarnessError> {
+        self.spawn()?;
+        self.wait_ready()
     }
 
     fn kill(&mut self) {
@@ -128,7 +183,7 @@ impl Node {
 ///
 /// ```no_run
 /// # async fn f() {
-/// let server = keywave_tests::NatsServer::start();
+/// let server = keywave_harness::NatsServer::start();
 /// let client = server.client().await;
 /// # }
 /// ```
@@ -139,15 +194,24 @@ pub struct NatsServer {
 }
 
 impl NatsServer {
-    /// Starts a server and waits until JetStream answers. Panics with the
-    /// server log when it does not come up (or when `nats-server` is missing).
+    /// Starts a server as [`NatsOptions::for_tests`] says and waits until
+    /// JetStream answers. Panics with the server log when it does not come
+    /// up (or when `nats-server` is missing).
     pub fn start() -> NatsServer {
-        let dir = tempfile::Builder::new()
-            .prefix("keywave-nats-")
-            .tempdir()
-            .expect("temporary directory");
+        NatsServer::try_start(&NatsOptions::for_tests()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Starts a server as `opts` say and waits until JetStream answers,
+    /// trying another port when the one picked was taken meanwhile.
+    pub fn try_start(opts: &NatsOptions) -> Result<NatsServer, HarnessError> {
+        let dir = temp_dir("keywave-nats-")?;
+        let config = match &opts.config {
+            Some(text) => Some(write_config(dir.path(), text)?),
+            None => None,
+        };
         let mut node = Node {
-            name: "keywave-test".to_string(),
+            name: opts.name.clone(),
+            config,
             port: 0,
             store: dir.path().join("store"),
             log: dir.path().join("nats-server.log"),
@@ -155,15 +219,14 @@ impl NatsServer {
             daemon: None,
         };
         for attempt in 1..=PORT_ATTEMPTS {
-            node.port = free_port();
-            node.spawn();
-            match node.wait_ready() {
-                Ok(()) => return NatsServer { node, dir },
+            node.port = try_free_port()?;
+            match node.start() {
+                Ok(()) => return Ok(NatsServer { node, dir }),
                 Err(e) if e.port_clash() && attempt < PORT_ATTEMPTS => continue,
-                Err(e) => panic!("{e}"),
+                Err(e) => return Err(e),
             }
         }
-        unreachable!("the last attempt panics")
+        unreachable!("the last attempt returns")
     }
 
     /// `nats://127.0.0.1:<port>`.
@@ -206,11 +269,20 @@ impl NatsServer {
 
     /// Kills the server (SIGKILL) and starts it again on the same port with
     /// the same store directory, then waits until JetStream answers.
+    pub fn try_restart(&mut self) -> Result<(), HarnessError> {
+        self.node.start()
+    }
+
+    /// [`NatsServer::try_restart`], panicking when the server does not come back.
     pub fn restart(&mut self) {
-        self.node.spawn();
-        if let Err(e) = self.node.wait_ready() {
+        if let Err(e) = self.try_restart() {
             panic!("restart: {e}");
         }
+    }
+
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.node.daemon.as_ref().and_then(Daemon::pid)
     }
 
     /// Kills the server (SIGKILL). [`NatsServer::restart`] brings it back.
@@ -236,15 +308,23 @@ pub struct NatsCluster {
 
 impl NatsCluster {
     /// Starts `n` nodes (3 is the smallest cluster that survives losing one)
-    /// and waits until every node answers JetStream requests.
+    /// and waits until every node answers JetStream requests. Panics with
+    /// the failing node's log when one does not come up.
     pub fn start(n: usize) -> NatsCluster {
+        NatsCluster::try_start(n).unwrap_or_else(|e| panic!("cluster start: {e}"))
+    }
+
+    /// [`NatsCluster::start`], returning the error instead of panicking.
+    pub fn try_start(n: usize) -> Result<NatsCluster, HarnessError> {
         assert!(n >= 1, "a cluster needs at least one node");
-        let dir = tempfile::Builder::new()
-            .prefix("keywave-nats-cluster-")
-            .tempdir()
-            .expect("temporary directory");
-        let client_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-        let route_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let dir = temp_dir("keywave-nats-cluster-")?;
+        let config = write_config(dir.path(), TEST_CONFIG)?;
+        let client_ports = (0..n)
+            .map(|_| try_free_port())
+            .collect::<Result<Vec<_>, _>>()?;
+        let route_ports = (0..n)
+            .map(|_| try_free_port())
+            .collect::<Result<Vec<_>, _>>()?;
         let cluster_name = crate::wait::unique("keywave-test");
         let mut nodes: Vec<Node> = (0..n)
             .map(|i| {
@@ -255,7 +335,8 @@ impl NatsCluster {
                     .map(|(_, p)| format!("nats://127.0.0.1:{p}"))
                     .collect();
                 Node {
-                    name: format!("node{}", i + 1),
+                    name: Some(format!("node{}", i + 1)),
+                    config: Some(config.clone()),
                     port: client_ports[i],
                     store: dir.path().join(format!("node{}", i + 1)),
                     log: dir.path().join(format!("node{}.log", i + 1)),
@@ -273,14 +354,12 @@ impl NatsCluster {
             .collect();
         // All nodes first: none answers JetStream before a quorum is up.
         for node in &mut nodes {
-            node.spawn();
+            node.spawn()?;
         }
         for node in &mut nodes {
-            if let Err(e) = node.wait_ready() {
-                panic!("cluster start: {e}");
-            }
+            node.wait_ready()?;
         }
-        NatsCluster { nodes, dir }
+        Ok(NatsCluster { nodes, dir })
     }
 
     pub fn len(&self) -> usize {
@@ -328,8 +407,7 @@ impl NatsCluster {
     /// Kills node `i` if it runs, starts it again with the same ports and
     /// store, and waits until it answers JetStream requests.
     pub fn restart_node(&mut self, i: usize) {
-        self.nodes[i].spawn();
-        if let Err(e) = self.nodes[i].wait_ready() {
+        if let Err(e) = self.nodes[i].start() {
             panic!("restart of node {i}: {e}");
         }
     }

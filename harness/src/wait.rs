@@ -28,7 +28,7 @@ const MAX_PAUSE: Duration = Duration::from_millis(200);
 ///
 /// ```no_run
 /// # async fn f(counter: std::sync::Arc<std::sync::atomic::AtomicU64>) {
-/// use keywave_tests::wait_until;
+/// use keywave_harness::wait_until;
 /// use std::time::Duration;
 /// wait_until(Duration::from_secs(5), || async {
 ///     counter.load(std::sync::atomic::Ordering::SeqCst) == 3

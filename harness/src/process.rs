@@ -3,6 +3,7 @@
 //! [`Daemon`] that runs a server with its output in a log file and kills it
 //! when dropped.
 
+use crate::HarnessError;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
 use std::net::TcpListener;
@@ -36,20 +37,39 @@ fn is_executable(p: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// Where `binary` is on `PATH`, if anywhere.
+pub fn find_on_path(binary: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    first_executable(std::env::split_paths(&path), binary)
+}
+
 /// Where `binary` is, if installed: `PATH`, then the `sbin` directories, then
 /// (for PostgreSQL's tools) the newest `/usr/lib/postgresql/<version>/bin`.
 pub fn find(binary: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
-    dirs.extend(EXTRA_DIRS.iter().map(PathBuf::from));
-    if let Ok(rd) = std::fs::read_dir("/usr/lib/postgresql") {
-        let mut versions: Vec<PathBuf> = rd.flatten().map(|e| e.path().join("bin")).collect();
-        versions.sort();
-        dirs.extend(versions.into_iter().rev());
-    }
+    find_on_path(binary).or_else(|| {
+        let mut dirs: Vec<PathBuf> = EXTRA_DIRS.iter().map(PathBuf::from).collect();
+        if let Ok(rd) = std::fs::read_dir("/usr/lib/postgresql") {
+            let mut versions: Vec<PathBuf> = rd.flatten().map(|e| e.path().join("bin")).collect();
+            versions.sort();
+            dirs.extend(versions.into_iter().rev());
+        }
+        first_executable(dirs, binary)
+    })
+}
+
+fn first_executable(dirs: impl IntoIterator<Item = PathBuf>, binary: &str) -> Option<PathBuf> {
     dirs.into_iter()
         .map(|d| d.join(binary))
         .find(|p| is_executable(p))
+}
+
+/// The path of `binary`, or [`HarnessError::Missing`] with how to install it.
+pub fn locate(binary: &str) -> Result<PathBuf, HarnessError> {
+    find(binary).ok_or_else(|| HarnessError::Missing {
+        binary: binary.to_string(),
+        searched: EXTRA_DIRS,
+        hint: install_hint(binary),
+    })
 }
 
 /// The path of `binary`, or a panic that says how to install it.
@@ -74,11 +94,16 @@ pub fn require(binary: &str) -> PathBuf {
 
 /// A TCP port on 127.0.0.1 that was free a moment ago. The port is released
 /// before the server binds it, so callers retry on "address in use".
-pub fn free_port() -> u16 {
+pub fn try_free_port() -> Result<u16, HarnessError> {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
-        .expect("no free port on 127.0.0.1")
+        .map_err(HarnessError::io("no free port on 127.0.0.1"))
+}
+
+/// [`try_free_port`], panicking when there is none.
+pub fn free_port() -> u16 {
+    try_free_port().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The last `lines` lines of a log file (empty when it cannot be read).
@@ -107,25 +132,39 @@ pub struct Daemon {
 
 impl Daemon {
     /// Starts `cmd`, appending its output to `log`.
-    pub fn spawn(name: impl Into<String>, mut cmd: Command, log: &Path) -> Daemon {
+    pub fn try_spawn(
+        name: impl Into<String>,
+        mut cmd: Command,
+        log: &Path,
+    ) -> Result<Daemon, HarnessError> {
         let name = name.into();
         let out = OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
-            .unwrap_or_else(|e| panic!("{name}: cannot open log {}: {e}", log.display()));
-        let err = out.try_clone().expect("clone log file handle");
+            .map_err(HarnessError::io(format!(
+                "{name}: cannot open log {}",
+                log.display()
+            )))?;
+        let err = out
+            .try_clone()
+            .map_err(HarnessError::io(format!("{name}: clone log file handle")))?;
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err));
         let child = cmd
             .spawn()
-            .unwrap_or_else(|e| panic!("{name}: cannot start {cmd:?}: {e}"));
-        Daemon {
+            .map_err(HarnessError::io(format!("{name}: cannot start {cmd:?}")))?;
+        Ok(Daemon {
             name,
             child: Some(child),
             log: log.to_path_buf(),
-        }
+        })
+    }
+
+    /// [`Daemon::try_spawn`], panicking when the process cannot be started.
+    pub fn spawn(name: impl Into<String>, cmd: Command, log: &Path) -> Daemon {
+        Daemon::try_spawn(name, cmd, log).unwrap_or_else(|e| panic!("{e}"))
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -159,24 +198,21 @@ impl Daemon {
 
     /// Polls `ready` until it returns `Ok`, the process exits, or `timeout`
     /// passes. The error says which, with the last probe error and the end of
-    /// the log; [`StartError::port_clash`] tells a caller to retry elsewhere.
+    /// the log; [`HarnessError::port_clash`] tells a caller to retry elsewhere.
     pub fn wait_ready(
         &mut self,
         timeout: Duration,
         mut ready: impl FnMut() -> Result<(), String>,
-    ) -> Result<(), StartError> {
+    ) -> Result<(), HarnessError> {
         let deadline = Instant::now() + timeout;
         let mut pause = Duration::from_millis(10);
         loop {
             if let Some(status) = self.exited() {
                 self.child = None;
-                return Err(StartError {
-                    message: format!(
-                        "{} exited during start-up ({status}); log {}:\n{}",
-                        self.name,
-                        self.log.display(),
-                        self.log_tail()
-                    ),
+                return Err(HarnessError::Exited {
+                    name: self.name.clone(),
+                    status,
+                    log: self.log.clone(),
                     log_tail: self.log_tail(),
                 });
             }
@@ -185,40 +221,17 @@ impl Daemon {
                 Err(e) => e,
             };
             if Instant::now() >= deadline {
-                return Err(StartError {
-                    message: format!(
-                        "{} not ready after {timeout:?} (last probe: {last}); log {}:\n{}",
-                        self.name,
-                        self.log.display(),
-                        self.log_tail()
-                    ),
+                return Err(HarnessError::NotReady {
+                    name: self.name.clone(),
+                    after: timeout,
+                    probe: last,
+                    log: self.log.clone(),
                     log_tail: self.log_tail(),
                 });
             }
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_millis(200));
         }
-    }
-}
-
-/// A server that did not come up.
-#[derive(Debug)]
-pub struct StartError {
-    pub message: String,
-    log_tail: String,
-}
-
-impl StartError {
-    /// The port was taken between [`free_port`] and the bind: retry elsewhere.
-    pub fn port_clash(&self) -> bool {
-        let l = self.log_tail.to_ascii_lowercase();
-        l.contains("address already in use")
-    }
-}
-
-impl std::fmt::Display for StartError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
     }
 }
 
