@@ -4,16 +4,13 @@
 //! `old_rejected`, `finished_at_ms`). Credentials without that proof are
 //! named as still exposed.
 
-use async_nats::jetstream::{
-    consumer::{pull, DeliverPolicy},
-    kv, Context,
-};
+use async_nats::jetstream::{kv, Context};
 use futures::StreamExt;
 use keywave_common::client::{ApiClient, ClientError};
 use keywave_common::{
     api::CampaignStatus,
     codec, subjects,
-    topology::{StreamReadError, STREAM_RESULTS},
+    topology::{self, StreamReadError, STREAM_RESULTS},
     wire::{CampaignState, Outcome, RotationResult, TaskAction},
 };
 use keywave_coordinator::detect::store::{self, Claim, Intent};
@@ -222,64 +219,21 @@ async fn results(
     js: &Context,
     cid: &str,
 ) -> Result<HashMap<String, RotationResult>, StreamReadError> {
-    const STREAM: &str = STREAM_RESULTS;
-    let stream = js
-        .get_stream(STREAM)
-        .await
-        .map_err(|source| StreamReadError::Open {
-            stream: STREAM,
-            source,
-        })?;
-    let consumer = stream
-        .create_consumer(pull::OrderedConfig {
-            filter_subject: subjects::result_campaign_filter(cid),
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .map_err(|source| StreamReadError::Consumer {
-            stream: STREAM,
-            source,
-        })?;
     let mut out = HashMap::new();
-    if consumer.cached_info().num_pending == 0 {
-        return Ok(out);
-    }
-    let mut messages = consumer
-        .messages()
-        .await
-        .map_err(|source| StreamReadError::Messages {
-            stream: STREAM,
-            source,
-        })?;
-    loop {
-        let next = tokio::time::timeout(RESULTS_IDLE, messages.next())
-            .await
-            .map_err(|_| StreamReadError::Stalled {
-                stream: STREAM,
-                idle: RESULTS_IDLE,
-            })?;
-        let Some(m) = next else { break };
-        let m = m.map_err(|source| StreamReadError::Next {
-            stream: STREAM,
-            source,
-        })?;
-        let pending = m
-            .info()
-            .map_err(|source| StreamReadError::Info {
-                stream: STREAM,
-                source,
-            })?
-            .pending;
-        if let Ok(r) = codec::decode::<RotationResult>(m.headers.as_ref(), &m.payload) {
-            if r.action == TaskAction::Rotate {
-                out.insert(r.credential_id.clone(), r);
+    topology::read_all(
+        js,
+        STREAM_RESULTS,
+        subjects::result_campaign_filter(cid),
+        RESULTS_IDLE,
+        |m| {
+            if let Ok(r) = codec::decode::<RotationResult>(m.headers.as_ref(), &m.payload) {
+                if r.action == TaskAction::Rotate {
+                    out.insert(r.credential_id.clone(), r);
+                }
             }
-        }
-        if pending == 0 {
-            break;
-        }
-    }
+        },
+    )
+    .await?;
     Ok(out)
 }
 

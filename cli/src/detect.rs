@@ -252,67 +252,31 @@ async fn recent_records(
     js: &async_nats::jetstream::Context,
     limit: usize,
 ) -> Result<Vec<store::DetectionRecord>, topology::StreamReadError> {
-    use async_nats::jetstream::consumer::{pull, DeliverPolicy};
-    use futures::StreamExt;
     use topology::StreamReadError;
     const STREAM: &str = topology::STREAM_EVENTS;
     const IDLE: std::time::Duration = std::time::Duration::from_secs(10);
-    let stream = match js.get_stream(STREAM).await {
-        Ok(s) => s,
-        Err(_) => return Ok(Vec::new()),
-    };
-    let consumer = stream
-        .create_consumer(pull::OrderedConfig {
-            filter_subject: format!("keywave.event.{}.>", store::EVENT_SCOPE),
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .map_err(|source| StreamReadError::Consumer {
-            stream: STREAM,
-            source,
-        })?;
     let mut out = std::collections::VecDeque::new();
-    if consumer.cached_info().num_pending == 0 {
-        return Ok(Vec::new());
-    }
-    let mut messages = consumer
-        .messages()
-        .await
-        .map_err(|source| StreamReadError::Messages {
-            stream: STREAM,
-            source,
-        })?;
-    loop {
-        let next = tokio::time::timeout(IDLE, messages.next())
-            .await
-            .map_err(|_| StreamReadError::Stalled {
-                stream: STREAM,
-                idle: IDLE,
-            })?;
-        let Some(m) = next else { break };
-        let m = m.map_err(|source| StreamReadError::Next {
-            stream: STREAM,
-            source,
-        })?;
-        let pending = m
-            .info()
-            .map_err(|source| StreamReadError::Info {
-                stream: STREAM,
-                source,
-            })?
-            .pending;
-        if let Ok(r) = serde_json::from_slice::<store::DetectionRecord>(&m.payload) {
-            if r.outcome != store::Outcome::Contained {
-                out.push_back(r);
-                if out.len() > limit {
-                    out.pop_front();
+    let read = topology::read_all(
+        js,
+        STREAM,
+        format!("keywave.event.{}.>", store::EVENT_SCOPE),
+        IDLE,
+        |m| {
+            if let Ok(r) = serde_json::from_slice::<store::DetectionRecord>(&m.payload) {
+                if r.outcome != store::Outcome::Contained {
+                    out.push_back(r);
+                    if out.len() > limit {
+                        out.pop_front();
+                    }
                 }
             }
-        }
-        if pending == 0 {
-            break;
-        }
+        },
+    )
+    .await;
+    match read {
+        // No events stream yet: nothing was ever detected.
+        Err(StreamReadError::Open { .. }) => return Ok(Vec::new()),
+        r => r?,
     }
     Ok(out.into())
 }

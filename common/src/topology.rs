@@ -110,6 +110,53 @@ pub enum StreamReadError {
     },
 }
 
+/// Reads every message of `stream` whose subject matches `filter`, from the
+/// first, with an ordered consumer, handing each to `f`; returns once none is
+/// pending. Fails when the stream stops delivering for `idle`.
+pub async fn read_all(
+    js: &jetstream::Context,
+    stream: &'static str,
+    filter: String,
+    idle: Duration,
+    mut f: impl FnMut(&jetstream::Message),
+) -> Result<(), StreamReadError> {
+    use futures::StreamExt;
+    let handle = js
+        .get_stream(stream)
+        .await
+        .map_err(|source| StreamReadError::Open { stream, source })?;
+    let consumer = handle
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: filter,
+            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .map_err(|source| StreamReadError::Consumer { stream, source })?;
+    if consumer.cached_info().num_pending == 0 {
+        return Ok(());
+    }
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|source| StreamReadError::Messages { stream, source })?;
+    loop {
+        let next = tokio::time::timeout(idle, messages.next())
+            .await
+            .map_err(|_| StreamReadError::Stalled { stream, idle })?;
+        let Some(m) = next else { return Ok(()) };
+        let m = m.map_err(|source| StreamReadError::Next { stream, source })?;
+        let pending = m
+            .info()
+            .map_err(|source| StreamReadError::Info { stream, source })?
+            .pending;
+        f(&m);
+        if pending == 0 {
+            return Ok(());
+        }
+    }
+}
+
 fn terr(what: impl Into<String>, e: impl std::fmt::Display) -> TopologyError {
     TopologyError {
         what: what.into(),
