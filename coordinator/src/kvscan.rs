@@ -10,6 +10,8 @@ use async_nats::jetstream::{
 };
 use bytes::Bytes;
 use futures::StreamExt;
+use std::collections::HashSet;
+use std::hash::{BuildHasher, RandomState};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -33,8 +35,13 @@ pub struct Latest {
 }
 
 /// Calls `f` for the latest value of every key matching `key_filter`
-/// (`>` for all keys, `campaign.*`, ...); deleted and purged keys are skipped.
-/// Returns how many live keys were visited.
+/// (`>` for all keys, `campaign.*`, ...), once per key; deleted and purged
+/// keys are skipped. Returns how many live keys were visited.
+///
+/// A key written again while the scan runs is delivered a second time (the
+/// consumer goes on past the values it counted); that second delivery is
+/// skipped, so callers never see a key twice. Keys are remembered as 128-bit
+/// keyed hashes: a few dozen bytes per key.
 pub async fn for_each_latest(
     kv: &kv::Store,
     key_filter: &str,
@@ -60,6 +67,8 @@ pub async fn for_each_latest(
     }
     let mut messages = consumer.messages().await.map_err(|e| err(e.to_string()))?;
     let mut live = 0;
+    let hashers = [RandomState::new(), RandomState::new()];
+    let mut seen: HashSet<u128> = HashSet::new();
     loop {
         // A key rewritten or deleted after the consumer counted it may never
         // arrive (nats-server 2.9 can leave `pending` above zero when a
@@ -82,7 +91,13 @@ pub async fn for_each_latest(
             .and_then(|h| h.get(KV_OPERATION))
             .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
         if !deleted {
-            if let Some(key) = msg.subject.as_str().strip_prefix(kv.prefix.as_str()) {
+            let key = msg.subject.as_str().strip_prefix(kv.prefix.as_str());
+            let first = key.is_some_and(|k| {
+                let h =
+                    (u128::from(hashers[0].hash_one(k)) << 64) | u128::from(hashers[1].hash_one(k));
+                seen.insert(h)
+            });
+            if let Some(key) = key.filter(|_| first) {
                 live += 1;
                 f(Latest {
                     key: key.to_string(),
