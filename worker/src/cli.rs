@@ -54,7 +54,8 @@ pub enum Command {
     /// and left as it is, so the same input can be run again after a
     /// failure. One report line per record (line number, credential id,
     /// enrolled / skipped / failed with the reason; never a secret) and a
-    /// summary; the exit status is 1 when any record failed.
+    /// summary; the exit status is 1 when any record failed. See
+    /// docs/inventory.md, "Enrolling today's secrets".
     #[command(after_help = "Examples:\n  \
         keywave-worker -c worker.toml enroll --credential billing-db-app --endpoint pg-eu-main --principal billing_app\n  \
         keywave-worker -c worker.toml enroll --file secrets.jsonl        # mode 0600\n  \
@@ -73,7 +74,7 @@ pub enum Command {
         /// The login (role, user) the secret belongs to (one credential).
         #[arg(long, required_unless_present = "file", conflicts_with = "file")]
         principal: Option<String>,
-        /// Enrol the credentials of a JSON Lines file, `-` for stdin (see above); refused if group or others may read or write it.
+        /// Enrol the credentials of a JSON Lines file, `-` for stdin, one record per line (docs/inventory.md); refused if group or others may read or write it.
         #[arg(long, value_name = "FILE")]
         file: Option<PathBuf>,
         /// With --file: records checked and stored at once (each endpoint's max_concurrency still bounds its operations) [default: 16].
@@ -101,4 +102,59 @@ pub enum Command {
         #[arg(long)]
         consumer: Option<String>,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enroll(args: &[&str]) -> Result<Command, clap::Error> {
+        let mut argv = vec!["keywave-worker", "enroll"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).map(|c| c.command.unwrap())
+    }
+
+    #[test]
+    fn enroll_takes_one_credential_or_a_file() {
+        assert!(enroll(&["--credential", "c", "--endpoint", "e", "--principal", "p"]).is_ok());
+        // Without --file all three are required; with it, neither id nor
+        // principal may be given.
+        assert!(enroll(&["--credential", "c", "--endpoint", "e"]).is_err());
+        assert!(enroll(&["--file", "f", "--credential", "c"]).is_err());
+        assert!(enroll(&["--file", "f", "--principal", "p"]).is_err());
+        assert!(enroll(&["--file", "-", "--concurrency", "0"]).is_err());
+        let Command::Enroll {
+            file,
+            endpoint,
+            concurrency,
+            no_verify,
+            json,
+            ..
+        } = enroll(&[
+            "--file",
+            "-",
+            "--endpoint",
+            "e",
+            "--concurrency",
+            "4",
+            "--no-verify",
+            "--json",
+        ])
+        .unwrap()
+        else {
+            panic!("not enroll")
+        };
+        assert_eq!(file.as_deref(), Some(std::path::Path::new("-")));
+        assert_eq!(endpoint.as_deref(), Some("e"));
+        assert_eq!(concurrency, Some(4));
+        assert!(no_verify && json);
+        // The last of --verify / --no-verify wins.
+        let Command::Enroll {
+            verify, no_verify, ..
+        } = enroll(&["--file", "f", "--no-verify", "--verify"]).unwrap()
+        else {
+            panic!("not enroll")
+        };
+        assert!(verify && !no_verify);
+    }
 }

@@ -444,13 +444,27 @@ async fn enroll_file(
         .run(input, opts, emit)
         .await;
     if json {
-        let mut counts = serde_json::to_value(&summary)?;
-        if let Some(m) = counts.as_object_mut() {
-            m.insert("region".into(), cfg.region.clone().into());
-            m.insert("source".into(), source.clone().into());
-            m.insert("verify".into(), opts.verify.into());
+        #[derive(serde::Serialize)]
+        struct Last<'a> {
+            summary: SummaryOut<'a>,
         }
-        let _ = writeln!(out, "{}", serde_json::json!({ "summary": counts }));
+        #[derive(serde::Serialize)]
+        struct SummaryOut<'a> {
+            #[serde(flatten)]
+            counts: &'a enroll::Summary,
+            region: &'a str,
+            source: &'a str,
+            verify: bool,
+        }
+        let last = Last {
+            summary: SummaryOut {
+                counts: &summary,
+                region: &cfg.region,
+                source: &source,
+                verify: opts.verify,
+            },
+        };
+        let _ = writeln!(out, "{}", serde_json::to_string(&last)?);
     } else {
         let _ = writeln!(out, "enroll {source} (region {}): {summary}", cfg.region);
     }
