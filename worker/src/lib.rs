@@ -18,6 +18,7 @@
 //! - [`protocol`]: the executor of the rotation / rollback protocols (stage, set, test, promote, revoke, verify), resumable and idempotent.
 //!   - [`protocol::machine`]: the protocols as a pure next-step function over the record and what this delivery has seen.
 //! - [`notice`]: rotation notices (`keywave.rotated.<region>.<credential>`): keyed detection fingerprints of each new CURRENT secret, only with a detection key.
+//! - [`enroll`]: bulk enrolment (`keywave-worker enroll --file`): JSON Lines records of today's secrets, checked at their endpoints and stored create-if-absent, with bounded concurrency.
 //! - [`consumers`]: consumer verification after promote (attestations on `KEYWAVE_ATTEST`, HTTP probes), before revoke.
 //! - [`agent`]: the consumer agent (`keywave-worker agent`): writes each new CURRENT secret for an application, reloads it, attests the fingerprint.
 //! - [`agent_ping`]: the agent's answer to the coordinator's pre-flight ping (`keywave.agent.v1.<region>.<consumer>.ping`): alive, version, credentials watched, health.
@@ -34,6 +35,7 @@ pub mod cli;
 pub mod config;
 pub mod config_keys;
 pub mod consumers;
+pub mod enroll;
 pub mod fault;
 mod keyed_lock;
 pub mod metrics;

@@ -78,8 +78,35 @@ async fn dispatch_command(cli: Cli) -> Result<()> {
             ref credential,
             ref endpoint,
             ref principal,
+            ref file,
+            concurrency,
+            verify,
+            no_verify,
+            json,
         }) => {
+            if file.is_none() && (concurrency.is_some() || verify || no_verify || json) {
+                return Err(ConfigError::Invalid {
+                    field: "--file".into(),
+                    message: "--concurrency, --verify, --no-verify and --json apply to --file only"
+                        .into(),
+                }
+                .into());
+            }
             let cfg = load_config(&cli)?;
+            if let Some(file) = file {
+                let opts = keywave_worker::enroll::Options {
+                    concurrency: concurrency.unwrap_or(keywave_worker::enroll::DEFAULT_CONCURRENCY),
+                    verify: !no_verify,
+                    default_endpoint: endpoint.clone(),
+                };
+                return enroll_file(&cfg, file, &opts, json).await;
+            }
+            // clap requires all three without --file.
+            let (Some(credential), Some(endpoint), Some(principal)) =
+                (credential, endpoint, principal)
+            else {
+                bail!("--credential, --endpoint and --principal are required without --file");
+            };
             enroll(&cfg, credential, endpoint, principal).await
         }
         Some(Command::Agent { ref consumer }) => agent(&cli, consumer.clone()).await,
@@ -348,5 +375,112 @@ async fn enroll(cfg: &Config, credential: &str, endpoint: &str, principal: &str)
         "enrolled {credential} ({principal} at {endpoint}, region {}): fingerprint {fingerprint}",
         cfg.region
     );
+    Ok(())
+}
+
+/// `enroll --file`: every record of a JSON Lines file (or stdin), reported
+/// one line each on stdout as it completes, then a summary.
+async fn enroll_file(
+    cfg: &Config,
+    file: &std::path::Path,
+    opts: &keywave_worker::enroll::Options,
+    json: bool,
+) -> Result<()> {
+    use keywave_worker::enroll::{self, Enroller, Report};
+    use std::io::Write;
+    if let Some(name) = &opts.default_endpoint {
+        if cfg.endpoint(name).is_none() {
+            return Err(ConfigError::Invalid {
+                field: "--endpoint".into(),
+                message: format!("endpoint {name:?} is not in the configuration"),
+            }
+            .into());
+        }
+    }
+    let stdin = file.as_os_str() == "-";
+    // Refused before anything is connected: a file others can read.
+    let input: Box<dyn std::io::Read + Send> = if stdin {
+        if std::io::stdin().is_terminal() {
+            eprintln!(
+                "Reading records from stdin (secrets show as you type; prefer piping them in), end with Ctrl-D:"
+            );
+        }
+        Box::new(enroll::stdin_records().context("reading the records from stdin")?)
+    } else {
+        Box::new(
+            enroll::open_records(file).map_err(|e| ConfigError::Invalid {
+                field: "--file".into(),
+                message: e.to_string(),
+            })?,
+        )
+    };
+    let client = connect(cfg).await?;
+    let js = topology::context(client.clone());
+    let (_, kv) = topology::bind_or_ensure_region(&js, &cfg.region, &cfg.topology).await?;
+    let store = SecretStore::from_kv(kv, &cfg.region, cfg.region_key.clone());
+    let notifier = cfg
+        .detect_key
+        .clone()
+        .map(|k| Notifier::new(js.clone(), k, &cfg.region));
+    let source = if stdin {
+        "stdin".to_string()
+    } else {
+        file.display().to_string()
+    };
+    info!(source = %source, region = %cfg.region, concurrency = opts.concurrency, verify = opts.verify, "Bulk enrolment started");
+    let mut out = std::io::stdout().lock();
+    let mut write_error = None;
+    let emit = |r: &Report| {
+        let line = if json {
+            serde_json::to_string(r).unwrap_or_default()
+        } else {
+            r.to_string()
+        };
+        if let Err(e) = writeln!(out, "{line}") {
+            write_error.get_or_insert(e);
+        }
+    };
+    let summary = Enroller::new(&store, cfg, notifier.as_ref())
+        .run(input, opts, emit)
+        .await;
+    if json {
+        #[derive(serde::Serialize)]
+        struct Last<'a> {
+            summary: SummaryOut<'a>,
+        }
+        #[derive(serde::Serialize)]
+        struct SummaryOut<'a> {
+            #[serde(flatten)]
+            counts: &'a enroll::Summary,
+            region: &'a str,
+            source: &'a str,
+            verify: bool,
+        }
+        let last = Last {
+            summary: SummaryOut {
+                counts: &summary,
+                region: &cfg.region,
+                source: &source,
+                verify: opts.verify,
+            },
+        };
+        let _ = writeln!(out, "{}", serde_json::to_string(&last)?);
+    } else {
+        let _ = writeln!(out, "enroll {source} (region {}): {summary}", cfg.region);
+    }
+    let _ = out.flush();
+    if let Err(e) = client.flush().await {
+        warn!(error = %e, "Could not flush the NATS connection");
+    }
+    if let Some(e) = write_error {
+        return Err(e).context("writing the reports to stdout");
+    }
+    if summary.failed > 0 {
+        bail!(
+            "{} of {} records failed (see their lines above); fix them and run the same input again: what was stored is skipped",
+            summary.failed,
+            summary.records
+        );
+    }
     Ok(())
 }

@@ -123,6 +123,15 @@ impl Record {
     }
 }
 
+/// What [`RecordStore::enroll_new`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enrolment {
+    /// The credential had no record; one now holds the secret as CURRENT.
+    Stored,
+    /// The credential already has a record, left exactly as it was.
+    Exists,
+}
+
 /// A record with the KV revision it was read at (0: never written), for CAS.
 #[derive(Debug, Clone, Default)]
 pub struct Loaded {
@@ -201,6 +210,37 @@ pub trait RecordStore: Send + Sync + std::fmt::Debug {
                 Err(StoreError::Conflict { .. }) => continue,
                 Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// Records `secret` as CURRENT for a credential that has no record (never
+    /// written, or forgotten): a create-if-absent write that never changes an
+    /// existing record, whatever it holds ([`Enrolment::Exists`]), so that a
+    /// bulk enrolment run again skips what it already stored. The first
+    /// attempt expects a never-written key (one write); a conflict reads the
+    /// record to tell an existing one from a delete marker, whose revision
+    /// the next attempt expects.
+    async fn enroll_new(
+        &self,
+        credential_id: &str,
+        secret: Secret,
+    ) -> Result<Enrolment, StoreError> {
+        let record = Record {
+            current: Some(self.version(secret, None, None)),
+            ..Record::default()
+        };
+        let mut expected = 0;
+        loop {
+            match self.save(credential_id, &record, expected).await {
+                Ok(_) => return Ok(Enrolment::Stored),
+                Err(StoreError::Conflict { .. }) => {}
+                Err(e) => return Err(e),
+            }
+            let l = self.load(credential_id).await?;
+            if l.exists {
+                return Ok(Enrolment::Exists);
+            }
+            expected = l.revision;
         }
     }
 }
@@ -443,6 +483,16 @@ impl SecretStore {
         RecordStore::enroll(self, credential_id, secret).await
     }
 
+    /// Records `secret` as CURRENT for a credential without a record;
+    /// leaves an existing record untouched ([`RecordStore::enroll_new`]).
+    pub async fn enroll_new(
+        &self,
+        credential_id: &str,
+        secret: Secret,
+    ) -> Result<Enrolment, StoreError> {
+        RecordStore::enroll_new(self, credential_id, secret).await
+    }
+
     /// Removes a credential's record (its secrets are no longer managed).
     pub async fn forget(&self, credential_id: &str) -> Result<(), StoreError> {
         ids::validate("credential id", credential_id)?;
@@ -533,6 +583,60 @@ mod tests {
         // Invalid ids never reach the bucket.
         assert!(matches!(
             store.get("a.b").await.unwrap_err(),
+            StoreError::InvalidId(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn enroll_new_creates_only_what_is_absent() {
+        let b = TestBucket::new().await;
+        let store = b.store.clone();
+        let first = Secret::new("first-secret".into());
+        assert_eq!(
+            store.enroll_new("c1", first.clone()).await.unwrap(),
+            Enrolment::Stored
+        );
+        // Another secret, or the same one: the record is left as it was.
+        let rev = store.load("c1").await.unwrap().revision;
+        for s in [Secret::new("second-secret".into()), first.clone()] {
+            assert_eq!(store.enroll_new("c1", s).await.unwrap(), Enrolment::Exists);
+        }
+        let l = store.load("c1").await.unwrap();
+        assert_eq!(l.revision, rev);
+        assert_eq!(l.record.current.unwrap().secret, first);
+
+        // A record without CURRENT (a rotation staged) is a record too.
+        let staged = Record {
+            pending: Some(store.version(Secret::new("staged".into()), None, None)),
+            ..Record::default()
+        };
+        store.save("c2", &staged, 0).await.unwrap();
+        assert_eq!(
+            store.enroll_new("c2", first.clone()).await.unwrap(),
+            Enrolment::Exists
+        );
+        assert!(store.get("c2").await.unwrap().unwrap().current.is_none());
+
+        // A forgotten credential is absent: the write expects its marker.
+        store.forget("c1").await.unwrap();
+        let again = Secret::new("after-forget".into());
+        assert_eq!(
+            store.enroll_new("c1", again.clone()).await.unwrap(),
+            Enrolment::Stored
+        );
+        assert_eq!(
+            store
+                .get("c1")
+                .await
+                .unwrap()
+                .unwrap()
+                .current
+                .unwrap()
+                .secret,
+            again
+        );
+        assert!(matches!(
+            store.enroll_new("a.b", again).await.unwrap_err(),
             StoreError::InvalidId(_)
         ));
     }

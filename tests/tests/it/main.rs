@@ -62,6 +62,9 @@
 //! - `demo`: `deploy/consumers-demo.sh` runs with the debug binaries, prints no secret, leaves nothing behind.
 //! - `reconcile`: `keywave reconcile` on real Redis ACL users: consistent after a campaign; a crash between
 //!   set and promote left in flight, then repaired (old secret refused); out-of-band drift exits non-zero.
+//! - `enroll_bulk`: `keywave-worker enroll --file`: 10,000 sim credentials from one 0600 file (a bad record fails
+//!   alone, named by its line), a second run skips them all, a file others can read is refused, no secret in any
+//!   output; real Redis ACL users: the secret must log in unless `--no-verify`, an open login never enrols.
 //! - `discover`: `keywave inventory discover` on private PostgreSQL and MariaDB: privileged logins and the
 //!   admin left out, `--match`, `--import` (existing ids skipped), then a campaign rotates the imports.
 
@@ -83,6 +86,7 @@ mod deadletter;
 mod demo;
 mod detect;
 mod discover;
+mod enroll_bulk;
 mod faults;
 mod harness;
 mod hygiene;

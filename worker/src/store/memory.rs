@@ -162,6 +162,7 @@ impl RecordStore for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Enrolment;
 
     fn store() -> MemoryStore {
         MemoryStore::new("mem", RegionKey::generate())
@@ -214,6 +215,41 @@ mod tests {
             Err(StoreError::Conflict { .. })
         ));
         s.enroll("c1", Secret::new("other".into())).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn enroll_new_never_overwrites() {
+        let s = store();
+        let first = Secret::new("first".into());
+        // A lost race on a never-written key: the record is still absent,
+        // so the next attempt stores it.
+        s.lose_next_saves(1);
+        assert_eq!(
+            s.enroll_new("c1", first.clone()).await.unwrap(),
+            Enrolment::Stored
+        );
+        let rev = s.revision();
+        assert_eq!(
+            s.enroll_new("c1", Secret::new("second".into()))
+                .await
+                .unwrap(),
+            Enrolment::Exists
+        );
+        assert_eq!(s.revision(), rev, "nothing written");
+        assert_eq!(
+            s.get("c1").await.unwrap().unwrap().current.unwrap().secret,
+            first
+        );
+        // Forgotten, then enrolled again over the marker.
+        s.forget("c1").await.unwrap();
+        assert_eq!(
+            s.enroll_new("c1", Secret::new("third".into()))
+                .await
+                .unwrap(),
+            Enrolment::Stored
+        );
+        s.set_unavailable(true);
+        assert!(s.enroll_new("c2", first).await.unwrap_err().is_transient());
     }
 
     #[tokio::test]

@@ -225,6 +225,27 @@ impl std::fmt::Debug for Endpoint {
 }
 
 impl Endpoint {
+    /// `target` under `name`: at most `max_concurrency` operations against
+    /// it at once (one at least), and at most `max_rotations_per_second`
+    /// rotations started per second (`None`, zero or negative: no limit).
+    pub fn new(
+        name: &str,
+        target: Arc<dyn Target>,
+        max_concurrency: usize,
+        max_rotations_per_second: Option<f64>,
+    ) -> Endpoint {
+        let max_concurrency = max_concurrency.max(1);
+        Endpoint {
+            name: Arc::from(name),
+            target,
+            permits: Arc::new(Semaphore::new(max_concurrency)),
+            max_concurrency,
+            rate: max_rotations_per_second
+                .and_then(RateLimit::new)
+                .map(Arc::new),
+        }
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -332,18 +353,9 @@ impl Targets {
         max_concurrency: usize,
         max_rotations_per_second: Option<f64>,
     ) {
-        let max_concurrency = max_concurrency.max(1);
         self.endpoints.insert(
             endpoint.to_string(),
-            Endpoint {
-                name: Arc::from(endpoint),
-                target,
-                permits: Arc::new(Semaphore::new(max_concurrency)),
-                max_concurrency,
-                rate: max_rotations_per_second
-                    .and_then(RateLimit::new)
-                    .map(Arc::new),
-            },
+            Endpoint::new(endpoint, target, max_concurrency, max_rotations_per_second),
         );
     }
 
