@@ -46,7 +46,7 @@ use serde::de::{DeserializeSeed, Error as _, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::fmt;
-use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+use std::hash::{BuildHasher, Hash, RandomState};
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use thiserror::Error;
@@ -491,6 +491,11 @@ impl<'a> Collector<'a> {
         }
     }
 
+    /// Two independently keyed 64-bit hashes of `v`.
+    fn key128(&self, v: impl Hash) -> u128 {
+        (u128::from(self.hashers[0].hash_one(&v)) << 64) | u128::from(self.hashers[1].hash_one(&v))
+    }
+
     fn push(
         &mut self,
         at: Position,
@@ -498,16 +503,7 @@ impl<'a> Collector<'a> {
     ) -> Result<(), ImportError> {
         let cred =
             record.map_err(|(field, message)| ImportError::Invalid { at, field, message })?;
-        let hash = |v: &dyn Fn(&mut dyn std::hash::Hasher)| {
-            let mut out = 0u128;
-            for h in &self.hashers {
-                let mut h = h.build_hasher();
-                v(&mut h);
-                out = (out << 64) | u128::from(h.finish());
-            }
-            out
-        };
-        let key = hash(&|h| cred.id.hash(&mut HashWrite(h)));
+        let key = self.key128(&cred.id);
         if let Some(first) = self.seen.get(&key) {
             return Err(ImportError::Duplicate {
                 at,
@@ -515,8 +511,7 @@ impl<'a> Collector<'a> {
                 first: *first,
             });
         }
-        let login =
-            hash(&|h| (&cred.region, &cred.endpoint, &cred.principal).hash(&mut HashWrite(h)));
+        let login = self.key128((&cred.region, &cred.endpoint, &cred.principal));
         if let Some(&(first, first_index)) = self.logins.get(&login) {
             return Err(ImportError::DuplicateLogin(Box::new(SharedLogin {
                 at,
@@ -533,18 +528,6 @@ impl<'a> Collector<'a> {
         self.logins.insert(login, (at, self.records));
         self.records += 1;
         (self.sink)(cred)
-    }
-}
-
-/// A `dyn Hasher` as a `Hasher`, so values hash through a trait object.
-struct HashWrite<'a>(&'a mut dyn std::hash::Hasher);
-
-impl std::hash::Hasher for HashWrite<'_> {
-    fn finish(&self) -> u64 {
-        self.0.finish()
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        self.0.write(bytes)
     }
 }
 
