@@ -121,9 +121,12 @@ pub struct DaemonArgs {
     pub regions: String,
     #[command(flatten)]
     pub nats_auth: NatsAuthArgs,
-    /// Ed25519 key that signs every task (create one with `keywave-coordinator keygen`); workers check it against their coordinator_public_keys.
+    /// Ed25519 key that signs every task (create one with `keywave-coordinator keygen`); workers check it against their coordinator_public_keys. Required unless --insecure-unsigned-tasks.
     #[arg(long, env = SIGNING_KEY_FILE_ENV, value_name = "FILE")]
     pub signing_key_file: Option<PathBuf>,
+    /// INSECURE, development only: publish tasks without a signature when no --signing-key-file is given. Anyone who can publish on keywave.task.> can then make workers that accept unsigned tasks rotate credentials.
+    #[arg(long, env = INSECURE_UNSIGNED_TASKS_ENV, conflicts_with = "signing_key_file")]
+    pub insecure_unsigned_tasks: bool,
     /// A signed task expires this long after its deadline (replays after that are refused).
     #[arg(long, env = TASK_EXPIRY_MARGIN_ENV, default_value = "5m", value_name = "DURATION")]
     pub task_expiry_margin: String,
@@ -145,6 +148,9 @@ pub const PREFLIGHT_TIMEOUT_ENV: &str = "KEYWAVE_PREFLIGHT_TIMEOUT";
 
 /// Environment variable naming the coordinator's task-signing key file.
 pub const SIGNING_KEY_FILE_ENV: &str = "KEYWAVE_SIGNING_KEY_FILE";
+/// Environment variable of the explicit opt-out from signed tasks
+/// (`--insecure-unsigned-tasks`).
+pub const INSECURE_UNSIGNED_TASKS_ENV: &str = "KEYWAVE_INSECURE_UNSIGNED_TASKS";
 /// Environment variable with the margin from a task's deadline to its expiry.
 pub const TASK_EXPIRY_MARGIN_ENV: &str = "KEYWAVE_TASK_EXPIRY_MARGIN";
 
@@ -202,10 +208,25 @@ impl DaemonArgs {
         }
         let margin =
             keywave_common::flags::duration("--task-expiry-margin", &self.task_expiry_margin)?;
-        if let Some(path) = &self.signing_key_file {
-            let key = keywave_common::sign::SigningKey::from_file(path)
-                .map_err(|e| usage("--signing-key-file", e.to_string()))?;
-            opts.signer = Some(keywave_common::sign::TaskSigner::new(key, margin));
+        match &self.signing_key_file {
+            Some(path) => {
+                let key = keywave_common::sign::SigningKey::from_file(path)
+                    .map_err(|e| usage("--signing-key-file", e.to_string()))?;
+                opts.signer = Some(keywave_common::sign::TaskSigner::new(key, margin));
+            }
+            // Signed tasks are the default: running without a key is a
+            // choice made by name.
+            None if !self.insecure_unsigned_tasks => {
+                return Err(usage(
+                    "--signing-key-file",
+                    format!(
+                        "is required: tasks are signed by default. Create a key with `keywave-coordinator keygen --out FILE`, \
+                         give its public key to the workers (coordinator_public_keys) and start with --signing-key-file FILE \
+                         (or {SIGNING_KEY_FILE_ENV}); for development only, --insecure-unsigned-tasks publishes unsigned tasks"
+                    ),
+                ))
+            }
+            None => {}
         }
         Ok(opts)
     }

@@ -92,7 +92,8 @@ pub struct WorkerOptions {
     /// altered or expired tasks are refused; with none, tasks are not
     /// checked (and a warning is logged at start).
     pub task_keys: Verifier,
-    /// Refuse to start without `task_keys` (production sets it).
+    /// Refuse to start without `task_keys` (the binary sets it unless
+    /// configured with `insecure_unsigned_tasks`).
     pub require_signed_tasks: bool,
 }
 
@@ -132,8 +133,13 @@ impl WorkerOptions {
         if self.require_signed_tasks && self.task_keys.is_empty() {
             return Err(WorkerError::InvalidOptions {
                 field: "coordinator_public_keys",
-                message: "require_signed_tasks is set but no coordinator public key is configured"
-                    .into(),
+                message:
+                    "is empty: tasks must be signed. Add the coordinator's public key (printed by \
+                          `keywave-coordinator keygen`) to coordinator_public_keys or \
+                          KEYWAVE_COORDINATOR_PUBLIC_KEYS; for development only, \
+                          insecure_unsigned_tasks = true (or KEYWAVE_INSECURE_UNSIGNED_TASKS=1) \
+                          serves unsigned tasks"
+                        .into(),
             });
         }
         Ok(())
@@ -296,9 +302,9 @@ impl Worker {
         if opts.task_keys.is_empty() {
             warn!(
                 region = %opts.region,
-                "NO COORDINATOR PUBLIC KEY CONFIGURED: this worker runs UNSIGNED tasks; anyone who can \
-                 publish on keywave.task.{}.> can make it rotate credentials. Set coordinator_public_keys \
-                 and require_signed_tasks = true in production",
+                "INSECURE: no coordinator public key, unsigned tasks allowed (insecure_unsigned_tasks): \
+                 this worker runs UNSIGNED tasks; anyone who can publish on keywave.task.{}.> can make \
+                 it rotate credentials. Set coordinator_public_keys outside development",
                 opts.region
             );
         } else {

@@ -73,6 +73,20 @@ impl From<crate::lease::LeaseError> for DriveError {
 /// leader moves (a cluster node lost); well under any task timeout, so a
 /// stalled consumer never turns a wave's results into `no_result`.
 const RESULTS_IDLE: Duration = Duration::from_secs(5);
+/// How long a result handed to this coordinator may go unacknowledged before
+/// the server delivers it again. A delivery can be lost on its way into the
+/// owner (a pull stream dropped with messages in its buffer, a client that
+/// missed heartbeats): the wave then waits this long for the result, so it is
+/// short. Results are acked as soon as the owner has them, and at most one
+/// pull batch is in hand at a time, so a short wait causes no redeliveries;
+/// a redelivered result is a duplicate the book ignores.
+const RESULTS_ACK_WAIT: Duration = Duration::from_secs(5);
+/// Expiry of one pull request for results, and its idle heartbeat: a request
+/// the server leaves unserved is renewed within seconds.
+const RESULTS_PULL_EXPIRES: Duration = Duration::from_secs(5);
+const RESULTS_PULL_HEARTBEAT: Duration = Duration::from_secs(2);
+/// Results requested in one pull.
+const RESULTS_PULL_BATCH: usize = 256;
 /// Longest wait before a failed effect (event, save, lease check) is tried
 /// again.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
@@ -668,6 +682,17 @@ async fn follow_approvals(engine: Arc<Engine>, h: Arc<Handle>) {
     }
 }
 
+/// Whether a results stream error ends the stream for good (it must be
+/// pulled afresh).
+fn results_stream_ended(e: &pull::MessagesError) -> bool {
+    matches!(
+        e.kind(),
+        pull::MessagesErrorKind::ConsumerDeleted
+            | pull::MessagesErrorKind::NoResponders
+            | pull::MessagesErrorKind::PushBasedConsumer
+    )
+}
+
 /// Replays and follows the campaign's results into its owner: one durable
 /// pull consumer per campaign and term on `KEYWAVE_RESULTS`, filtered to the
 /// campaign, from the first message. Durable rather than ordered: it lives
@@ -687,7 +712,7 @@ async fn aggregate(engine: Arc<Engine>, h: Arc<Handle>) {
                 filter_subject: filter.clone(),
                 deliver_policy: DeliverPolicy::All,
                 ack_policy: AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(30),
+                ack_wait: RESULTS_ACK_WAIT,
                 max_ack_pending: 50_000,
                 replay_policy: ReplayPolicy::Instant,
                 // Left behind by a coordinator that died: removed by the server.
@@ -715,7 +740,14 @@ async fn aggregate(engine: Arc<Engine>, h: Arc<Handle>) {
                 break;
             }
         }
-        let mut messages = match consumer.messages().await {
+        let mut messages = match consumer
+            .stream()
+            .max_messages_per_batch(RESULTS_PULL_BATCH)
+            .expires(RESULTS_PULL_EXPIRES)
+            .heartbeat(RESULTS_PULL_HEARTBEAT)
+            .messages()
+            .await
+        {
             Ok(m) => m,
             Err(e) => {
                 warn!(campaign = %h.cid, error = %e, "Cannot read results; retrying");
@@ -735,9 +767,17 @@ async fn aggregate(engine: Arc<Engine>, h: Arc<Handle>) {
                 // stalled without reporting an error.
                 Err(_) => break,
                 Ok(None) => break,
-                Ok(Some(Err(e))) => {
+                // Only an error that ends the stream drops it: the stream
+                // recovers from the others (a missed heartbeat, a status
+                // from the server) by pulling again, and dropping it would
+                // lose the deliveries in its buffer until the ack wait.
+                Ok(Some(Err(e))) if results_stream_ended(&e) => {
                     warn!(campaign = %h.cid, error = %e, "Results consumer failed; pulling again");
                     break;
+                }
+                Ok(Some(Err(e))) => {
+                    debug!(campaign = %h.cid, error = %e, "Results stream reported an error; reading on");
+                    continue;
                 }
                 Ok(Some(Ok(m))) => m,
             };

@@ -49,6 +49,9 @@ impl Slot {
             // below count the ones that finished on a redelivery.
             .env("RUST_LOG", "info,keywave_worker::protocol=debug")
             .env("NO_COLOR", "1")
+            // The in-process coordinator of this test publishes unsigned
+            // tasks (tests/it/signing.rs covers signatures).
+            .env(keywave_worker::config::ENV_INSECURE_UNSIGNED_TASKS, "1")
             // A target that takes a little longer per rotation, so that the
             // campaign runs long enough for a few dozen kills.
             .env("KEYWAVE_FAULT_DELAY", "set:60")

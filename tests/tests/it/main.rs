@@ -90,6 +90,7 @@ mod enroll_bulk;
 mod faults;
 mod harness;
 mod hygiene;
+mod late_results;
 mod lease;
 mod metrics;
 mod nats_restart;
