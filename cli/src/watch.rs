@@ -723,9 +723,11 @@ mod tests {
                     total: 11,
                     succeeded: 1,
                     failed: 0,
+                    ..Default::default()
                 },
             )]
             .into(),
+            paused_regions: Vec::new(),
         }
     }
 

@@ -111,6 +111,9 @@ pub(super) async fn run(mut owner: Owner, mut machine: Machine, rx: mpsc::Receiv
     engine
         .tracker
         .spawn(forward_stop(engine.clone(), h.clone()));
+    engine
+        .tracker
+        .spawn(forward_regions(engine.clone(), h.clone()));
     owner.serve(&mut machine, rx).await;
     owner.publish_snapshot(&machine);
     h.stop.cancel();
@@ -127,6 +130,22 @@ async fn forward_stop(engine: Arc<Engine>, h: Arc<Handle>) {
         _ = h.stop.cancelled() => engine.halted.is_cancelled(),
     };
     let _ = h.send(Msg::Stop { fenced }).await;
+}
+
+/// Every region view (see [`crate::regions`]) reaches the owner as a
+/// message: liveness decides pauses, the queue figures go in the status.
+async fn forward_regions(engine: Arc<Engine>, h: Arc<Handle>) {
+    let mut views = engine.regions.subscribe();
+    loop {
+        let view = views.borrow_and_update().clone();
+        if h.send(Msg::Regions(view)).await.is_err() {
+            return;
+        }
+        tokio::select! {
+            r = views.changed() => if r.is_err() { return },
+            _ = h.stop.cancelled() => return,
+        }
+    }
 }
 
 impl Owner {

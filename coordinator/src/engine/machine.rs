@@ -13,10 +13,12 @@ use super::{
     fault::CrashPoint,
     preflight, start_window_ms, Approval, ControlAction, DEADLINE_GRACE,
 };
+use crate::regions::RegionView;
 use keywave_common::{
     api::CampaignStatus,
     wire::{CampaignState, Decision, EventKind, RotationResult, Strategy, TaskAction},
 };
+use std::sync::Arc;
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
@@ -92,6 +94,10 @@ pub enum Msg {
     Timer,
     /// Status request: replies with the current status.
     Status { reply: Reply },
+    /// Which regions have live workers (see [`crate::regions`]), every
+    /// second: a region the current wave needs that has had none for the
+    /// machine's `pause_after` pauses the campaign, naming it.
+    Regions(Arc<RegionView>),
     /// The coordinator stops (`fenced`: it lost its lease or was killed, and
     /// must not save anything).
     Stop { fenced: bool },
@@ -215,6 +221,11 @@ pub struct Machine {
     retry_delay_ms: u64,
     stopped: bool,
     wake: Option<u64>,
+    /// The latest region view (none yet: every region counts as live).
+    regions: Option<Arc<RegionView>>,
+    /// How long a needed region may have no live worker before the
+    /// campaign pauses.
+    pause_after_ms: u64,
 }
 
 impl Machine {
@@ -233,7 +244,16 @@ impl Machine {
             retry_delay_ms: RETRY_FIRST_MS,
             stopped: false,
             wake: None,
+            regions: None,
+            pause_after_ms: crate::regions::DEFAULT_PAUSE_AFTER.as_millis() as u64,
         }
+    }
+
+    /// Sets how long a region the campaign needs may have no live worker
+    /// before the campaign pauses.
+    pub fn with_pause_after(mut self, pause_after: std::time::Duration) -> Machine {
+        self.pause_after_ms = pause_after.as_millis() as u64;
+        self
     }
 
     pub fn status(&self) -> &CampaignStatus {
@@ -338,6 +358,7 @@ impl Machine {
             }
             Msg::Timer => {}
             Msg::Status { reply: r } => reply = Some(r),
+            Msg::Regions(view) => self.on_regions(view, now_ms),
             Msg::Stop { fenced } => {
                 self.stopped = true;
                 if !fenced {
@@ -395,6 +416,9 @@ impl Machine {
         }
         s.state = state;
         s.reason = Some(reason);
+        if state != CampaignState::Paused {
+            s.paused_regions.clear();
+        }
         if state.is_terminal() {
             s.finished_at_ms = Some(now_ms);
         }
@@ -491,6 +515,7 @@ impl Machine {
                 self.stopped = true;
                 return;
             }
+            self.check_regions(now_ms, fx);
             if self.job.is_some() {
                 return;
             }
@@ -769,7 +794,19 @@ impl Machine {
             watch.seen = seen;
             watch.last_progress_ms = watch.last_progress_ms.max(now_ms);
         }
+        // While a region the wave needs has no live worker (or the campaign
+        // is paused for one), time does not count toward the deadline: the
+        // region's tasks wait in its queue, they have not failed.
+        let held = self.region_holds(w, now_ms);
+        if held {
+            watch.last_progress_ms = watch.last_progress_ms.max(now_ms);
+        }
         self.watch = Some(watch);
+        if held && !self.book.wave_complete(w) {
+            // Region views come every second; this is a safety net.
+            self.wake_at(now_ms + self.pause_after_ms);
+            return;
+        }
         let timeout = self.book.status.spec.task_timeout_ms;
         let grace = DEADLINE_GRACE.as_millis() as u64;
         let cap = watch.base_ms + start_window_ms(timeout) + timeout + grace;
@@ -931,6 +968,122 @@ impl Machine {
     }
 }
 
+/// Regions: a region the current wave needs that has had no live worker
+/// for `pause_after_ms` pauses the campaign with a reason naming it (before
+/// the wave is published into it, or while its tasks wait), and the wave's
+/// deadline stands still while such a region is silent; see
+/// [`crate::regions`].
+impl Machine {
+    fn on_regions(&mut self, view: Arc<RegionView>, now_ms: u64) {
+        // The live figures shown in the status (not saved on their own: they
+        // go along with the next snapshot save).
+        for (name, r) in self.book.status.regions.iter_mut() {
+            let live = view.region(name);
+            r.live_workers = Some(live.workers);
+            r.silent_for_ms = live.silent_since_ms.map(|s| now_ms.saturating_sub(s));
+            r.queued = live.queued;
+            r.in_flight = live.in_flight;
+        }
+        self.regions = Some(view);
+    }
+
+    /// The regions wave `w` still needs, with its tasks there that have no
+    /// result yet. A snapshot that does not plan the wave's regions falls
+    /// back to the campaign's regions with credentials left.
+    fn needed_regions(&self, w: u32) -> Vec<(String, u64)> {
+        let s = &self.book.status;
+        let planned = s
+            .waves
+            .get(w as usize)
+            .is_some_and(|ws| !ws.regions.is_empty());
+        if planned {
+            return self
+                .book
+                .wave_regions_left(w)
+                .into_iter()
+                .map(|(r, n)| (r.to_string(), n))
+                .collect();
+        }
+        s.regions
+            .iter()
+            .map(|(r, rs)| (r.clone(), rs.total.saturating_sub(rs.succeeded + rs.failed)))
+            .filter(|(_, left)| *left > 0)
+            .collect()
+    }
+
+    /// Whether a region wave `w` needs is silent now, or the campaign is
+    /// paused for one.
+    fn region_holds(&self, w: u32, now_ms: u64) -> bool {
+        let s = &self.book.status;
+        if s.state == CampaignState::Paused && !s.paused_regions.is_empty() {
+            return true;
+        }
+        let Some(view) = &self.regions else {
+            return false;
+        };
+        s.state == CampaignState::Running
+            && self
+                .needed_regions(w)
+                .iter()
+                .any(|(r, _)| view.silent_since(r).is_some_and(|t| t <= now_ms))
+    }
+
+    /// Pauses a running campaign whose current wave needs a region that
+    /// has had no live worker for `pause_after_ms`.
+    fn check_regions(&mut self, now_ms: u64, fx: &mut Vec<Effect>) {
+        if self.state() != CampaignState::Running || self.current_decision().is_some() {
+            return;
+        }
+        let Some(view) = self.regions.clone() else {
+            return;
+        };
+        let w = self.book.status.current_wave;
+        let Some(ws) = self.book.status.waves.get(w as usize) else {
+            return;
+        };
+        let started = ws.started_at_ms.is_some() || ws.published;
+        let mut silent = Vec::new();
+        for (region, left) in self.needed_regions(w) {
+            let Some(since) = view.silent_since(&region) else {
+                continue;
+            };
+            let quiet = now_ms.saturating_sub(since);
+            if quiet >= self.pause_after_ms {
+                silent.push((region, quiet, left));
+            } else {
+                self.wake_at(since + self.pause_after_ms);
+            }
+        }
+        if silent.is_empty() {
+            return;
+        }
+        let tasks = |n: u64| if n == 1 { "1 task".to_string() } else { format!("{n} tasks") };
+        let mut parts: Vec<String> = silent
+            .iter()
+            .map(|(r, quiet, left)| {
+                let secs = quiet / 1_000;
+                if started {
+                    format!("region {r}: no live workers for {secs} s; {} queued", tasks(*left))
+                } else {
+                    format!(
+                        "region {r}: no live workers for {secs} s; wave {w} not started ({} for it)",
+                        tasks(*left)
+                    )
+                }
+            })
+            .collect();
+        let cid = &self.book.status.campaign_id;
+        parts.push(format!(
+            "resume with `keywave campaign resume {cid}` once its workers are back"
+        ));
+        let names: Vec<String> = silent.iter().map(|(r, _, _)| r.clone()).collect();
+        warn!(campaign = %cid, wave = w, regions = %names.join(","), "Pausing: a region the wave needs has no live worker");
+        let reason = parts.join("; ");
+        self.book.status.paused_regions = names;
+        self.transition(CampaignState::Paused, reason, now_ms, fx);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -980,6 +1133,7 @@ mod tests {
             finished_at_ms: None,
             reason: None,
             regions: [("eu".to_string(), Default::default())].into(),
+            paused_regions: Vec::new(),
         }
     }
 
