@@ -1467,7 +1467,7 @@ mod tests {
                     },
                 )]
                 .into(),
-            paused_regions: Vec::new(),
+                paused_regions: Vec::new(),
             },
             wave_sizes: vec![1, 2],
             failures_by_class: [("injected".to_string(), 1)].into(),

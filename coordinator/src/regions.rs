@@ -12,11 +12,7 @@
 use crate::metrics::{CoordinatorMetrics, RegionFigures};
 use async_nats::jetstream;
 use futures::StreamExt;
-use keywave_common::{
-    now_ms,
-    presence::Presence,
-    subjects, topology,
-};
+use keywave_common::{now_ms, presence::Presence, subjects, topology};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -231,7 +227,11 @@ impl Liveness {
     }
 
     /// The view at `now_ms` of the regions known, plus `wanted` ones.
-    pub fn view<'a>(&'a self, now_ms: u64, wanted: impl IntoIterator<Item = &'a str>) -> RegionView {
+    pub fn view<'a>(
+        &'a self,
+        now_ms: u64,
+        wanted: impl IntoIterator<Item = &'a str>,
+    ) -> RegionView {
         let mut regions: BTreeMap<String, RegionLive> = BTreeMap::new();
         let mut names: BTreeSet<&str> = self.regions().collect();
         names.extend(wanted);
@@ -282,8 +282,17 @@ impl Tracker {
         let now = now_ms();
         let liveness = Liveness::new(now);
         let wanted = Arc::new(Wanted(Mutex::new(regions.iter().cloned().collect())));
-        let (tx, view) = watch::channel(Arc::new(liveness.view(now, regions.iter().map(String::as_str))));
-        tokio::spawn(follow(client, liveness, wanted.clone(), tx, metrics, stop.clone()));
+        let (tx, view) = watch::channel(Arc::new(
+            liveness.view(now, regions.iter().map(String::as_str)),
+        ));
+        tokio::spawn(follow(
+            client,
+            liveness,
+            wanted.clone(),
+            tx,
+            metrics,
+            stop.clone(),
+        ));
         Tracker {
             view,
             wanted,
@@ -362,7 +371,7 @@ async fn follow(
                     let w = wanted.0.lock().unwrap_or_else(|e| e.into_inner());
                     liveness.regions().map(str::to_string).chain(w.iter().cloned()).collect::<BTreeSet<_>>().into_iter().collect()
                 };
-                if polled_at.map_or(true, |t| t.elapsed() >= POLL_EVERY) {
+                if polled_at.is_none_or(|t| t.elapsed() >= POLL_EVERY) {
                     polled_at = Some(tokio::time::Instant::now());
                     for region in &names {
                         let read = tokio::time::timeout(POLL_TIMEOUT, read_consumer(&js, region));

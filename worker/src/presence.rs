@@ -80,7 +80,9 @@ impl Announcer {
     /// effort: if it does not arrive, the coordinator notices the silence).
     pub async fn leave(self) {
         let Announcer {
-            client, mut beat, _stop,
+            client,
+            mut beat,
+            _stop,
         } = self;
         drop(_stop);
         beat.leaving = true;

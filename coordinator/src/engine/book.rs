@@ -545,6 +545,28 @@ mod tests {
     }
 
     #[test]
+    fn a_waves_regions_left_count_first_results_of_planned_regions() {
+        let mut st = status(&[3]);
+        st.waves[0].regions = [("eu".to_string(), 2), ("us".to_string(), 1)].into();
+        let mut b = Book::new(st);
+        let left = |b: &Book| -> Vec<(String, u64)> {
+            b.wave_regions_left(0)
+                .into_iter()
+                .map(|(r, n)| (r.to_string(), n))
+                .collect()
+        };
+        assert_eq!(left(&b), [("eu".to_string(), 2), ("us".to_string(), 1)]);
+        let mut us = result(0, 2, TaskAction::Rotate, Outcome::Failed);
+        us.region = "us".into();
+        b.apply(&us, 1);
+        b.apply(&us, 2); // duplicate
+        b.apply(&result(0, 0, TaskAction::Rotate, Outcome::Succeeded), 3);
+        assert_eq!(left(&b), [("eu".to_string(), 1)]);
+        // Rebuilt from zero on replay, like every counter of an open wave.
+        assert_eq!(left(&Book::new(b.status.clone())).len(), 2);
+    }
+
+    #[test]
     fn regions_count_first_results_and_rebuild_on_replay() {
         let mut b = Book::new(status(&[2, 2]));
         b.status.regions.get_mut("eu").unwrap().total = 4;
@@ -560,10 +582,12 @@ mod tests {
             keywave_common::api::RegionStatus {
                 total: 4,
                 succeeded: 1,
-                failed: 1
+                failed: 1,
+                ..Default::default()
             }
         );
         assert!(!b.status.regions.contains_key("mars"));
+
         b.finalize_wave(0, 10);
         let mut replayed = Book::new(b.status.clone());
         assert_eq!(replayed.status.regions["eu"].succeeded, 0);

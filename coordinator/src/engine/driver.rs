@@ -220,7 +220,15 @@ impl Owner {
                     Ok(())
                 }
                 Effect::Withdraw { wave } => {
-                    withdraw_tasks(&self.engine, self.cid(), wave).await;
+                    withdraw_tasks(&self.engine, self.cid(), wave, Withdrawal::Decided).await;
+                    Ok(())
+                }
+                Effect::Expire { wave } => {
+                    withdraw_tasks(&self.engine, self.cid(), wave, Withdrawal::Expired).await;
+                    Ok(())
+                }
+                Effect::Reissue { wave, targets } => {
+                    self.spawn_publish(m, wave, TaskAction::Rotate, Some(targets));
                     Ok(())
                 }
                 Effect::Reply(reply) => {
@@ -620,13 +628,22 @@ enum WithdrawError {
     Purge(#[source] async_nats::jetstream::stream::PurgeError),
 }
 
+/// Why a wave's queued tasks are removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Withdrawal {
+    /// The wave was decided without them.
+    Decided,
+    /// Their start window passed while paused for a silent region.
+    Expired,
+}
+
 /// Removes the campaign's tasks that no worker has finished from the work
 /// queue once their wave is decided without them, so that none of them
 /// starts after the decision (they count as `no_result`). A task a worker
 /// is running when this happens finishes and reports late; its ack finds
 /// nothing to remove. Best effort: if the purge fails, the tasks' own
 /// start deadline still refuses them later.
-async fn withdraw_tasks(engine: &Engine, cid: &str, w: u32) {
+async fn withdraw_tasks(engine: &Engine, cid: &str, w: u32, why: Withdrawal) {
     let filter = format!("keywave.task.*.{cid}");
     let purged = match engine
         .js
@@ -641,6 +658,9 @@ async fn withdraw_tasks(engine: &Engine, cid: &str, w: u32) {
         Err(e) => Err(WithdrawError::Stream(e)),
     };
     match purged {
+        Ok(r) if why == Withdrawal::Expired => {
+            info!(campaign = %cid, wave = w, withdrawn = r.purged, "Tasks past their start window while paused for a silent region were withdrawn; they are issued again on resume")
+        }
         Ok(r) => {
             info!(campaign = %cid, wave = w, withdrawn = r.purged, "Wave decided without every result; its unstarted tasks were withdrawn")
         }

@@ -126,6 +126,13 @@ pub enum Effect {
     ReadApprovals { wave: u32 },
     /// Withdraw wave `wave`'s unstarted tasks from the work queue.
     Withdraw { wave: u32 },
+    /// Remove wave `wave`'s tasks from the work queue because they can no
+    /// longer start (their start window passed while the campaign was
+    /// paused for a silent region); they are issued again on resume.
+    Expire { wave: u32 },
+    /// Start the job issuing the `targets` indexes of wave `wave` again
+    /// (with a fresh start window), after [`Effect::Expire`].
+    Reissue { wave: u32, targets: BitSet },
     /// Reply with the status as it is once the effects before ran.
     Reply(Reply),
     /// The owner ends (campaign finished, or the coordinator stops).
@@ -226,6 +233,9 @@ pub struct Machine {
     /// How long a needed region may have no live worker before the
     /// campaign pauses.
     pause_after_ms: u64,
+    /// The wave whose tasks expired while paused for a region: issued again
+    /// when resumed.
+    reissue: Option<u32>,
 }
 
 impl Machine {
@@ -246,6 +256,7 @@ impl Machine {
             wake: None,
             regions: None,
             pause_after_ms: crate::regions::DEFAULT_PAUSE_AFTER.as_millis() as u64,
+            reissue: None,
         }
     }
 
@@ -610,6 +621,10 @@ impl Machine {
             fx.push(Effect::PublishWave { wave: w });
             return;
         }
+        if self.reissue == Some(w) && state == CampaignState::Running {
+            self.reissue_step(w, fx);
+            return;
+        }
         self.await_results(w, now_ms, fx);
     }
 
@@ -803,6 +818,7 @@ impl Machine {
         }
         self.watch = Some(watch);
         if held && !self.book.wave_complete(w) {
+            self.expire_if_stale(w, watch.base_ms, now_ms, fx);
             // Region views come every second; this is a safety net.
             self.wake_at(now_ms + self.pause_after_ms);
             return;
@@ -968,6 +984,11 @@ impl Machine {
     }
 }
 
+/// How long after the tasks' start window a region-paused wave's tasks are
+/// removed and later issued again (keeps clear of the tasks stream's
+/// duplicate window, by default as long as the start window).
+pub const REISSUE_MARGIN_MS: u64 = 60_000;
+
 /// Regions: a region the current wave needs that has had no live worker
 /// for `pause_after_ms` pauses the campaign with a reason naming it (before
 /// the wave is published into it, or while its tasks wait), and the wave's
@@ -1028,6 +1049,49 @@ impl Machine {
                 .any(|(r, _)| view.silent_since(r).is_some_and(|t| t <= now_ms))
     }
 
+    /// Paused for a silent region past the start window of the wave's tasks
+    /// (published by `base_ms`): no worker would start them any more (a
+    /// worker that came back would refuse them as too late, a failure), so
+    /// they are removed from the queue, to be issued again on resume. After
+    /// a restart `base_ms` is the wave's start, earlier than its end of
+    /// publishing: the tasks are removed a little early, which only means
+    /// they are issued again.
+    fn expire_if_stale(&mut self, w: u32, base_ms: u64, now_ms: u64, fx: &mut Vec<Effect>) {
+        let s = &self.book.status;
+        let paused_for_region = s.state == CampaignState::Paused && !s.paused_regions.is_empty();
+        // A margin past the window: the same tasks published again must
+        // not fall in the stream's duplicate window of the first ones.
+        let stale_at = base_ms + start_window_ms(s.spec.task_timeout_ms) + REISSUE_MARGIN_MS;
+        if paused_for_region && now_ms >= stale_at && self.reissue != Some(w) {
+            info!(campaign = %s.campaign_id, wave = w, "Paused past the tasks' start window: removing them from the queue, to issue them again on resume");
+            self.reissue = Some(w);
+            fx.push(Effect::Fence);
+            fx.push(Effect::Expire { wave: w });
+        }
+    }
+
+    /// Resumed after [`Machine::expire_if_stale`]: the wave's tasks without a
+    /// result are issued again.
+    fn reissue_step(&mut self, w: u32, fx: &mut Vec<Effect>) {
+        self.reissue = None;
+        let Some(t) = self.book.tally(w) else {
+            return;
+        };
+        let mut targets = BitSet::new(t.seen.len());
+        for i in 0..t.seen.len() {
+            if !t.seen.contains(i) {
+                targets.insert(i);
+            }
+        }
+        info!(campaign = %self.book.status.campaign_id, wave = w, tasks = targets.count(), "Issuing the wave's unanswered tasks again");
+        fx.push(Effect::Fence);
+        self.job = Some(Job::Publish {
+            wave: w,
+            action: TaskAction::Rotate,
+        });
+        fx.push(Effect::Reissue { wave: w, targets });
+    }
+
     /// Pauses a running campaign whose current wave needs a region that
     /// has had no live worker for `pause_after_ms`.
     fn check_regions(&mut self, now_ms: u64, fx: &mut Vec<Effect>) {
@@ -1057,7 +1121,13 @@ impl Machine {
         if silent.is_empty() {
             return;
         }
-        let tasks = |n: u64| if n == 1 { "1 task".to_string() } else { format!("{n} tasks") };
+        let tasks = |n: u64| {
+            if n == 1 {
+                "1 task".to_string()
+            } else {
+                format!("{n} tasks")
+            }
+        };
         let mut parts: Vec<String> = silent
             .iter()
             .map(|(r, quiet, left)| {
@@ -1210,6 +1280,10 @@ mod tests {
                 Effect::Preflight { wave } => format!("preflight:{wave}"),
                 Effect::ReadApprovals { wave } => format!("read_approvals:{wave}"),
                 Effect::Withdraw { wave } => format!("withdraw:{wave}"),
+                Effect::Expire { wave } => format!("expire:{wave}"),
+                Effect::Reissue { wave, targets } => {
+                    format!("reissue:{wave}:{:?}", targets.iter().collect::<Vec<_>>())
+                }
                 Effect::Reply(_) => "reply".into(),
                 Effect::Exit => "exit".into(),
             })
@@ -1535,6 +1609,162 @@ mod tests {
         );
         assert_eq!(names(&out), starts(0));
         assert_eq!(m.status().waves[0].approved_at_ms, Some(5));
+    }
+
+    /// One wave of two tasks: index 0 in eu, index 1 in ap.
+    fn two_regions() -> Machine {
+        let mut st = status(&[2], &[]);
+        st.waves[0].regions = [("eu".to_string(), 1), ("ap".to_string(), 1)].into();
+        st.regions = [
+            ("eu".to_string(), Default::default()),
+            ("ap".to_string(), Default::default()),
+        ]
+        .into();
+        for r in st.regions.values_mut() {
+            r.total = 1;
+        }
+        Machine::new(st)
+    }
+
+    /// A view where `silent` regions have had no live worker since the
+    /// given time and every other region named has one.
+    fn view(at_ms: u64, live: &[&str], silent: &[(&str, u64)]) -> Msg {
+        use crate::regions::{RegionLive, RegionView};
+        let mut regions = std::collections::BTreeMap::new();
+        for r in live {
+            regions.insert(
+                r.to_string(),
+                RegionLive {
+                    workers: 1,
+                    ..Default::default()
+                },
+            );
+        }
+        for (r, since) in silent {
+            regions.insert(
+                r.to_string(),
+                RegionLive {
+                    silent_since_ms: Some(*since),
+                    queued: Some(1),
+                    in_flight: Some(0),
+                    ..Default::default()
+                },
+            );
+        }
+        Msg::Regions(Arc::new(RegionView {
+            at_ms,
+            listening_since_ms: 0,
+            regions,
+        }))
+    }
+
+    fn in_region(msg: Msg, region: &str) -> Msg {
+        match msg {
+            Msg::Result {
+                mut result,
+                published_ms,
+            } => {
+                result.region = region.into();
+                Msg::Result {
+                    result,
+                    published_ms,
+                }
+            }
+            m => m,
+        }
+    }
+
+    const PAUSE: u64 = 10_000;
+
+    #[test]
+    fn a_silent_region_pauses_the_wave_and_its_deadline_stands_still() {
+        let mut m = two_regions();
+        m.step(view(0, &["eu"], &[("ap", 0)]), 0);
+        // Silent for less than the pause threshold: the wave starts.
+        let out = m.step(Msg::CaughtUp, 0);
+        assert_eq!(names(&out), starts(0));
+        m.step(published(0, TaskAction::Rotate), 10);
+        let out = m.step(in_region(ok(0, 0), "eu"), 20);
+        assert!(!names(&out).contains(&"state:paused".to_string()));
+        // Far past the task timeout, but ap is silent: no deadline yet, and
+        // the campaign pauses once ap has been silent for the threshold.
+        let out = m.step(view(PAUSE - 1, &["eu"], &[("ap", 0)]), PAUSE - 1);
+        assert!(out.effects.is_empty(), "{:?}", names(&out));
+        let out = m.step(view(PAUSE, &["eu"], &[("ap", 0)]), PAUSE);
+        assert_eq!(names(&out), ["fence", "state:paused", "save"]);
+        let reason = m.status().reason.clone().unwrap();
+        assert!(
+            reason.starts_with("region ap: no live workers for 10 s; 1 task queued"),
+            "{reason}"
+        );
+        assert_eq!(m.status().paused_regions, vec!["ap".to_string()]);
+        assert_eq!(m.status().regions["ap"].live_workers, Some(0));
+        assert_eq!(m.status().regions["ap"].silent_for_ms, Some(PAUSE));
+        assert_eq!(m.status().regions["eu"].live_workers, Some(1));
+        // Paused for an hour: the wave is not decided, nothing is no_result.
+        let later = PAUSE + 3_600_000;
+        assert!(m.step(Msg::Timer, PAUSE + 60_000).effects.is_empty());
+        // Past the tasks' start window, they leave the queue (a worker
+        // would refuse them as too late), once.
+        let out = m.step(Msg::Timer, later);
+        assert_eq!(names(&out), ["fence", "expire:0"]);
+        assert!(m.step(Msg::Timer, later).effects.is_empty());
+        assert!(m.status().waves[0].decision.is_none());
+        assert_eq!(m.status().waves[0].no_result, 0);
+        // ap is back, the operator resumes: the unanswered task is issued
+        // again, and a whole task timeout runs from then.
+        m.step(view(later, &["eu", "ap"], &[]), later);
+        let out = m.step(control(ControlAction::Resume, 1), later + 1);
+        assert_eq!(
+            names(&out),
+            ["fence", "state:running", "save", "fence", "reissue:0:[1]"]
+        );
+        assert!(m.status().paused_regions.is_empty());
+        let out = m.step(published(0, TaskAction::Rotate), later + 5);
+        let deadline = later + 5 + TIMEOUT + DEADLINE_GRACE.as_millis() as u64;
+        assert_eq!(out.wake_at_ms, Some(deadline));
+        let out = m.step(in_region(ok(0, 1), "ap"), later + 6);
+        assert!(names(&out).contains(&"state:completed".to_string()));
+        let w = &m.status().waves[0];
+        assert_eq!((w.succeeded, w.failed, w.no_result), (2, 0, 0));
+    }
+
+    #[test]
+    fn a_region_silent_for_long_pauses_before_the_wave_is_published() {
+        let mut m = two_regions();
+        let now = 60_000;
+        m.step(view(now, &["eu"], &[("ap", 0)]), now);
+        let out = m.step(Msg::CaughtUp, now);
+        assert_eq!(names(&out), ["fence", "state:paused", "save"]);
+        let reason = m.status().reason.clone().unwrap();
+        assert!(
+            reason.starts_with(
+                "region ap: no live workers for 60 s; wave 0 not started (1 task for it)"
+            ),
+            "{reason}"
+        );
+        assert!(m.status().waves[0].started_at_ms.is_none());
+        // Resumed while ap is still silent: paused again at once.
+        let out = m.step(control(ControlAction::Resume, 1), now + 1);
+        assert_eq!(
+            names(&out),
+            [
+                "fence",
+                "state:running",
+                "save",
+                "fence",
+                "state:paused",
+                "save"
+            ]
+        );
+        // Resumed with ap back: the wave starts.
+        m.step(view(now + 2, &["eu", "ap"], &[]), now + 2);
+        let out = m.step(control(ControlAction::Resume, 2), now + 3);
+        let mut want = vec!["fence".to_string(), "state:running".into(), "save".into()];
+        want.extend(starts(0));
+        assert_eq!(names(&out), want);
+        // An operator pause does not stop the deadline (unchanged).
+        assert!(m.status().paused_regions.is_empty());
     }
 
     #[test]

@@ -734,10 +734,9 @@ impl Engine {
     ) {
         let cid = status.campaign_id.clone();
         let (tx, rx) = mpsc::channel(OWNER_CHANNEL);
-        self.regions
-            .want(status.regions.keys().map(String::as_str));
-        let machine = machine::Machine::new(status)
-            .with_pause_after(self.regions.config().pause_after);
+        self.regions.want(status.regions.keys().map(String::as_str));
+        let machine =
+            machine::Machine::new(status).with_pause_after(self.regions.config().pause_after);
         // Counters of unfinished waves start from zero: the results replay
         // rebuilds them.
         let (published, snapshot) = watch::channel(Arc::new(machine.status().clone()));
@@ -972,8 +971,7 @@ impl Engine {
             self.regions.config().pause_after,
             now_ms(),
         ));
-        self.regions
-            .want(regions.keys().map(String::as_str));
+        self.regions.want(regions.keys().map(String::as_str));
         let mut reason = format!(
             "campaign started: {total} credentials in {} waves",
             sizes.len()
