@@ -116,9 +116,7 @@ impl FakeWorker {
             tokio::spawn(async move {
                 let subject = subjects::worker_presence(&beat.region);
                 loop {
-                    let _ = client
-                        .publish(subject.clone(), beat.encode().into())
-                        .await;
+                    let _ = client.publish(subject.clone(), beat.encode().into()).await;
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                         _ = s.cancelled() => return,
