@@ -139,9 +139,16 @@ pub struct DaemonArgs {
     /// Pre-flight: how long a consumer agent has to answer its ping before a wave (up to 60s).
     #[arg(long, env = PREFLIGHT_TIMEOUT_ENV, default_value = "2s", value_name = "DURATION")]
     pub preflight_timeout: String,
+    /// Pause a campaign, naming the region, when a region its wave needs has had no live worker (no heartbeat on keywave.worker.<region>) for this long (1s to 1h).
+    #[arg(long, env = REGION_PAUSE_AFTER_ENV, default_value = "10s", value_name = "DURATION")]
+    pub region_pause_after: String,
     #[command(subcommand)]
     pub command: Option<DaemonCommand>,
 }
+
+/// Environment variable with how long a region may have no live worker
+/// before the campaigns that need it pause.
+pub const REGION_PAUSE_AFTER_ENV: &str = "KEYWAVE_REGION_PAUSE_AFTER";
 
 /// Environment variable with the pre-flight ping timeout.
 pub const PREFLIGHT_TIMEOUT_ENV: &str = "KEYWAVE_PREFLIGHT_TIMEOUT";
@@ -205,6 +212,13 @@ impl DaemonArgs {
             keywave_common::flags::duration("--preflight-timeout", &self.preflight_timeout)?;
         if opts.preflight_timeout.is_zero() || opts.preflight_timeout > Duration::from_secs(60) {
             return Err(usage("--preflight-timeout", "must be between 1ms and 60s"));
+        }
+        opts.region_liveness.pause_after =
+            keywave_common::flags::duration("--region-pause-after", &self.region_pause_after)?;
+        if opts.region_liveness.pause_after < Duration::from_secs(1)
+            || opts.region_liveness.pause_after > Duration::from_secs(3600)
+        {
+            return Err(usage("--region-pause-after", "must be between 1s and 1h"));
         }
         let margin =
             keywave_common::flags::duration("--task-expiry-margin", &self.task_expiry_margin)?;

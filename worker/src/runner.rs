@@ -247,6 +247,7 @@ struct Ctx {
 
 /// A region worker. Build with [`Worker::start`], then [`Worker::run`].
 pub struct Worker {
+    client: async_nats::Client,
     js: jetstream::Context,
     consumer: Consumer<pull::Config>,
     store: SecretStore,
@@ -282,7 +283,7 @@ impl Worker {
             topology::bind_or_ensure_region(&js, &opts.region, &opts.topology).await?;
         let store = SecretStore::from_kv(kv, &opts.region, key);
         let metrics = crate::metrics::WorkerMetrics::new(&opts.region);
-        metrics.bound(client);
+        metrics.bound(client.clone());
         let mut protocol =
             Protocol::new(store.clone(), targets, opts.worker_id.clone(), opts.faults);
         if let Some(key) = &opts.detect_key {
@@ -311,6 +312,7 @@ impl Worker {
             info!(keys = ?opts.task_keys.key_ids(), "Task signatures are verified");
         }
         Ok(Worker {
+            client,
             js,
             consumer,
             store,
@@ -353,6 +355,15 @@ impl Worker {
         let batch = self.opts.concurrency.min(MAX_PULL_BATCH);
         let mut tasks: JoinSet<()> = JoinSet::new();
         let mut consumer = self.consumer;
+        // The region has a live worker as long as this runs (see
+        // crate::presence); dropped without a goodbye if this is aborted.
+        let announcer = crate::presence::Announcer::with_default_interval(
+            self.client.clone(),
+            &self.opts.region,
+            &self.opts.worker_id,
+            self.opts.concurrency,
+            self.metrics.clone(),
+        );
 
         'pull: loop {
             let opened = tokio::select! {
@@ -454,6 +465,7 @@ impl Worker {
             tasks.abort_all();
             while tasks.join_next().await.is_some() {}
             ctx.counters.crashed.store(true, Ordering::Relaxed);
+            drop(announcer);
             warn!(worker = %self.opts.worker_id, "Worker stopped by an injected crash");
             return Ok(ctx.counters.snapshot());
         }
@@ -464,6 +476,7 @@ impl Worker {
         while let Some(r) = tasks.join_next().await {
             log_join(r);
         }
+        announcer.leave().await;
         let stats = ctx.counters.snapshot();
         info!(?stats, "Worker stopped");
         Ok(stats)

@@ -125,6 +125,9 @@ pub(super) async fn run(mut owner: Owner, mut machine: Machine, rx: mpsc::Receiv
     engine
         .tracker
         .spawn(forward_stop(engine.clone(), h.clone()));
+    engine
+        .tracker
+        .spawn(forward_regions(engine.clone(), h.clone()));
     owner.serve(&mut machine, rx).await;
     owner.publish_snapshot(&machine);
     h.stop.cancel();
@@ -141,6 +144,22 @@ async fn forward_stop(engine: Arc<Engine>, h: Arc<Handle>) {
         _ = h.stop.cancelled() => engine.halted.is_cancelled(),
     };
     let _ = h.send(Msg::Stop { fenced }).await;
+}
+
+/// Every region view (see [`crate::regions`]) reaches the owner as a
+/// message: liveness decides pauses, the queue figures go in the status.
+async fn forward_regions(engine: Arc<Engine>, h: Arc<Handle>) {
+    let mut views = engine.regions.subscribe();
+    loop {
+        let view = views.borrow_and_update().clone();
+        if h.send(Msg::Regions(view)).await.is_err() {
+            return;
+        }
+        tokio::select! {
+            r = views.changed() => if r.is_err() { return },
+            _ = h.stop.cancelled() => return,
+        }
+    }
 }
 
 impl Owner {
@@ -215,7 +234,15 @@ impl Owner {
                     Ok(())
                 }
                 Effect::Withdraw { wave } => {
-                    withdraw_tasks(&self.engine, self.cid(), wave).await;
+                    withdraw_tasks(&self.engine, self.cid(), wave, Withdrawal::Decided).await;
+                    Ok(())
+                }
+                Effect::Expire { wave } => {
+                    withdraw_tasks(&self.engine, self.cid(), wave, Withdrawal::Expired).await;
+                    Ok(())
+                }
+                Effect::Reissue { wave, targets } => {
+                    self.spawn_publish(m, wave, TaskAction::Rotate, Some(targets));
                     Ok(())
                 }
                 Effect::Reply(reply) => {
@@ -615,13 +642,22 @@ enum WithdrawError {
     Purge(#[source] async_nats::jetstream::stream::PurgeError),
 }
 
+/// Why a wave's queued tasks are removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Withdrawal {
+    /// The wave was decided without them.
+    Decided,
+    /// Their start window passed while paused for a silent region.
+    Expired,
+}
+
 /// Removes the campaign's tasks that no worker has finished from the work
 /// queue once their wave is decided without them, so that none of them
 /// starts after the decision (they count as `no_result`). A task a worker
 /// is running when this happens finishes and reports late; its ack finds
 /// nothing to remove. Best effort: if the purge fails, the tasks' own
 /// start deadline still refuses them later.
-async fn withdraw_tasks(engine: &Engine, cid: &str, w: u32) {
+async fn withdraw_tasks(engine: &Engine, cid: &str, w: u32, why: Withdrawal) {
     let filter = format!("keywave.task.*.{cid}");
     let purged = match engine
         .js
@@ -636,6 +672,9 @@ async fn withdraw_tasks(engine: &Engine, cid: &str, w: u32) {
         Err(e) => Err(WithdrawError::Stream(e)),
     };
     match purged {
+        Ok(r) if why == Withdrawal::Expired => {
+            info!(campaign = %cid, wave = w, withdrawn = r.purged, "Tasks past their start window while paused for a silent region were withdrawn; they are issued again on resume")
+        }
         Ok(r) => {
             info!(campaign = %cid, wave = w, withdrawn = r.purged, "Wave decided without every result; its unstarted tasks were withdrawn")
         }

@@ -23,6 +23,9 @@
 //!   pool never over its limit during a 2,000-role campaign (`pg_stat_activity` sampled every 20 ms).
 //! - `db_targets`: PostgreSQL roles and MariaDB users: containment (hostile names included) and continuity with alternating users, proven with `psql` / `mariadb`.
 //! - `redis_acl`: continuity and containment campaigns on real Redis ACL users, proven with `AUTH`.
+//! - `regions`: a campaign over a region no worker serves pauses within 15 s naming the region (its queued
+//!   tasks never become `no_result`, even past twice the task timeout) and completes once a worker runs there
+//!   and it is resumed; a region whose only worker stops mid-campaign pauses the same way.
 //! - `rollback`: a canary over budget is rolled back; containment refuses and pauses.
 //! - `consumers`: two real `keywave-worker agent` processes write each new Redis ACL secret atomically (0600), reload,
 //!   health-check with `redis-cli` and attest; the old secret is refused only after both attested; a stopped agent or
@@ -100,6 +103,7 @@ mod proof;
 mod readme;
 mod reconcile;
 mod redis_acl;
+mod regions;
 mod rollback;
 mod signing;
 mod support;
