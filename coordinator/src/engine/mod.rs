@@ -711,7 +711,8 @@ impl Engine {
     ) {
         let cid = status.campaign_id.clone();
         let (tx, rx) = mpsc::channel(OWNER_CHANNEL);
-        let machine = machine::Machine::new(status);
+        let machine = machine::Machine::new(status)
+            .with_redelivery_allowance(self.opts.topology.redelivery_allowance());
         // Counters of unfinished waves start from zero: the results replay
         // rebuilds them.
         let (published, snapshot) = watch::channel(Arc::new(machine.status().clone()));
