@@ -250,6 +250,7 @@ max_concurrency = 32
         slot.spawn(&bin, &server.url());
     }
 
+    let setup = test_started.elapsed();
     // The coordinator knows the same default topology (its wave deadlines
     // include the default redelivery allowance).
     let coordinator = support::start_coordinator_on(&client, topology::Config::default()).await;
@@ -274,6 +275,7 @@ max_concurrency = 32
         }
     }
 
+    let campaigns = test_started.elapsed() - setup;
     let sets = sets.lock().unwrap().clone();
     let calm_bad = inconsistent(&calm_creds, &calm_today, &store, &sets, &redis.url()).await;
     let storm_bad = inconsistent(&storm_creds, &storm_today, &store, &sets, &redis.url()).await;
@@ -291,7 +293,7 @@ max_concurrency = 32
          bake {BAKE:?}\n  undisturbed wave durations (s): {calm_secs:?}, campaign {:.1} s\n  \
          with kills wave durations (s):  {storm_secs:?}, campaign {:.1} s\n  kills {kills}, tasks \
          finished after a redelivery {redelivered} (undisturbed run: {redelivered_calm}), \
-         inconsistencies {} / {}, test time {:?}",
+         inconsistencies {} / {}, test time {:?} (set-up {setup:?}, campaigns {campaigns:?})",
         timing.ack_wait,
         timing.backoff,
         timing.max_deliver,
