@@ -72,7 +72,7 @@ async fn fleet(
         let _: () = pipe.query_async(&mut admin).await.unwrap();
     }
     support::put_inventory_on(client, topology::Config::default(), &creds).await;
-    futures::future::join_all(creds.chunks(100).map(|chunk| {
+    futures::future::join_all(creds.chunks(25).map(|chunk| {
         let today = &today;
         async move {
             for c in chunk {
@@ -209,8 +209,11 @@ async fn chaos_default_redelivery_1000_redis_users_worker_killed_every_2s_costs_
     let key = RegionKey::generate();
     let store = SecretStore::from_kv(kv, REGION, key.clone());
 
-    let (calm_creds, calm_today) = fleet("calm", &redis.url(), &client, &store).await;
-    let (storm_creds, storm_today) = fleet("storm", &redis.url(), &client, &store).await;
+    let redis_url = redis.url();
+    let ((calm_creds, calm_today), (storm_creds, storm_today)) = tokio::join!(
+        fleet("calm", &redis_url, &client, &store),
+        fleet("storm", &redis_url, &client, &store)
+    );
 
     // Workers reach Redis through a proxy that records every ACL SETUSER.
     let sets: Sets = Arc::default();
