@@ -401,7 +401,10 @@ pub struct SpecArgs {
     /// What a failed wave triggers.
     #[arg(long, default_value = "rollback", value_name = "rollback|pause")]
     pub on_failure: String,
-    /// How long one task may take before it counts as failed.
+    /// How long one task may take before it counts as failed. A task whose
+    /// worker died is redelivered (after 5 s by default) and gets the full
+    /// timeout again; the wave waits that long too (the redelivery
+    /// allowance, 20 s at the default consumer settings, on top).
     #[arg(long, default_value = "60s", value_name = "DURATION")]
     pub task_timeout: String,
     /// A short name for the campaign.

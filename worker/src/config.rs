@@ -201,12 +201,13 @@ pub struct JetStreamFile {
     /// cluster). Default 1.
     #[serde(default)]
     pub replicas: Option<usize>,
-    /// Redelivery delays of an un-acked task, in seconds; the first is the ack
-    /// wait. Default `[30, 60, 120, 300]`.
+    /// Redelivery delays of an un-acked task, in seconds, one per delivery
+    /// (the last repeats); the first is the ack wait. Default
+    /// `[5, 5, 10, 20, 30]` (`topology::DEFAULT_TASK_BACKOFF_SECS`).
     #[serde(default)]
     pub task_backoff_secs: Option<Vec<u64>>,
     /// Deliveries of a task before the server gives up on it; must be greater
-    /// than the number of `task_backoff_secs` entries. Default 5.
+    /// than the number of `task_backoff_secs` entries. Default 10.
     #[serde(default)]
     pub task_max_deliver: Option<i64>,
     /// Tasks of the region handed out but not yet acked, over all its workers.

@@ -236,6 +236,10 @@ pub struct Machine {
     /// The wave whose tasks expired while paused for a region: issued again
     /// when resumed.
     reissue: Option<u32>,
+    /// Added to a wave's and a rollback's deadline: how long a task whose
+    /// worker died waits for its redelivery (see
+    /// `keywave_common::topology::Config::redelivery_allowance`).
+    redelivery_ms: u64,
 }
 
 impl Machine {
@@ -257,6 +261,7 @@ impl Machine {
             regions: None,
             pause_after_ms: crate::regions::DEFAULT_PAUSE_AFTER.as_millis() as u64,
             reissue: None,
+            redelivery_ms: 0,
         }
     }
 
@@ -264,6 +269,15 @@ impl Machine {
     /// before the campaign pauses.
     pub fn with_pause_after(mut self, pause_after: std::time::Duration) -> Machine {
         self.pause_after_ms = pause_after.as_millis() as u64;
+        self
+    }
+
+    /// Waits `allowance` longer for results before a task counts as without
+    /// result: the time the region's consumer takes to redeliver a task
+    /// whose worker died, so a crash never becomes a counted failure while
+    /// the task can still finish.
+    pub fn with_redelivery_allowance(mut self, allowance: std::time::Duration) -> Machine {
+        self.redelivery_ms = allowance.as_millis() as u64;
         self
     }
 
@@ -774,7 +788,8 @@ impl Machine {
                 if matches!(self.rollback, Some((rw, RollbackPhase::Publishing)) if rw == w) {
                     fx.push(Effect::Fault(CrashPoint::Rollback { wave: w }));
                     let timeout = self.book.status.spec.task_timeout_ms;
-                    let deadline_ms = now_ms + timeout + DEADLINE_GRACE.as_millis() as u64;
+                    let deadline_ms =
+                        now_ms + timeout + DEADLINE_GRACE.as_millis() as u64 + self.redelivery_ms;
                     self.rollback = Some((w, RollbackPhase::Waiting { deadline_ms }));
                 }
             }
@@ -784,9 +799,11 @@ impl Machine {
     /// The wave's deadline moves with its progress: it is the task timeout
     /// after the later of the end of publishing and the last result, so a
     /// large wave that drains steadily is never cut short, while a stalled
-    /// one ends one task timeout after it stalled. It never passes the point
-    /// after which no result can come: the last moment a task may start
-    /// (its `deadline_ms`) plus its run timeout.
+    /// one ends one task timeout after it stalled; plus the redelivery
+    /// allowance, so a task whose worker died is waited for until its
+    /// redelivery had a full task timeout. It never passes the point after
+    /// which no result can come: the last moment a task may start (its
+    /// `deadline_ms`) plus its run timeout.
     fn await_results(&mut self, w: u32, now_ms: u64, fx: &mut Vec<Effect>) {
         let seen = self.book.tally(w).map_or(0, |t| t.seen.count());
         let mut watch = match self.watch {
@@ -826,7 +843,8 @@ impl Machine {
         let timeout = self.book.status.spec.task_timeout_ms;
         let grace = DEADLINE_GRACE.as_millis() as u64;
         let cap = watch.base_ms + start_window_ms(timeout) + timeout + grace;
-        let deadline = (watch.last_progress_ms + timeout + grace).min(cap);
+        let stall = watch.last_progress_ms + timeout + grace + self.redelivery_ms;
+        let deadline = stall.min(cap);
         let complete = self.book.wave_complete(w);
         if !complete && now_ms < deadline {
             self.wake_at(deadline);
@@ -1776,5 +1794,64 @@ mod tests {
         );
         let mut m = Machine::new(status(&[1], &[]));
         assert_eq!(names(&m.step(Msg::Stop { fenced: true }, 0)), ["exit"]);
+    }
+
+    /// A worker died holding task 1 of a wave: the wave's deadline waits out
+    /// the redelivery allowance, the redelivered task's result completes the
+    /// wave, and nothing counts as without result.
+    #[test]
+    fn a_crashed_task_is_waited_for_until_its_redelivery_could_finish() {
+        const REDELIVERY: u64 = 20_000;
+        let grace = DEADLINE_GRACE.as_millis() as u64;
+        let mut m = Machine::new(status(&[3, 1], &[]))
+            .with_redelivery_allowance(std::time::Duration::from_millis(REDELIVERY));
+        m.step(Msg::CaughtUp, 0);
+        m.step(published(0, TaskAction::Rotate), 10);
+        m.step(ok(0, 0), 20);
+        let out = m.step(ok(0, 2), 30);
+        // The deadline counts from the last result.
+        let deadline = 30 + TIMEOUT + grace + REDELIVERY;
+        assert_eq!(out.wake_at_ms, Some(deadline));
+        // Past the task timeout (where it ended without the allowance) the
+        // wave still waits.
+        let out = m.step(Msg::Timer, 30 + TIMEOUT + grace);
+        assert!(out.effects.is_empty(), "{:?}", names(&out));
+        assert_eq!(out.wake_at_ms, Some(deadline));
+        // The redelivered task's result comes late, within the allowance.
+        let out = m.step(ok(0, 1), deadline - 1);
+        assert!(names(&out).contains(&"wave_finished".to_string()));
+        assert!(!names(&out).iter().any(|n| n.starts_with("withdraw")));
+        let w = &m.status().waves[0];
+        assert_eq!((w.succeeded, w.failed, w.no_result), (3, 0, 0));
+        assert_eq!(m.state(), CampaignState::Baking);
+    }
+
+    /// Without any result at all the wave still ends: at the allowance-
+    /// extended deadline, with the missing task counted as without result;
+    /// a rollback's wait is extended the same way.
+    #[test]
+    fn the_redelivery_allowance_delays_but_never_removes_a_deadline() {
+        const REDELIVERY: u64 = 7_000;
+        let grace = DEADLINE_GRACE.as_millis() as u64;
+        let allowance = std::time::Duration::from_millis(REDELIVERY);
+        let mut m = Machine::new(status(&[2, 2], &[])).with_redelivery_allowance(allowance);
+        m.step(Msg::CaughtUp, 0);
+        let out = m.step(published(0, TaskAction::Rotate), 10);
+        let deadline = 10 + TIMEOUT + grace + REDELIVERY;
+        assert_eq!(out.wake_at_ms, Some(deadline));
+        m.step(ok(0, 0), 5);
+        assert!(m.step(Msg::Timer, deadline - 1).effects.is_empty());
+        let out = m.step(Msg::Timer, deadline);
+        assert!(names(&out).contains(&"withdraw:0".to_string()));
+        let w = &m.status().waves[0];
+        assert_eq!((w.succeeded, w.no_result), (1, 1));
+
+        // An operator rolls the wave back: the rollback waits as long.
+        m.step(control(ControlAction::Pause, 1), deadline + 1);
+        m.step(control(ControlAction::Rollback, 2), deadline + 2);
+        assert_eq!(m.state(), CampaignState::RollingBack);
+        let t = deadline + 10;
+        let out = m.step(published(0, TaskAction::Rollback), t);
+        assert_eq!(out.wake_at_ms, Some(t + TIMEOUT + grace + REDELIVERY));
     }
 }

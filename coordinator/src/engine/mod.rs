@@ -735,8 +735,9 @@ impl Engine {
         let cid = status.campaign_id.clone();
         let (tx, rx) = mpsc::channel(OWNER_CHANNEL);
         self.regions.want(status.regions.keys().map(String::as_str));
-        let machine =
-            machine::Machine::new(status).with_pause_after(self.regions.config().pause_after);
+        let machine = machine::Machine::new(status)
+            .with_pause_after(self.regions.config().pause_after)
+            .with_redelivery_allowance(self.opts.topology.redelivery_allowance());
         // Counters of unfinished waves start from zero: the results replay
         // rebuilds them.
         let (published, snapshot) = watch::channel(Arc::new(machine.status().clone()));

@@ -245,6 +245,12 @@ async fn run_coordinator(client: async_nats::Client) -> Running {
         client,
         CoordinatorOptions {
             progress_interval: Duration::from_millis(200),
+            // The fake workers never lose a delivery: a short redelivery
+            // schedule keeps the deadlines' redelivery allowance small.
+            topology: topology::Config {
+                task_backoff: vec![Duration::from_millis(100)],
+                ..Default::default()
+            },
             ..Default::default()
         },
     )

@@ -16,6 +16,9 @@
 //! - `harness`: the harness itself (restart keeps data, cluster survives a node kill, private servers).
 //! - `chaos`: 5,000 Redis ACL users, 3 regions x 2 worker processes, a random worker SIGKILLed every
 //!   1-2 s: the campaign completes, every credential consistent and set once.
+//! - `chaos_default`: the same at the default redelivery settings (5 s ack wait) and a 60 s task timeout:
+//!   1,000 Redis ACL users, 3 worker processes of one region, one SIGKILLed every 2 s for 60 s across
+//!   five waves: no failure, no task without result, each wave at most 10 s slower than undisturbed.
 //! - `bench`: a 2,000-credential `keywave bench` smoke run with its baseline; valid `--json` output.
 //! - `campaign`: a 1,000-credential sim campaign over 3 regions, waves `1,10%,50%`.
 //! - `db_scale`: 500 PostgreSQL roles and 200 MariaDB users in continuity then containment, proven with
@@ -76,6 +79,7 @@ mod audit;
 mod bench;
 mod campaign;
 mod chaos;
+mod chaos_default;
 mod cli;
 mod cluster;
 mod consumers;
