@@ -146,6 +146,20 @@ async fn connect(cfg: &Config) -> Result<async_nats::Client> {
 }
 
 async fn run(cfg: Config, metrics_addr: Option<std::net::SocketAddr>) -> Result<()> {
+    // Tasks must be signed: refused before any connection, as a usage error.
+    if cfg.require_signed_tasks && cfg.coordinator_keys.is_empty() {
+        return Err(ConfigError::Invalid {
+            field: "coordinator_public_keys".into(),
+            message: format!(
+                "is empty: tasks must be signed. Add the coordinator's public key (printed by \
+                 `keywave-coordinator keygen`) or set {}; for development only, \
+                 insecure_unsigned_tasks = true (or {}=1) serves unsigned tasks",
+                config::ENV_COORDINATOR_PUBLIC_KEYS,
+                config::ENV_INSECURE_UNSIGNED_TASKS
+            ),
+        }
+        .into());
+    }
     let faults = Faults::from_env()?;
     if faults.any() {
         warn!(?faults, "Fault injection is ON");

@@ -53,6 +53,9 @@ fn worker(config: &Path, key: &RegionKey, nats: &str, log: &Path) -> Command {
         .env("KEYWAVE_REGION_KEY", key.to_hex())
         .env("KEYWAVE_NATS_URL", nats)
         .env("RUST_LOG", "info")
+        // These tests publish their own (unsigned) tasks.
+        .env("KEYWAVE_INSECURE_UNSIGNED_TASKS", "1")
+        .env_remove("KEYWAVE_COORDINATOR_PUBLIC_KEYS")
         .env_remove("KEYWAVE_FAULT_CRASH_AFTER")
         .env_remove("KEYWAVE_DETECT_KEY")
         .env_remove("KEYWAVE_DETECT_KEY_FILE")
@@ -320,6 +323,20 @@ async fn bad_configuration_is_a_usage_error_naming_the_field() {
     assert!(std::fs::read_to_string(&log)
         .unwrap()
         .contains("concurrency"));
+
+    // Without a coordinator public key the worker serves no task: refused
+    // before connecting, naming the key and the opt-out.
+    let fine = scratch.path("unsigned.toml");
+    std::fs::write(&fine, "region = \"eu\"\n").unwrap();
+    let log = scratch.path("unsigned.log");
+    let status = worker(&fine, &RegionKey::generate(), "nats://127.0.0.1:1", &log)
+        .env_remove("KEYWAVE_INSECURE_UNSIGNED_TASKS")
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(2));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("coordinator_public_keys"), "{text}");
+    assert!(text.contains("insecure_unsigned_tasks"), "{text}");
 
     let out = Command::new(BIN).arg("keygen").output().unwrap();
     assert!(out.status.success());
