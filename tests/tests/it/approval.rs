@@ -280,7 +280,10 @@ async fn pause_resume_and_abort_act_within_a_second_and_survive_restarts() {
         api.ping()
             .await
             .ok()
-            .filter(|p| p.coordinator_id == "coord-c")
+            .filter(|p| {
+                p.coordinator_id == "coord-c"
+                    && p.role.as_deref() == Some(keywave_common::api::ROLE_ACTIVE)
+            })
     })
     .await
     .expect("coord-c takes over");
