@@ -403,7 +403,9 @@ impl Lease {
                                 expires_in_ms = record.expires_at_ms.saturating_sub(now_ms()),
                                 "Standing by: another coordinator holds the lease"
                             ),
-                            _ => info!(holder = %me.holder, "Standing by: another coordinator holds the lease"),
+                            _ => {
+                                info!(holder = %me.holder, "Standing by: another coordinator holds the lease")
+                            }
                         }
                         logged = true;
                     }
@@ -636,7 +638,10 @@ mod tests {
         assert!(Config::default().validate().is_ok());
         // A dead holder is replaced within ttl + poll: under 5 s by default.
         let d = Config::default();
-        assert!(d.ttl + d.poll_every <= Duration::from_millis(4_500), "{d:?}");
+        assert!(
+            d.ttl + d.poll_every <= Duration::from_millis(4_500),
+            "{d:?}"
+        );
         assert_eq!(d.renew_every, Duration::from_secs(1));
         let bad = Config {
             renew_every: Duration::from_secs(10),
@@ -779,7 +784,10 @@ mod tests {
         );
         // Another coordinator's: stand by.
         assert_eq!(decide(&held("y", "y1", 7), "x", "x1", None), Verdict::Wait);
-        assert_eq!(decide(&held("y", "y1", 7), "x", "x1", Some(7)), Verdict::Wait);
+        assert_eq!(
+            decide(&held("y", "y1", 7), "x", "x1", Some(7)),
+            Verdict::Wait
+        );
         // Our id, another instance, seen at our first look (or unchanged
         // since): the process we replace, taken back at once.
         assert_eq!(

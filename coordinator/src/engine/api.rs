@@ -32,8 +32,7 @@
 //! | `ping` | (empty) | [`Pong`] (with the coordinator's role) |
 
 use crate::engine::{
-    read_list, read_status, ControlAction, CoordinatorError, Engine, RequestError,
-    API_CONCURRENCY,
+    read_list, read_status, ControlAction, CoordinatorError, Engine, RequestError, API_CONCURRENCY,
 };
 use crate::lease::{self, Seen};
 use async_nats::jetstream::kv;
@@ -170,13 +169,19 @@ pub(crate) async fn serve(
                 };
                 let verb = verb_of(msg.subject.as_str(), &prefix);
                 let body = match server.active() {
-                    Some(engine) => handle(&engine, &verb, msg.headers.as_ref(), &msg.payload).await,
+                    Some(engine) => {
+                        handle(&engine, &verb, msg.headers.as_ref(), &msg.payload).await
+                    }
                     None if verbs::is_control(&verb) => {
                         server
                             .forward(&verb, msg.headers.as_ref(), msg.payload.clone())
                             .await
                     }
-                    None => server.standby(&verb, msg.headers.as_ref(), &msg.payload).await,
+                    None => {
+                        server
+                            .standby(&verb, msg.headers.as_ref(), &msg.payload)
+                            .await
+                    }
                 };
                 if let Err(e) = server.client.publish(reply_to, body).await {
                     warn!(verb = %verb, error = %e, "Could not send an API reply");

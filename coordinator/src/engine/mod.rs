@@ -394,22 +394,21 @@ impl Coordinator {
             leases,
         };
         let api = api::subscribe(&client).await?;
-        let first = match Lease::try_acquire(&shared.leases, shared.opts.lease, &shared.claimant)
-            .await
-        {
-            Ok(Some(lease)) => Some(lease),
-            Ok(None) => {
-                shared.opts.metrics.set_role(crate::metrics::Role::Standby);
-                None
-            }
-            Err(e @ lease::LeaseError::Duplicate { .. }) => {
-                return Err(CoordinatorError::DuplicateId(e))
-            }
-            Err(e) => {
-                warn!(error = %e, "Cannot read the coordinator lease yet; run() keeps trying");
-                None
-            }
-        };
+        let first =
+            match Lease::try_acquire(&shared.leases, shared.opts.lease, &shared.claimant).await {
+                Ok(Some(lease)) => Some(lease),
+                Ok(None) => {
+                    shared.opts.metrics.set_role(crate::metrics::Role::Standby);
+                    None
+                }
+                Err(e @ lease::LeaseError::Duplicate { .. }) => {
+                    return Err(CoordinatorError::DuplicateId(e))
+                }
+                Err(e) => {
+                    warn!(error = %e, "Cannot read the coordinator lease yet; run() keeps trying");
+                    None
+                }
+            };
         if first.is_some() {
             shared.opts.metrics.set_role(crate::metrics::Role::Active);
         }

@@ -100,7 +100,10 @@ async fn lease_until(
                 return r;
             }
         }
-        assert!(t0.elapsed() < within, "lease not as expected within {within:?}");
+        assert!(
+            t0.elapsed() < within,
+            "lease not as expected within {within:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -185,7 +188,9 @@ async fn poll_status(cli: PathBuf, url: String, id: String, stop: Arc<AtomicBool
                 String::from_utf8_lossy(&o.stderr).trim()
             )),
             Ok(Err(e)) => polls.failed.push(format!("cannot run keywave: {e}")),
-            Err(_) => polls.failed.push("keywave did not return within 40 s".into()),
+            Err(_) => polls
+                .failed
+                .push("keywave did not return within 40 s".into()),
         }
         tokio::time::sleep(Duration::from_millis(200).saturating_sub(started.elapsed())).await;
     }
@@ -205,8 +210,8 @@ async fn leases(client: &async_nats::Client) -> async_nats::jetstream::kv::Store
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_the_active_coordinator_never_darkens_status_and_the_standby_takes_over_within_5s(
-) {
+async fn killing_the_active_coordinator_never_darkens_status_and_the_standby_takes_over_within_5s()
+{
     support::init_tracing();
     let (coord_bin, cli_bin) = tokio::task::spawn_blocking(binaries).await.unwrap();
     let server = NatsServer::start();
@@ -405,14 +410,20 @@ async fn a_coordinator_restarted_with_the_same_id_takes_its_lease_back_at_once()
         .wait_terminal(&id, Duration::from_secs(120))
         .await
         .unwrap();
-    println!("campaign finished {:?} after the duplicate stopped", t_end.elapsed());
+    println!(
+        "campaign finished {:?} after the duplicate stopped",
+        t_end.elapsed()
+    );
     assert_eq!(status.state, CampaignState::Completed, "{status:#?}");
     assert_eq!(status.succeeded(), 40);
     for c in &fl.creds {
         assert_eq!(fl.sim.set_count(&c.principal), 1, "{}", c.id);
     }
     let after = lease_now(&kv).await.expect("held").0;
-    assert_eq!(after.instance, holder.instance, "the lease changed hands again");
+    assert_eq!(
+        after.instance, holder.instance,
+        "the lease changed hands again"
+    );
     assert!(
         survivor.child.try_wait().unwrap().is_none(),
         "{}",

@@ -296,10 +296,7 @@ async fn a_leader_whose_lease_was_taken_is_fenced_and_publishes_nothing() {
         ),
         "a control request while nobody serves is answered `takeover`"
     );
-    assert!(
-        api.status(&id).await.is_ok(),
-        "a standby answers status"
-    );
+    assert!(api.status(&id).await.is_ok(), "a standby answers status");
     let rev = snapshot_rev(campaigns.clone(), id.clone()).await;
     // Well past the end of the bake: wave 1 was never started, nothing saved.
     tokio::time::sleep(Duration::from_secs(4)).await;
