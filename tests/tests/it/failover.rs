@@ -2,8 +2,9 @@
 //! `keywave-coordinator` binaries, one worker, a campaign with a bake. The
 //! active coordinator is SIGKILLed mid-campaign while the real `keywave`
 //! CLI asks for the campaign's status every 200 ms: every answer succeeds
-//! (the standby answers reads), the standby holds the lease within 5 s, and
-//! the campaign completes with every credential rotated once. A coordinator
+//! (the standby answers reads), the standby holds the lease within 5 s, a
+//! pause sent during the take-over waits for it and is applied, and the
+//! campaign completes with every credential rotated once. A coordinator
 //! restarted with the same `--id` after SIGKILL takes its lease back at once,
 //! and a second live process with that id makes the first stop for good.
 
@@ -266,10 +267,33 @@ async fn killing_the_active_coordinator_never_darkens_status_and_the_standby_tak
     assert_eq!(before.holder, "fo-a");
     let killed = Instant::now();
     a.kill().await;
+    // An operator pauses the campaign during the take-over: the CLI waits
+    // for the new active coordinator, saying so, and the pause is applied.
+    let pause = tokio::spawn(
+        tokio::process::Command::new(&cli_bin)
+            .args(["--nats", &url, "--json", "campaign", "pause", &id])
+            .env_remove("KEYWAVE_NATS_URL")
+            .output(),
+    );
     lease_until(&kv, Duration::from_secs(30), |r| r.holder == "fo-b").await;
     let took_over = killed.elapsed();
     println!("take-over after SIGKILL: {took_over:?} (lease held by fo-b)");
     assert_eq!(active(&api, Duration::from_secs(10)).await, "fo-b");
+    let paused = tokio::time::timeout(Duration::from_secs(40), pause)
+        .await
+        .expect("pause returns")
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&paused.stderr);
+    println!(
+        "`keywave campaign pause` during the take-over: {}",
+        stderr.trim()
+    );
+    assert!(paused.status.success(), "{stderr}");
+    assert!(stderr.contains("waiting up to 15s"), "{stderr}");
+    let s = api.status(&id).await.unwrap();
+    assert_eq!(s.state, CampaignState::Paused, "{s:#?}");
+    api.resume(&id).await.unwrap();
 
     let status = api
         .wait_terminal(&id, Duration::from_secs(120))
