@@ -15,11 +15,13 @@
 //! - **Control verbs** (start, pause, resume, abort, approve, rollback): the
 //!   active coordinator handles them. A standby that receives one forwards
 //!   it, headers and body unchanged, to [`subjects::api_active`], which only
-//!   the lease holder subscribes to, and relays the reply. When nobody
-//!   answers there (no coordinator holds the lease, or its holder died and
-//!   the lease has not expired yet) the standby answers with error class
-//!   `takeover` ([`keywave_common::api::CLASS_TAKEOVER`]): nothing was done,
-//!   and the client may send the request again.
+//!   the lease holder subscribes to, and relays the reply. When no
+//!   coordinator holds the lease, or its holder does not answer (no
+//!   responders, or its lease ends while the standby waits: it died), the
+//!   standby answers with error class `takeover`
+//!   ([`keywave_common::api::CLASS_TAKEOVER`]): nothing was done, and the
+//!   client may send the request again. A process that holds the lease but
+//!   is still resuming its campaigns keeps the request until it serves.
 //!
 //! | verb | request | reply data |
 //! |---|---|---|
@@ -44,6 +46,7 @@ use keywave_common::{
 };
 use serde::{de::DeserializeOwned, Serialize};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -60,6 +63,8 @@ pub(crate) struct Server {
     campaigns: kv::Store,
     leases: kv::Store,
     coordinator_id: String,
+    /// This process's instance nonce in the lease.
+    instance: String,
     /// The engine of the term in progress, once it serves (campaigns
     /// resumed); None while standing by.
     active: RwLock<Option<Arc<Engine>>>,
@@ -75,12 +80,14 @@ impl Server {
         campaigns: kv::Store,
         leases: kv::Store,
         coordinator_id: String,
+        instance: String,
     ) -> Arc<Server> {
         Arc::new(Server {
             client,
             campaigns,
             leases,
             coordinator_id,
+            instance,
             active: RwLock::new(None),
             stop: CancellationToken::new(),
             done: CancellationToken::new(),
@@ -103,7 +110,7 @@ impl Server {
     }
 
     /// Stops serving and waits (at most `grace`) for the requests in hand.
-    pub async fn shut(&self, grace: std::time::Duration) {
+    pub async fn shut(&self, grace: Duration) {
         self.stop.cancel();
         let _ = tokio::time::timeout(grace, self.done.cancelled()).await;
     }
@@ -263,15 +270,39 @@ impl Server {
         }
     }
 
-    /// A control verb received by a standby: handed to the active
-    /// coordinator, whose reply is relayed as it is; a `takeover` answer
-    /// when there is none.
+    /// A control verb received while this process does not serve them: by
+    /// the lease, handled here once this process's own term serves (it holds
+    /// the lease and is resuming its campaigns), handed to the active
+    /// coordinator whose reply is relayed as it is, or answered `takeover`
+    /// when nobody holds the lease or its holder does not answer.
     async fn forward(
         &self,
         verb: &str,
         headers: Option<&async_nats::HeaderMap>,
         payload: Bytes,
     ) -> Bytes {
+        let holder = match lease::look(&self.leases).await {
+            Ok(Seen::Held { record, .. }) => record,
+            Ok(Seen::Free { .. }) => {
+                return takeover("no coordinator holds the lease: a standby is taking over".into())
+            }
+            Err(e) => return takeover(format!("the lease cannot be read now ({e})")),
+        };
+        if holder.instance == self.instance {
+            // Our own term is starting: it serves once its campaigns are
+            // resumed.
+            let until = tokio::time::Instant::now() + OWN_TERM_WAIT;
+            while tokio::time::Instant::now() < until {
+                if let Some(engine) = self.active() {
+                    return handle(&engine, verb, headers, &payload).await;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            return takeover(format!(
+                "coordinator {} holds the lease and is still resuming its campaigns",
+                holder.holder
+            ));
+        }
         let timeout = if verb == verbs::CAMPAIGN_START {
             client::START_TIMEOUT
         } else {
@@ -283,16 +314,36 @@ impl Server {
         if let Some(h) = headers {
             request = request.headers(h.clone());
         }
-        match self
+        let sent = self
             .client
-            .send_request(subjects::api_active(verb), request)
-            .await
-        {
+            .send_request(subjects::api_active(verb), request);
+        // Whoever else listens on the subject (a tap on `>`) hides a dead
+        // holder from "no responders": the lease changing hands tells it.
+        let handed_over = async {
+            loop {
+                tokio::time::sleep(LEASE_WATCH).await;
+                match lease::look(&self.leases).await {
+                    Ok(Seen::Held { record, .. }) if record.instance == holder.instance => {}
+                    Ok(_) => return,
+                    Err(_) => {}
+                }
+            }
+        };
+        let answer = tokio::select! {
+            r = sent => r,
+            _ = handed_over => {
+                return takeover(format!(
+                    "coordinator {} did not answer and its lease ended: a standby is taking over",
+                    holder.holder
+                ))
+            }
+        };
+        match answer {
             Ok(m) => m.payload,
             Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
                 let why = self.takeover_reason().await;
                 debug!(verb, reason = %why, "Control request while no coordinator is active");
-                reply::<()>(Err(RequestError::Takeover(why)))
+                takeover(why)
             }
             Err(e) if e.kind() == async_nats::RequestErrorKind::TimedOut => {
                 reply::<()>(Err(RequestError::Internal(format!(
@@ -320,6 +371,15 @@ impl Server {
         }
     }
 }
+
+fn takeover(why: String) -> Bytes {
+    reply::<()>(Err(RequestError::Takeover(why)))
+}
+
+/// How long a control request waits for this process's own starting term.
+const OWN_TERM_WAIT: Duration = Duration::from_secs(10);
+/// How often a forwarded request's wait looks at the lease.
+const LEASE_WATCH: Duration = Duration::from_millis(250);
 
 fn unknown_verb(verb: &str) -> Bytes {
     reply::<()>(Err(RequestError::BadRequest(format!(

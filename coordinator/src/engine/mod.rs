@@ -461,6 +461,7 @@ impl Coordinator {
             shared.campaigns.clone(),
             shared.leases.clone(),
             id.clone(),
+            shared.claimant.instance.clone(),
         );
         // The API serves for the life of this call: dropped (as by SIGKILL)
         // when it returns, drained first on a clean stop.
