@@ -203,9 +203,13 @@ redis_auth() {
 # 3. Configuration: region key, worker, inventory, agent
 # ---------------------------------------------------------------------------
 
-step "Writing the region key, worker.toml, inventory.json and agent.toml"
+step "Writing the region key, the task-signing key, worker.toml, inventory.json and agent.toml"
 (umask 077 && "$WORKER" keygen >"$TMP/eu.key")
 note "region key   $TMP/eu.key (mode $(stat -c %#a "$TMP/eu.key"))"
+# Tasks are signed: the coordinator holds the private key, every worker lists
+# its public key.
+COORDINATOR_PUBLIC_KEY="$("$BIN/keywave-coordinator" keygen --out "$TMP/coordinator.key" 2>/dev/null)"
+note "signing key  $TMP/coordinator.key (mode $(stat -c %#a "$TMP/coordinator.key"))"
 
 cat >"$TMP/worker.toml" <<EOF
 region = "eu"
@@ -213,6 +217,7 @@ worker_id = "eu-worker-1"
 concurrency = 4
 nats_url = "$KEYWAVE_NATS_URL"
 region_key_file = "$TMP/eu.key"
+coordinator_public_keys = ["$COORDINATOR_PUBLIC_KEY"]
 shutdown_grace_secs = 2
 
 [[endpoint]]
@@ -277,7 +282,8 @@ step "Starting keywave-coordinator and importing the inventory"
 DAEMON_LOG="${RUST_LOG:-info}"
 unset RUST_LOG
 export NO_COLOR=1
-RUST_LOG="$DAEMON_LOG" start coordinator "$BIN/keywave-coordinator" --regions eu --preflight-timeout 2s
+RUST_LOG="$DAEMON_LOG" start coordinator "$BIN/keywave-coordinator" --regions eu --preflight-timeout 2s \
+    --signing-key-file "$TMP/coordinator.key"
 wait_for 20 "the coordinator's API" "$KEYWAVE" campaign list
 "$KEYWAVE" inventory import "$TMP/inventory.json"
 "$KEYWAVE" inventory deps cache-orders

@@ -401,7 +401,10 @@ pub struct SpecArgs {
     /// What a failed wave triggers.
     #[arg(long, default_value = "rollback", value_name = "rollback|pause")]
     pub on_failure: String,
-    /// How long one task may take before it counts as failed.
+    /// How long one task may take before it counts as failed. A task whose
+    /// worker died is redelivered (after 5 s by default) and gets the full
+    /// timeout again; the wave waits that long too (the redelivery
+    /// allowance, 20 s at the default consumer settings, on top).
     #[arg(long, default_value = "60s", value_name = "DURATION")]
     pub task_timeout: String,
     /// A short name for the campaign.
@@ -887,12 +890,46 @@ mod tests {
             "c1",
             "--progress-interval",
             "500ms",
+            "--insecure-unsigned-tasks",
         ])
         .unwrap();
         let o = a.to_options().unwrap();
         assert_eq!(o.coordinator_id, "c1");
         assert_eq!(o.progress_interval, Duration::from_millis(500));
+        assert!(o.signer.is_none());
         let a = DaemonArgs::try_parse_from(["keywave-coordinator", "--id", "a.b"]).unwrap();
         assert_eq!(a.to_options().unwrap_err().flag, "--id");
+    }
+
+    #[test]
+    fn tasks_are_signed_unless_the_insecure_opt_out_is_named() {
+        // No key and no opt-out: refused, and the error says what to do.
+        let a = DaemonArgs::try_parse_from(["keywave-coordinator"]).unwrap();
+        let e = a.to_options().unwrap_err();
+        assert_eq!(e.flag, "--signing-key-file");
+        let msg = e.to_string();
+        assert!(msg.contains("keywave-coordinator keygen"), "{msg}");
+        assert!(msg.contains("--insecure-unsigned-tasks"), "{msg}");
+        // A key: tasks are signed.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("coordinator.key");
+        keywave_common::sign::SigningKey::generate()
+            .to_file(&path)
+            .unwrap();
+        let a = DaemonArgs::try_parse_from([
+            "keywave-coordinator",
+            "--signing-key-file",
+            path.to_str().unwrap(),
+        ])
+        .unwrap();
+        assert!(a.to_options().unwrap().signer.is_some());
+        // Both at once is a contradiction clap refuses.
+        assert!(DaemonArgs::try_parse_from([
+            "keywave-coordinator",
+            "--signing-key-file",
+            path.to_str().unwrap(),
+            "--insecure-unsigned-tasks",
+        ])
+        .is_err());
     }
 }

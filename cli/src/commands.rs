@@ -353,6 +353,19 @@ async fn campaign(cmd: CampaignCommand, url: &str, json: bool) -> Result<u8, Com
                     skip_locked: args.skip_locked,
                 })
                 .await?;
+            // The start reason warns about regions without a live worker
+            // (the campaign pauses before publishing a wave there).
+            if let Ok(st) = api.status(&id).await {
+                for note in st
+                    .reason
+                    .as_deref()
+                    .unwrap_or_default()
+                    .split("; ")
+                    .filter(|n| n.starts_with("WARNING region "))
+                {
+                    eprintln!("warning: {}", note.trim_start_matches("WARNING "));
+                }
+            }
             if !args.wait {
                 if json {
                     print_json(&serde_json::json!({ "campaign_id": id }));
@@ -517,6 +530,31 @@ pub fn render_status(s: &CampaignStatus) -> String {
         if let Some(r) = &w.reason {
             let _ = writeln!(out, "      {r}");
         }
+    }
+    for (name, r) in &s.regions {
+        let _ = write!(
+            out,
+            "  region {name}: {}/{} done, {} succeeded, {} failed",
+            r.succeeded + r.failed,
+            r.total,
+            r.succeeded,
+            r.failed
+        );
+        // Live figures (shown while a coordinator drives the campaign):
+        // queued = not pulled by a worker yet, in flight = pulled, not answered.
+        match (r.live_workers, r.silent_for_ms) {
+            (_, Some(ms)) => {
+                let _ = write!(out, " · no live workers for {} s", ms / 1_000);
+            }
+            (Some(n), None) => {
+                let _ = write!(out, " · {n} live worker{}", if n == 1 { "" } else { "s" });
+            }
+            (None, None) => {}
+        }
+        if let (Some(q), Some(f)) = (r.queued, r.in_flight) {
+            let _ = write!(out, " · queue: {q} queued, {f} in flight");
+        }
+        let _ = writeln!(out);
     }
     if let Some(r) = &s.reason {
         let _ = writeln!(out, "  reason: {r}");

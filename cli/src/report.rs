@@ -1463,9 +1463,11 @@ mod tests {
                         total: 3,
                         succeeded: 2,
                         failed: 1,
+                        ..Default::default()
                     },
                 )]
                 .into(),
+                paused_regions: Vec::new(),
             },
             wave_sizes: vec![1, 2],
             failures_by_class: [("injected".to_string(), 1)].into(),

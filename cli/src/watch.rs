@@ -1,7 +1,7 @@
 //! `keywave campaign watch`: a campaign's live progress in the terminal.
 //! Every `--interval` the status is polled (`campaign.status`) and drawn as
-//! one progress bar per wave and per region (done, failed, in flight, rate,
-//! estimated time left), followed by the latest events, which a background
+//! one progress bar per wave and per region (done, failed, queued, in
+//! flight, rate, estimated time left, each region's live workers), followed by the latest events, which a background
 //! task follows on `KEYWAVE_EVENTS` with an ordered consumer (nothing is
 //! left on the server). A terminal gets the screen redrawn in place with
 //! ANSI colours; `--no-color` or a pipe gets one plain block per refresh;
@@ -41,7 +41,12 @@ pub struct WaveLine {
     pub done: u64,
     pub succeeded: u64,
     pub failed: u64,
+    /// Published and pulled by a worker, not answered yet.
     pub in_flight: u64,
+    /// Published and not pulled by any worker yet (from the regions'
+    /// queues; 0 when they are not known).
+    #[serde(default)]
+    pub queued: u64,
     /// Results per second (recent, else since the wave started).
     pub rate_per_s: Option<f64>,
     pub eta_s: Option<u64>,
@@ -62,8 +67,19 @@ pub struct RegionLine {
     pub done: u64,
     pub succeeded: u64,
     pub failed: u64,
-    /// Published and not answered yet (the region's share of the waves in progress).
+    /// Pulled by a worker and not answered yet (the region's share of the
+    /// waves in progress, less what waits in its queue).
     pub in_flight: u64,
+    /// Published and not pulled by any worker yet: the region's queue
+    /// (`workers-<region>`), at most the campaign's share in progress.
+    #[serde(default)]
+    pub queued: u64,
+    /// Live workers of the region (`None`: not known).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workers: Option<u32>,
+    /// How long the region has had no live worker, in seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub silent_s: Option<u64>,
     pub rate_per_s: Option<f64>,
     pub eta_s: Option<u64>,
 }
@@ -225,6 +241,13 @@ pub fn next_step(s: &CampaignStatus) -> Option<String> {
         {
             format!("paused before the wave: start the consumer agents named above, then keywave campaign resume {id} (the pre-flight runs again); the watch goes on")
         }
+        CampaignState::Paused if !s.paused_regions.is_empty() => {
+            format!(
+                "paused: region(s) {} have no live workers; their tasks wait in the queue and do not count as failed. Start a worker there (keywave-worker with region = \"{}\"), then keywave campaign resume {id}; the watch goes on",
+                s.paused_regions.join(", "),
+                s.paused_regions[0]
+            )
+        }
         CampaignState::Paused => {
             format!("paused: keywave campaign resume {id} (or rollback / abort); the watch goes on")
         }
@@ -247,6 +270,9 @@ pub fn frame(
 ) -> Frame {
     let mut waves = Vec::with_capacity(s.waves.len());
     let mut region_in_flight = 0u64;
+    // What waits in the regions' queues, taken from the waves in progress
+    // first (the queues are shared by every campaign of a region).
+    let mut queue_left: u64 = s.regions.values().filter_map(|r| r.queued).sum();
     for w in &s.waves {
         let done = w.succeeded + w.failed + w.no_result;
         let started = w.started_at_ms.is_some() || w.published;
@@ -266,6 +292,9 @@ pub fn frame(
             0
         };
         region_in_flight += in_flight;
+        let queued = in_flight.min(queue_left);
+        queue_left -= queued;
+        let in_flight = in_flight - queued;
         let rate = if phase == "running" {
             rates.rate(&format!("w{}", w.wave), at_ms, done, w.started_at_ms)
         } else {
@@ -284,6 +313,7 @@ pub fn frame(
             succeeded: w.succeeded,
             failed: w.failed + w.no_result,
             in_flight,
+            queued,
             rate_per_s: rate,
             eta_s,
             decision: w.decision.map(|d| d.as_str()),
@@ -311,13 +341,17 @@ pub fn frame(
                 (region_in_flight as u128 * r.total as u128 / total_in_regions as u128) as u64
             }
             .min(r.total.saturating_sub(done));
+            let queued = r.queued.map_or(0, |q| q.min(in_flight));
             RegionLine {
                 region: clean(name),
                 total: r.total,
                 done,
                 succeeded: r.succeeded,
                 failed: r.failed,
-                in_flight,
+                in_flight: in_flight - queued,
+                queued,
+                workers: r.live_workers,
+                silent_s: r.silent_for_ms.map(|ms| ms / 1_000),
                 rate_per_s: rate,
                 eta_s: if active {
                     eta(r.total.saturating_sub(done), rate)
@@ -413,6 +447,15 @@ fn hms(ms: u64) -> String {
 
 /// The frame for people. `color` adds ANSI colours (never cursor movement:
 /// the caller clears the screen).
+/// A region's workers for people: `3`, `none for 12s`, `-` when unknown.
+pub fn workers_cell(workers: Option<u32>, silent_s: Option<u64>) -> String {
+    match (workers, silent_s) {
+        (_, Some(s)) => format!("none for {s}s"),
+        (Some(n), None) => n.to_string(),
+        (None, None) => "-".into(),
+    }
+}
+
 pub fn render(f: &Frame, color: bool) -> String {
     use std::fmt::Write;
     let (b, r, dim) = if color {
@@ -442,11 +485,12 @@ pub fn render(f: &Frame, color: bool) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "  {:<10} {:<w$}  {:>15}  {:>7} {:>9} {:>8} {:>7}",
+        "  {:<10} {:<w$}  {:>15}  {:>7} {:>7} {:>9} {:>8} {:>7}",
         "WAVE",
         "",
         "DONE",
         "FAILED",
+        "QUEUED",
         "IN FLIGHT",
         "RATE",
         "ETA",
@@ -470,11 +514,19 @@ pub fn render(f: &Frame, color: bool) -> String {
         }
         let _ = writeln!(
             out,
-            "{marker} {:<10} {}  {:>15}  {:>7} {:>9} {:>8} {:>7}{tail}",
+            "{marker} {:<10} {}  {:>15}  {:>7} {:>7} {:>9} {:>8} {:>7}{tail}",
             format!("wave {}", w.wave),
-            bar(w.succeeded, w.failed, w.in_flight, w.size, BAR_WIDTH, color),
+            bar(
+                w.succeeded,
+                w.failed,
+                w.in_flight + w.queued,
+                w.size,
+                BAR_WIDTH,
+                color
+            ),
             format!("{}/{}", w.done, w.size),
             w.failed,
+            w.queued,
             w.in_flight,
             fmt_rate(w.rate_per_s),
             fmt_eta(w.eta_s),
@@ -484,11 +536,12 @@ pub fn render(f: &Frame, color: bool) -> String {
         let _ = writeln!(out);
         let _ = writeln!(
             out,
-            "  {:<10} {:<w$}  {:>15}  {:>7} {:>9} {:>8} {:>7}",
+            "  {:<10} {:<w$}  {:>15}  {:>7} {:>7} {:>9} {:>8} {:>7}  WORKERS",
             "REGION",
             "",
             "DONE",
             "FAILED",
+            "QUEUED",
             "IN FLIGHT",
             "RATE",
             "ETA",
@@ -497,21 +550,23 @@ pub fn render(f: &Frame, color: bool) -> String {
         for g in &f.regions {
             let _ = writeln!(
                 out,
-                "  {:<10} {}  {:>15}  {:>7} {:>9} {:>8} {:>7}",
+                "  {:<10} {}  {:>15}  {:>7} {:>7} {:>9} {:>8} {:>7}  {}",
                 g.region,
                 bar(
                     g.succeeded,
                     g.failed,
-                    g.in_flight,
+                    g.in_flight + g.queued,
                     g.total,
                     BAR_WIDTH,
                     color
                 ),
                 format!("{}/{}", g.done, g.total),
                 g.failed,
+                g.queued,
                 g.in_flight,
                 fmt_rate(g.rate_per_s),
                 fmt_eta(g.eta_s),
+                workers_cell(g.workers, g.silent_s),
             );
         }
     }
@@ -723,9 +778,11 @@ mod tests {
                     total: 11,
                     succeeded: 1,
                     failed: 0,
+                    ..Default::default()
                 },
             )]
             .into(),
+            paused_regions: Vec::new(),
         }
     }
 
@@ -825,6 +882,48 @@ mod tests {
             t,
             "wave 1 pre-flight: 3 of 3 consumer agents answered; unhealthy: web in us"
         );
+    }
+
+    #[test]
+    fn a_region_pause_splits_queued_from_in_flight_and_names_the_region() {
+        let mut s = status();
+        s.state = CampaignState::Paused;
+        s.reason = Some("region ap: no live workers for 12 s; 1 task queued".into());
+        s.paused_regions = vec!["ap".into()];
+        s.regions.insert(
+            "ap".into(),
+            RegionStatus {
+                total: 1,
+                live_workers: Some(0),
+                silent_for_ms: Some(12_400),
+                queued: Some(1),
+                in_flight: Some(0),
+                ..Default::default()
+            },
+        );
+        if let Some(r) = s.regions.get_mut("eu") {
+            r.live_workers = Some(2);
+            r.queued = Some(0);
+            r.in_flight = Some(3);
+        }
+        let f = frame(&s, &mut Rates::default(), vec![], 3_000, false);
+        let ap = f.regions.iter().find(|r| r.region == "ap").unwrap();
+        assert_eq!((ap.workers, ap.silent_s), (Some(0), Some(12)));
+        let eu = f.regions.iter().find(|r| r.region == "eu").unwrap();
+        assert_eq!(eu.workers, Some(2));
+        assert_eq!(eu.silent_s, None);
+        let queued: u64 = f.waves.iter().map(|w| w.queued).sum();
+        let outstanding: u64 = f.waves.iter().map(|w| w.queued + w.in_flight).sum();
+        assert!(queued <= 1 && queued <= outstanding, "{f:?}");
+        let next = f.next.as_deref().unwrap();
+        assert!(next.contains("region(s) ap have no live workers"), "{next}");
+        let text = render(&f, false);
+        assert!(
+            text.contains("QUEUED") && text.contains("none for 12s"),
+            "{text}"
+        );
+        assert_eq!(workers_cell(None, None), "-");
+        assert_eq!(workers_cell(Some(3), None), "3");
     }
 
     #[test]

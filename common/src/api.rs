@@ -153,6 +153,10 @@ pub struct WaveStatus {
     pub approved_by: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approved_at_ms: Option<u64>,
+    /// The wave's tasks per region (planned at start; empty in snapshots
+    /// from before it existed): which regions the wave needs live workers in.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub regions: BTreeMap<String, u64>,
 }
 
 /// A campaign's snapshot (also what the coordinator keeps in the
@@ -175,6 +179,10 @@ pub struct CampaignStatus {
     /// Per-region tallies (absent in snapshots written before they existed).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub regions: BTreeMap<String, RegionStatus>,
+    /// While paused because these regions had no live worker (the reason
+    /// names them): the wave's deadline stands still until a resume.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paused_regions: Vec<String>,
 }
 
 /// One region's share of a campaign: how many of its credentials the plan
@@ -188,6 +196,22 @@ pub struct RegionStatus {
     pub succeeded: u64,
     #[serde(default)]
     pub failed: u64,
+    /// Live view, as the coordinator driving the campaign last saw it (not
+    /// rebuilt on replay): workers of the region heard from recently.
+    /// `None` when not known (no campaign driver yet, or an old coordinator).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_workers: Option<u32>,
+    /// How long the region has had no live worker, when it has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub silent_for_ms: Option<u64>,
+    /// Tasks in the region's queue (`workers-<region>`) that no worker has
+    /// pulled yet (`num_pending`; every campaign of the region).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued: Option<u64>,
+    /// Tasks a worker of the region pulled and has not answered yet
+    /// (`num_ack_pending`; every campaign of the region).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_flight: Option<u64>,
 }
 
 /// `campaign.rollback`: an operator asks to roll back a paused continuity

@@ -15,6 +15,7 @@
 //! - [`codec`]: MessagePack / JSON encoding chosen by `Content-Type`, with size and version checks.
 //! - [`topology`]: streams, consumers and KV buckets, created idempotently.
 //! - [`nats`]: connecting to a comma-separated list of NATS servers with keywave's client settings.
+//! - [`presence`]: workers' presence heartbeats (`keywave.worker.<region>`): how the coordinator knows which regions have live workers.
 //! - [`publish`]: JetStream publishing with `Nats-Msg-Id` and bounded windows of un-awaited acks.
 //! - [`crypto`]: secret generation, fingerprints and the regional AEAD.
 //! - [`planner`]: pure wave sizing and the failure-budget rule.
@@ -36,6 +37,7 @@ pub mod flags;
 pub mod ids;
 pub mod nats;
 pub mod planner;
+pub mod presence;
 pub mod publish;
 pub mod sign;
 pub mod subjects;

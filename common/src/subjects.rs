@@ -62,6 +62,16 @@ pub fn dead_letter(region: &str) -> String {
     format!("keywave.deadletter.{region}")
 }
 
+/// A worker's presence heartbeat (core NATS, see [`crate::presence`]):
+/// `keywave.worker.<region>`. The worker's id travels in the body, so any
+/// id works and a region's workers need one publish permission.
+pub fn worker_presence(region: &str) -> String {
+    format!("keywave.worker.{region}")
+}
+
+/// Filter matching the presence heartbeats of every region.
+pub const WORKER_PRESENCE_ALL: &str = "keywave.worker.*";
+
 /// The operator API: `keywave.api.v1.<verb>`, e.g. `keywave.api.v1.campaign.start`.
 pub fn api(verb: &str) -> String {
     format!("keywave.api.v1.{verb}")

@@ -22,7 +22,7 @@
 
 use async_nats::jetstream::{
     self,
-    consumer::{pull, AckPolicy, DeliverPolicy},
+    consumer::{pull, AckPolicy, DeliverPolicy, FromConsumer},
     kv,
     stream::{self, DiscardPolicy, RetentionPolicy, StorageType},
     Context,
@@ -164,16 +164,33 @@ fn terr(what: impl Into<String>, e: impl std::fmt::Display) -> TopologyError {
     }
 }
 
+/// Redelivery delays of an un-acked task by default: a task whose worker
+/// died comes back to another worker of the region after 5 s, and after 5 s
+/// again if that one died too; a task that keeps being lost backs off to
+/// 30 s. A short ack wait is safe because a worker sends an in-progress ack
+/// every third of it while a task runs (or waits its turn), so a slow step
+/// is never mistaken for a dead worker.
+pub const DEFAULT_TASK_BACKOFF_SECS: [u64; 5] = [5, 5, 10, 20, 30];
+/// Deliveries of a task before the server gives up on it by default: it
+/// survives nine lost deliveries in a row (worker crashes), about three
+/// minutes of redeliveries, before it is dead-lettered.
+pub const DEFAULT_TASK_MAX_DELIVER: i64 = 10;
+/// Lost deliveries in a row that a wave's deadline waits out (see
+/// [`Config::redelivery_allowance`]).
+pub const REDELIVERY_ALLOWANCE_DELIVERIES: usize = 3;
+
 /// Settings of the streams and consumers. Defaults suit production; tests
 /// shorten the redelivery delays.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Stream and bucket replicas (3 on a cluster).
     pub replicas: usize,
-    /// Redelivery delays of an un-acked task; the first is the ack wait.
-    /// `max_deliver` must be greater than the number of entries.
+    /// Redelivery delays of an un-acked task, one per delivery (the last
+    /// repeats); the first is the ack wait. `max_deliver` must be greater
+    /// than the number of entries. Default [`DEFAULT_TASK_BACKOFF_SECS`].
     pub task_backoff: Vec<Duration>,
     /// Deliveries of a task before it is given up (and dead-lettered).
+    /// Default [`DEFAULT_TASK_MAX_DELIVER`].
     pub task_max_deliver: i64,
     /// Tasks handed out but not yet acked, per region (bounds in-flight work).
     pub max_ack_pending: i64,
@@ -189,13 +206,11 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             replicas: 1,
-            task_backoff: vec![
-                Duration::from_secs(30),
-                Duration::from_secs(60),
-                Duration::from_secs(120),
-                Duration::from_secs(300),
-            ],
-            task_max_deliver: 5,
+            task_backoff: DEFAULT_TASK_BACKOFF_SECS
+                .iter()
+                .map(|s| Duration::from_secs(*s))
+                .collect(),
+            task_max_deliver: DEFAULT_TASK_MAX_DELIVER,
             max_ack_pending: 20_000,
             duplicate_window: Duration::from_secs(600),
             audit_max_age: Duration::from_secs(400 * 24 * 3600),
@@ -218,7 +233,27 @@ impl Config {
         self.task_backoff
             .first()
             .copied()
-            .unwrap_or(Duration::from_secs(30))
+            .unwrap_or(Duration::from_secs(DEFAULT_TASK_BACKOFF_SECS[0]))
+    }
+
+    /// How long a task waits for its redelivery in total when its first
+    /// [`REDELIVERY_ALLOWANCE_DELIVERIES`] deliveries were lost (each worker
+    /// died while running it): the sum of that many redelivery delays, the
+    /// last entry repeating. A wave's deadline adds it, so that a crash is
+    /// not counted as a task without result while the task can still finish.
+    pub fn redelivery_allowance(&self) -> Duration {
+        let last = self.task_backoff.last().copied().unwrap_or(self.ack_wait());
+        (0..REDELIVERY_ALLOWANCE_DELIVERIES)
+            .map(|i| self.task_backoff.get(i).copied().unwrap_or(last))
+            .sum()
+    }
+
+    /// Whether `c`, a region's task consumer as the server has it, redelivers
+    /// as this config says (ack wait, backoff and max deliveries).
+    fn redelivers_as(&self, c: &jetstream::consumer::Config) -> bool {
+        c.ack_wait == self.ack_wait()
+            && c.backoff == self.task_backoff
+            && c.max_deliver == self.task_max_deliver
     }
 }
 
@@ -497,7 +532,7 @@ pub async fn ensure_region(
     )
     .await?;
     let name = worker_consumer(region);
-    let consumer = tasks
+    let mut consumer = tasks
         .get_or_create_consumer(
             &name,
             pull::Config {
@@ -515,6 +550,36 @@ pub async fn ensure_region(
         )
         .await
         .map_err(|e| terr(format!("consumer {name}"), e))?;
+    let existing = consumer.cached_info().config.clone();
+    if !cfg.redelivers_as(&existing) {
+        // A consumer created with other redelivery settings (e.g. by an
+        // older release, whose ack wait was 30 s) takes this config's: the
+        // server (2.9 and later) updates ack wait, backoff and max
+        // deliveries of a durable pull consumer in place, keeping its
+        // pending tasks. Everything else stays as the server has it.
+        let updated = pull::Config {
+            ack_wait: cfg.ack_wait(),
+            max_deliver: cfg.task_max_deliver,
+            backoff: cfg.task_backoff.clone(),
+            ..pull::Config::try_from_consumer_config(existing.clone())
+                .map_err(|e| terr(format!("consumer {name}"), e))?
+        };
+        consumer = tasks
+            .create_consumer(updated)
+            .await
+            .map_err(|e| terr(format!("updating consumer {name}'s redelivery settings"), e))?;
+        tracing::info!(
+            region,
+            consumer = %name,
+            old_ack_wait = ?existing.ack_wait,
+            old_backoff = ?existing.backoff,
+            old_max_deliver = existing.max_deliver,
+            ack_wait = ?cfg.ack_wait(),
+            backoff = ?cfg.task_backoff,
+            max_deliver = cfg.task_max_deliver,
+            "Updated the region's task consumer to this redelivery schedule"
+        );
+    }
     let secrets = bucket(
         js,
         kv::Config {

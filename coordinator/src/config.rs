@@ -122,13 +122,18 @@ pub struct DaemonArgs {
     /// Regions whose task consumer (`workers-<region>`) and secret store
     /// (`keywave-secrets-<region>`) this coordinator creates at start-up, so
     /// that least-privilege workers only have to look them up (comma-separated).
+    /// An existing task consumer is given the default redelivery schedule
+    /// (5 s ack wait, backoff 5,5,10,20,30 s, 10 deliveries) in place.
     #[arg(long, env = REGIONS_ENV, value_name = "REGIONS", default_value = "")]
     pub regions: String,
     #[command(flatten)]
     pub nats_auth: NatsAuthArgs,
-    /// Ed25519 key that signs every task (create one with `keywave-coordinator keygen`); workers check it against their coordinator_public_keys.
+    /// Ed25519 key that signs every task (create one with `keywave-coordinator keygen`); workers check it against their coordinator_public_keys. Required unless --insecure-unsigned-tasks.
     #[arg(long, env = SIGNING_KEY_FILE_ENV, value_name = "FILE")]
     pub signing_key_file: Option<PathBuf>,
+    /// INSECURE, development only: publish tasks without a signature when no --signing-key-file is given. Anyone who can publish on keywave.task.> can then make workers that accept unsigned tasks rotate credentials.
+    #[arg(long, env = INSECURE_UNSIGNED_TASKS_ENV, conflicts_with = "signing_key_file")]
+    pub insecure_unsigned_tasks: bool,
     /// A signed task expires this long after its deadline (replays after that are refused).
     #[arg(long, env = TASK_EXPIRY_MARGIN_ENV, default_value = "5m", value_name = "DURATION")]
     pub task_expiry_margin: String,
@@ -150,6 +155,9 @@ pub struct DaemonArgs {
     /// How often a standby looks at the lease [default: an eighth of --lease-ttl, 500ms].
     #[arg(long, env = LEASE_POLL_ENV, value_name = "DURATION")]
     pub lease_poll: Option<String>,
+    /// Pause a campaign, naming the region, when a region its wave needs has had no live worker (no heartbeat on keywave.worker.<region>) for this long (1s to 1h).
+    #[arg(long, env = REGION_PAUSE_AFTER_ENV, default_value = "10s", value_name = "DURATION")]
+    pub region_pause_after: String,
     #[command(subcommand)]
     pub command: Option<DaemonCommand>,
 }
@@ -160,12 +168,18 @@ pub const LEASE_TTL_ENV: &str = "KEYWAVE_LEASE_TTL";
 pub const LEASE_RENEW_ENV: &str = "KEYWAVE_LEASE_RENEW";
 /// Environment variable with the standbys' lease poll period.
 pub const LEASE_POLL_ENV: &str = "KEYWAVE_LEASE_POLL";
+/// Environment variable with how long a region may have no live worker
+/// before the campaigns that need it pause.
+pub const REGION_PAUSE_AFTER_ENV: &str = "KEYWAVE_REGION_PAUSE_AFTER";
 
 /// Environment variable with the pre-flight ping timeout.
 pub const PREFLIGHT_TIMEOUT_ENV: &str = "KEYWAVE_PREFLIGHT_TIMEOUT";
 
 /// Environment variable naming the coordinator's task-signing key file.
 pub const SIGNING_KEY_FILE_ENV: &str = "KEYWAVE_SIGNING_KEY_FILE";
+/// Environment variable of the explicit opt-out from signed tasks
+/// (`--insecure-unsigned-tasks`).
+pub const INSECURE_UNSIGNED_TASKS_ENV: &str = "KEYWAVE_INSECURE_UNSIGNED_TASKS";
 /// Environment variable with the margin from a task's deadline to its expiry.
 pub const TASK_EXPIRY_MARGIN_ENV: &str = "KEYWAVE_TASK_EXPIRY_MARGIN";
 
@@ -237,12 +251,34 @@ impl DaemonArgs {
             };
             usage(flag, e.to_string())
         })?;
+        opts.region_liveness.pause_after =
+            keywave_common::flags::duration("--region-pause-after", &self.region_pause_after)?;
+        if opts.region_liveness.pause_after < Duration::from_secs(1)
+            || opts.region_liveness.pause_after > Duration::from_secs(3600)
+        {
+            return Err(usage("--region-pause-after", "must be between 1s and 1h"));
+        }
         let margin =
             keywave_common::flags::duration("--task-expiry-margin", &self.task_expiry_margin)?;
-        if let Some(path) = &self.signing_key_file {
-            let key = keywave_common::sign::SigningKey::from_file(path)
-                .map_err(|e| usage("--signing-key-file", e.to_string()))?;
-            opts.signer = Some(keywave_common::sign::TaskSigner::new(key, margin));
+        match &self.signing_key_file {
+            Some(path) => {
+                let key = keywave_common::sign::SigningKey::from_file(path)
+                    .map_err(|e| usage("--signing-key-file", e.to_string()))?;
+                opts.signer = Some(keywave_common::sign::TaskSigner::new(key, margin));
+            }
+            // Signed tasks are the default: running without a key is a
+            // choice made by name.
+            None if !self.insecure_unsigned_tasks => {
+                return Err(usage(
+                    "--signing-key-file",
+                    format!(
+                        "is required: tasks are signed by default. Create a key with `keywave-coordinator keygen --out FILE`, \
+                         give its public key to the workers (coordinator_public_keys) and start with --signing-key-file FILE \
+                         (or {SIGNING_KEY_FILE_ENV}); for development only, --insecure-unsigned-tasks publishes unsigned tasks"
+                    ),
+                ))
+            }
+            None => {}
         }
         Ok(opts)
     }

@@ -10,6 +10,7 @@
 //! - [`engine`]: the [`Coordinator`] and its operator API server (`engine::api`, `keywave.api.v1.<verb>`): campaign start, per-campaign owner, result
 //!   aggregation, wave decisions, rollback, snapshots and restart recovery.
 //! - [`metrics`]: `/metrics` (Prometheus), `/healthz` and `/readyz` of the coordinator daemon.
+//! - [`regions`]: which regions have live workers (worker heartbeats on `keywave.worker.<region>`, each region's queue): a silent region pauses the campaigns that need it.
 //! - [`lease`]: the coordinator lease (KV compare-and-set with expiry): one active coordinator, fenced.
 //! - [`audit`]: the audit writer (hash chains on `KEYWAVE_AUDIT`) and `keywave audit verify`.
 //! - [`config`]: the daemon's flags and environment, validated into [`CoordinatorOptions`].
@@ -28,6 +29,7 @@ pub mod inventory;
 mod kvscan;
 pub mod lease;
 pub mod metrics;
+pub mod regions;
 
 pub use engine::api;
 pub use engine::{Coordinator, CoordinatorError, CoordinatorOptions};

@@ -9,6 +9,10 @@
 //! | `keywave_coordinator_campaign_wave` | gauge | `campaign`: current wave (0-based) of each unfinished campaign |
 //! | `keywave_coordinator_consumer_pending` | gauge | `region`: tasks not yet delivered on `workers-<region>` (`num_pending`, for autoscaling) |
 //! | `keywave_coordinator_consumer_ack_pending` | gauge | `region`: tasks delivered, not yet acked |
+//! | `keywave_coordinator_region_workers` | gauge | `region`: live workers (heartbeat heard within 3 intervals; see `crate::regions`) |
+//! | `keywave_coordinator_region_silent_seconds` | gauge | `region`: how long the region has had no live worker (0 while it has one) |
+//! | `keywave_coordinator_region_tasks_queued` | gauge | `region`: tasks on `workers-<region>` no worker pulled yet (read by the liveness tracker every 2s) |
+//! | `keywave_coordinator_region_tasks_in_flight` | gauge | `region`: tasks pulled by a worker and not answered yet |
 //! | `keywave_coordinator_active` | gauge | 1 when this coordinator holds the lease, 0 standing by |
 //! | `keywave_coordinator_ready` | gauge | 1 when `/readyz` answers 200 |
 //!
@@ -69,6 +73,16 @@ struct Snapshot {
     consumers: BTreeMap<String, (u64, u64)>,
 }
 
+/// One region's liveness figures, as the liveness tracker last saw them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RegionFigures {
+    pub workers: u32,
+    /// How long without a live worker (`None` while it has one).
+    pub silent_ms: Option<u64>,
+    pub queued: Option<u64>,
+    pub in_flight: Option<u64>,
+}
+
 /// Labels of a result counter: region, action, outcome, error class.
 type ResultKey = (String, &'static str, &'static str, &'static str);
 
@@ -81,6 +95,8 @@ pub struct CoordinatorMetrics {
     client: OnceLock<async_nats::Client>,
     topology: OnceLock<topology::Config>,
     snapshot: tokio::sync::Mutex<Snapshot>,
+    /// region → liveness figures (see [`crate::regions`]).
+    regions: Mutex<BTreeMap<String, RegionFigures>>,
 }
 
 fn outcome_label(o: keywave_common::wire::Outcome) -> &'static str {
@@ -127,6 +143,11 @@ impl CoordinatorMetrics {
             .filter(|((_, _, o, _), _)| *o == outcome)
             .map(|(_, n)| n)
             .sum()
+    }
+
+    /// The liveness tracker's latest figures.
+    pub fn set_regions(&self, regions: BTreeMap<String, RegionFigures>) {
+        *self.regions.lock().unwrap_or_else(|e| e.into_inner()) = regions;
     }
 
     pub fn set_role(&self, role: Role) {
@@ -286,6 +307,56 @@ impl CoordinatorMetrics {
             prom::sample(&mut out, name, &[("region", region)], *acks as f64);
         }
         drop(snap);
+        let regions = self
+            .regions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let name = "keywave_coordinator_region_workers";
+        prom::family(
+            &mut out,
+            name,
+            "gauge",
+            "Live workers per region (a heartbeat heard within three intervals).",
+        );
+        for (region, f) in &regions {
+            prom::sample(&mut out, name, &[("region", region)], f64::from(f.workers));
+        }
+        let name = "keywave_coordinator_region_silent_seconds";
+        prom::family(
+            &mut out,
+            name,
+            "gauge",
+            "How long each region has had no live worker (0 while it has one).",
+        );
+        for (region, f) in &regions {
+            let s = f.silent_ms.unwrap_or(0) as f64 / 1000.0;
+            prom::sample(&mut out, name, &[("region", region)], s);
+        }
+        let name = "keywave_coordinator_region_tasks_queued";
+        prom::family(
+            &mut out,
+            name,
+            "gauge",
+            "Tasks in each region's queue that no worker has pulled yet.",
+        );
+        for (region, f) in &regions {
+            if let Some(q) = f.queued {
+                prom::sample(&mut out, name, &[("region", region)], q as f64);
+            }
+        }
+        let name = "keywave_coordinator_region_tasks_in_flight";
+        prom::family(
+            &mut out,
+            name,
+            "gauge",
+            "Tasks pulled by a worker of each region and not answered yet.",
+        );
+        for (region, f) in &regions {
+            if let Some(n) = f.in_flight {
+                prom::sample(&mut out, name, &[("region", region)], n as f64);
+            }
+        }
         prom::family(
             &mut out,
             "keywave_coordinator_active",

@@ -42,6 +42,9 @@ pub const ENV_DETECT_KEY: &str = "KEYWAVE_DETECT_KEY";
 /// Environment variable listing coordinator public keys (comma-separated hex)
 /// when `coordinator_public_keys` is empty.
 pub const ENV_COORDINATOR_PUBLIC_KEYS: &str = "KEYWAVE_COORDINATOR_PUBLIC_KEYS";
+/// Environment variable of the explicit opt-out from signed tasks (`1`:
+/// like `insecure_unsigned_tasks = true`; development only).
+pub const ENV_INSECURE_UNSIGNED_TASKS: &str = "KEYWAVE_INSECURE_UNSIGNED_TASKS";
 /// Environment variable with the NATS URL (overridden by `--nats`).
 pub const ENV_NATS_URL: &str = "KEYWAVE_NATS_URL";
 /// Environment variable with today's secret for `keywave-worker enroll`.
@@ -157,14 +160,20 @@ pub struct File {
     /// accepts on tasks. List two while the coordinator's key is rotated.
     /// With keys, unsigned, wrongly signed, altered or expired tasks are
     /// refused and dead-lettered. `KEYWAVE_COORDINATOR_PUBLIC_KEYS`
-    /// (comma-separated) is used when this is empty. Default: none (tasks
-    /// are not checked; a warning is logged at start).
+    /// (comma-separated) is used when this is empty. Required to serve
+    /// tasks, unless `insecure_unsigned_tasks`.
     #[serde(default)]
     pub coordinator_public_keys: Vec<String>,
-    /// Refuse to start without `coordinator_public_keys`. Default false for
-    /// now; production sets it to true.
+    /// Tasks must be signed; this may only repeat the default (`true`):
+    /// the opt-out is `insecure_unsigned_tasks`.
     #[serde(default)]
-    pub require_signed_tasks: bool,
+    pub require_signed_tasks: Option<bool>,
+    /// INSECURE, development only: serve tasks without checking signatures
+    /// when no coordinator public key is configured. Anyone who can publish
+    /// on `keywave.task.<region>.>` can then make this worker rotate
+    /// credentials. `KEYWAVE_INSECURE_UNSIGNED_TASKS=1` has the same effect.
+    #[serde(default)]
+    pub insecure_unsigned_tasks: bool,
     /// Seconds the worker lets in-flight tasks finish after SIGTERM or SIGINT;
     /// tasks still running then are redelivered to another worker. Default 30.
     #[serde(default)]
@@ -192,12 +201,13 @@ pub struct JetStreamFile {
     /// cluster). Default 1.
     #[serde(default)]
     pub replicas: Option<usize>,
-    /// Redelivery delays of an un-acked task, in seconds; the first is the ack
-    /// wait. Default `[30, 60, 120, 300]`.
+    /// Redelivery delays of an un-acked task, in seconds, one per delivery
+    /// (the last repeats); the first is the ack wait. Default
+    /// `[5, 5, 10, 20, 30]` (`topology::DEFAULT_TASK_BACKOFF_SECS`).
     #[serde(default)]
     pub task_backoff_secs: Option<Vec<u64>>,
     /// Deliveries of a task before the server gives up on it; must be greater
-    /// than the number of `task_backoff_secs` entries. Default 5.
+    /// than the number of `task_backoff_secs` entries. Default 10.
     #[serde(default)]
     pub task_max_deliver: Option<i64>,
     /// Tasks of the region handed out but not yet acked, over all its workers.
@@ -374,7 +384,8 @@ pub struct Config {
     pub detect_key: Option<DetectKey>,
     /// Coordinator public keys task signatures are checked against.
     pub coordinator_keys: Vec<PublicKey>,
-    /// Refuse to start without `coordinator_keys`.
+    /// Refuse to serve tasks without `coordinator_keys` (false only with
+    /// the explicit `insecure_unsigned_tasks` opt-out).
     pub require_signed_tasks: bool,
     pub shutdown_grace: Duration,
     /// Where `/metrics`, `/healthz` and `/readyz` are served (none: off).
@@ -494,13 +505,23 @@ impl Config {
 
         let detect_key = detect_key(file.detect_key_file.as_deref(), env)?;
         let coordinator_keys = coordinator_keys(&file.coordinator_public_keys, env)?;
-        if file.require_signed_tasks && coordinator_keys.is_empty() {
-            return Err(invalid(
+        let insecure_unsigned = file.insecure_unsigned_tasks
+            || env
+                .var(ENV_INSECURE_UNSIGNED_TASKS)
+                .is_some_and(|v| matches!(v.trim(), "1" | "true" | "yes"));
+        match file.require_signed_tasks {
+            Some(false) => return Err(invalid(
                 "require_signed_tasks",
-                format!(
-                    "is true but no coordinator public key is configured (coordinator_public_keys or {ENV_COORDINATOR_PUBLIC_KEYS})"
-                ),
-            ));
+                "= false is not an opt-out: tasks are signed by default; for development only, \
+                     insecure_unsigned_tasks = true serves unsigned tasks",
+            )),
+            Some(true) if insecure_unsigned => {
+                return Err(invalid(
+                    "insecure_unsigned_tasks",
+                    "contradicts require_signed_tasks = true",
+                ))
+            }
+            _ => {}
         }
 
         let shutdown_grace = Duration::from_secs(
@@ -542,7 +563,7 @@ impl Config {
             region_key,
             detect_key,
             coordinator_keys,
-            require_signed_tasks: file.require_signed_tasks,
+            require_signed_tasks: !insecure_unsigned,
             shutdown_grace,
             metrics_addr,
             topology,
@@ -1185,9 +1206,26 @@ mod tests {
             .unwrap()
             .coordinator_keys
             .is_empty());
+        // Signed tasks are the default; the only opt-out is named as such.
+        assert!(parse("region = \"eu\"").unwrap().require_signed_tasks);
+        assert!(
+            !parse("region = \"eu\"\ninsecure_unsigned_tasks = true")
+                .unwrap()
+                .require_signed_tasks
+        );
+        let mut e = key_env();
+        e.insert(ENV_INSECURE_UNSIGNED_TASKS.into(), "1".into());
+        let c = Config::parse("region = \"eu\"", "t", &Overrides::default(), &e).unwrap();
+        assert!(!c.require_signed_tasks);
         assert_eq!(
-            bad_field("region = \"eu\"\nrequire_signed_tasks = true"),
+            bad_field("region = \"eu\"\nrequire_signed_tasks = false"),
             "require_signed_tasks"
+        );
+        assert_eq!(
+            bad_field(
+                "region = \"eu\"\nrequire_signed_tasks = true\ninsecure_unsigned_tasks = true"
+            ),
+            "insecure_unsigned_tasks"
         );
         assert_eq!(
             bad_field("region = \"eu\"\ncoordinator_public_keys = [\"xyz\"]"),

@@ -22,6 +22,7 @@
 //! - [`consumers`]: consumer verification after promote (attestations on `KEYWAVE_ATTEST`, HTTP probes), before revoke.
 //! - [`agent`]: the consumer agent (`keywave-worker agent`): writes each new CURRENT secret for an application, reloads it, attests the fingerprint.
 //! - [`agent_ping`]: the agent's answer to the coordinator's pre-flight ping (`keywave.agent.v1.<region>.<consumer>.ping`): alive, version, credentials watched, health.
+//! - [`presence`]: the worker's presence heartbeat on `keywave.worker.<region>` (how the coordinator knows the region has a live worker).
 //! - [`runner`]: the JetStream consume loop: bounded concurrency, one ack decision per message, dead letters, graceful drain.
 //! - [`fault`]: fault-injection points for crash tests (off by default).
 //! - [`metrics`]: `/metrics` (Prometheus), `/healthz` and `/readyz` on `metrics_addr`.
@@ -40,6 +41,7 @@ pub mod fault;
 mod keyed_lock;
 pub mod metrics;
 pub mod notice;
+pub mod presence;
 pub mod protocol;
 pub mod runner;
 pub mod store;

@@ -88,6 +88,11 @@ impl WorkerMetrics {
         InFlight(self.clone())
     }
 
+    /// Tasks running now.
+    pub fn tasks_in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed).max(0) as u64
+    }
+
     fn add(&self, outcome: &'static str, class: &'static str) {
         *self
             .tasks

@@ -13,7 +13,7 @@ use crate::store::SecretStore;
 use crate::targets::Targets;
 use async_nats::jetstream::{
     self,
-    consumer::{pull, pull::MessagesErrorKind, Consumer},
+    consumer::{pull, Consumer},
     message::AckKind,
 };
 use base64::Engine;
@@ -45,12 +45,12 @@ const MAX_PULL_BATCH: usize = 256;
 /// How long one pull request waits on the server before it is renewed. Short,
 /// so that a pull the server leaves unserved (seen under load on nats-server
 /// 2.9: tasks sat in the queue until the client's default 30 s expiry) holds
-/// tasks back for seconds at most; one request per few seconds per idle
-/// worker costs nothing.
+/// tasks back for seconds at most, and a connection that went silent is
+/// noticed (the client gives up on a pull 5 s after its expiry); one request
+/// per few seconds per idle worker costs nothing.
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
-/// Idle heartbeat of a pull request (well under [`PULL_EXPIRES`]), so a
-/// connection that went silent is noticed.
-const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
+/// Longest interval between in-progress acks of a running task.
+const PROGRESS_AT_LEAST: Duration = Duration::from_secs(1);
 /// Bytes of an undecodable payload kept (base64) in its dead letter.
 const MAX_DEAD_LETTER_PAYLOAD: usize = 4096;
 /// Redelivery delay after the result (or dead letter) could not be published.
@@ -92,7 +92,8 @@ pub struct WorkerOptions {
     /// altered or expired tasks are refused; with none, tasks are not
     /// checked (and a warning is logged at start).
     pub task_keys: Verifier,
-    /// Refuse to start without `task_keys` (production sets it).
+    /// Refuse to start without `task_keys` (the binary sets it unless
+    /// configured with `insecure_unsigned_tasks`).
     pub require_signed_tasks: bool,
 }
 
@@ -132,8 +133,13 @@ impl WorkerOptions {
         if self.require_signed_tasks && self.task_keys.is_empty() {
             return Err(WorkerError::InvalidOptions {
                 field: "coordinator_public_keys",
-                message: "require_signed_tasks is set but no coordinator public key is configured"
-                    .into(),
+                message:
+                    "is empty: tasks must be signed. Add the coordinator's public key (printed by \
+                          `keywave-coordinator keygen`) to coordinator_public_keys or \
+                          KEYWAVE_COORDINATOR_PUBLIC_KEYS; for development only, \
+                          insecure_unsigned_tasks = true (or KEYWAVE_INSECURE_UNSIGNED_TASKS=1) \
+                          serves unsigned tasks"
+                        .into(),
             });
         }
         Ok(())
@@ -241,6 +247,7 @@ struct Ctx {
 
 /// A region worker. Build with [`Worker::start`], then [`Worker::run`].
 pub struct Worker {
+    client: async_nats::Client,
     js: jetstream::Context,
     consumer: Consumer<pull::Config>,
     store: SecretStore,
@@ -276,7 +283,7 @@ impl Worker {
             topology::bind_or_ensure_region(&js, &opts.region, &opts.topology).await?;
         let store = SecretStore::from_kv(kv, &opts.region, key);
         let metrics = crate::metrics::WorkerMetrics::new(&opts.region);
-        metrics.bound(client);
+        metrics.bound(client.clone());
         let mut protocol =
             Protocol::new(store.clone(), targets, opts.worker_id.clone(), opts.faults);
         if let Some(key) = &opts.detect_key {
@@ -296,15 +303,16 @@ impl Worker {
         if opts.task_keys.is_empty() {
             warn!(
                 region = %opts.region,
-                "NO COORDINATOR PUBLIC KEY CONFIGURED: this worker runs UNSIGNED tasks; anyone who can \
-                 publish on keywave.task.{}.> can make it rotate credentials. Set coordinator_public_keys \
-                 and require_signed_tasks = true in production",
+                "INSECURE: no coordinator public key, unsigned tasks allowed (insecure_unsigned_tasks): \
+                 this worker runs UNSIGNED tasks; anyone who can publish on keywave.task.{}.> can make \
+                 it rotate credentials. Set coordinator_public_keys outside development",
                 opts.region
             );
         } else {
             info!(keys = ?opts.task_keys.key_ids(), "Task signatures are verified");
         }
         Ok(Worker {
+            client,
             js,
             consumer,
             store,
@@ -327,13 +335,24 @@ impl Worker {
     /// Consumes tasks until `shutdown` is cancelled (or an injected crash),
     /// then drains the tasks in hand and returns the counts.
     pub async fn run(self, shutdown: CancellationToken) -> Result<WorkerStats, WorkerError> {
-        let ack_wait = self.consumer.cached_info().config.ack_wait;
+        // The shortest wait the server may apply to a delivery: the ack
+        // wait, or the smallest step of a backoff schedule.
+        let info = &self.consumer.cached_info().config;
+        let ack_wait = info
+            .backoff
+            .iter()
+            .copied()
+            .filter(|d| !d.is_zero())
+            .fold(info.ack_wait, Duration::min);
         let ctx = Arc::new(Ctx {
             js: self.js.clone(),
             protocol: self.protocol.clone(),
             region: self.opts.region.clone(),
-            // Well inside the ack wait, so a long step never looks abandoned.
-            progress_every: (ack_wait / 3).max(Duration::from_millis(100)),
+            // Well inside the ack wait, so a long step never looks abandoned;
+            // and at least every second, so a consumer whose ack wait the
+            // coordinator shortens while this worker runs (an upgrade from
+            // 30 s to the 5 s default) does not redeliver its tasks.
+            progress_every: (ack_wait / 3).clamp(Duration::from_millis(100), PROGRESS_AT_LEAST),
             shutdown: shutdown.clone(),
             crash: CancellationToken::new(),
             faults: self.opts.faults,
@@ -344,67 +363,78 @@ impl Worker {
             credentials: KeyedLocks::new(),
         });
         let slots = Arc::new(Semaphore::new(self.opts.concurrency));
-        let batch = self.opts.concurrency.min(MAX_PULL_BATCH);
         let mut tasks: JoinSet<()> = JoinSet::new();
         let mut consumer = self.consumer;
+        // The region has a live worker as long as this runs (see
+        // crate::presence); dropped without a goodbye if this is aborted.
+        let announcer = crate::presence::Announcer::with_default_interval(
+            self.client.clone(),
+            &self.opts.region,
+            &self.opts.worker_id,
+            self.opts.concurrency,
+            self.metrics.clone(),
+        );
 
+        // Each pull asks for exactly as many tasks as there are free slots,
+        // and the next pull waits for a slot: a task delivered to this
+        // worker starts at once, never waits in the client's buffer behind
+        // busy slots (where the short ack wait would run out and the server
+        // would hand it to another worker while this one still holds it).
         'pull: loop {
+            reap(&mut tasks);
+            let mut permits = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break 'pull,
+                _ = ctx.crash.cancelled() => break 'pull,
+                p = slots.clone().acquire_owned() => match p {
+                    Ok(p) => vec![p],
+                    Err(_) => break 'pull,
+                },
+            };
+            while permits.len() < MAX_PULL_BATCH {
+                match slots.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
             let opened = tokio::select! {
                 _ = shutdown.cancelled() => break 'pull,
                 _ = ctx.crash.cancelled() => break 'pull,
                 r = consumer
-                    .stream()
-                    .max_messages_per_batch(batch)
+                    .batch()
+                    .max_messages(permits.len())
                     .expires(PULL_EXPIRES)
-                    .heartbeat(PULL_HEARTBEAT)
                     .messages() => r,
             };
-            let mut messages = match opened {
-                Ok(m) => m,
+            let mut batch = match opened {
+                Ok(b) => b,
                 Err(e) => {
                     warn!(error = %e, "Cannot pull tasks; retrying");
-                    if !pause(&shutdown, &ctx.crash, RESUBSCRIBE_DELAY).await {
+                    drop(permits);
+                    if !rebind(&self.js, &self.opts, &mut consumer, &shutdown, &ctx.crash).await {
                         break 'pull;
-                    }
-                    // The consumer may have been deleted: create it again.
-                    let region = &self.opts.region;
-                    match topology::bind_or_ensure_region(&self.js, region, &self.opts.topology)
-                        .await
-                    {
-                        Ok((c, _)) => consumer = c,
-                        Err(e) => warn!(error = %e, "Cannot ensure the region's consumer"),
                     }
                     continue 'pull;
                 }
             };
             loop {
-                reap(&mut tasks);
-                // A free slot first, then a message: nothing is taken from the
-                // stream that cannot start at once.
-                let permit = tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => {
-                        hand_back(&mut messages).await;
-                        break 'pull;
-                    }
-                    _ = ctx.crash.cancelled() => break 'pull,
-                    p = slots.clone().acquire_owned() => match p {
-                        Ok(p) => p,
-                        Err(_) => break 'pull,
-                    },
-                };
                 let next = tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => {
-                        drop(permit);
-                        hand_back(&mut messages).await;
+                        hand_back(&mut batch).await;
                         break 'pull;
                     }
                     _ = ctx.crash.cancelled() => break 'pull,
-                    m = messages.next() => m,
+                    m = batch.next() => m,
                 };
                 match next {
                     Some(Ok(msg)) => {
+                        // The pull asked for no more messages than permits.
+                        let Some(permit) = permits.pop() else {
+                            warn!("More tasks delivered than pulled; handing one back");
+                            let _ = msg.ack_with(AckKind::Nak(None)).await;
+                            continue;
+                        };
                         let ctx = ctx.clone();
                         tasks.spawn(async move {
                             let _in_flight = ctx.metrics.in_flight();
@@ -415,39 +445,33 @@ impl Worker {
                         });
                     }
                     Some(Err(e)) => {
+                        // The pull ended with an error status (the consumer
+                        // deleted, too many waiting pulls, ...): the free
+                        // slots pull again after a pause.
                         warn!(error = %e, "Error while pulling tasks");
-                        // These end the stream for good: pull with a fresh one.
-                        if matches!(
-                            e.kind(),
-                            MessagesErrorKind::ConsumerDeleted
-                                | MessagesErrorKind::NoResponders
-                                | MessagesErrorKind::PushBasedConsumer
-                        ) {
-                            if !pause(&shutdown, &ctx.crash, RESUBSCRIBE_DELAY).await {
-                                break 'pull;
-                            }
-                            continue 'pull;
-                        }
-                    }
-                    None => {
-                        warn!("Task stream ended; pulling again");
-                        if !pause(&shutdown, &ctx.crash, RESUBSCRIBE_DELAY).await {
+                        drop(permits);
+                        if !rebind(&self.js, &self.opts, &mut consumer, &shutdown, &ctx.crash).await
+                        {
                             break 'pull;
                         }
                         continue 'pull;
                     }
+                    // The pull is complete or expired: its unused slots pull
+                    // again.
+                    None => continue 'pull,
                 }
             }
         }
-        // Leaving the loop dropped the message stream: no more pulls. Tasks
-        // the client had buffered but not started are redelivered by the
-        // server after the ack wait.
+        // Leaving the loop dropped the pull: no more tasks come. One that
+        // arrived for an interrupted pull is redelivered by the server after
+        // the ack wait.
 
         if ctx.crash.is_cancelled() {
             // As a killed process: whatever is in flight is abandoned un-acked.
             tasks.abort_all();
             while tasks.join_next().await.is_some() {}
             ctx.counters.crashed.store(true, Ordering::Relaxed);
+            drop(announcer);
             warn!(worker = %self.opts.worker_id, "Worker stopped by an injected crash");
             return Ok(ctx.counters.snapshot());
         }
@@ -458,19 +482,20 @@ impl Worker {
         while let Some(r) = tasks.join_next().await {
             log_join(r);
         }
+        announcer.leave().await;
         let stats = ctx.counters.snapshot();
         info!(?stats, "Worker stopped");
         Ok(stats)
     }
 }
 
-/// On shutdown: naks (without delay) the tasks the client already pulled but
-/// never started, so that another worker of the region gets them now instead
-/// of after the ack wait.
-async fn hand_back(messages: &mut pull::Stream) {
+/// On shutdown: naks (without delay) the tasks of the pull under way that
+/// already arrived but were never started, so that another worker of the
+/// region gets them now instead of after the ack wait.
+async fn hand_back(batch: &mut pull::Batch) {
     use futures::FutureExt;
     let mut handed = 0u64;
-    while let Some(Some(Ok(msg))) = messages.next().now_or_never() {
+    while let Some(Some(Ok(msg))) = batch.next().now_or_never() {
         if msg.ack_with(AckKind::Nak(None)).await.is_ok() {
             handed += 1;
         }
@@ -478,6 +503,26 @@ async fn hand_back(messages: &mut pull::Stream) {
     if handed > 0 {
         info!(handed, "Handed back tasks pulled but not started");
     }
+}
+
+/// After a failed pull: waits a moment, then looks the region's consumer up
+/// again (it may have been deleted: created anew where this worker may).
+/// False when shutdown or a crash came first.
+async fn rebind(
+    js: &jetstream::Context,
+    opts: &WorkerOptions,
+    consumer: &mut Consumer<pull::Config>,
+    shutdown: &CancellationToken,
+    crash: &CancellationToken,
+) -> bool {
+    if !pause(shutdown, crash, RESUBSCRIBE_DELAY).await {
+        return false;
+    }
+    match topology::bind_or_ensure_region(js, &opts.region, &opts.topology).await {
+        Ok((c, _)) => *consumer = c,
+        Err(e) => warn!(error = %e, "Cannot ensure the region's consumer"),
+    }
+    true
 }
 
 /// Sleeps `d` unless shutdown or a crash comes first; false if it did.

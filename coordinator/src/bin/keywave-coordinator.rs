@@ -126,7 +126,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     match &opts.signer {
         Some(s) => tracing::info!(key_id = %s.key_id(), "Tasks are signed"),
         None => tracing::warn!(
-            "NO SIGNING KEY (--signing-key-file / KEYWAVE_SIGNING_KEY_FILE): tasks are published UNSIGNED; workers that require signed tasks will refuse them"
+            "INSECURE: --insecure-unsigned-tasks: tasks are published UNSIGNED; only workers started with insecure_unsigned_tasks accept them, and anyone who can publish on keywave.task.> can make those rotate credentials. Use --signing-key-file outside development"
         ),
     }
     let coordinator = Coordinator::start(client.clone(), opts).await?;

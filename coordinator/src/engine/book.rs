@@ -90,6 +90,8 @@ pub struct WaveTally {
     pub rotated: BitSet,
     /// When the wave was finalized: its counters are frozen from then on.
     pub finished_at_ms: Option<u64>,
+    /// First results per region (of the regions the wave plans tasks in).
+    pub regions_done: std::collections::BTreeMap<String, u64>,
 }
 
 /// The bits of the wave being rolled back.
@@ -157,6 +159,7 @@ impl Book {
                     seen: BitSet::new(w.size),
                     rotated: BitSet::new(w.size),
                     finished_at_ms: w.finished_at_ms,
+                    regions_done: Default::default(),
                 }
             })
             .collect();
@@ -190,6 +193,14 @@ impl Book {
                 }
                 if !tally.seen.insert(idx) {
                     return Applied::Duplicate;
+                }
+                if ws.regions.contains_key(r.region.as_str()) {
+                    match tally.regions_done.get_mut(r.region.as_str()) {
+                        Some(n) => *n += 1,
+                        None => {
+                            tally.regions_done.insert(r.region.clone(), 1);
+                        }
+                    }
                 }
                 let ok = r.outcome == Outcome::Succeeded;
                 if ok || r.new_fingerprint.is_some() {
@@ -239,6 +250,26 @@ impl Book {
                 Applied::Counted
             }
         }
+    }
+
+    /// Tasks of wave `wave` planned in each region still without a result
+    /// (regions with none left are left out). Empty when the snapshot does
+    /// not plan the wave's regions (campaigns from before they were planned).
+    pub fn wave_regions_left(&self, wave: u32) -> Vec<(&str, u64)> {
+        let (Some(ws), Some(t)) = (
+            self.status.waves.get(wave as usize),
+            self.tallies.get(wave as usize),
+        ) else {
+            return Vec::new();
+        };
+        ws.regions
+            .iter()
+            .map(|(r, &planned)| {
+                let done = t.regions_done.get(r).copied().unwrap_or(0);
+                (r.as_str(), planned.saturating_sub(done))
+            })
+            .filter(|(_, left)| *left > 0)
+            .collect()
     }
 
     /// Every task of the wave has a result.
@@ -378,6 +409,7 @@ mod tests {
             finished_at_ms: None,
             reason: None,
             regions: [("eu".to_string(), Default::default())].into(),
+            paused_regions: Vec::new(),
         }
     }
 
@@ -513,6 +545,28 @@ mod tests {
     }
 
     #[test]
+    fn a_waves_regions_left_count_first_results_of_planned_regions() {
+        let mut st = status(&[3]);
+        st.waves[0].regions = [("eu".to_string(), 2), ("us".to_string(), 1)].into();
+        let mut b = Book::new(st);
+        let left = |b: &Book| -> Vec<(String, u64)> {
+            b.wave_regions_left(0)
+                .into_iter()
+                .map(|(r, n)| (r.to_string(), n))
+                .collect()
+        };
+        assert_eq!(left(&b), [("eu".to_string(), 2), ("us".to_string(), 1)]);
+        let mut us = result(0, 2, TaskAction::Rotate, Outcome::Failed);
+        us.region = "us".into();
+        b.apply(&us, 1);
+        b.apply(&us, 2); // duplicate
+        b.apply(&result(0, 0, TaskAction::Rotate, Outcome::Succeeded), 3);
+        assert_eq!(left(&b), [("eu".to_string(), 1)]);
+        // Rebuilt from zero on replay, like every counter of an open wave.
+        assert_eq!(left(&Book::new(b.status.clone())).len(), 2);
+    }
+
+    #[test]
     fn regions_count_first_results_and_rebuild_on_replay() {
         let mut b = Book::new(status(&[2, 2]));
         b.status.regions.get_mut("eu").unwrap().total = 4;
@@ -528,10 +582,12 @@ mod tests {
             keywave_common::api::RegionStatus {
                 total: 4,
                 succeeded: 1,
-                failed: 1
+                failed: 1,
+                ..Default::default()
             }
         );
         assert!(!b.status.regions.contains_key("mars"));
+
         b.finalize_wave(0, 10);
         let mut replayed = Book::new(b.status.clone());
         assert_eq!(replayed.status.regions["eu"].succeeded, 0);

@@ -73,6 +73,20 @@ impl From<crate::lease::LeaseError> for DriveError {
 /// leader moves (a cluster node lost); well under any task timeout, so a
 /// stalled consumer never turns a wave's results into `no_result`.
 const RESULTS_IDLE: Duration = Duration::from_secs(5);
+/// How long a result handed to this coordinator may go unacknowledged before
+/// the server delivers it again. A delivery can be lost on its way into the
+/// owner (a pull stream dropped with messages in its buffer, a client that
+/// missed heartbeats): the wave then waits this long for the result, so it is
+/// short. Results are acked as soon as the owner has them, and at most one
+/// pull batch is in hand at a time, so a short wait causes no redeliveries;
+/// a redelivered result is a duplicate the book ignores.
+const RESULTS_ACK_WAIT: Duration = Duration::from_secs(5);
+/// Expiry of one pull request for results, and its idle heartbeat: a request
+/// the server leaves unserved is renewed within seconds.
+const RESULTS_PULL_EXPIRES: Duration = Duration::from_secs(5);
+const RESULTS_PULL_HEARTBEAT: Duration = Duration::from_secs(2);
+/// Results requested in one pull.
+const RESULTS_PULL_BATCH: usize = 256;
 /// Longest wait before a failed effect (event, save, lease check) is tried
 /// again.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
@@ -111,6 +125,9 @@ pub(super) async fn run(mut owner: Owner, mut machine: Machine, rx: mpsc::Receiv
     engine
         .tracker
         .spawn(forward_stop(engine.clone(), h.clone()));
+    engine
+        .tracker
+        .spawn(forward_regions(engine.clone(), h.clone()));
     owner.serve(&mut machine, rx).await;
     owner.publish_snapshot(&machine);
     h.stop.cancel();
@@ -127,6 +144,22 @@ async fn forward_stop(engine: Arc<Engine>, h: Arc<Handle>) {
         _ = h.stop.cancelled() => engine.halted.is_cancelled(),
     };
     let _ = h.send(Msg::Stop { fenced }).await;
+}
+
+/// Every region view (see [`crate::regions`]) reaches the owner as a
+/// message: liveness decides pauses, the queue figures go in the status.
+async fn forward_regions(engine: Arc<Engine>, h: Arc<Handle>) {
+    let mut views = engine.regions.subscribe();
+    loop {
+        let view = views.borrow_and_update().clone();
+        if h.send(Msg::Regions(view)).await.is_err() {
+            return;
+        }
+        tokio::select! {
+            r = views.changed() => if r.is_err() { return },
+            _ = h.stop.cancelled() => return,
+        }
+    }
 }
 
 impl Owner {
@@ -201,7 +234,15 @@ impl Owner {
                     Ok(())
                 }
                 Effect::Withdraw { wave } => {
-                    withdraw_tasks(&self.engine, self.cid(), wave).await;
+                    withdraw_tasks(&self.engine, self.cid(), wave, Withdrawal::Decided).await;
+                    Ok(())
+                }
+                Effect::Expire { wave } => {
+                    withdraw_tasks(&self.engine, self.cid(), wave, Withdrawal::Expired).await;
+                    Ok(())
+                }
+                Effect::Reissue { wave, targets } => {
+                    self.spawn_publish(m, wave, TaskAction::Rotate, Some(targets));
                     Ok(())
                 }
                 Effect::Reply(reply) => {
@@ -601,13 +642,22 @@ enum WithdrawError {
     Purge(#[source] async_nats::jetstream::stream::PurgeError),
 }
 
+/// Why a wave's queued tasks are removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Withdrawal {
+    /// The wave was decided without them.
+    Decided,
+    /// Their start window passed while paused for a silent region.
+    Expired,
+}
+
 /// Removes the campaign's tasks that no worker has finished from the work
 /// queue once their wave is decided without them, so that none of them
 /// starts after the decision (they count as `no_result`). A task a worker
 /// is running when this happens finishes and reports late; its ack finds
 /// nothing to remove. Best effort: if the purge fails, the tasks' own
 /// start deadline still refuses them later.
-async fn withdraw_tasks(engine: &Engine, cid: &str, w: u32) {
+async fn withdraw_tasks(engine: &Engine, cid: &str, w: u32, why: Withdrawal) {
     let filter = format!("keywave.task.*.{cid}");
     let purged = match engine
         .js
@@ -622,6 +672,9 @@ async fn withdraw_tasks(engine: &Engine, cid: &str, w: u32) {
         Err(e) => Err(WithdrawError::Stream(e)),
     };
     match purged {
+        Ok(r) if why == Withdrawal::Expired => {
+            info!(campaign = %cid, wave = w, withdrawn = r.purged, "Tasks past their start window while paused for a silent region were withdrawn; they are issued again on resume")
+        }
         Ok(r) => {
             info!(campaign = %cid, wave = w, withdrawn = r.purged, "Wave decided without every result; its unstarted tasks were withdrawn")
         }
@@ -668,6 +721,17 @@ async fn follow_approvals(engine: Arc<Engine>, h: Arc<Handle>) {
     }
 }
 
+/// Whether a results stream error ends the stream for good (it must be
+/// pulled afresh).
+fn results_stream_ended(e: &pull::MessagesError) -> bool {
+    matches!(
+        e.kind(),
+        pull::MessagesErrorKind::ConsumerDeleted
+            | pull::MessagesErrorKind::NoResponders
+            | pull::MessagesErrorKind::PushBasedConsumer
+    )
+}
+
 /// Replays and follows the campaign's results into its owner: one durable
 /// pull consumer per campaign and term on `KEYWAVE_RESULTS`, filtered to the
 /// campaign, from the first message. Durable rather than ordered: it lives
@@ -687,7 +751,7 @@ async fn aggregate(engine: Arc<Engine>, h: Arc<Handle>) {
                 filter_subject: filter.clone(),
                 deliver_policy: DeliverPolicy::All,
                 ack_policy: AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(30),
+                ack_wait: RESULTS_ACK_WAIT,
                 max_ack_pending: 50_000,
                 replay_policy: ReplayPolicy::Instant,
                 // Left behind by a coordinator that died: removed by the server.
@@ -715,7 +779,14 @@ async fn aggregate(engine: Arc<Engine>, h: Arc<Handle>) {
                 break;
             }
         }
-        let mut messages = match consumer.messages().await {
+        let mut messages = match consumer
+            .stream()
+            .max_messages_per_batch(RESULTS_PULL_BATCH)
+            .expires(RESULTS_PULL_EXPIRES)
+            .heartbeat(RESULTS_PULL_HEARTBEAT)
+            .messages()
+            .await
+        {
             Ok(m) => m,
             Err(e) => {
                 warn!(campaign = %h.cid, error = %e, "Cannot read results; retrying");
@@ -735,9 +806,17 @@ async fn aggregate(engine: Arc<Engine>, h: Arc<Handle>) {
                 // stalled without reporting an error.
                 Err(_) => break,
                 Ok(None) => break,
-                Ok(Some(Err(e))) => {
+                // Only an error that ends the stream drops it: the stream
+                // recovers from the others (a missed heartbeat, a status
+                // from the server) by pulling again, and dropping it would
+                // lose the deliveries in its buffer until the ack wait.
+                Ok(Some(Err(e))) if results_stream_ended(&e) => {
                     warn!(campaign = %h.cid, error = %e, "Results consumer failed; pulling again");
                     break;
+                }
+                Ok(Some(Err(e))) => {
+                    debug!(campaign = %h.cid, error = %e, "Results stream reported an error; reading on");
+                    continue;
                 }
                 Ok(Some(Ok(m))) => m,
             };

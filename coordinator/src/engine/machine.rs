@@ -13,10 +13,12 @@ use super::{
     fault::CrashPoint,
     preflight, start_window_ms, Approval, ControlAction, DEADLINE_GRACE,
 };
+use crate::regions::RegionView;
 use keywave_common::{
     api::CampaignStatus,
     wire::{CampaignState, Decision, EventKind, RotationResult, Strategy, TaskAction},
 };
+use std::sync::Arc;
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
@@ -92,6 +94,10 @@ pub enum Msg {
     Timer,
     /// Status request: replies with the current status.
     Status { reply: Reply },
+    /// Which regions have live workers (see [`crate::regions`]), every
+    /// second: a region the current wave needs that has had none for the
+    /// machine's `pause_after` pauses the campaign, naming it.
+    Regions(Arc<RegionView>),
     /// The coordinator stops (`fenced`: it lost its lease or was killed, and
     /// must not save anything).
     Stop { fenced: bool },
@@ -120,6 +126,13 @@ pub enum Effect {
     ReadApprovals { wave: u32 },
     /// Withdraw wave `wave`'s unstarted tasks from the work queue.
     Withdraw { wave: u32 },
+    /// Remove wave `wave`'s tasks from the work queue because they can no
+    /// longer start (their start window passed while the campaign was
+    /// paused for a silent region); they are issued again on resume.
+    Expire { wave: u32 },
+    /// Start the job issuing the `targets` indexes of wave `wave` again
+    /// (with a fresh start window), after [`Effect::Expire`].
+    Reissue { wave: u32, targets: BitSet },
     /// Reply with the status as it is once the effects before ran.
     Reply(Reply),
     /// The owner ends (campaign finished, or the coordinator stops).
@@ -215,6 +228,18 @@ pub struct Machine {
     retry_delay_ms: u64,
     stopped: bool,
     wake: Option<u64>,
+    /// The latest region view (none yet: every region counts as live).
+    regions: Option<Arc<RegionView>>,
+    /// How long a needed region may have no live worker before the
+    /// campaign pauses.
+    pause_after_ms: u64,
+    /// The wave whose tasks expired while paused for a region: issued again
+    /// when resumed.
+    reissue: Option<u32>,
+    /// Added to a wave's and a rollback's deadline: how long a task whose
+    /// worker died waits for its redelivery (see
+    /// `keywave_common::topology::Config::redelivery_allowance`).
+    redelivery_ms: u64,
 }
 
 impl Machine {
@@ -233,7 +258,27 @@ impl Machine {
             retry_delay_ms: RETRY_FIRST_MS,
             stopped: false,
             wake: None,
+            regions: None,
+            pause_after_ms: crate::regions::DEFAULT_PAUSE_AFTER.as_millis() as u64,
+            reissue: None,
+            redelivery_ms: 0,
         }
+    }
+
+    /// Sets how long a region the campaign needs may have no live worker
+    /// before the campaign pauses.
+    pub fn with_pause_after(mut self, pause_after: std::time::Duration) -> Machine {
+        self.pause_after_ms = pause_after.as_millis() as u64;
+        self
+    }
+
+    /// Waits `allowance` longer for results before a task counts as without
+    /// result: the time the region's consumer takes to redeliver a task
+    /// whose worker died, so a crash never becomes a counted failure while
+    /// the task can still finish.
+    pub fn with_redelivery_allowance(mut self, allowance: std::time::Duration) -> Machine {
+        self.redelivery_ms = allowance.as_millis() as u64;
+        self
     }
 
     pub fn status(&self) -> &CampaignStatus {
@@ -338,6 +383,7 @@ impl Machine {
             }
             Msg::Timer => {}
             Msg::Status { reply: r } => reply = Some(r),
+            Msg::Regions(view) => self.on_regions(view, now_ms),
             Msg::Stop { fenced } => {
                 self.stopped = true;
                 if !fenced {
@@ -395,6 +441,9 @@ impl Machine {
         }
         s.state = state;
         s.reason = Some(reason);
+        if state != CampaignState::Paused {
+            s.paused_regions.clear();
+        }
         if state.is_terminal() {
             s.finished_at_ms = Some(now_ms);
         }
@@ -491,6 +540,7 @@ impl Machine {
                 self.stopped = true;
                 return;
             }
+            self.check_regions(now_ms, fx);
             if self.job.is_some() {
                 return;
             }
@@ -583,6 +633,10 @@ impl Machine {
                 action: TaskAction::Rotate,
             });
             fx.push(Effect::PublishWave { wave: w });
+            return;
+        }
+        if self.reissue == Some(w) && state == CampaignState::Running {
+            self.reissue_step(w, fx);
             return;
         }
         self.await_results(w, now_ms, fx);
@@ -734,7 +788,8 @@ impl Machine {
                 if matches!(self.rollback, Some((rw, RollbackPhase::Publishing)) if rw == w) {
                     fx.push(Effect::Fault(CrashPoint::Rollback { wave: w }));
                     let timeout = self.book.status.spec.task_timeout_ms;
-                    let deadline_ms = now_ms + timeout + DEADLINE_GRACE.as_millis() as u64;
+                    let deadline_ms =
+                        now_ms + timeout + DEADLINE_GRACE.as_millis() as u64 + self.redelivery_ms;
                     self.rollback = Some((w, RollbackPhase::Waiting { deadline_ms }));
                 }
             }
@@ -744,9 +799,11 @@ impl Machine {
     /// The wave's deadline moves with its progress: it is the task timeout
     /// after the later of the end of publishing and the last result, so a
     /// large wave that drains steadily is never cut short, while a stalled
-    /// one ends one task timeout after it stalled. It never passes the point
-    /// after which no result can come: the last moment a task may start
-    /// (its `deadline_ms`) plus its run timeout.
+    /// one ends one task timeout after it stalled; plus the redelivery
+    /// allowance, so a task whose worker died is waited for until its
+    /// redelivery had a full task timeout. It never passes the point after
+    /// which no result can come: the last moment a task may start (its
+    /// `deadline_ms`) plus its run timeout.
     fn await_results(&mut self, w: u32, now_ms: u64, fx: &mut Vec<Effect>) {
         let seen = self.book.tally(w).map_or(0, |t| t.seen.count());
         let mut watch = match self.watch {
@@ -769,11 +826,25 @@ impl Machine {
             watch.seen = seen;
             watch.last_progress_ms = watch.last_progress_ms.max(now_ms);
         }
+        // While a region the wave needs has no live worker (or the campaign
+        // is paused for one), time does not count toward the deadline: the
+        // region's tasks wait in its queue, they have not failed.
+        let held = self.region_holds(w, now_ms);
+        if held {
+            watch.last_progress_ms = watch.last_progress_ms.max(now_ms);
+        }
         self.watch = Some(watch);
+        if held && !self.book.wave_complete(w) {
+            self.expire_if_stale(w, watch.base_ms, now_ms, fx);
+            // Region views come every second; this is a safety net.
+            self.wake_at(now_ms + self.pause_after_ms);
+            return;
+        }
         let timeout = self.book.status.spec.task_timeout_ms;
         let grace = DEADLINE_GRACE.as_millis() as u64;
         let cap = watch.base_ms + start_window_ms(timeout) + timeout + grace;
-        let deadline = (watch.last_progress_ms + timeout + grace).min(cap);
+        let stall = watch.last_progress_ms + timeout + grace + self.redelivery_ms;
+        let deadline = stall.min(cap);
         let complete = self.book.wave_complete(w);
         if !complete && now_ms < deadline {
             self.wake_at(deadline);
@@ -931,6 +1002,176 @@ impl Machine {
     }
 }
 
+/// How long after the tasks' start window a region-paused wave's tasks are
+/// removed and later issued again (keeps clear of the tasks stream's
+/// duplicate window, by default as long as the start window).
+pub const REISSUE_MARGIN_MS: u64 = 60_000;
+
+/// Regions: a region the current wave needs that has had no live worker
+/// for `pause_after_ms` pauses the campaign with a reason naming it (before
+/// the wave is published into it, or while its tasks wait), and the wave's
+/// deadline stands still while such a region is silent; see
+/// [`crate::regions`].
+impl Machine {
+    fn on_regions(&mut self, view: Arc<RegionView>, now_ms: u64) {
+        // The live figures shown in the status (not saved on their own: they
+        // go along with the next snapshot save).
+        for (name, r) in self.book.status.regions.iter_mut() {
+            let live = view.region(name);
+            r.live_workers = Some(live.workers);
+            r.silent_for_ms = live.silent_since_ms.map(|s| now_ms.saturating_sub(s));
+            r.queued = live.queued;
+            r.in_flight = live.in_flight;
+        }
+        self.regions = Some(view);
+    }
+
+    /// The regions wave `w` still needs, with its tasks there that have no
+    /// result yet. A snapshot that does not plan the wave's regions falls
+    /// back to the campaign's regions with credentials left.
+    fn needed_regions(&self, w: u32) -> Vec<(String, u64)> {
+        let s = &self.book.status;
+        let planned = s
+            .waves
+            .get(w as usize)
+            .is_some_and(|ws| !ws.regions.is_empty());
+        if planned {
+            return self
+                .book
+                .wave_regions_left(w)
+                .into_iter()
+                .map(|(r, n)| (r.to_string(), n))
+                .collect();
+        }
+        s.regions
+            .iter()
+            .map(|(r, rs)| (r.clone(), rs.total.saturating_sub(rs.succeeded + rs.failed)))
+            .filter(|(_, left)| *left > 0)
+            .collect()
+    }
+
+    /// Whether a region wave `w` needs is silent now, or the campaign is
+    /// paused for one.
+    fn region_holds(&self, w: u32, now_ms: u64) -> bool {
+        let s = &self.book.status;
+        if s.state == CampaignState::Paused && !s.paused_regions.is_empty() {
+            return true;
+        }
+        let Some(view) = &self.regions else {
+            return false;
+        };
+        s.state == CampaignState::Running
+            && self
+                .needed_regions(w)
+                .iter()
+                .any(|(r, _)| view.silent_since(r).is_some_and(|t| t <= now_ms))
+    }
+
+    /// Paused for a silent region past the start window of the wave's tasks
+    /// (published by `base_ms`): no worker would start them any more (a
+    /// worker that came back would refuse them as too late, a failure), so
+    /// they are removed from the queue, to be issued again on resume. After
+    /// a restart `base_ms` is the wave's start, earlier than its end of
+    /// publishing: the tasks are removed a little early, which only means
+    /// they are issued again.
+    fn expire_if_stale(&mut self, w: u32, base_ms: u64, now_ms: u64, fx: &mut Vec<Effect>) {
+        let s = &self.book.status;
+        let paused_for_region = s.state == CampaignState::Paused && !s.paused_regions.is_empty();
+        // A margin past the window: the same tasks published again must
+        // not fall in the stream's duplicate window of the first ones.
+        let stale_at = base_ms + start_window_ms(s.spec.task_timeout_ms) + REISSUE_MARGIN_MS;
+        if paused_for_region && now_ms >= stale_at && self.reissue != Some(w) {
+            info!(campaign = %s.campaign_id, wave = w, "Paused past the tasks' start window: removing them from the queue, to issue them again on resume");
+            self.reissue = Some(w);
+            fx.push(Effect::Fence);
+            fx.push(Effect::Expire { wave: w });
+        }
+    }
+
+    /// Resumed after [`Machine::expire_if_stale`]: the wave's tasks without a
+    /// result are issued again.
+    fn reissue_step(&mut self, w: u32, fx: &mut Vec<Effect>) {
+        self.reissue = None;
+        let Some(t) = self.book.tally(w) else {
+            return;
+        };
+        let mut targets = BitSet::new(t.seen.len());
+        for i in 0..t.seen.len() {
+            if !t.seen.contains(i) {
+                targets.insert(i);
+            }
+        }
+        info!(campaign = %self.book.status.campaign_id, wave = w, tasks = targets.count(), "Issuing the wave's unanswered tasks again");
+        fx.push(Effect::Fence);
+        self.job = Some(Job::Publish {
+            wave: w,
+            action: TaskAction::Rotate,
+        });
+        fx.push(Effect::Reissue { wave: w, targets });
+    }
+
+    /// Pauses a running campaign whose current wave needs a region that
+    /// has had no live worker for `pause_after_ms`.
+    fn check_regions(&mut self, now_ms: u64, fx: &mut Vec<Effect>) {
+        if self.state() != CampaignState::Running || self.current_decision().is_some() {
+            return;
+        }
+        let Some(view) = self.regions.clone() else {
+            return;
+        };
+        let w = self.book.status.current_wave;
+        let Some(ws) = self.book.status.waves.get(w as usize) else {
+            return;
+        };
+        let started = ws.started_at_ms.is_some() || ws.published;
+        let mut silent = Vec::new();
+        for (region, left) in self.needed_regions(w) {
+            let Some(since) = view.silent_since(&region) else {
+                continue;
+            };
+            let quiet = now_ms.saturating_sub(since);
+            if quiet >= self.pause_after_ms {
+                silent.push((region, quiet, left));
+            } else {
+                self.wake_at(since + self.pause_after_ms);
+            }
+        }
+        if silent.is_empty() {
+            return;
+        }
+        let tasks = |n: u64| {
+            if n == 1 {
+                "1 task".to_string()
+            } else {
+                format!("{n} tasks")
+            }
+        };
+        let mut parts: Vec<String> = silent
+            .iter()
+            .map(|(r, quiet, left)| {
+                let secs = quiet / 1_000;
+                if started {
+                    format!("region {r}: no live workers for {secs} s; {} queued", tasks(*left))
+                } else {
+                    format!(
+                        "region {r}: no live workers for {secs} s; wave {w} not started ({} for it)",
+                        tasks(*left)
+                    )
+                }
+            })
+            .collect();
+        let cid = &self.book.status.campaign_id;
+        parts.push(format!(
+            "resume with `keywave campaign resume {cid}` once its workers are back"
+        ));
+        let names: Vec<String> = silent.iter().map(|(r, _, _)| r.clone()).collect();
+        warn!(campaign = %cid, wave = w, regions = %names.join(","), "Pausing: a region the wave needs has no live worker");
+        let reason = parts.join("; ");
+        self.book.status.paused_regions = names;
+        self.transition(CampaignState::Paused, reason, now_ms, fx);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -980,6 +1221,7 @@ mod tests {
             finished_at_ms: None,
             reason: None,
             regions: [("eu".to_string(), Default::default())].into(),
+            paused_regions: Vec::new(),
         }
     }
 
@@ -1056,6 +1298,10 @@ mod tests {
                 Effect::Preflight { wave } => format!("preflight:{wave}"),
                 Effect::ReadApprovals { wave } => format!("read_approvals:{wave}"),
                 Effect::Withdraw { wave } => format!("withdraw:{wave}"),
+                Effect::Expire { wave } => format!("expire:{wave}"),
+                Effect::Reissue { wave, targets } => {
+                    format!("reissue:{wave}:{:?}", targets.iter().collect::<Vec<_>>())
+                }
                 Effect::Reply(_) => "reply".into(),
                 Effect::Exit => "exit".into(),
             })
@@ -1383,6 +1629,162 @@ mod tests {
         assert_eq!(m.status().waves[0].approved_at_ms, Some(5));
     }
 
+    /// One wave of two tasks: index 0 in eu, index 1 in ap.
+    fn two_regions() -> Machine {
+        let mut st = status(&[2], &[]);
+        st.waves[0].regions = [("eu".to_string(), 1), ("ap".to_string(), 1)].into();
+        st.regions = [
+            ("eu".to_string(), Default::default()),
+            ("ap".to_string(), Default::default()),
+        ]
+        .into();
+        for r in st.regions.values_mut() {
+            r.total = 1;
+        }
+        Machine::new(st)
+    }
+
+    /// A view where `silent` regions have had no live worker since the
+    /// given time and every other region named has one.
+    fn view(at_ms: u64, live: &[&str], silent: &[(&str, u64)]) -> Msg {
+        use crate::regions::{RegionLive, RegionView};
+        let mut regions = std::collections::BTreeMap::new();
+        for r in live {
+            regions.insert(
+                r.to_string(),
+                RegionLive {
+                    workers: 1,
+                    ..Default::default()
+                },
+            );
+        }
+        for (r, since) in silent {
+            regions.insert(
+                r.to_string(),
+                RegionLive {
+                    silent_since_ms: Some(*since),
+                    queued: Some(1),
+                    in_flight: Some(0),
+                    ..Default::default()
+                },
+            );
+        }
+        Msg::Regions(Arc::new(RegionView {
+            at_ms,
+            listening_since_ms: 0,
+            regions,
+        }))
+    }
+
+    fn in_region(msg: Msg, region: &str) -> Msg {
+        match msg {
+            Msg::Result {
+                mut result,
+                published_ms,
+            } => {
+                result.region = region.into();
+                Msg::Result {
+                    result,
+                    published_ms,
+                }
+            }
+            m => m,
+        }
+    }
+
+    const PAUSE: u64 = 10_000;
+
+    #[test]
+    fn a_silent_region_pauses_the_wave_and_its_deadline_stands_still() {
+        let mut m = two_regions();
+        m.step(view(0, &["eu"], &[("ap", 0)]), 0);
+        // Silent for less than the pause threshold: the wave starts.
+        let out = m.step(Msg::CaughtUp, 0);
+        assert_eq!(names(&out), starts(0));
+        m.step(published(0, TaskAction::Rotate), 10);
+        let out = m.step(in_region(ok(0, 0), "eu"), 20);
+        assert!(!names(&out).contains(&"state:paused".to_string()));
+        // Far past the task timeout, but ap is silent: no deadline yet, and
+        // the campaign pauses once ap has been silent for the threshold.
+        let out = m.step(view(PAUSE - 1, &["eu"], &[("ap", 0)]), PAUSE - 1);
+        assert!(out.effects.is_empty(), "{:?}", names(&out));
+        let out = m.step(view(PAUSE, &["eu"], &[("ap", 0)]), PAUSE);
+        assert_eq!(names(&out), ["fence", "state:paused", "save"]);
+        let reason = m.status().reason.clone().unwrap();
+        assert!(
+            reason.starts_with("region ap: no live workers for 10 s; 1 task queued"),
+            "{reason}"
+        );
+        assert_eq!(m.status().paused_regions, vec!["ap".to_string()]);
+        assert_eq!(m.status().regions["ap"].live_workers, Some(0));
+        assert_eq!(m.status().regions["ap"].silent_for_ms, Some(PAUSE));
+        assert_eq!(m.status().regions["eu"].live_workers, Some(1));
+        // Paused for an hour: the wave is not decided, nothing is no_result.
+        let later = PAUSE + 3_600_000;
+        assert!(m.step(Msg::Timer, PAUSE + 60_000).effects.is_empty());
+        // Past the tasks' start window, they leave the queue (a worker
+        // would refuse them as too late), once.
+        let out = m.step(Msg::Timer, later);
+        assert_eq!(names(&out), ["fence", "expire:0"]);
+        assert!(m.step(Msg::Timer, later).effects.is_empty());
+        assert!(m.status().waves[0].decision.is_none());
+        assert_eq!(m.status().waves[0].no_result, 0);
+        // ap is back, the operator resumes: the unanswered task is issued
+        // again, and a whole task timeout runs from then.
+        m.step(view(later, &["eu", "ap"], &[]), later);
+        let out = m.step(control(ControlAction::Resume, 1), later + 1);
+        assert_eq!(
+            names(&out),
+            ["fence", "state:running", "save", "fence", "reissue:0:[1]"]
+        );
+        assert!(m.status().paused_regions.is_empty());
+        let out = m.step(published(0, TaskAction::Rotate), later + 5);
+        let deadline = later + 5 + TIMEOUT + DEADLINE_GRACE.as_millis() as u64;
+        assert_eq!(out.wake_at_ms, Some(deadline));
+        let out = m.step(in_region(ok(0, 1), "ap"), later + 6);
+        assert!(names(&out).contains(&"state:completed".to_string()));
+        let w = &m.status().waves[0];
+        assert_eq!((w.succeeded, w.failed, w.no_result), (2, 0, 0));
+    }
+
+    #[test]
+    fn a_region_silent_for_long_pauses_before_the_wave_is_published() {
+        let mut m = two_regions();
+        let now = 60_000;
+        m.step(view(now, &["eu"], &[("ap", 0)]), now);
+        let out = m.step(Msg::CaughtUp, now);
+        assert_eq!(names(&out), ["fence", "state:paused", "save"]);
+        let reason = m.status().reason.clone().unwrap();
+        assert!(
+            reason.starts_with(
+                "region ap: no live workers for 60 s; wave 0 not started (1 task for it)"
+            ),
+            "{reason}"
+        );
+        assert!(m.status().waves[0].started_at_ms.is_none());
+        // Resumed while ap is still silent: paused again at once.
+        let out = m.step(control(ControlAction::Resume, 1), now + 1);
+        assert_eq!(
+            names(&out),
+            [
+                "fence",
+                "state:running",
+                "save",
+                "fence",
+                "state:paused",
+                "save"
+            ]
+        );
+        // Resumed with ap back: the wave starts.
+        m.step(view(now + 2, &["eu", "ap"], &[]), now + 2);
+        let out = m.step(control(ControlAction::Resume, 2), now + 3);
+        let mut want = vec!["fence".to_string(), "state:running".into(), "save".into()];
+        want.extend(starts(0));
+        assert_eq!(names(&out), want);
+        // An operator pause does not stop the deadline (unchanged).
+        assert!(m.status().paused_regions.is_empty());
+    }
+
     #[test]
     fn stop_saves_unless_fenced() {
         let mut m = Machine::new(status(&[1], &[]));
@@ -1392,5 +1794,64 @@ mod tests {
         );
         let mut m = Machine::new(status(&[1], &[]));
         assert_eq!(names(&m.step(Msg::Stop { fenced: true }, 0)), ["exit"]);
+    }
+
+    /// A worker died holding task 1 of a wave: the wave's deadline waits out
+    /// the redelivery allowance, the redelivered task's result completes the
+    /// wave, and nothing counts as without result.
+    #[test]
+    fn a_crashed_task_is_waited_for_until_its_redelivery_could_finish() {
+        const REDELIVERY: u64 = 20_000;
+        let grace = DEADLINE_GRACE.as_millis() as u64;
+        let mut m = Machine::new(status(&[3, 1], &[]))
+            .with_redelivery_allowance(std::time::Duration::from_millis(REDELIVERY));
+        m.step(Msg::CaughtUp, 0);
+        m.step(published(0, TaskAction::Rotate), 10);
+        m.step(ok(0, 0), 20);
+        let out = m.step(ok(0, 2), 30);
+        // The deadline counts from the last result.
+        let deadline = 30 + TIMEOUT + grace + REDELIVERY;
+        assert_eq!(out.wake_at_ms, Some(deadline));
+        // Past the task timeout (where it ended without the allowance) the
+        // wave still waits.
+        let out = m.step(Msg::Timer, 30 + TIMEOUT + grace);
+        assert!(out.effects.is_empty(), "{:?}", names(&out));
+        assert_eq!(out.wake_at_ms, Some(deadline));
+        // The redelivered task's result comes late, within the allowance.
+        let out = m.step(ok(0, 1), deadline - 1);
+        assert!(names(&out).contains(&"wave_finished".to_string()));
+        assert!(!names(&out).iter().any(|n| n.starts_with("withdraw")));
+        let w = &m.status().waves[0];
+        assert_eq!((w.succeeded, w.failed, w.no_result), (3, 0, 0));
+        assert_eq!(m.state(), CampaignState::Baking);
+    }
+
+    /// Without any result at all the wave still ends: at the allowance-
+    /// extended deadline, with the missing task counted as without result;
+    /// a rollback's wait is extended the same way.
+    #[test]
+    fn the_redelivery_allowance_delays_but_never_removes_a_deadline() {
+        const REDELIVERY: u64 = 7_000;
+        let grace = DEADLINE_GRACE.as_millis() as u64;
+        let allowance = std::time::Duration::from_millis(REDELIVERY);
+        let mut m = Machine::new(status(&[2, 2], &[])).with_redelivery_allowance(allowance);
+        m.step(Msg::CaughtUp, 0);
+        let out = m.step(published(0, TaskAction::Rotate), 10);
+        let deadline = 10 + TIMEOUT + grace + REDELIVERY;
+        assert_eq!(out.wake_at_ms, Some(deadline));
+        m.step(ok(0, 0), 5);
+        assert!(m.step(Msg::Timer, deadline - 1).effects.is_empty());
+        let out = m.step(Msg::Timer, deadline);
+        assert!(names(&out).contains(&"withdraw:0".to_string()));
+        let w = &m.status().waves[0];
+        assert_eq!((w.succeeded, w.no_result), (1, 1));
+
+        // An operator rolls the wave back: the rollback waits as long.
+        m.step(control(ControlAction::Pause, 1), deadline + 1);
+        m.step(control(ControlAction::Rollback, 2), deadline + 2);
+        assert_eq!(m.state(), CampaignState::RollingBack);
+        let t = deadline + 10;
+        let out = m.step(published(0, TaskAction::Rollback), t);
+        assert_eq!(out.wake_at_ms, Some(t + TIMEOUT + grace + REDELIVERY));
     }
 }

@@ -108,6 +108,9 @@ pub struct CoordinatorOptions {
     /// How long each consumer agent has to answer the pre-flight ping before
     /// a wave (see [`preflight`]). Default 2s.
     pub preflight_timeout: Duration,
+    /// Region liveness: how long a region a wave needs may have no live
+    /// worker before the campaign pauses (see [`crate::regions`]).
+    pub region_liveness: crate::regions::Config,
 }
 
 impl Default for CoordinatorOptions {
@@ -121,6 +124,7 @@ impl Default for CoordinatorOptions {
             signer: None,
             metrics: crate::metrics::CoordinatorMetrics::new(),
             preflight_timeout: preflight::DEFAULT_TIMEOUT,
+            region_liveness: crate::regions::Config::default(),
         }
     }
 }
@@ -289,6 +293,9 @@ struct Shared {
     leases: kv::Store,
     /// This process's id and instance nonce in the lease.
     claimant: Arc<lease::Claimant>,
+    /// Which regions have live workers (followed for the whole process, so
+    /// a standby that takes over knows at once).
+    regions: crate::regions::Tracker,
 }
 
 /// One term of an active coordinator, shared by the API server, the drivers,
@@ -302,6 +309,8 @@ pub(crate) struct Engine {
     pub results: jetstream::stream::Stream,
     pub tasks: jetstream::stream::Stream,
     pub advisories: jetstream::stream::Stream,
+    /// Which regions have live workers (see [`crate::regions`]).
+    pub regions: crate::regions::Tracker,
     registry: Mutex<HashMap<String, Arc<Handle>>>,
     /// The credentials held by this term's unfinished campaigns.
     pub locks: locks::Locks,
@@ -381,7 +390,20 @@ impl Coordinator {
             opts.coordinator_id.clone(),
             ids::random_id("instance"),
         ));
+        if opts.region_liveness.pause_after.is_zero() {
+            return Err(CoordinatorError::Options {
+                field: "region_liveness.pause_after",
+                message: "must be positive".into(),
+            });
+        }
+        let regions = crate::regions::Tracker::start(
+            client.clone(),
+            opts.region_liveness,
+            &[],
+            opts.metrics.clone(),
+        );
         let shared = Shared {
+            regions,
             client: client.clone(),
             js,
             claimant,
@@ -560,6 +582,7 @@ impl Engine {
             results: shared.results.clone(),
             tasks: shared.tasks.clone(),
             advisories: shared.advisories.clone(),
+            regions: shared.regions.clone(),
             registry: Mutex::new(HashMap::new()),
             locks: locks::Locks::default(),
             tracker: TaskTracker::new(),
@@ -792,7 +815,10 @@ impl Engine {
     ) {
         let cid = status.campaign_id.clone();
         let (tx, rx) = mpsc::channel(OWNER_CHANNEL);
-        let machine = machine::Machine::new(status);
+        self.regions.want(status.regions.keys().map(String::as_str));
+        let machine = machine::Machine::new(status)
+            .with_pause_after(self.regions.config().pause_after)
+            .with_redelivery_allowance(self.opts.topology.redelivery_allowance());
         // Counters of unfinished waves start from zero: the results replay
         // rebuilds them.
         let (published, snapshot) = watch::channel(Arc::new(machine.status().clone()));
@@ -992,7 +1018,32 @@ impl Engine {
                 }
             }
         }
+        // Each wave's tasks per region: which regions a wave needs workers in.
+        let mut wave_regions: Vec<std::collections::BTreeMap<String, u64>> =
+            Vec::with_capacity(sizes.len());
+        let mut at = 0usize;
+        for &size in &sizes {
+            let mut m: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+            for e in &entries[at..at + size as usize] {
+                match m.get_mut(e.region.as_str()) {
+                    Some(n) => *n += 1,
+                    None => {
+                        m.insert(e.region.clone(), 1);
+                    }
+                }
+            }
+            at += size as usize;
+            wave_regions.push(m);
+        }
         drop(entries);
+        let mut notes = notes;
+        notes.extend(silent_region_notes(
+            &self.regions.view(),
+            &regions,
+            self.regions.config().pause_after,
+            now_ms(),
+        ));
+        self.regions.want(regions.keys().map(String::as_str));
         let mut reason = format!(
             "campaign started: {total} credentials in {} waves",
             sizes.len()
@@ -1010,10 +1061,12 @@ impl Engine {
             waves: sizes
                 .iter()
                 .enumerate()
-                .map(|(i, &size)| WaveStatus {
+                .zip(wave_regions)
+                .map(|((i, &size), regions)| WaveStatus {
                     wave: i as u32,
                     size,
                     approval_required: spec.approve_before_waves.contains(&(i as u32)),
+                    regions,
                     ..Default::default()
                 })
                 .collect(),
@@ -1021,6 +1074,7 @@ impl Engine {
             finished_at_ms: None,
             reason: Some(reason.clone()),
             regions,
+            paused_regions: Vec::new(),
         };
         events::publish(
             &self.js,
@@ -1451,6 +1505,29 @@ pub(crate) async fn read_list(
             created_at_ms: s.created_at_ms,
         })
         .collect())
+}
+
+/// The start reason's warning for each of the campaign's regions without a
+/// live worker right now: the campaign pauses before its waves are
+/// published there (once the region has been silent for `pause_after`).
+fn silent_region_notes(
+    view: &crate::regions::RegionView,
+    regions: &std::collections::BTreeMap<String, keywave_common::api::RegionStatus>,
+    pause_after: Duration,
+    now_ms: u64,
+) -> Vec<String> {
+    regions
+        .iter()
+        .filter_map(|(name, r)| {
+            let since = view.silent_since(name)?;
+            let quiet = now_ms.saturating_sub(since) / 1_000;
+            Some(format!(
+                "WARNING region {name} has no live workers (none heard from for {quiet} s; {} credentials there): the campaign pauses before publishing a wave into it once it has been silent for {} s",
+                r.total,
+                pause_after.as_secs()
+            ))
+        })
+        .collect()
 }
 
 /// Whether a start request's spec is the one `existing` was started with:

@@ -99,6 +99,31 @@ impl FakeWorker {
             .unwrap();
         let tasks = Arc::new(StdMutex::new(Vec::new()));
         let stop = CancellationToken::new();
+        // Announces itself as a real worker does (keywave_common::presence),
+        // so its region counts as live.
+        {
+            let (client, s) = (js.client(), stop.clone());
+            let beat = keywave_common::presence::Presence {
+                v: keywave_common::presence::VERSION,
+                region: region.to_string(),
+                worker_id: "fake".into(),
+                interval_ms: 500,
+                in_flight: 0,
+                concurrency: 1,
+                leaving: false,
+                at_ms: 0,
+            };
+            tokio::spawn(async move {
+                let subject = subjects::worker_presence(&beat.region);
+                loop {
+                    let _ = client.publish(subject.clone(), beat.encode().into()).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        _ = s.cancelled() => return,
+                    }
+                }
+            });
+        }
         let (t, s, region) = (tasks.clone(), stop.clone(), region.to_string());
         let task = tokio::spawn(async move {
             let mut msgs = consumer.messages().await.unwrap();
@@ -220,6 +245,12 @@ async fn run_coordinator(client: async_nats::Client) -> Running {
         client,
         CoordinatorOptions {
             progress_interval: Duration::from_millis(200),
+            // The fake workers never lose a delivery: a short redelivery
+            // schedule keeps the deadlines' redelivery allowance small.
+            topology: topology::Config {
+                task_backoff: vec![Duration::from_millis(100)],
+                ..Default::default()
+            },
             ..Default::default()
         },
     )

@@ -27,19 +27,20 @@ const WORKERS_PER_REGION: usize = 2;
 /// The campaign must be done by then (kills included).
 const BOUND: Duration = Duration::from_secs(150);
 
-/// One worker process slot: its command line, and the running process.
-struct Slot {
-    region: &'static str,
-    n: usize,
-    config: PathBuf,
-    key: String,
-    logs: PathBuf,
-    restarts: usize,
-    daemon: Option<Daemon>,
+/// One worker process slot: its command line, and the running process
+/// (shared with `chaos_default`).
+pub(crate) struct Slot {
+    pub(crate) region: &'static str,
+    pub(crate) n: usize,
+    pub(crate) config: PathBuf,
+    pub(crate) key: String,
+    pub(crate) logs: PathBuf,
+    pub(crate) restarts: usize,
+    pub(crate) daemon: Option<Daemon>,
 }
 
 impl Slot {
-    fn spawn(&mut self, bin: &Path, nats: &str) {
+    pub(crate) fn spawn(&mut self, bin: &Path, nats: &str) {
         let mut cmd = Command::new(bin);
         cmd.arg("--config")
             .arg(&self.config)
@@ -49,6 +50,9 @@ impl Slot {
             // below count the ones that finished on a redelivery.
             .env("RUST_LOG", "info,keywave_worker::protocol=debug")
             .env("NO_COLOR", "1")
+            // The in-process coordinator of this test publishes unsigned
+            // tasks (tests/it/signing.rs covers signatures).
+            .env(keywave_worker::config::ENV_INSECURE_UNSIGNED_TASKS, "1")
             // A target that takes a little longer per rotation, so that the
             // campaign runs long enough for a few dozen kills.
             .env("KEYWAVE_FAULT_DELAY", "set:60")
@@ -84,7 +88,7 @@ fn strip_ansi(s: &str) -> String {
 
 /// Tasks that finished on a delivery after the first (their earlier
 /// delivery's process was killed), from the workers' logs.
-fn redelivered_finishes(logs: &Path) -> usize {
+pub(crate) fn redelivered_finishes(logs: &Path) -> usize {
     let mut n = 0;
     for e in std::fs::read_dir(logs).unwrap().flatten() {
         let text = strip_ansi(&std::fs::read_to_string(e.path()).unwrap_or_default());
@@ -104,7 +108,7 @@ fn redelivered_finishes(logs: &Path) -> usize {
 }
 
 /// Distinct new passwords set per user.
-type Sets = Arc<Mutex<HashMap<String, HashSet<String>>>>;
+pub(crate) type Sets = Arc<Mutex<HashMap<String, HashSet<String>>>>;
 
 /// Parses complete RESP commands off the front of `buf`, recording the new
 /// passwords of every `ACL SETUSER`; leaves an incomplete command in place.
@@ -154,7 +158,7 @@ fn scan_commands(buf: &mut Vec<u8>, sets: &Sets) {
 /// A TCP proxy in front of Redis that records every new password an
 /// `ACL SETUSER` sets (Redis hides those commands from `MONITOR`). Returns
 /// the proxy's URL.
-async fn setuser_proxy(upstream_port: u16, sets: Sets) -> String {
+pub(crate) async fn setuser_proxy(upstream_port: u16, sets: Sets) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -195,7 +199,7 @@ async fn setuser_proxy(upstream_port: u16, sets: Sets) -> String {
     format!("redis://127.0.0.1:{port}")
 }
 
-async fn redis_admin(url: &str) -> redis::aio::MultiplexedConnection {
+pub(crate) async fn redis_admin(url: &str) -> redis::aio::MultiplexedConnection {
     redis::Client::open(url)
         .unwrap()
         .get_multiplexed_async_connection()

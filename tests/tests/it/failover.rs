@@ -37,8 +37,18 @@ impl CoordinatorProcess {
     fn spawn(bin: &Path, url: &str, id: &str, dir: &Path, n: usize) -> CoordinatorProcess {
         let log = dir.join(format!("{id}-{n}.log"));
         let out = std::fs::File::create(&log).unwrap();
+        // Tasks are signed (the daemon refuses to start without a key);
+        // every coordinator of the test shares one key, as a deployment's do.
+        let key = dir.join("coordinator.key");
+        if !key.exists() {
+            keywave_common::sign::SigningKey::generate()
+                .to_file(&key)
+                .unwrap();
+        }
         let mut cmd = tokio::process::Command::new(bin);
         cmd.args(["--nats", url, "--id", id])
+            .arg("--signing-key-file")
+            .arg(&key)
             .env("RUST_LOG", "info")
             .env_remove("KEYWAVE_LEASE_TTL")
             .env_remove("KEYWAVE_LEASE_RENEW")

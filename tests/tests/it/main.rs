@@ -16,6 +16,9 @@
 //! - `harness`: the harness itself (restart keeps data, cluster survives a node kill, private servers).
 //! - `chaos`: 5,000 Redis ACL users, 3 regions x 2 worker processes, a random worker SIGKILLed every
 //!   1-2 s: the campaign completes, every credential consistent and set once.
+//! - `chaos_default`: the same at the default redelivery settings (5 s ack wait) and a 60 s task timeout:
+//!   1,000 Redis ACL users, 3 worker processes of one region, one SIGKILLed every 2 s for 60 s across
+//!   five waves: no failure, no task without result, each wave at most 10 s slower than undisturbed.
 //! - `bench`: a 2,000-credential `keywave bench` smoke run with its baseline; valid `--json` output.
 //! - `campaign`: a 1,000-credential sim campaign over 3 regions, waves `1,10%,50%`.
 //! - `db_scale`: 500 PostgreSQL roles and 200 MariaDB users in continuity then containment, proven with
@@ -23,6 +26,9 @@
 //!   pool never over its limit during a 2,000-role campaign (`pg_stat_activity` sampled every 20 ms).
 //! - `db_targets`: PostgreSQL roles and MariaDB users: containment (hostile names included) and continuity with alternating users, proven with `psql` / `mariadb`.
 //! - `redis_acl`: continuity and containment campaigns on real Redis ACL users, proven with `AUTH`.
+//! - `regions`: a campaign over a region no worker serves pauses within 15 s naming the region (its queued
+//!   tasks never become `no_result`, even past twice the task timeout) and completes once a worker runs there
+//!   and it is resumed; a region whose only worker stops mid-campaign pauses the same way.
 //! - `rollback`: a canary over budget is rolled back; containment refuses and pauses.
 //! - `consumers`: two real `keywave-worker agent` processes write each new Redis ACL secret atomically (0600), reload,
 //!   health-check with `redis-cli` and attest; the old secret is refused only after both attested; a stopped agent or
@@ -76,6 +82,7 @@ mod audit;
 mod bench;
 mod campaign;
 mod chaos;
+mod chaos_default;
 mod cli;
 mod cluster;
 mod consumers;
@@ -94,6 +101,7 @@ mod failover;
 mod faults;
 mod harness;
 mod hygiene;
+mod late_results;
 mod lease;
 mod metrics;
 mod nats_restart;
@@ -103,6 +111,7 @@ mod proof;
 mod readme;
 mod reconcile;
 mod redis_acl;
+mod regions;
 mod rollback;
 mod signing;
 mod support;

@@ -319,6 +319,24 @@ async fn metrics_agree_with_the_campaign_counts() {
     .expect("the campaign shows as completed, with no current wave");
     assert_eq!(sum(&after, "keywave_coordinator_active", &[]), 1.0);
 
+    // Region liveness: each region's live worker, never silent, its queue
+    // read (empty now: queued and in flight are 0).
+    keywave_tests::wait_until(Duration::from_secs(10), || async move {
+        let m = parse(&get(addr, "/metrics").await.1);
+        REGIONS.iter().all(|r| {
+            let at = [("region", *r)];
+            sum(&m, "keywave_coordinator_region_workers", &at) == 1.0
+                && sum(&m, "keywave_coordinator_region_silent_seconds", &at) == 0.0
+                && m.iter().any(|((n, l), _)| {
+                    n == "keywave_coordinator_region_tasks_queued"
+                        && l.get("region").map(String::as_str) == Some(*r)
+                })
+                && sum(&m, "keywave_coordinator_region_tasks_in_flight", &at) == 0.0
+        })
+    })
+    .await
+    .expect("every region shows one live worker and its queue");
+
     // The workers' counters add up to the same counts.
     let (mut ok, mut failed, mut set_count) = (0.0, 0.0, 0.0);
     for w in &worker_addrs {

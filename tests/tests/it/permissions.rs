@@ -425,6 +425,16 @@ async fn each_identity_is_refused_what_its_role_does_not_need() {
         stored(&coord, topology::STREAM_EVENTS, "keywave.event.c-perm.>").await,
         0
     );
+    // It announces itself for its own region only (presence heartbeats),
+    // and cannot listen to the other regions' workers.
+    eu.client
+        .publish("keywave.worker.us", Bytes::from_static(b"{}"))
+        .await
+        .unwrap();
+    eu.expect_violation("publish", "keywave.worker.us").await;
+    let _w = eu.client.subscribe("keywave.worker.*").await.unwrap();
+    eu.expect_violation("subscription", "keywave.worker.*")
+        .await;
     // Nor create or delete topology.
     let create = "$JS.API.STREAM.CREATE.STEAL";
     assert!(eu

@@ -30,7 +30,8 @@ pub fn init_tracing() {
 }
 
 /// Production topology but for redelivery: an un-acked task comes back after
-/// one second instead of thirty, so crash tests run in seconds.
+/// one second instead of five (see `topology::DEFAULT_TASK_BACKOFF_SECS`),
+/// so crash tests run in seconds.
 pub fn topology() -> topology::Config {
     topology::Config {
         task_backoff: vec![Duration::from_secs(1)],
