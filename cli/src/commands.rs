@@ -7,7 +7,6 @@ use crate::{
     args::{self, CampaignCommand, Cli, Command, InventoryCommand, UsageError},
     context::{connect, print_json, CommandError, EXIT_AUDIT_BROKEN, EXIT_NOT_COMPLETED},
 };
-use keywave_common::client::ApiClient;
 use keywave_common::{
     api::{CampaignStatus, CampaignSummary},
     planner,
@@ -346,7 +345,7 @@ async fn campaign(cmd: CampaignCommand, url: &str, json: bool) -> Result<u8, Com
             let spec = args.spec.to_spec()?;
             let wait_timeout = keywave_common::duration::parse(&args.wait_timeout)
                 .map_err(|e| args::usage("--wait-timeout", e))?;
-            let api = ApiClient::new(connect(url).await?);
+            let api = crate::context::api(connect(url).await?);
             let id = api
                 .start_request(keywave_common::api::StartRequest {
                     spec,
@@ -391,7 +390,7 @@ async fn campaign(cmd: CampaignCommand, url: &str, json: bool) -> Result<u8, Com
             })
         }
         CampaignCommand::Status(id) => {
-            let api = ApiClient::new(connect(url).await?);
+            let api = crate::context::api(connect(url).await?);
             let status = api.status(&id.id).await?;
             if json {
                 print_json(&status);
@@ -401,7 +400,7 @@ async fn campaign(cmd: CampaignCommand, url: &str, json: bool) -> Result<u8, Com
             Ok(0)
         }
         CampaignCommand::List => {
-            let api = ApiClient::new(connect(url).await?);
+            let api = crate::context::api(connect(url).await?);
             let list = api.list().await?;
             if json {
                 print_json(&list);
@@ -413,7 +412,7 @@ async fn campaign(cmd: CampaignCommand, url: &str, json: bool) -> Result<u8, Com
         CampaignCommand::Watch(args) => crate::watch::run(args, url, json).await,
         CampaignCommand::Report(args) => crate::report::run(args, url, json).await,
         CampaignCommand::Rollback(args) => {
-            let api = ApiClient::new(connect(url).await?);
+            let api = crate::context::api(connect(url).await?);
             let status = api.rollback(&args.id, args.wave).await?;
             print_control(&status, json);
             Ok(0)
@@ -430,7 +429,7 @@ async fn campaign(cmd: CampaignCommand, url: &str, json: bool) -> Result<u8, Com
                     flag: "--by".into(),
                     message: "say who approves (--by NAME; $USER is not set)".into(),
                 })?;
-            let api = ApiClient::new(connect(url).await?);
+            let api = crate::context::api(connect(url).await?);
             let status = api.approve(&args.id, args.wave, &by).await?;
             print_control(&status, json);
             Ok(0)
@@ -440,7 +439,7 @@ async fn campaign(cmd: CampaignCommand, url: &str, json: bool) -> Result<u8, Com
 
 /// `campaign pause|resume|abort`.
 async fn control(verb: &str, id: &str, url: &str, json: bool) -> Result<u8, CommandError> {
-    let api = ApiClient::new(connect(url).await?);
+    let api = crate::context::api(connect(url).await?);
     let status = match verb {
         "pause" => api.pause(id).await?,
         "resume" => api.resume(id).await?,

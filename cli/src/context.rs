@@ -170,6 +170,12 @@ impl CommandError {
     }
 }
 
+/// The API client of the commands: a control request that waits for a
+/// coordinator take-over says so on stderr.
+pub fn api(client: async_nats::Client) -> keywave_common::client::ApiClient {
+    keywave_common::client::ApiClient::new(client).on_wait(|line| eprintln!("keywave: {line}"))
+}
+
 /// Connects to NATS with the CLI's client name.
 pub async fn connect(url: &str) -> Result<async_nats::Client, CommandError> {
     keywave_common::nats::connect(url, "keywave-cli")

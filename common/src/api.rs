@@ -17,7 +17,37 @@ pub mod verbs {
     pub const CAMPAIGN_APPROVE: &str = "campaign.approve";
     pub const CAMPAIGN_ROLLBACK: &str = "campaign.rollback";
     pub const PING: &str = "ping";
+
+    /// Verbs that only read (answered by every coordinator, the standbys
+    /// too, from the campaign snapshots in JetStream).
+    pub const READ: &[&str] = &[CAMPAIGN_STATUS, CAMPAIGN_LIST, PING];
+    /// Verbs that change a campaign (handled by the active coordinator, the
+    /// lease holder, only; a standby forwards them to it).
+    pub const CONTROL: &[&str] = &[
+        CAMPAIGN_START,
+        CAMPAIGN_PAUSE,
+        CAMPAIGN_RESUME,
+        CAMPAIGN_ABORT,
+        CAMPAIGN_APPROVE,
+        CAMPAIGN_ROLLBACK,
+    ];
+
+    /// Whether `verb` only reads.
+    pub fn is_read(verb: &str) -> bool {
+        READ.contains(&verb)
+    }
+
+    /// Whether `verb` changes a campaign.
+    pub fn is_control(verb: &str) -> bool {
+        CONTROL.contains(&verb)
+    }
 }
+
+/// Error class of a control request that found no active coordinator: the
+/// lease is free or its holder does not answer (it died and a standby takes
+/// over within the lease ttl). Nothing was done; the request may be sent
+/// again ([`crate::client::ApiClient`] does, for a bounded time).
+pub const CLASS_TAKEOVER: &str = "takeover";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ApiReply<T> {
@@ -50,7 +80,8 @@ impl<T> ApiReply<T> {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ApiError {
-    /// `bad_request`, `not_found`, `conflict`, `internal`.
+    /// `bad_request`, `not_found`, `conflict`, `internal`, or
+    /// [`CLASS_TAKEOVER`] (control verbs while no coordinator is active).
     pub class: String,
     pub message: String,
 }
@@ -225,4 +256,13 @@ pub struct CampaignSummary {
 pub struct Pong {
     pub coordinator_id: String,
     pub version: String,
+    /// `active` (the lease holder) or `standby` (absent from coordinators
+    /// older than the role).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
 }
+
+/// [`Pong::role`] of the lease holder.
+pub const ROLE_ACTIVE: &str = "active";
+/// [`Pong::role`] of a coordinator standing by.
+pub const ROLE_STANDBY: &str = "standby";

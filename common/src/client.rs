@@ -1,6 +1,15 @@
 //! [`ApiClient`]: the typed client of the operator API (`keywave.api.v1.<verb>`, served by the coordinator),
 //! used by the `keywave` CLI, `keywave dev` and the integration tests. API
 //! errors come back as typed [`ClientError`] variants.
+//!
+//! Every running coordinator answers the read verbs (status, list, ping);
+//! control verbs reach the active one. While no coordinator is active (a
+//! standby takes over within the lease ttl, 4 s by default) a control
+//! request is answered `takeover` or finds no responder at all: the client
+//! then waits and sends it again, for at most [`TAKEOVER_WAIT`] (nothing was
+//! done with it in either case). A read that gets no reply within its first
+//! attempt (it reached a coordinator that died with it) is sent again within
+//! the request timeout.
 
 use crate::{
     api::{
@@ -20,6 +29,14 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const START_TIMEOUT: Duration = Duration::from_secs(300);
 /// Status polling period of [`ApiClient::wait_terminal`].
 pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How long a control request is sent again while no coordinator is active
+/// (the lease ttl and a poll, with room to spare).
+pub const TAKEOVER_WAIT: Duration = Duration::from_secs(15);
+/// Timeout of a read's first attempt; each next attempt waits twice as long,
+/// within the request timeout.
+pub const READ_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause between two attempts of a control request during a take-over.
+const TAKEOVER_RETRY: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Error)]
 pub enum ClientError {
@@ -39,6 +56,10 @@ pub enum ClientError {
     Conflict(String),
     #[error("coordinator error: {0}")]
     Internal(String),
+    /// No coordinator is active right now (a take-over is under way);
+    /// nothing was done. Returned once [`TAKEOVER_WAIT`] ran out.
+    #[error("no active coordinator: {0}")]
+    Takeover(String),
     #[error("{class}: {message}")]
     Other { class: String, message: String },
     #[error("campaign {campaign_id} is still {state} after {timeout:?}")]
@@ -58,11 +79,17 @@ struct WireReply<T> {
     error: Option<crate::api::ApiError>,
 }
 
+/// Told when a control request waits for a take-over (see
+/// [`ApiClient::on_wait`]).
+pub type WaitNotice = std::sync::Arc<dyn Fn(&str) + Send + Sync>;
+
 /// A client of the coordinators' API.
 #[derive(Clone)]
 pub struct ApiClient {
     client: async_nats::Client,
     timeout: Duration,
+    takeover_wait: Duration,
+    on_wait: Option<WaitNotice>,
 }
 
 impl ApiClient {
@@ -70,6 +97,8 @@ impl ApiClient {
         ApiClient {
             client,
             timeout: DEFAULT_TIMEOUT,
+            takeover_wait: TAKEOVER_WAIT,
+            on_wait: None,
         }
     }
 
@@ -77,6 +106,89 @@ impl ApiClient {
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
+    }
+
+    /// Sets how long control requests are sent again while no coordinator
+    /// is active (default [`TAKEOVER_WAIT`]; zero: not at all).
+    pub fn with_takeover_wait(mut self, wait: Duration) -> Self {
+        self.takeover_wait = wait;
+        self
+    }
+
+    /// Calls `notice` with a line to show when a control request starts
+    /// waiting for a take-over (the CLI prints it on stderr).
+    pub fn on_wait(mut self, notice: impl Fn(&str) + Send + Sync + 'static) -> Self {
+        self.on_wait = Some(std::sync::Arc::new(notice));
+        self
+    }
+
+    /// A read verb: any coordinator answers. An attempt without a reply
+    /// (the coordinator died with the request) is sent again, with twice the
+    /// timeout, until the request timeout is spent.
+    async fn read<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        verb: &str,
+        body: &Req,
+    ) -> Result<Resp, ClientError> {
+        let until = tokio::time::Instant::now() + self.timeout;
+        let mut attempt = READ_ATTEMPT_TIMEOUT;
+        loop {
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            let this = attempt.min(left);
+            match self.call(verb, body, this).await {
+                Err(ClientError::Timeout { .. }) if this < left => attempt *= 2,
+                Err(ClientError::Timeout { subject, .. }) => {
+                    return Err(ClientError::Timeout {
+                        subject,
+                        timeout: self.timeout,
+                    })
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// A control verb: the active coordinator handles it. While none is
+    /// (`takeover` answers, or no responder at all), waits and sends it
+    /// again for at most the take-over wait; nothing was done with the
+    /// request in either case, so sending it again is safe.
+    async fn control<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        verb: &str,
+        body: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, ClientError> {
+        let started = tokio::time::Instant::now();
+        let mut told = false;
+        loop {
+            match self.call(verb, body, timeout).await {
+                Err(e @ (ClientError::Takeover(_) | ClientError::NoCoordinator { .. }))
+                    if started.elapsed() + TAKEOVER_RETRY < self.takeover_wait =>
+                {
+                    if !told {
+                        told = true;
+                        if let Some(notice) = &self.on_wait {
+                            notice(&format!(
+                                "{e}; waiting up to {}s for an active coordinator",
+                                self.takeover_wait.as_secs()
+                            ));
+                        }
+                    }
+                    tokio::time::sleep(TAKEOVER_RETRY).await;
+                }
+                r => {
+                    if told && r.is_ok() {
+                        if let Some(notice) = &self.on_wait {
+                            notice(&format!(
+                                "an active coordinator answered after {:.1}s",
+                                started.elapsed().as_secs_f64()
+                            ));
+                        }
+                    }
+                    return r;
+                }
+            }
+        }
     }
 
     async fn call<Req: Serialize, Resp: DeserializeOwned>(
@@ -132,6 +244,7 @@ impl ApiClient {
             "not_found" => ClientError::NotFound(err.message),
             "conflict" => ClientError::Conflict(err.message),
             "internal" => ClientError::Internal(err.message),
+            crate::api::CLASS_TAKEOVER => ClientError::Takeover(err.message),
             _ => ClientError::Other {
                 class: err.class,
                 message: err.message,
@@ -162,7 +275,7 @@ impl ApiClient {
     /// Starts a campaign from a whole request (see [`StartRequest`]).
     pub async fn start_request(&self, req: StartRequest) -> Result<String, ClientError> {
         let r: CampaignRef = self
-            .call(verbs::CAMPAIGN_START, &req, START_TIMEOUT.max(self.timeout))
+            .control(verbs::CAMPAIGN_START, &req, START_TIMEOUT.max(self.timeout))
             .await?;
         Ok(r.campaign_id)
     }
@@ -174,32 +287,31 @@ impl ApiClient {
     }
 
     pub async fn status(&self, id: &str) -> Result<CampaignStatus, ClientError> {
-        self.call(verbs::CAMPAIGN_STATUS, &Self::cref(id), self.timeout)
-            .await
+        self.read(verbs::CAMPAIGN_STATUS, &Self::cref(id)).await
     }
 
     pub async fn list(&self) -> Result<Vec<CampaignSummary>, ClientError> {
-        self.call(verbs::CAMPAIGN_LIST, &serde_json::json!({}), self.timeout)
+        self.read(verbs::CAMPAIGN_LIST, &serde_json::json!({}))
             .await
     }
 
     /// Pauses a campaign (no new tasks; in-flight ones finish and are
     /// counted). Returns the status after the change.
     pub async fn pause(&self, id: &str) -> Result<CampaignStatus, ClientError> {
-        self.call(verbs::CAMPAIGN_PAUSE, &Self::cref(id), self.timeout)
+        self.control(verbs::CAMPAIGN_PAUSE, &Self::cref(id), self.timeout)
             .await
     }
 
     /// Resumes a paused campaign, including one paused by a failed wave
     /// (it continues with the next wave).
     pub async fn resume(&self, id: &str) -> Result<CampaignStatus, ClientError> {
-        self.call(verbs::CAMPAIGN_RESUME, &Self::cref(id), self.timeout)
+        self.control(verbs::CAMPAIGN_RESUME, &Self::cref(id), self.timeout)
             .await
     }
 
     /// Aborts a campaign: no more tasks are issued; it ends `aborted`.
     pub async fn abort(&self, id: &str) -> Result<CampaignStatus, ClientError> {
-        self.call(verbs::CAMPAIGN_ABORT, &Self::cref(id), self.timeout)
+        self.control(verbs::CAMPAIGN_ABORT, &Self::cref(id), self.timeout)
             .await
     }
 
@@ -212,7 +324,7 @@ impl ApiClient {
         wave: Option<u32>,
         by: &str,
     ) -> Result<CampaignStatus, ClientError> {
-        self.call(
+        self.control(
             verbs::CAMPAIGN_APPROVE,
             &ApproveRequest {
                 campaign_id: id.to_string(),
@@ -232,7 +344,7 @@ impl ApiClient {
         id: &str,
         wave: Option<u32>,
     ) -> Result<CampaignStatus, ClientError> {
-        self.call(
+        self.control(
             verbs::CAMPAIGN_ROLLBACK,
             &crate::api::RollbackRequest {
                 campaign_id: id.to_string(),
@@ -245,8 +357,7 @@ impl ApiClient {
 
     /// Asks a coordinator who it is.
     pub async fn ping(&self) -> Result<Pong, ClientError> {
-        self.call(verbs::PING, &serde_json::json!({}), self.timeout)
-            .await
+        self.read(verbs::PING, &serde_json::json!({})).await
     }
 
     /// Polls the status every [`POLL_INTERVAL`] until the campaign is

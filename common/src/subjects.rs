@@ -77,6 +77,13 @@ pub fn api(verb: &str) -> String {
     format!("keywave.api.v1.{verb}")
 }
 
+/// The operator API as the active coordinator (the lease holder) alone
+/// serves it: `keywave.coordinator.v1.active.<verb>`. Coordinators only: a
+/// standby that receives a control verb on [`api`] forwards it here.
+pub fn api_active(verb: &str) -> String {
+    format!("keywave.coordinator.v1.active.{verb}")
+}
+
 /// The workers' admin service of one region: `keywave.admin.v1.<region>.<verb>`
 /// (verbs in [`crate::admin::verbs`]), answered by one worker of the region.
 pub fn admin(region: &str, verb: &str) -> String {

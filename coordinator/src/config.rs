@@ -95,7 +95,12 @@ impl NatsAuthArgs {
     about = "The keywave coordinator: plans campaigns into waves, publishes rotation tasks, aggregates results, decides.",
     long_about = "Runs a keywave coordinator. It creates the JetStream streams and buckets if needed, \
 resumes every unfinished campaign found in the keywave-campaigns bucket and serves the operator API \
-(keywave.api.v1.*, queue group keywave-coordinator). SIGTERM or SIGINT stops it cleanly; \
+(keywave.api.v1.*, queue group keywave-coordinator). Run two or more for high availability: one holds \
+the lease and is active, the others stand by. Every coordinator answers the read verbs (campaign status, \
+list, ping) from the campaign snapshots; control verbs (start, pause, resume, abort, approve, rollback) \
+are handled by the active one (a standby forwards them, and answers `takeover` while none is active). \
+A standby takes over within --lease-ttl (4s) plus --lease-poll (500ms) after the active coordinator \
+died; SIGTERM hands the lease over at once. SIGTERM or SIGINT stops it cleanly; \
 campaigns resume in the next coordinator. Logs go to stderr; set RUST_LOG (e.g. info, keywave_coordinator=debug).",
     after_help = "Examples:\n  keywave-coordinator --nats nats://127.0.0.1:4222\n  KEYWAVE_NATS_URL=nats://nats:4222 RUST_LOG=info keywave-coordinator --id coord-1 --replicas 3"
 )]
@@ -141,6 +146,15 @@ pub struct DaemonArgs {
     /// Pre-flight: how long a consumer agent has to answer its ping before a wave (up to 60s).
     #[arg(long, env = PREFLIGHT_TIMEOUT_ENV, default_value = "2s", value_name = "DURATION")]
     pub preflight_timeout: String,
+    /// Coordinator lease ttl: a standby takes over at most this long (plus --lease-poll) after the active coordinator died; a coordinator restarted with the same --id takes its lease back at once.
+    #[arg(long, env = LEASE_TTL_ENV, default_value = "4s", value_name = "DURATION")]
+    pub lease_ttl: String,
+    /// How often the active coordinator renews its lease (at most half the ttl) [default: a quarter of --lease-ttl, 1s].
+    #[arg(long, env = LEASE_RENEW_ENV, value_name = "DURATION")]
+    pub lease_renew: Option<String>,
+    /// How often a standby looks at the lease [default: an eighth of --lease-ttl, 500ms].
+    #[arg(long, env = LEASE_POLL_ENV, value_name = "DURATION")]
+    pub lease_poll: Option<String>,
     /// Pause a campaign, naming the region, when a region its wave needs has had no live worker (no heartbeat on keywave.worker.<region>) for this long (1s to 1h).
     #[arg(long, env = REGION_PAUSE_AFTER_ENV, default_value = "10s", value_name = "DURATION")]
     pub region_pause_after: String,
@@ -148,6 +162,12 @@ pub struct DaemonArgs {
     pub command: Option<DaemonCommand>,
 }
 
+/// Environment variable with the coordinator lease ttl.
+pub const LEASE_TTL_ENV: &str = "KEYWAVE_LEASE_TTL";
+/// Environment variable with the lease renewal period.
+pub const LEASE_RENEW_ENV: &str = "KEYWAVE_LEASE_RENEW";
+/// Environment variable with the standbys' lease poll period.
+pub const LEASE_POLL_ENV: &str = "KEYWAVE_LEASE_POLL";
 /// Environment variable with how long a region may have no live worker
 /// before the campaigns that need it pause.
 pub const REGION_PAUSE_AFTER_ENV: &str = "KEYWAVE_REGION_PAUSE_AFTER";
@@ -215,6 +235,22 @@ impl DaemonArgs {
         if opts.preflight_timeout.is_zero() || opts.preflight_timeout > Duration::from_secs(60) {
             return Err(usage("--preflight-timeout", "must be between 1ms and 60s"));
         }
+        let ttl = keywave_common::flags::duration("--lease-ttl", &self.lease_ttl)?;
+        opts.lease = crate::lease::Config::with_ttl(ttl);
+        if let Some(v) = &self.lease_renew {
+            opts.lease.renew_every = keywave_common::flags::duration("--lease-renew", v)?;
+        }
+        if let Some(v) = &self.lease_poll {
+            opts.lease.poll_every = keywave_common::flags::duration("--lease-poll", v)?;
+        }
+        opts.lease.validate().map_err(|e| {
+            let flag = match e {
+                crate::lease::ConfigError::Ttl => "--lease-ttl",
+                crate::lease::ConfigError::RenewPeriod => "--lease-renew",
+                crate::lease::ConfigError::PollPeriod => "--lease-poll",
+            };
+            usage(flag, e.to_string())
+        })?;
         opts.region_liveness.pause_after =
             keywave_common::flags::duration("--region-pause-after", &self.region_pause_after)?;
         if opts.region_liveness.pause_after < Duration::from_secs(1)

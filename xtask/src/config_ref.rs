@@ -24,8 +24,6 @@ const OTHER_ENV: &[(&str, &str, &str)] = &[
     ("OTEL_SERVICE_NAME", "all", "`service.name` of the spans (default: the binary's name)."),
     ("OTEL_RESOURCE_ATTRIBUTES", "all", "More resource attributes, `key=value,...`."),
     ("OTEL_SDK_DISABLED", "all", "`true` turns span export off."),
-    ("KEYWAVE_LEASE_TTL", "keywave-coordinator", "Lease time to live (e.g. `15s`): how long a standby waits for a dead coordinator."),
-    ("KEYWAVE_LEASE_RENEW", "keywave-coordinator", "How often the active coordinator renews its lease (default a third of the ttl)."),
     ("KEYWAVE_ENROLL_SECRET", "keywave-worker enroll", "Today's secret of the credential being enrolled (else read from stdin)."),
 ];
 

@@ -47,43 +47,16 @@ async fn main() -> std::process::ExitCode {
     code
 }
 
-/// Lease ttl (a duration such as `15s`): how long a standby waits for a dead
-/// coordinator's lease to expire.
-const ENV_LEASE_TTL: &str = "KEYWAVE_LEASE_TTL";
-/// How often the active coordinator renews its lease (at most half the ttl).
-const ENV_LEASE_RENEW: &str = "KEYWAVE_LEASE_RENEW";
-
 /// A setting from the environment that does not validate.
 #[derive(Debug, thiserror::Error)]
 enum EnvError {
-    #[error("{var}: {source}")]
-    Duration {
-        var: &'static str,
-        #[source]
-        source: keywave_common::duration::DurationError,
-    },
-    #[error("{field}: {source}", field = source.field())]
-    Lease {
-        #[from]
-        source: keywave_coordinator::lease::ConfigError,
-    },
     #[error(transparent)]
     Faults(#[from] keywave_coordinator::engine::fault::FaultError),
 }
 
-/// Lease timings and fault injection from the environment.
+/// Fault injection from the environment (lease timings are flags, see
+/// `--lease-ttl`).
 fn from_env(opts: &mut keywave_coordinator::CoordinatorOptions) -> Result<(), EnvError> {
-    let duration = |var: &'static str, v: &str| {
-        keywave_common::duration::parse(v).map_err(|source| EnvError::Duration { var, source })
-    };
-    if let Ok(v) = std::env::var(ENV_LEASE_TTL) {
-        opts.lease.ttl = duration(ENV_LEASE_TTL, &v)?;
-        opts.lease.renew_every = opts.lease.ttl / 3;
-    }
-    if let Ok(v) = std::env::var(ENV_LEASE_RENEW) {
-        opts.lease.renew_every = duration(ENV_LEASE_RENEW, &v)?;
-    }
-    opts.lease.validate()?;
     opts.faults = keywave_coordinator::engine::fault::Faults::from_env()?;
     if opts.faults.crash.is_some() {
         tracing::warn!(faults = ?opts.faults, "Fault injection is ON");

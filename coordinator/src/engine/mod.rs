@@ -17,8 +17,11 @@
 //! Waves are numbered from 0 (wave 0 is the canary).
 //!
 //! Only the holder of the coordinator lease (see [`crate::lease`]) acts: it
-//! serves the API, drives the campaigns and handles poison tasks, for one
-//! *term*. A standby polls the lease and starts a term when it gets it. A term
+//! handles the control verbs of the API, drives the campaigns and handles
+//! poison tasks, for one *term*. Every coordinator, standbys included,
+//! answers the read verbs (see [`api`]) for the life of its process, so the
+//! API never goes dark while one runs. A standby polls the lease and starts a
+//! term when it gets it. A term
 //! ends on shutdown (snapshots saved, lease released: the handover), when the
 //! lease is lost (nothing saved: somebody else drives now), or when the
 //! coordinator is killed (in tests, [`Coordinator::kill_switch`]).
@@ -55,7 +58,7 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 /// Most waves a campaign may have (bounds the snapshot's size).
 pub const MAX_WAVES: usize = 1_000;
@@ -147,6 +150,10 @@ pub enum CoordinatorError {
     Load(String),
     #[error("the NATS connection closed")]
     Disconnected,
+    /// Another live process runs with this coordinator id (it took the lease
+    /// as this id): this one stops for good instead of fencing it in turn.
+    #[error(transparent)]
+    DuplicateId(lease::LeaseError),
 }
 
 /// Why an API request was refused; the class goes on the wire.
@@ -160,6 +167,9 @@ pub enum RequestError {
     Conflict(String),
     #[error("{0}")]
     Internal(String),
+    /// A control request while no coordinator is active (a take-over).
+    #[error("{0}")]
+    Takeover(String),
 }
 
 impl RequestError {
@@ -170,6 +180,7 @@ impl RequestError {
             RequestError::NotFound(_) => "not_found",
             RequestError::Conflict(_) => "conflict",
             RequestError::Internal(_) => "internal",
+            RequestError::Takeover(_) => keywave_common::api::CLASS_TAKEOVER,
         }
     }
 }
@@ -280,8 +291,8 @@ struct Shared {
     tasks: jetstream::stream::Stream,
     advisories: jetstream::stream::Stream,
     leases: kv::Store,
-    /// Random per process, recorded in the lease.
-    instance: String,
+    /// This process's id and instance nonce in the lease.
+    claimant: Arc<lease::Claimant>,
     /// Which regions have live workers (followed for the whole process, so
     /// a standby that takes over knows at once).
     regions: crate::regions::Tracker,
@@ -328,10 +339,12 @@ enum TermEnd {
 /// A keywave coordinator. See the module documentation.
 pub struct Coordinator {
     shared: Shared,
-    /// The lease and API subscription taken in [`Coordinator::start`] when the
-    /// lease was free, so that requests sent once `start` returned wait for
+    /// The lease taken in [`Coordinator::start`] when it was free.
+    first: Option<Lease>,
+    /// The API subscription, taken in [`Coordinator::start`] (active or not),
+    /// so that requests sent once `start` returned wait for
     /// [`Coordinator::run`] instead of finding no responder.
-    first: Option<(Lease, async_nats::Subscriber)>,
+    api: async_nats::Subscriber,
     kill: CancellationToken,
 }
 
@@ -373,6 +386,10 @@ impl Coordinator {
         let results = stream(topology::STREAM_RESULTS).await?;
         let tasks = stream(topology::STREAM_TASKS).await?;
         let advisories = stream(topology::STREAM_ADVISORIES).await?;
+        let claimant = Arc::new(lease::Claimant::new(
+            opts.coordinator_id.clone(),
+            ids::random_id("instance"),
+        ));
         if opts.region_liveness.pause_after.is_zero() {
             return Err(CoordinatorError::Options {
                 field: "region_liveness.pause_after",
@@ -389,7 +406,7 @@ impl Coordinator {
             regions,
             client: client.clone(),
             js,
-            instance: ids::random_id("instance"),
+            claimant,
             opts,
             inventory,
             campaigns,
@@ -398,36 +415,29 @@ impl Coordinator {
             advisories,
             leases,
         };
-        let first = match Lease::try_acquire(
-            &shared.leases,
-            shared.opts.lease,
-            &shared.opts.coordinator_id,
-            &shared.instance,
-        )
-        .await
-        {
-            Ok(Some(lease)) => match api::subscribe(&client).await {
-                Ok(api) => Some((lease, api)),
-                Err(e) => {
-                    lease.release().await;
-                    return Err(e);
+        let api = api::subscribe(&client).await?;
+        let first =
+            match Lease::try_acquire(&shared.leases, shared.opts.lease, &shared.claimant).await {
+                Ok(Some(lease)) => Some(lease),
+                Ok(None) => {
+                    shared.opts.metrics.set_role(crate::metrics::Role::Standby);
+                    None
                 }
-            },
-            Ok(None) => {
-                shared.opts.metrics.set_role(crate::metrics::Role::Standby);
-                None
-            }
-            Err(e) => {
-                warn!(error = %e, "Cannot read the coordinator lease yet; run() keeps trying");
-                None
-            }
-        };
+                Err(e @ lease::LeaseError::Duplicate { .. }) => {
+                    return Err(CoordinatorError::DuplicateId(e))
+                }
+                Err(e) => {
+                    warn!(error = %e, "Cannot read the coordinator lease yet; run() keeps trying");
+                    None
+                }
+            };
         if first.is_some() {
             shared.opts.metrics.set_role(crate::metrics::Role::Active);
         }
         Ok(Coordinator {
             shared,
             first,
+            api,
             kill: CancellationToken::new(),
         })
     }
@@ -451,51 +461,81 @@ impl Coordinator {
         self.kill.clone()
     }
 
-    /// Waits for the lease, then resumes every unfinished campaign and serves
-    /// the API until `shutdown` is cancelled (drivers then save their
+    /// Serves the read verbs of the API at once (see [`api`]); waits for the
+    /// lease, then resumes every unfinished campaign and serves the control
+    /// verbs too until `shutdown` is cancelled (drivers then save their
     /// snapshots, waiting at most [`SHUTDOWN_GRACE`], and the lease is
     /// released so a standby takes over at once). Losing the lease ends the
-    /// term and this coordinator stands by again.
+    /// term and this coordinator stands by again; losing it to another live
+    /// process with the same coordinator id ends it for good
+    /// ([`CoordinatorError::DuplicateId`]).
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), CoordinatorError> {
         let Coordinator {
             shared,
             mut first,
+            api,
             kill,
         } = self;
         let id = shared.opts.coordinator_id.clone();
-        info!(coordinator = %id, "Coordinator starting");
+        info!(coordinator = %id, instance = %shared.claimant.instance, "Coordinator starting");
+        let server = api::Server::new(
+            shared.client.clone(),
+            shared.campaigns.clone(),
+            shared.leases.clone(),
+            id.clone(),
+            shared.claimant.instance.clone(),
+        );
+        // The API serves for the life of this call: dropped (as by SIGKILL)
+        // when it returns, drained first on a clean stop.
+        let serving = tokio::spawn(api::serve(server.clone(), api));
+        let api_gone = CancellationToken::new();
+        let _abort = AbortOnDrop(serving.abort_handle());
+        let _watch = {
+            let gone = api_gone.clone();
+            let ended = server.ended();
+            AbortOnDrop(
+                tokio::spawn(async move {
+                    ended.cancelled().await;
+                    gone.cancel();
+                })
+                .abort_handle(),
+            )
+        };
         loop {
-            let (lease, api) = match first.take() {
+            let lease = match first.take() {
                 Some(x) => x,
                 None => {
                     shared.opts.metrics.set_role(crate::metrics::Role::Standby);
-                    let acquiring = Lease::acquire(
-                        &shared.leases,
-                        shared.opts.lease,
-                        &id,
-                        &shared.instance,
-                        &kill,
-                    );
+                    let acquiring =
+                        Lease::acquire(&shared.leases, shared.opts.lease, &shared.claimant, &kill);
                     let lease = tokio::select! {
                         l = acquiring => l,
-                        _ = shutdown.cancelled() => None,
+                        _ = shutdown.cancelled() => Ok(None),
+                        _ = api_gone.cancelled() => {
+                            return Err(CoordinatorError::Disconnected);
+                        }
                     };
-                    let Some(lease) = lease else {
-                        info!(coordinator = %id, "Coordinator stopped while standing by");
-                        return Ok(());
-                    };
-                    match api::subscribe(&shared.client).await {
-                        Ok(api) => (lease, api),
+                    match lease {
+                        Ok(Some(lease)) => lease,
+                        Ok(None) => {
+                            server.shut(CONTROL_WAIT).await;
+                            info!(coordinator = %id, "Coordinator stopped while standing by");
+                            return Ok(());
+                        }
                         Err(e) => {
-                            lease.release().await;
-                            return Err(e);
+                            error!(coordinator = %id, error = %e, "Another process runs with this coordinator id: stopping");
+                            return Err(CoordinatorError::DuplicateId(e));
                         }
                     }
                 }
             };
             shared.opts.metrics.set_role(crate::metrics::Role::Active);
             let engine = Arc::new(Engine::new(&shared, Arc::new(lease)));
-            match engine.clone().term(api, &shutdown, &kill).await {
+            match engine
+                .clone()
+                .term(&server, &shutdown, &kill, &api_gone)
+                .await
+            {
                 TermEnd::Shutdown => {
                     engine.lease.release().await;
                     info!(coordinator = %id, "Coordinator stopped");
@@ -505,15 +545,29 @@ impl Coordinator {
                     warn!(coordinator = %id, "Coordinator killed");
                     return Ok(());
                 }
-                TermEnd::Lost => {
-                    warn!(coordinator = %id, "Lease lost: standing by");
-                }
+                TermEnd::Lost => match engine.lease.lost_reason() {
+                    Some(e @ lease::LeaseError::Duplicate { .. }) => {
+                        server.shut(CONTROL_WAIT).await;
+                        error!(coordinator = %id, error = %e, "Another process runs with this coordinator id: stopping for good");
+                        return Err(CoordinatorError::DuplicateId(e));
+                    }
+                    _ => warn!(coordinator = %id, "Lease lost: standing by"),
+                },
                 TermEnd::Failed(e) => {
                     engine.lease.release().await;
                     return Err(e);
                 }
             }
         }
+    }
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -543,9 +597,10 @@ impl Engine {
     /// One term as the active coordinator.
     async fn term(
         self: Arc<Self>,
-        api: async_nats::Subscriber,
+        server: &api::Server,
         shutdown: &CancellationToken,
         kill: &CancellationToken,
+        api_gone: &CancellationToken,
     ) -> TermEnd {
         info!(coordinator = %self.opts.coordinator_id, lease_revision = self.lease.revision(), "Active: driving campaigns");
         let keep = {
@@ -566,12 +621,27 @@ impl Engine {
                 self.stop.clone(),
                 self.halted.clone(),
             ));
-            Ok::<(), CoordinatorError>(())
+            // Control verbs reach this term from now on: on the active
+            // coordinator's subject (forwarded by standbys) and on the API
+            // subject itself.
+            let active = api::subscribe_active(&self.client).await?;
+            server.set_active(Some(self.clone()));
+            info!(coordinator = %self.opts.coordinator_id, "Serving the control verbs of the API");
+            Ok::<_, CoordinatorError>(active)
         }
         .await;
-        // Boxed so that it can be dropped (the API subscription with it)
-        // before the drivers are waited for.
-        let mut serving = Box::pin(api::serve(self.clone(), api, api_stop.clone()));
+        let (started, active) = match started {
+            Ok(active) => (Ok(()), Some(active)),
+            Err(e) => (Err(e), None),
+        };
+        // Boxed so that it can be dropped (the subscription with it) before
+        // the drivers are waited for.
+        let mut serving = Box::pin(async {
+            match active {
+                Some(sub) => api::serve_active(self.clone(), sub, api_stop.clone()).await,
+                None => Ok(()),
+            }
+        });
         let end = match started {
             Err(e) => TermEnd::Failed(e),
             Ok(()) => tokio::select! {
@@ -579,6 +649,7 @@ impl Engine {
                     Ok(()) => TermEnd::Shutdown,
                     Err(e) => TermEnd::Failed(e),
                 },
+                _ = api_gone.cancelled() => TermEnd::Failed(CoordinatorError::Disconnected),
                 _ = shutdown.cancelled() => TermEnd::Shutdown,
                 _ = kill.cancelled() => TermEnd::Killed,
                 _ = self.crashed.cancelled() => TermEnd::Killed,
@@ -594,11 +665,21 @@ impl Engine {
         };
         match end {
             TermEnd::Shutdown | TermEnd::Failed(_) => {
+                // The process stops: the requests in hand are answered
+                // before the drivers stop; other coordinators answer the
+                // next ones.
                 api_stop.cancel();
-                let _ = tokio::time::timeout(CONTROL_WAIT, &mut serving).await;
+                let _ = tokio::join!(
+                    tokio::time::timeout(CONTROL_WAIT, &mut serving),
+                    server.shut(CONTROL_WAIT)
+                );
+                server.set_active(None);
             }
             // As a dead or fenced process: act no more, save nothing.
-            TermEnd::Killed | TermEnd::Lost => self.halted.cancel(),
+            TermEnd::Killed | TermEnd::Lost => {
+                server.set_active(None);
+                self.halted.cancel();
+            }
         }
         drop(serving);
         self.stop.cancel();
@@ -838,17 +919,7 @@ impl Engine {
     }
 
     async fn load_status(&self, cid: &str) -> Result<Option<CampaignStatus>, RequestError> {
-        let Some(body) = self
-            .campaigns
-            .get(snapshot_key(cid))
-            .await
-            .map_err(internal)?
-        else {
-            return Ok(None);
-        };
-        serde_json::from_slice(&body)
-            .map(Some)
-            .map_err(|e| internal(format!("campaign {cid} snapshot is unreadable: {e}")))
+        read_status(&self.campaigns, cid).await
     }
 
     /// `campaign.start`: validate, select, plan, persist, announce, drive.
@@ -1147,35 +1218,7 @@ impl Engine {
 
     /// `campaign.list`: every campaign, oldest first.
     pub(crate) async fn list(&self) -> Result<Vec<CampaignSummary>, RequestError> {
-        let mut all: Vec<CampaignStatus> = Vec::new();
-        crate::kvscan::for_each_latest(&self.campaigns, "campaign.*", |e| {
-            if let Ok(s) = serde_json::from_slice::<CampaignStatus>(&e.value) {
-                all.push(s);
-            }
-        })
-        .await
-        .map_err(internal)?;
-        for s in &mut all {
-            if let Some(h) = self.handle(&s.campaign_id) {
-                *s = h.status();
-            }
-        }
-        all.sort_by(|a, b| {
-            (a.created_at_ms, &a.campaign_id).cmp(&(b.created_at_ms, &b.campaign_id))
-        });
-        Ok(all
-            .into_iter()
-            .map(|s| CampaignSummary {
-                succeeded: s.succeeded(),
-                failed: s.failed(),
-                campaign_id: s.campaign_id,
-                name: s.spec.name,
-                strategy: s.spec.strategy,
-                state: s.state,
-                total: s.total,
-                created_at_ms: s.created_at_ms,
-            })
-            .collect())
+        read_list(&self.campaigns, |cid| self.handle(cid).map(|h| h.status())).await
     }
 
     /// `campaign.pause|resume|abort`: records the request under
@@ -1413,6 +1456,55 @@ impl Engine {
             }
         }
     }
+}
+
+/// A campaign's snapshot from the `keywave-campaigns` bucket (what a standby
+/// answers `campaign.status` with).
+pub(crate) async fn read_status(
+    campaigns: &kv::Store,
+    cid: &str,
+) -> Result<Option<CampaignStatus>, RequestError> {
+    let Some(body) = campaigns.get(snapshot_key(cid)).await.map_err(internal)? else {
+        return Ok(None);
+    };
+    serde_json::from_slice(&body)
+        .map(Some)
+        .map_err(|e| internal(format!("campaign {cid} snapshot is unreadable: {e}")))
+}
+
+/// `campaign.list` from the snapshots, oldest first; `live` gives the status
+/// of a campaign driven by this process (fresher than its snapshot).
+pub(crate) async fn read_list(
+    campaigns: &kv::Store,
+    live: impl Fn(&str) -> Option<CampaignStatus>,
+) -> Result<Vec<CampaignSummary>, RequestError> {
+    let mut all: Vec<CampaignStatus> = Vec::new();
+    crate::kvscan::for_each_latest(campaigns, "campaign.*", |e| {
+        if let Ok(s) = serde_json::from_slice::<CampaignStatus>(&e.value) {
+            all.push(s);
+        }
+    })
+    .await
+    .map_err(internal)?;
+    for s in &mut all {
+        if let Some(l) = live(&s.campaign_id) {
+            *s = l;
+        }
+    }
+    all.sort_by(|a, b| (a.created_at_ms, &a.campaign_id).cmp(&(b.created_at_ms, &b.campaign_id)));
+    Ok(all
+        .into_iter()
+        .map(|s| CampaignSummary {
+            succeeded: s.succeeded(),
+            failed: s.failed(),
+            campaign_id: s.campaign_id,
+            name: s.spec.name,
+            strategy: s.spec.strategy,
+            state: s.state,
+            total: s.total,
+            created_at_ms: s.created_at_ms,
+        })
+        .collect())
 }
 
 /// The start reason's warning for each of the campaign's regions without a

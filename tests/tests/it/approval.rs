@@ -277,10 +277,10 @@ async fn pause_resume_and_abort_act_within_a_second_and_survive_restarts() {
     b.kill().await;
     let c = Node::start(&client, "coord-c", CoordinatorFaults::none()).await;
     wait_for(Duration::from_secs(30), || async {
-        api.ping()
-            .await
-            .ok()
-            .filter(|p| p.coordinator_id == "coord-c")
+        api.ping().await.ok().filter(|p| {
+            p.coordinator_id == "coord-c"
+                && p.role.as_deref() == Some(keywave_common::api::ROLE_ACTIVE)
+        })
     })
     .await
     .expect("coord-c takes over");

@@ -89,13 +89,18 @@ impl Node {
     }
 }
 
-/// The id of the coordinator answering the API, once one does.
+/// The id of the active coordinator, once one answers a ping as active
+/// (standbys answer pings too).
 async fn active(api: &ApiClient, within: Duration) -> String {
     wait_for(within, || async {
-        api.ping().await.ok().map(|p| p.coordinator_id)
+        api.ping()
+            .await
+            .ok()
+            .filter(|p| p.role.as_deref() == Some(keywave_common::api::ROLE_ACTIVE))
+            .map(|p| p.coordinator_id)
     })
     .await
-    .expect("a coordinator answers")
+    .expect("a coordinator answers as active")
 }
 
 struct Fleet {
@@ -271,13 +276,27 @@ async fn a_leader_whose_lease_was_taken_is_fenced_and_publishes_nothing() {
             .unwrap()
             .revision
     };
-    // A notices (renewal or fence) and stops answering: it stands by.
+    // A notices (renewal or fence) and stops acting: it stands by, still
+    // answering reads, and control requests get a take-over answer.
     wait_until(Duration::from_secs(10), || {
         let api = api.clone();
-        async move { api.ping().await.is_err() }
+        async move {
+            api.ping()
+                .await
+                .is_ok_and(|p| p.role.as_deref() == Some(keywave_common::api::ROLE_STANDBY))
+        }
     })
     .await
-    .expect("the fenced coordinator stops serving");
+    .expect("the fenced coordinator stands by");
+    let no_wait = api.clone().with_takeover_wait(Duration::ZERO);
+    assert!(
+        matches!(
+            no_wait.pause(&id).await,
+            Err(keywave_common::client::ClientError::Takeover(_))
+        ),
+        "a control request while nobody serves is answered `takeover`"
+    );
+    assert!(api.status(&id).await.is_ok(), "a standby answers status");
     let rev = snapshot_rev(campaigns.clone(), id.clone()).await;
     // Well past the end of the bake: wave 1 was never started, nothing saved.
     tokio::time::sleep(Duration::from_secs(4)).await;

@@ -53,6 +53,9 @@
 //! - `coordinator_faults`: the coordinator killed mid-publish, between waves and mid-rollback ends
 //!   as an undisturbed run.
 //! - `coordinator_restart`: a new coordinator finishes a campaign, counting each credential once.
+//! - `failover`: real coordinator processes, default lease timings: the active one SIGKILLed while
+//!   `keywave campaign status` is polled (never fails), take-over within 5 s; a restart with the same
+//!   `--id` takes the lease back at once; a duplicate id stops for good.
 //! - `lease`: two coordinators: the active one killed, the standby finishes; SIGTERM hands over;
 //!   a leader whose lease was taken is fenced.
 //! - `nats_restart`, `cluster`: the NATS server restarted, a cluster node lost mid-campaign.
@@ -94,6 +97,7 @@ mod demo;
 mod detect;
 mod discover;
 mod enroll_bulk;
+mod failover;
 mod faults;
 mod harness;
 mod hygiene;
