@@ -272,8 +272,15 @@ impl ApiClient {
         .await
     }
 
-    /// Starts a campaign from a whole request (see [`StartRequest`]).
-    pub async fn start_request(&self, req: StartRequest) -> Result<String, ClientError> {
+    /// Starts a campaign from a whole request (see [`StartRequest`]). A
+    /// request without an id gets one here, before it is sent: a start
+    /// sent again during a coordinator take-over (the first one may have
+    /// been carried out by a coordinator that died before answering) then
+    /// names the same campaign and returns it, instead of starting a second.
+    pub async fn start_request(&self, mut req: StartRequest) -> Result<String, ClientError> {
+        if req.campaign_id.is_none() {
+            req.campaign_id = Some(crate::ids::random_id("c"));
+        }
         let r: CampaignRef = self
             .control(verbs::CAMPAIGN_START, &req, START_TIMEOUT.max(self.timeout))
             .await?;
