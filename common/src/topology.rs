@@ -19,6 +19,15 @@
 //!
 //! One durable pull consumer per region, `workers-<region>`, filtered on
 //! `keywave.task.<region>.>`, is shared by every worker of that region.
+//!
+//! # Placement
+//!
+//! In a NATS supercluster ([`Config::home_placement`],
+//! [`Config::region_placement`]; see docs/multi-region.md) each region's
+//! secret store is created on that region's servers only, and everything
+//! else (the streams and buckets above, including the shared task and
+//! result streams) on the home servers. Without a placement the server
+//! places a stream where it likes, as on a single server or one cluster.
 
 use async_nats::jetstream::{
     self,
@@ -27,6 +36,7 @@ use async_nats::jetstream::{
     stream::{self, DiscardPolicy, RetentionPolicy, StorageType},
     Context,
 };
+use std::collections::BTreeMap;
 use std::time::Duration;
 use thiserror::Error;
 
@@ -200,6 +210,114 @@ pub struct Config {
     pub audit_max_age: Duration,
     /// Use in-memory storage (tests and benchmarks only).
     pub memory: bool,
+    /// Where the home state goes (every stream and bucket but the regions'
+    /// secret stores): e.g. the home cluster. `None`: wherever the server
+    /// places it.
+    pub home_placement: Option<Placement>,
+    /// Where each region's secret store goes, by region: e.g. the servers
+    /// tagged `region:eu`. A region not listed is placed by the server.
+    pub region_placement: BTreeMap<String, Placement>,
+    /// Replicas of each region's secret store; `None`: [`Config::replicas`].
+    /// A region placed on fewer servers than the home cluster needs fewer.
+    pub region_replicas: Option<usize>,
+}
+
+/// Where JetStream puts a stream or bucket: on the servers of one cluster
+/// (gateway name), on the servers that carry every one of the tags
+/// (`server_tags` in the server's configuration), or both.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Placement {
+    pub cluster: Option<String>,
+    pub tags: Vec<String>,
+}
+
+/// Why a placement specification does not parse.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct PlacementError(pub String);
+
+impl Placement {
+    /// Parses `cluster=<name>` and tags joined by `+`, e.g. `region:eu`,
+    /// `cluster=home`, `cluster=eu+region:eu+disk:ssd`.
+    pub fn parse(spec: &str) -> Result<Placement, PlacementError> {
+        let mut p = Placement::default();
+        for item in spec.split('+').map(str::trim) {
+            if item.is_empty() {
+                return Err(PlacementError(format!(
+                    "empty item in placement {spec:?} (use cluster=<name> and tags joined by +, e.g. cluster=eu+region:eu)"
+                )));
+            }
+            let bad = |what: &str| {
+                PlacementError(format!(
+                    "{what} {item:?} in placement {spec:?}: only letters, digits, and - _ : . are allowed"
+                ))
+            };
+            let allowed = |v: &str| {
+                !v.is_empty()
+                    && v
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | ':' | '.'))
+            };
+            if let Some(name) = item.strip_prefix("cluster=") {
+                if !allowed(name) || name.contains(':') {
+                    return Err(bad("cluster"));
+                }
+                if p.cluster.replace(name.to_string()).is_some() {
+                    return Err(PlacementError(format!(
+                        "placement {spec:?} names more than one cluster"
+                    )));
+                }
+            } else if item.contains('=') {
+                return Err(PlacementError(format!(
+                    "unknown key in {item:?} of placement {spec:?} (only cluster=<name>; anything else is a server tag such as region:eu)"
+                )));
+            } else if !allowed(item) {
+                return Err(bad("tag"));
+            } else if !p.tags.iter().any(|t| t == item) {
+                p.tags.push(item.to_string());
+            }
+        }
+        Ok(p)
+    }
+
+    /// The JetStream placement of a stream.
+    pub fn to_nats(&self) -> stream::Placement {
+        stream::Placement {
+            cluster: self.cluster.clone(),
+            tags: self.tags.clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for Placement {
+    /// `cluster=home+region:eu`, as [`Placement::parse`] reads it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut items: Vec<String> = self.cluster.iter().map(|c| format!("cluster={c}")).collect();
+        items.extend(self.tags.iter().cloned());
+        f.write_str(&items.join("+"))
+    }
+}
+
+/// Parses a per-region placement list, `eu=region:eu,us=region:us` (each
+/// region's placement as [`Placement::parse`] reads it).
+pub fn parse_region_placements(
+    list: &str,
+) -> Result<BTreeMap<String, Placement>, PlacementError> {
+    let mut out = BTreeMap::new();
+    for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let Some((region, spec)) = entry.split_once('=') else {
+            return Err(PlacementError(format!(
+                "{entry:?} is not <region>=<placement> (e.g. eu=region:eu)"
+            )));
+        };
+        let region = region.trim();
+        crate::ids::validate("region", region).map_err(|e| PlacementError(e.to_string()))?;
+        let p = Placement::parse(spec)?;
+        if out.insert(region.to_string(), p).is_some() {
+            return Err(PlacementError(format!("region {region} is placed twice")));
+        }
+    }
+    Ok(out)
 }
 
 impl Default for Config {
@@ -215,6 +333,9 @@ impl Default for Config {
             duplicate_window: Duration::from_secs(600),
             audit_max_age: Duration::from_secs(400 * 24 * 3600),
             memory: false,
+            home_placement: None,
+            region_placement: BTreeMap::new(),
+            region_replicas: None,
         }
     }
 }
@@ -226,6 +347,21 @@ impl Config {
         } else {
             StorageType::File
         }
+    }
+
+    /// The JetStream placement of the home state.
+    fn home(&self) -> Option<stream::Placement> {
+        self.home_placement.as_ref().map(Placement::to_nats)
+    }
+
+    /// The JetStream placement of `region`'s secret store.
+    fn region(&self, region: &str) -> Option<stream::Placement> {
+        self.region_placement.get(region).map(Placement::to_nats)
+    }
+
+    /// Replicas of a region's secret store.
+    fn region_replicas(&self) -> usize {
+        self.region_replicas.unwrap_or(self.replicas)
     }
 
     /// Time before an un-acked task is redelivered the first time.
@@ -257,14 +393,90 @@ impl Config {
     }
 }
 
-async fn stream(js: &Context, cfg: stream::Config) -> Result<stream::Stream, TopologyError> {
-    let name = cfg.name.clone();
-    js.get_or_create_stream(cfg)
-        .await
-        .map_err(|e| terr(format!("stream {name}"), e))
+/// Where a stream or bucket belongs, for error messages: `the home state`
+/// or `region eu`.
+fn scope_of(region: Option<&str>) -> String {
+    match region {
+        Some(r) => format!("region {r}"),
+        None => "the home state".to_string(),
+    }
 }
 
-async fn bucket(js: &Context, cfg: kv::Config) -> Result<kv::Store, TopologyError> {
+/// The error of a stream or bucket that could not be created: with a
+/// placement, it names the region (or home) and the placement, which is
+/// the usual cause (no server with those tags or in that cluster, or too
+/// few of them for the replicas: the server answers "insufficient
+/// resources" or "no suitable peers").
+fn create_error(
+    what: String,
+    placement: Option<&stream::Placement>,
+    replicas: usize,
+    region: Option<&str>,
+    e: impl std::fmt::Display,
+) -> TopologyError {
+    match placement {
+        None => terr(what, e),
+        Some(p) => {
+            let shown = Placement {
+                cluster: p.cluster.clone(),
+                tags: p.tags.clone(),
+            };
+            terr(
+                what,
+                format!(
+                    "{e} (placement of {}: {shown}, {replicas} replica(s); the supercluster needs at least {replicas} JetStream server(s) {} with room for it)",
+                    scope_of(region),
+                    match (&p.cluster, p.tags.is_empty()) {
+                        (Some(c), true) => format!("in cluster {c}"),
+                        (Some(c), false) => format!("in cluster {c} tagged {}", p.tags.join(", ")),
+                        (None, _) => format!("tagged {}", p.tags.join(", ")),
+                    }
+                ),
+            )
+        }
+    }
+}
+
+/// Warns when an existing stream was created with another placement: the
+/// server keeps it where it is (moving a stream is an operator's decision,
+/// `nats stream edit --cluster`).
+fn check_placement(name: &str, want: Option<&stream::Placement>, has: Option<&stream::Placement>) {
+    let empty = |p: Option<&stream::Placement>| p.is_none_or(|p| p.cluster.is_none() && p.tags.is_empty());
+    if empty(want) && empty(has) {
+        return;
+    }
+    if want != has {
+        tracing::warn!(
+            stream = name,
+            wanted = ?want,
+            existing = ?has,
+            "Stream exists with another placement; it stays where it is"
+        );
+    }
+}
+
+async fn stream(
+    js: &Context,
+    cfg: stream::Config,
+    region: Option<&str>,
+) -> Result<stream::Stream, TopologyError> {
+    let name = cfg.name.clone();
+    let placement = cfg.placement.clone();
+    let replicas = cfg.num_replicas;
+    let mut s = js.get_or_create_stream(cfg).await.map_err(|e| {
+        create_error(format!("stream {name}"), placement.as_ref(), replicas, region, e)
+    })?;
+    if let Ok(info) = s.info().await {
+        check_placement(&name, placement.as_ref(), info.config.placement.as_ref());
+    }
+    Ok(s)
+}
+
+async fn bucket(
+    js: &Context,
+    cfg: kv::Config,
+    region: Option<&str>,
+) -> Result<kv::Store, TopologyError> {
     let name = cfg.bucket.clone();
     if let Ok(kv) = js.get_key_value(&name).await {
         return Ok(kv);
@@ -275,8 +487,10 @@ async fn bucket(js: &Context, cfg: kv::Config) -> Result<kv::Store, TopologyErro
     // Creating it again with the same config is a no-op, so racing processes
     // all succeed.
     let created = js.get_or_create_stream(kv_stream_config(&cfg)).await;
+    let placement = cfg.placement.as_ref();
+    let replicas = cfg.num_replicas.max(1);
     js.get_key_value(&name).await.map_err(|e| match created {
-        Err(c) => terr(format!("bucket {name}"), c),
+        Err(c) => create_error(format!("bucket {name}"), placement, replicas, region, c),
         Ok(_) => terr(format!("bucket {name}"), e),
     })
 }
@@ -298,6 +512,7 @@ pub fn kv_stream_config(cfg: &kv::Config) -> stream::Config {
         deny_purge: false,
         allow_direct: true,
         num_replicas: cfg.num_replicas.max(1),
+        placement: cfg.placement.clone(),
         discard: DiscardPolicy::New,
         ..Default::default()
     }
@@ -314,11 +529,13 @@ pub async fn ensure_core(js: &Context, cfg: &Config) -> Result<(), TopologyError
             retention: RetentionPolicy::WorkQueue,
             storage: cfg.storage(),
             num_replicas: cfg.replicas,
+            placement: cfg.home(),
             duplicate_window: cfg.duplicate_window,
             max_message_size: crate::codec::MAX_MESSAGE_BYTES as i32 * 2,
             discard: DiscardPolicy::Old,
             ..Default::default()
         },
+        None,
     )
     .await?;
     for (name, subj, desc) in [
@@ -352,10 +569,12 @@ pub async fn ensure_core(js: &Context, cfg: &Config) -> Result<(), TopologyError
                 retention: RetentionPolicy::Limits,
                 storage: cfg.storage(),
                 num_replicas: cfg.replicas,
+                placement: cfg.home(),
                 duplicate_window: cfg.duplicate_window,
                 max_age: cfg.audit_max_age,
                 ..Default::default()
             },
+            None,
         )
         .await?;
     }
@@ -370,9 +589,11 @@ pub async fn ensure_core(js: &Context, cfg: &Config) -> Result<(), TopologyError
             retention: RetentionPolicy::Limits,
             storage: cfg.storage(),
             num_replicas: cfg.replicas,
+            placement: cfg.home(),
             max_age: cfg.audit_max_age,
             ..Default::default()
         },
+        None,
     )
     .await?;
     inventory(js, cfg).await?;
@@ -389,12 +610,14 @@ pub async fn ensure_core(js: &Context, cfg: &Config) -> Result<(), TopologyError
             retention: RetentionPolicy::Limits,
             storage: cfg.storage(),
             num_replicas: cfg.replicas,
+            placement: cfg.home(),
             duplicate_window: cfg.duplicate_window,
             max_messages_per_subject: ATTEST_PER_SUBJECT,
             max_age: cfg.audit_max_age,
             max_message_size: 4096,
             ..Default::default()
         },
+        None,
     )
     .await?;
     // Leak detections and rotation notices (see `crate::detect`).
@@ -424,24 +647,21 @@ pub async fn detection_streams(js: &Context, cfg: &Config) -> Result<(), Topolog
             1,
         ),
     ] {
-        js.get_or_create_stream(stream::Config {
+        let config = stream::Config {
             name: name.into(),
             description: Some(desc.into()),
             subjects: vec![subject.into()],
             retention: RetentionPolicy::Limits,
             storage,
             num_replicas: cfg.replicas,
+            placement: cfg.home(),
             duplicate_window: cfg.duplicate_window,
             max_age: cfg.audit_max_age,
             max_messages_per_subject: per_subject,
             max_message_size: (crate::detect::MAX_DETECTION_BYTES * 2) as i32,
             ..Default::default()
-        })
-        .await
-        .map_err(|e| TopologyError {
-            what: format!("stream {name}"),
-            detail: e.to_string(),
-        })?;
+        };
+        crate::topology::stream(js, config, None).await?;
     }
     Ok(())
 }
@@ -457,8 +677,10 @@ pub async fn leases(js: &Context, cfg: &Config) -> Result<kv::Store, TopologyErr
             history: 1,
             storage: cfg.storage(),
             num_replicas: cfg.replicas,
+            placement: cfg.home(),
             ..Default::default()
         },
+        None,
     )
     .await
 }
@@ -473,8 +695,10 @@ pub async fn inventory(js: &Context, cfg: &Config) -> Result<kv::Store, Topology
             history: 1,
             storage: cfg.storage(),
             num_replicas: cfg.replicas,
+            placement: cfg.home(),
             ..Default::default()
         },
+        None,
     )
     .await
 }
@@ -489,8 +713,10 @@ pub async fn consumers(js: &Context, cfg: &Config) -> Result<kv::Store, Topology
             history: 1,
             storage: cfg.storage(),
             num_replicas: cfg.replicas,
+            placement: cfg.home(),
             ..Default::default()
         },
+        None,
     )
     .await
 }
@@ -505,8 +731,10 @@ pub async fn campaigns(js: &Context, cfg: &Config) -> Result<kv::Store, Topology
             history: 1,
             storage: cfg.storage(),
             num_replicas: cfg.replicas,
+            placement: cfg.home(),
             ..Default::default()
         },
+        None,
     )
     .await
 }
@@ -526,9 +754,11 @@ pub async fn ensure_region(
             retention: RetentionPolicy::WorkQueue,
             storage: cfg.storage(),
             num_replicas: cfg.replicas,
+            placement: cfg.home(),
             duplicate_window: cfg.duplicate_window,
             ..Default::default()
         },
+        None,
     )
     .await?;
     let name = worker_consumer(region);
@@ -587,9 +817,11 @@ pub async fn ensure_region(
             description: format!("keywave secret store of region {region} (encrypted)"),
             history: 5,
             storage: cfg.storage(),
-            num_replicas: cfg.replicas,
+            num_replicas: cfg.region_replicas(),
+            placement: cfg.region(region),
             ..Default::default()
         },
+        Some(region),
     )
     .await?;
     Ok((consumer, secrets))
@@ -749,4 +981,55 @@ pub fn context(client: async_nats::Client) -> Context {
         .max_ack_inflight(5_000)
         .backpressure_on_inflight(true)
         .build(client)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placement_parses_tags_and_cluster() {
+        assert_eq!(
+            Placement::parse("cluster=eu+region:eu+disk:ssd").unwrap(),
+            Placement {
+                cluster: Some("eu".into()),
+                tags: vec!["region:eu".into(), "disk:ssd".into()],
+            }
+        );
+        assert_eq!(
+            Placement::parse("cluster=home").unwrap().to_string(),
+            "cluster=home"
+        );
+        for bad in ["", "region:eu+", "cluster=a+cluster=b", "zone=x", "cluster=", "a b"] {
+            assert!(Placement::parse(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn region_placements_parse_per_region() {
+        let m = parse_region_placements("eu=region:eu, us=cluster=us+region:us").unwrap();
+        assert_eq!(m["eu"].tags, vec!["region:eu".to_string()]);
+        assert_eq!(m["us"].cluster.as_deref(), Some("us"));
+        assert!(parse_region_placements("").unwrap().is_empty());
+        assert!(parse_region_placements("eu").is_err());
+        assert!(parse_region_placements("eu=region:eu,eu=region:us").is_err());
+        assert!(parse_region_placements("e u=region:eu").is_err());
+    }
+
+    #[test]
+    fn placements_go_to_home_and_regions() {
+        let cfg = Config {
+            replicas: 3,
+            region_replicas: Some(1),
+            home_placement: Some(Placement::parse("cluster=home").unwrap()),
+            region_placement: parse_region_placements("eu=region:eu").unwrap(),
+            ..Default::default()
+        };
+        assert_eq!(cfg.home().unwrap().cluster.as_deref(), Some("home"));
+        assert_eq!(cfg.region("eu").unwrap().tags, vec!["region:eu".to_string()]);
+        assert!(cfg.region("us").is_none());
+        assert_eq!(cfg.region_replicas(), 1);
+        assert_eq!(Config::default().region_replicas(), 1);
+        assert!(Config::default().home().is_none());
+    }
 }

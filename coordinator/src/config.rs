@@ -126,6 +126,23 @@ pub struct DaemonArgs {
     /// (5 s ack wait, backoff 5,5,10,20,30 s, 10 deliveries) in place.
     #[arg(long, env = REGIONS_ENV, value_name = "REGIONS", default_value = "")]
     pub regions: String,
+    /// Supercluster: where each region's secret store is created, as
+    /// <region>=<placement> pairs, comma-separated; a placement is server
+    /// tags and/or cluster=<name>, joined by `+` (e.g.
+    /// eu=region:eu,us=region:us or eu=cluster=eu+region:eu). Every placed
+    /// region must be in --regions. See docs/multi-region.md [default: the
+    /// server places them].
+    #[arg(long, env = PLACEMENT_ENV, value_name = "REGION=PLACEMENT,...", default_value = "")]
+    pub placement: String,
+    /// Supercluster: where every other stream and bucket (campaign state,
+    /// inventory, tasks, results, events, audit, leases) is created, e.g.
+    /// cluster=home [default: the server places them].
+    #[arg(long, env = HOME_PLACEMENT_ENV, value_name = "PLACEMENT")]
+    pub home_placement: Option<String>,
+    /// Replicas of each region's secret store (a region placed on fewer
+    /// servers than the home cluster needs fewer) [default: --replicas].
+    #[arg(long, env = REGION_REPLICAS_ENV, value_name = "N")]
+    pub region_replicas: Option<usize>,
     #[command(flatten)]
     pub nats_auth: NatsAuthArgs,
     /// Ed25519 key that signs every task (create one with `keywave-coordinator keygen`); workers check it against their coordinator_public_keys. Required unless --insecure-unsigned-tasks.
@@ -161,6 +178,13 @@ pub struct DaemonArgs {
     #[command(subcommand)]
     pub command: Option<DaemonCommand>,
 }
+
+/// Environment variable with the regions' secret store placements (`--placement`).
+pub const PLACEMENT_ENV: &str = "KEYWAVE_PLACEMENT";
+/// Environment variable with the home state's placement (`--home-placement`).
+pub const HOME_PLACEMENT_ENV: &str = "KEYWAVE_HOME_PLACEMENT";
+/// Environment variable with the regions' secret store replicas (`--region-replicas`).
+pub const REGION_REPLICAS_ENV: &str = "KEYWAVE_REGION_REPLICAS";
 
 /// Environment variable with the coordinator lease ttl.
 pub const LEASE_TTL_ENV: &str = "KEYWAVE_LEASE_TTL";
@@ -212,6 +236,39 @@ impl DaemonArgs {
         Ok(regions)
     }
 
+    /// Validates `--placement`, `--home-placement` and `--region-replicas`
+    /// into `topology`.
+    fn placements(&self, topology: &mut topology::Config) -> Result<(), UsageError> {
+        topology.region_placement = topology::parse_region_placements(&self.placement)
+            .map_err(|e| usage("--placement", e.to_string()))?;
+        let regions = self.region_list()?;
+        if let Some(r) = topology
+            .region_placement
+            .keys()
+            .find(|r| !regions.contains(r))
+        {
+            return Err(usage(
+                "--placement",
+                format!(
+                    "places region {r}, which is not in --regions: the coordinator creates the secret stores of the regions in --regions only"
+                ),
+            ));
+        }
+        if let Some(spec) = &self.home_placement {
+            topology.home_placement = Some(
+                topology::Placement::parse(spec)
+                    .map_err(|e| usage("--home-placement", e.to_string()))?,
+            );
+        }
+        if let Some(n) = self.region_replicas {
+            if n == 0 || n > 5 {
+                return Err(usage("--region-replicas", "must be between 1 and 5"));
+            }
+            topology.region_replicas = Some(n);
+        }
+        Ok(())
+    }
+
     pub fn to_options(&self) -> Result<CoordinatorOptions, UsageError> {
         let mut opts = CoordinatorOptions::default();
         if let Some(id) = &self.id {
@@ -225,6 +282,7 @@ impl DaemonArgs {
             replicas: self.replicas,
             ..Default::default()
         };
+        self.placements(&mut opts.topology)?;
         opts.progress_interval =
             keywave_common::flags::duration("--progress-interval", &self.progress_interval)?;
         if opts.progress_interval.is_zero() {
@@ -281,5 +339,52 @@ impl DaemonArgs {
             None => {}
         }
         Ok(opts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<CoordinatorOptions, UsageError> {
+        let mut argv = vec!["keywave-coordinator", "--insecure-unsigned-tasks"];
+        argv.extend_from_slice(extra);
+        DaemonArgs::try_parse_from(argv).unwrap().to_options()
+    }
+
+    #[test]
+    fn placement_flags_fill_the_topology() {
+        let o = parse(&[
+            "--regions",
+            "eu,us",
+            "--placement",
+            "eu=region:eu,us=region:us",
+            "--home-placement",
+            "cluster=home",
+            "--replicas",
+            "3",
+            "--region-replicas",
+            "1",
+        ])
+        .unwrap();
+        assert_eq!(o.topology.region_placement.len(), 2);
+        assert_eq!(o.topology.region_placement["us"].to_string(), "region:us");
+        assert_eq!(o.topology.home_placement.unwrap().to_string(), "cluster=home");
+        assert_eq!(o.topology.region_replicas, Some(1));
+        let none = parse(&[]).unwrap();
+        assert!(none.topology.region_placement.is_empty() && none.topology.home_placement.is_none());
+    }
+
+    #[test]
+    fn placement_flags_are_validated() {
+        for (argv, flag) in [
+            (vec!["--regions", "eu", "--placement", "us=region:us"], "--placement"),
+            (vec!["--regions", "eu", "--placement", "eu"], "--placement"),
+            (vec!["--home-placement", "cluster="], "--home-placement"),
+            (vec!["--region-replicas", "0"], "--region-replicas"),
+        ] {
+            let e = parse(&argv).unwrap_err();
+            assert_eq!(e.flag, flag, "{argv:?}: {}", e.message);
+        }
     }
 }

@@ -45,6 +45,11 @@ pub async fn bucket(js: &Context, cfg: &topology::Config) -> Result<kv::Store, T
             async_nats::jetstream::stream::StorageType::File
         },
         num_replicas: cfg.replicas,
+        // Home state, like the other coordinator buckets.
+        placement: cfg
+            .home_placement
+            .as_ref()
+            .map(topology::Placement::to_nats),
         ..Default::default()
     };
     // As in `topology`: the stream is created directly (nats-server 2.9).
