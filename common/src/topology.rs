@@ -254,8 +254,7 @@ impl Placement {
             };
             let allowed = |v: &str| {
                 !v.is_empty()
-                    && v
-                        .chars()
+                    && v.chars()
                         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | ':' | '.'))
             };
             if let Some(name) = item.strip_prefix("cluster=") {
@@ -292,7 +291,11 @@ impl Placement {
 impl std::fmt::Display for Placement {
     /// `cluster=home+region:eu`, as [`Placement::parse`] reads it.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut items: Vec<String> = self.cluster.iter().map(|c| format!("cluster={c}")).collect();
+        let mut items: Vec<String> = self
+            .cluster
+            .iter()
+            .map(|c| format!("cluster={c}"))
+            .collect();
         items.extend(self.tags.iter().cloned());
         f.write_str(&items.join("+"))
     }
@@ -300,9 +303,7 @@ impl std::fmt::Display for Placement {
 
 /// Parses a per-region placement list, `eu=region:eu,us=region:us` (each
 /// region's placement as [`Placement::parse`] reads it).
-pub fn parse_region_placements(
-    list: &str,
-) -> Result<BTreeMap<String, Placement>, PlacementError> {
+pub fn parse_region_placements(list: &str) -> Result<BTreeMap<String, Placement>, PlacementError> {
     let mut out = BTreeMap::new();
     for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
         let Some((region, spec)) = entry.split_once('=') else {
@@ -441,7 +442,8 @@ fn create_error(
 /// server keeps it where it is (moving a stream is an operator's decision,
 /// `nats stream edit --cluster`).
 fn check_placement(name: &str, want: Option<&stream::Placement>, has: Option<&stream::Placement>) {
-    let empty = |p: Option<&stream::Placement>| p.is_none_or(|p| p.cluster.is_none() && p.tags.is_empty());
+    let empty =
+        |p: Option<&stream::Placement>| p.is_none_or(|p| p.cluster.is_none() && p.tags.is_empty());
     if empty(want) && empty(has) {
         return;
     }
@@ -464,7 +466,13 @@ async fn stream(
     let placement = cfg.placement.clone();
     let replicas = cfg.num_replicas;
     let mut s = js.get_or_create_stream(cfg).await.map_err(|e| {
-        create_error(format!("stream {name}"), placement.as_ref(), replicas, region, e)
+        create_error(
+            format!("stream {name}"),
+            placement.as_ref(),
+            replicas,
+            region,
+            e,
+        )
     })?;
     if let Ok(info) = s.info().await {
         check_placement(&name, placement.as_ref(), info.config.placement.as_ref());
@@ -1000,7 +1008,14 @@ mod tests {
             Placement::parse("cluster=home").unwrap().to_string(),
             "cluster=home"
         );
-        for bad in ["", "region:eu+", "cluster=a+cluster=b", "zone=x", "cluster=", "a b"] {
+        for bad in [
+            "",
+            "region:eu+",
+            "cluster=a+cluster=b",
+            "zone=x",
+            "cluster=",
+            "a b",
+        ] {
             assert!(Placement::parse(bad).is_err(), "{bad:?} parsed");
         }
     }
@@ -1026,7 +1041,10 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(cfg.home().unwrap().cluster.as_deref(), Some("home"));
-        assert_eq!(cfg.region("eu").unwrap().tags, vec!["region:eu".to_string()]);
+        assert_eq!(
+            cfg.region("eu").unwrap().tags,
+            vec!["region:eu".to_string()]
+        );
         assert!(cfg.region("us").is_none());
         assert_eq!(cfg.region_replicas(), 1);
         assert_eq!(Config::default().region_replicas(), 1);

@@ -369,16 +369,24 @@ mod tests {
         .unwrap();
         assert_eq!(o.topology.region_placement.len(), 2);
         assert_eq!(o.topology.region_placement["us"].to_string(), "region:us");
-        assert_eq!(o.topology.home_placement.unwrap().to_string(), "cluster=home");
+        assert_eq!(
+            o.topology.home_placement.unwrap().to_string(),
+            "cluster=home"
+        );
         assert_eq!(o.topology.region_replicas, Some(1));
         let none = parse(&[]).unwrap();
-        assert!(none.topology.region_placement.is_empty() && none.topology.home_placement.is_none());
+        assert!(
+            none.topology.region_placement.is_empty() && none.topology.home_placement.is_none()
+        );
     }
 
     #[test]
     fn placement_flags_are_validated() {
         for (argv, flag) in [
-            (vec!["--regions", "eu", "--placement", "us=region:us"], "--placement"),
+            (
+                vec!["--regions", "eu", "--placement", "us=region:us"],
+                "--placement",
+            ),
             (vec!["--regions", "eu", "--placement", "eu"], "--placement"),
             (vec!["--home-placement", "cluster="], "--home-placement"),
             (vec!["--region-replicas", "0"], "--region-replicas"),

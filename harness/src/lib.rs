@@ -41,7 +41,7 @@ pub mod wait;
 
 pub use error::HarnessError;
 pub use mariadb::MariaDbServer;
-pub use nats::{NatsCluster, NatsOptions, NatsServer};
+pub use nats::{NatsCluster, NatsOptions, NatsServer, NatsSupercluster};
 pub use postgres::PostgresServer;
 pub use process::require;
 pub use redis::RedisServer;

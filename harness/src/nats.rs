@@ -124,6 +124,9 @@ struct Node {
     store: PathBuf,
     log: PathBuf,
     extra: Vec<String>,
+    /// The configuration file has everything (address, ports, store): no
+    /// command-line flags but `-c`.
+    config_only: bool,
     daemon: Option<Daemon>,
 }
 
@@ -138,12 +141,14 @@ impl Node {
         if let Some(config) = &self.config {
             cmd.arg("-c").arg(config);
         }
-        cmd.args(["-js", "-a", "127.0.0.1", "-p"])
-            .arg(self.port.to_string())
-            .arg("-sd")
-            .arg(&self.store);
-        if let Some(name) = &self.name {
-            cmd.arg("-n").arg(name);
+        if !self.config_only {
+            cmd.args(["-js", "-a", "127.0.0.1", "-p"])
+                .arg(self.port.to_string())
+                .arg("-sd")
+                .arg(&self.store);
+            if let Some(name) = &self.name {
+                cmd.arg("-n").arg(name);
+            }
         }
         cmd.args(&self.extra);
         let label = match &self.name {
@@ -216,6 +221,7 @@ impl NatsServer {
             store: dir.path().join("store"),
             log: dir.path().join("nats-server.log"),
             extra: Vec::new(),
+            config_only: false,
             daemon: None,
         };
         for attempt in 1..=PORT_ATTEMPTS {
@@ -348,6 +354,7 @@ impl NatsCluster {
                         "--routes".into(),
                         routes.join(","),
                     ],
+                    config_only: false,
                     daemon: None,
                 }
             })
@@ -411,4 +418,238 @@ impl NatsCluster {
             panic!("restart of node {i}: {e}");
         }
     }
+}
+
+/// The server template of `deploy/multi-region/` (what `start.sh` renders).
+pub const SUPERCLUSTER_TEMPLATE: &str = include_str!("../../deploy/multi-region/server.conf.tmpl");
+
+/// The clusters of a [`NatsSupercluster`]: name, servers, the tag each
+/// server carries. As `deploy/multi-region/start.sh` starts them.
+pub const SUPERCLUSTER_LAYOUT: [(&str, usize, &str); 4] = [
+    ("home", 3, "role:home"),
+    ("eu", 1, "region:eu"),
+    ("us", 1, "region:us"),
+    ("ap", 1, "region:ap"),
+];
+
+/// One server of a [`NatsSupercluster`].
+struct SuperNode {
+    cluster: &'static str,
+    http_port: u16,
+    node: Node,
+}
+
+/// keywave's local multi-region supercluster (`deploy/multi-region/`): a
+/// home cluster of 3 servers and one server per region `eu`, `us`, `ap`,
+/// joined by gateways, every server tagged (`region:<region>`, `role:home`)
+/// and named `<cluster><n>` (`home1`, `eu1`, ...), rendered from the same
+/// template as `start.sh` with free loopback ports and temporary stores.
+/// Killed on drop.
+pub struct NatsSupercluster {
+    nodes: Vec<SuperNode>,
+    dir: TempDir,
+}
+
+impl NatsSupercluster {
+    /// Starts every server and waits until each answers JetStream requests
+    /// and the JetStream meta leader sees every server as a current peer
+    /// (before that, placement may not find a region's servers). Panics
+    /// with a log when one does not come up.
+    pub fn start() -> NatsSupercluster {
+        NatsSupercluster::try_start().unwrap_or_else(|e| panic!("supercluster start: {e}"))
+    }
+
+    /// [`NatsSupercluster::start`], returning the error instead of panicking.
+    pub fn try_start() -> Result<NatsSupercluster, HarnessError> {
+        let dir = temp_dir("keywave-nats-super-")?;
+        struct Ports {
+            client: u16,
+            route: u16,
+            gateway: u16,
+            http: u16,
+        }
+        let mut servers = Vec::new();
+        for (cluster, n, tag) in SUPERCLUSTER_LAYOUT {
+            for i in 1..=n {
+                let ports = Ports {
+                    client: try_free_port()?,
+                    route: try_free_port()?,
+                    gateway: try_free_port()?,
+                    http: try_free_port()?,
+                };
+                servers.push((cluster, format!("{cluster}{i}"), tag, ports));
+            }
+        }
+        let routes_of = |cluster: &str| {
+            servers
+                .iter()
+                .filter(|s| s.0 == cluster)
+                .map(|s| format!("\"nats-route://127.0.0.1:{}\"", s.3.route))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let gateways = SUPERCLUSTER_LAYOUT
+            .iter()
+            .map(|(cluster, _, _)| {
+                let first = servers.iter().find(|s| s.0 == *cluster).expect("a server");
+                format!(
+                    "{{name: {cluster}, urls: [\"nats://127.0.0.1:{}\"]}}",
+                    first.3.gateway
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut nodes = Vec::new();
+        for (cluster, name, tag, ports) in &servers {
+            let home = dir.path().join(name);
+            std::fs::create_dir_all(&home)
+                .map_err(HarnessError::io(format!("creating {}", home.display())))?;
+            let store = home.join("store");
+            let text = SUPERCLUSTER_TEMPLATE
+                .replace("@NAME@", name)
+                .replace("@CLUSTER@", cluster)
+                .replace("@TAGS@", &format!("\"{tag}\""))
+                .replace("@CLIENT_PORT@", &ports.client.to_string())
+                .replace("@ROUTE_PORT@", &ports.route.to_string())
+                .replace("@GATEWAY_PORT@", &ports.gateway.to_string())
+                .replace("@HTTP_PORT@", &ports.http.to_string())
+                .replace("@STORE_DIR@", &store.display().to_string())
+                .replace("@MAX_MEMORY@", "256MB")
+                .replace("@MAX_FILE@", "1GB")
+                .replace("@ROUTES@", &routes_of(cluster))
+                .replace("@GATEWAYS@", &gateways);
+            let config = write_config(&home, &text)?;
+            nodes.push(SuperNode {
+                cluster,
+                http_port: ports.http,
+                node: Node {
+                    name: Some(name.clone()),
+                    config: Some(config),
+                    port: ports.client,
+                    store,
+                    log: dir.path().join(format!("{name}.log")),
+                    extra: Vec::new(),
+                    config_only: true,
+                    daemon: None,
+                },
+            });
+        }
+        let mut sc = NatsSupercluster { nodes, dir };
+        // All servers first: none answers JetStream before a meta leader
+        // is elected, which needs a quorum of all of them.
+        for n in &mut sc.nodes {
+            n.node.spawn()?;
+        }
+        for n in &mut sc.nodes {
+            n.node.wait_ready()?;
+        }
+        sc.wait_all_peers()?;
+        Ok(sc)
+    }
+
+    /// Waits until one server, the meta leader, reports every other server
+    /// as a current peer in its `/jsz`.
+    fn wait_all_peers(&mut self) -> Result<(), HarnessError> {
+        let want = self.nodes.len() - 1;
+        let ports: Vec<u16> = self.nodes.iter().map(|n| n.http_port).collect();
+        let first = &mut self.nodes[0].node;
+        let daemon = first.daemon.as_mut().expect("node spawned");
+        daemon.wait_ready(START_TIMEOUT, || {
+            let mut seen = Vec::new();
+            for port in &ports {
+                let Ok(jsz) = http_get_json(*port, "/jsz") else {
+                    continue;
+                };
+                let Some(replicas) = jsz["meta_cluster"]["replicas"].as_array() else {
+                    continue;
+                };
+                let current = replicas
+                    .iter()
+                    .filter(|r| r["current"].as_bool() == Some(true))
+                    .count();
+                if current >= want {
+                    return Ok(());
+                }
+                seen.push(current);
+            }
+            Err(format!(
+                "the JetStream meta leader sees {seen:?} of {want} other servers as current peers"
+            ))
+        })
+    }
+
+    /// The cluster (gateway) names, home first.
+    pub fn clusters(&self) -> Vec<&'static str> {
+        SUPERCLUSTER_LAYOUT.iter().map(|c| c.0).collect()
+    }
+
+    /// Server names of `cluster` (`home1`, `home2`, `home3`; `eu1`).
+    pub fn server_names(&self, cluster: &str) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter(|n| n.cluster == cluster)
+            .filter_map(|n| n.node.name.clone())
+            .collect()
+    }
+
+    /// Client URLs of `cluster`'s servers.
+    pub fn urls(&self, cluster: &str) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter(|n| n.cluster == cluster)
+            .map(|n| n.node.url())
+            .collect()
+    }
+
+    /// A client connected to `cluster`'s servers (failing over between them).
+    pub async fn client(&self, cluster: &str) -> async_nats::Client {
+        let urls = self.urls(cluster);
+        async_nats::ConnectOptions::new()
+            .connection_timeout(Duration::from_secs(5))
+            .connect(urls.clone())
+            .await
+            .unwrap_or_else(|e| panic!("connect to {cluster} {urls:?}: {e}"))
+    }
+
+    /// The temporary directory holding every server's config, store and log.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The last lines of every server's log, for assertion messages.
+    pub fn log_tails(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| {
+                format!(
+                    "--- {}:\n{}",
+                    n.node.name.as_deref().unwrap_or("?"),
+                    n.node.log_tail()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// `GET http://127.0.0.1:<port><path>` of a server's monitoring endpoint,
+/// parsed as JSON (a blocking, bounded, dependency-free HTTP/1.0 request).
+fn http_get_json(port: u16, path: &str) -> Result<serde_json::Value, String> {
+    use std::io::{Read, Write};
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+        .map_err(|e| format!("connect :{port}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .and_then(|_| s.set_write_timeout(Some(Duration::from_secs(2))))
+        .map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut body = String::new();
+    s.take(4 << 20)
+        .read_to_string(&mut body)
+        .map_err(|e| e.to_string())?;
+    let json = body
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .ok_or("no HTTP body")?;
+    serde_json::from_str(json).map_err(|e| format!("{path} is not JSON: {e}"))
 }

@@ -41,6 +41,9 @@
 //!   wave (nothing issued) until it is back and the campaign resumed; a 0.5 threshold lets 1 of 3 down through.
 //! - `crash`: a worker stopped between set and promote; the task resumes and rotates once.
 //! - `deadletter`: malformed, oversized and unknown-version tasks are dead-lettered; the queue moves on.
+//! - `supercluster`: the multi-region supercluster of `deploy/multi-region/` with placement: each region's
+//!   secret store only on its region's server, the home state at R3 on the home cluster, an unsatisfiable
+//!   placement refused naming the region and tag; a campaign over eu, us, ap with each worker on its own region.
 //! - `signing`: tasks signed by an unknown key, unsigned, altered, moved to another region's subject
 //!   or expired are refused, dead-lettered with their reason and change nothing; a second key works;
 //!   a campaign signed by the coordinator completes.
@@ -114,5 +117,6 @@ mod redis_acl;
 mod regions;
 mod rollback;
 mod signing;
+mod supercluster;
 mod support;
 mod tracing;
