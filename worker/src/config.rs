@@ -214,6 +214,21 @@ pub struct JetStreamFile {
     /// Default 20000.
     #[serde(default)]
     pub max_ack_pending: Option<i64>,
+    /// Supercluster: where this region's secret store is created if this
+    /// worker creates it (server tags and/or `cluster=<name>`, joined by
+    /// `+`, e.g. `"region:eu"`), as the coordinator's `--placement` says for
+    /// this region. Default: the server places it.
+    #[serde(default)]
+    pub placement: Option<String>,
+    /// Supercluster: where the shared streams and buckets are created if
+    /// this worker creates them, as the coordinator's `--home-placement`
+    /// (e.g. `"cluster=home"`). Default: the server places them.
+    #[serde(default)]
+    pub home_placement: Option<String>,
+    /// Replicas of this region's secret store if this worker creates it.
+    /// Default: `replicas`.
+    #[serde(default)]
+    pub region_replicas: Option<usize>,
 }
 
 /// One `[[endpoint]]` table.
@@ -528,7 +543,7 @@ impl Config {
             file.shutdown_grace_secs
                 .unwrap_or(DEFAULT_SHUTDOWN_GRACE_SECS),
         );
-        let topology = jetstream_config(&file.jetstream)?;
+        let topology = jetstream_config(&file.jetstream, &region)?;
         let metrics_addr = match &file.metrics_addr {
             Some(a) => Some(a.trim().parse().map_err(|_| {
                 invalid(
@@ -669,8 +684,28 @@ fn detect_key(file: Option<&Path>, env: &dyn Env) -> Result<Option<DetectKey>, C
     }
 }
 
-fn jetstream_config(js: &JetStreamFile) -> Result<topology::Config, ConfigError> {
+fn jetstream_config(js: &JetStreamFile, region: &str) -> Result<topology::Config, ConfigError> {
     let mut t = topology::Config::default();
+    if let Some(spec) = &js.placement {
+        let p = topology::Placement::parse(spec)
+            .map_err(|e| invalid("jetstream.placement", e.to_string()))?;
+        t.region_placement.insert(region.to_string(), p);
+    }
+    if let Some(spec) = &js.home_placement {
+        t.home_placement = Some(
+            topology::Placement::parse(spec)
+                .map_err(|e| invalid("jetstream.home_placement", e.to_string()))?,
+        );
+    }
+    if let Some(r) = js.region_replicas {
+        if !(1..=5).contains(&r) {
+            return Err(invalid(
+                "jetstream.region_replicas",
+                "must be between 1 and 5",
+            ));
+        }
+        t.region_replicas = Some(r);
+    }
     if let Some(r) = js.replicas {
         if !(1..=5).contains(&r) {
             return Err(invalid("jetstream.replicas", "must be between 1 and 5"));
@@ -1337,6 +1372,28 @@ mod tests {
         );
         let no_key = Config::parse("region = \"eu\"", "t", &Overrides::default(), &env(&[]));
         assert_eq!(no_key.unwrap_err().field(), Some("region_key_file"));
+    }
+
+    #[test]
+    fn placement_keys_place_this_region_and_home() {
+        let c = parse(
+            "region = \"eu\"\n[jetstream]\nplacement = \"region:eu\"\nhome_placement = \"cluster=home\"\nregion_replicas = 1",
+        )
+        .unwrap();
+        assert_eq!(c.topology.region_placement["eu"].to_string(), "region:eu");
+        assert_eq!(
+            c.topology.home_placement.unwrap().cluster.as_deref(),
+            Some("home")
+        );
+        assert_eq!(c.topology.region_replicas, Some(1));
+        assert_eq!(
+            bad_field("region = \"eu\"\n[jetstream]\nplacement = \"zone=x\""),
+            "jetstream.placement"
+        );
+        assert_eq!(
+            bad_field("region = \"eu\"\n[jetstream]\nregion_replicas = 0"),
+            "jetstream.region_replicas"
+        );
     }
 
     #[test]
