@@ -465,7 +465,7 @@ async fn stream(
     let name = cfg.name.clone();
     let placement = cfg.placement.clone();
     let replicas = cfg.num_replicas;
-    let mut s = js.get_or_create_stream(cfg).await.map_err(|e| {
+    let s = js.get_or_create_stream(cfg).await.map_err(|e| {
         create_error(
             format!("stream {name}"),
             placement.as_ref(),
@@ -474,9 +474,11 @@ async fn stream(
             e,
         )
     })?;
-    if let Ok(info) = s.info().await {
-        check_placement(&name, placement.as_ref(), info.config.placement.as_ref());
-    }
+    check_placement(
+        &name,
+        placement.as_ref(),
+        s.cached_info().config.placement.as_ref(),
+    );
     Ok(s)
 }
 
