@@ -15,7 +15,8 @@
 //! # Layout
 //! - [`nats`]: [`NatsServer`] (single JetStream node, restartable on the same
 //!   port and store; [`NatsOptions`] chooses the tests' configuration or
-//!   `nats-server`'s defaults) and [`NatsCluster`] (3-node JetStream cluster).
+//!   `nats-server`'s defaults), [`NatsCluster`] (3-node JetStream cluster) and
+//!   [`NatsSupercluster`] (home cluster plus regions eu, us, ap over gateways).
 //! - [`redis`]: [`RedisServer`], a private `redis-server` for ACL-user rotation.
 //! - [`secure`]: [`SecureNats`], a `nats-server` running the least-privilege
 //!   `deploy/nats-secure.conf` (optionally with TLS), one user per role.

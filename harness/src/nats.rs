@@ -1,7 +1,8 @@
 //! Real `nats-server` processes: a restartable single JetStream node
 //! ([`NatsServer`], also what `keywave dev` and `keywave bench` start) and a
-//! three-node JetStream cluster ([`NatsCluster`]), on random loopback ports
-//! with temporary store directories, killed on drop.
+//! three-node JetStream cluster ([`NatsCluster`]), and the multi-region
+//! supercluster of `deploy/multi-region/` ([`NatsSupercluster`]), on random
+//! loopback ports with temporary store directories, killed on drop.
 //! Modelled on the `nats-server` test crate of nats.rs.
 
 use crate::process::{locate, try_free_port, Daemon};
