@@ -17,6 +17,8 @@ Prints one line per problem and exits 1 when there is any.
 """
 
 import json
+import os
+import re
 import sys
 import tomllib
 
@@ -37,7 +39,72 @@ JETSTREAM_METADATA = {
     "useHttps",
 }
 
+# docs/configuration.md is generated from the code (cargo xtask): its tables
+# are the flags each binary accepts and the worker file's keys.
+CONFIG_DOC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "docs", "configuration.md")
+
+# The agent file's keys (AgentFile and CredentialFile in worker/src/agent.rs,
+# described in docs/consumers.md); [nats] takes the worker file's nats keys.
+AGENT_KEYS = {
+    "consumer", "region", "nats_url", "nats", "region_key_file", "reload_command",
+    "reload_timeout_secs", "health_command", "health_timeout_secs", "health_retry_secs",
+    "credential",
+}
+AGENT_CREDENTIAL_KEYS = {"id", "path", "template", "principal", "mode"}
+
 problems = []
+
+
+def doc_sections():
+    """The first-column entries of each table of docs/configuration.md, by heading."""
+    sections, heading = {}, None
+    with open(CONFIG_DOC) as f:
+        for line in f:
+            if line.startswith("#"):
+                heading = line.lstrip("#").strip().strip("`")
+                sections[heading] = []
+            elif heading and line.startswith("| `"):
+                sections[heading].append(line.split("|")[1])
+    return sections
+
+
+DOCS = doc_sections()
+
+
+def documented_flags(*headings):
+    flags = set()
+    for h in headings:
+        if h not in DOCS:
+            raise SystemExit(f"docs/configuration.md has no section {h!r}")
+        for cell in DOCS[h]:
+            flags.update(re.findall(r"`(--[a-z0-9-]+)`", cell))
+    return flags
+
+
+def documented_keys(heading):
+    keys = {}
+    for cell in DOCS[heading]:
+        key = cell.strip().strip("`")
+        table, _, leaf = key.rpartition(".")
+        keys.setdefault(table.removesuffix("[]"), set()).add(leaf)
+    return keys
+
+
+COORDINATOR_FLAGS = documented_flags("keywave-coordinator")
+WORKER_FLAGS = documented_flags("keywave-worker", "keywave-worker run")
+AGENT_FLAGS = documented_flags("keywave-worker", "keywave-worker agent")
+WORKER_KEYS = documented_keys("Worker configuration file")
+
+
+def check_flags(where, args, known):
+    for a in args:
+        if a.startswith("--") and a.split("=", 1)[0] not in known:
+            problem(where, f"unknown flag {a.split('=', 1)[0]} (not in docs/configuration.md)")
+
+
+def check_keys(where, table, known, what):
+    for key in sorted(set(table) - known):
+        problem(where, f"{what}: unknown key {key!r}")
 
 
 def problem(where, message):
@@ -103,8 +170,15 @@ def check_workload(where, obj):
     for c in spec.get("initContainers") or []:
         check_container(f"{where}: init container {c.get('name')}", c, probes=False)
     for c in spec.get("containers") or []:
-        main = keywave and c.get("command", [""])[0] in ("keywave-coordinator", "keywave-worker")
-        check_container(f"{where}: container {c.get('name')}", c, probes=main)
+        command = (c.get("command") or [""])[0]
+        args = c.get("args") or []
+        cwhere = f"{where}: container {c.get('name')}"
+        if command == "keywave-coordinator":
+            check_flags(cwhere, args, COORDINATOR_FLAGS)
+        elif command == "keywave-worker":
+            check_flags(cwhere, args, AGENT_FLAGS if "agent" in args else WORKER_FLAGS)
+        main = keywave and command in ("keywave-coordinator", "keywave-worker")
+        check_container(cwhere, c, probes=main)
 
 
 def arg_value(args, flag):
@@ -170,6 +244,12 @@ def check_worker_config(where, obj, region):
     except tomllib.TOMLDecodeError as e:
         problem(where, f"worker.toml: {e}")
         return
+    top = WORKER_KEYS[""] | {"jetstream", "nats", "endpoint"}
+    check_keys(where, cfg, top, "worker.toml")
+    check_keys(where, cfg.get("jetstream") or {}, WORKER_KEYS["jetstream"], "worker.toml [jetstream]")
+    check_keys(where, cfg.get("nats") or {}, WORKER_KEYS["nats"], "worker.toml [nats]")
+    for e in cfg.get("endpoint") or []:
+        check_keys(where, e, WORKER_KEYS["endpoint"], f"worker.toml [[endpoint]] {e.get('name')}")
     if cfg.get("region") != region:
         problem(where, f"worker.toml region must be {region!r} (the overlay), got {cfg.get('region')!r}")
     if not cfg.get("region_key_file"):
@@ -181,6 +261,25 @@ def check_worker_config(where, obj, region):
     for e in cfg.get("endpoint") or []:
         if "admin_password_env" in e:
             problem(where, f"worker.toml endpoint {e.get('name')}: admin passwords come from files (admin_password_file)")
+
+
+def check_agent_config(where, obj, region):
+    for name, text in (obj.get("data") or {}).items():
+        if not name.endswith(".toml"):
+            continue
+        try:
+            cfg = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            problem(where, f"{name}: {e}")
+            continue
+        check_keys(where, cfg, AGENT_KEYS, name)
+        check_keys(where, cfg.get("nats") or {}, WORKER_KEYS["nats"], f"{name} [nats]")
+        for c in cfg.get("credential") or []:
+            check_keys(where, c, AGENT_CREDENTIAL_KEYS, f"{name} [[credential]] {c.get('id')}")
+        if cfg.get("region") != region:
+            problem(where, f"{name} region must be {region!r} (the overlay), got {cfg.get('region')!r}")
+        if not cfg.get("credential"):
+            problem(where, f"{name}: no [[credential]]")
 
 
 def main():
@@ -207,6 +306,8 @@ def main():
                     check_coordinator(where, obj)
             if obj.get("kind") == "ConfigMap" and obj["metadata"]["name"].startswith("keywave-worker-config"):
                 check_worker_config(where, obj, region)
+            if obj.get("kind") == "ConfigMap" and "keywave-agent" in obj["metadata"]["name"]:
+                check_agent_config(where, obj, region)
         names = {k for k, _ in kinds}
         if region:
             for kind in ("Deployment", "ScaledObject", "NetworkPolicy", "ConfigMap"):
