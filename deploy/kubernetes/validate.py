@@ -10,7 +10,9 @@
    limits; the coordinator and worker probes on the metrics port and the
    Prometheus annotations; the coordinator's replicas and arguments; each
    region overlay's worker.toml region and its KEDA trigger (stream
-   KEYWAVE_TASKS, consumer workers-<region>).
+   KEYWAVE_TASKS, consumer workers-<region>); flags and file keys against
+   docs/configuration.md; deploy/Dockerfile building the three binaries the
+   manifests run, as their user.
 3. Writes OUT_DIR/scaledobjects.json for validate-keda.mjs (the KEDA schema).
 
 Prints one line per problem and exits 1 when there is any.
@@ -53,6 +55,8 @@ AGENT_KEYS = {
 AGENT_CREDENTIAL_KEYS = {"id", "path", "template", "principal", "mode"}
 
 problems = []
+# The uids the containers running the keywave image use (the image's USER).
+KEYWAVE_UIDS = set()
 
 
 def doc_sections():
@@ -177,6 +181,8 @@ def check_workload(where, obj):
             check_flags(cwhere, args, COORDINATOR_FLAGS)
         elif command == "keywave-worker":
             check_flags(cwhere, args, AGENT_FLAGS if "agent" in args else WORKER_FLAGS)
+        if command in ("keywave-coordinator", "keywave-worker"):
+            KEYWAVE_UIDS.add((c.get("securityContext") or {}).get("runAsUser"))
         main = keywave and command in ("keywave-coordinator", "keywave-worker")
         check_container(cwhere, c, probes=main)
 
@@ -282,6 +288,38 @@ def check_agent_config(where, obj, region):
             problem(where, f"{name}: no [[credential]]")
 
 
+def check_image(uids):
+    """deploy/Dockerfile builds the packages and binaries the manifests run,
+    as the user they run as."""
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+    where = "deploy/Dockerfile"
+    with open(os.path.join(root, "deploy", "Dockerfile")) as f:
+        docker = f.read()
+    crates = {}
+    for d in os.listdir(root):
+        manifest = os.path.join(root, d, "Cargo.toml")
+        if os.path.isfile(manifest):
+            with open(manifest, "rb") as f:
+                cargo = tomllib.load(f)
+            if "package" in cargo:
+                bins = [b["name"] for b in cargo.get("bin", [])] or [cargo["package"]["name"]]
+                crates[cargo["package"]["name"]] = bins
+    wanted = {"keywave-cli": "keywave", "keywave-coordinator": "keywave-coordinator", "keywave-worker": "keywave-worker"}
+    for package, binary in wanted.items():
+        if binary not in crates.get(package, []):
+            problem(where, f"package {package} has no binary {binary} (Cargo.toml)")
+        if f"-p {package}" not in docker:
+            problem(where, f"does not build package {package} (-p {package})")
+        if f"target/release/{binary}" not in docker:
+            problem(where, f"does not copy binary {binary}")
+    user = re.search(r"^USER\s+(\d+)", docker, re.M)
+    if not user:
+        problem(where, "has no numeric USER")
+    else:
+        for uid in sorted(uids - {int(user.group(1))}):
+            problem(where, f"runs as uid {user.group(1)}, but a keywave container runs as {uid}")
+
+
 def main():
     version, out_dir, *pairs = sys.argv[1:]
     scaledobjects = []
@@ -316,6 +354,7 @@ def main():
         elif ("Deployment", "keywave-coordinator") not in kinds:
             problem(f"overlay {overlay}", "renders no keywave-coordinator Deployment")
         print(f"    overlay {overlay}: {len(objects)} objects checked")
+    check_image(KEYWAVE_UIDS)
     with open(f"{out_dir}/scaledobjects.json", "w") as f:
         json.dump(scaledobjects, f)
     for p in problems:
