@@ -4,7 +4,10 @@
 #      installed (installing missing ones from the distribution when root),
 #   2. makes sure the local Redis (6379), PostgreSQL (5432), MariaDB (3306) and
 #      NATS (4222) answer, starting any that is installed but down,
-#   3. cargo fmt --check, cargo clippy -D warnings, and the whole test suite.
+#   3. the Kubernetes manifests (deploy/kubernetes/validate.sh: every overlay
+#      rendered and validated offline against the Kubernetes and KEDA
+#      schemas; needs kubectl, python3, node and npm),
+#   4. cargo fmt --check, cargo clippy -D warnings, and the whole test suite.
 # Works from any directory; exits non-zero on the first failure.
 #
 # Environment: KEYWAVE_TEST_TIMEOUT (default 30m) bounds the test run.
@@ -134,7 +137,16 @@ ensure mariadb 3306
 ensure nats 4222
 
 # ---------------------------------------------------------------------------
-# 3. Checks
+# 3. Kubernetes manifests
+# ---------------------------------------------------------------------------
+
+# A few seconds once its tools are cached (the first run installs them from
+# PyPI and npm into the target directory).
+step "Kubernetes manifests (deploy/kubernetes/validate.sh)"
+"$ROOT/deploy/kubernetes/validate.sh"
+
+# ---------------------------------------------------------------------------
+# 4. Checks
 # ---------------------------------------------------------------------------
 
 step "cargo fmt --all -- --check"
