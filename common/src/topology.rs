@@ -4,7 +4,7 @@
 //!
 //! | what | name | retention |
 //! |---|---|---|
-//! | tasks | `KEYWAVE_TASKS` on `keywave.task.>` | work queue: a task is removed when acked |
+//! | tasks | `KEYWAVE_TASKS_<region>` on `keywave.task.<region>.>`, one per region | work queue: a task is removed when acked |
 //! | results | `KEYWAVE_RESULTS` on `keywave.result.>` | limits (audit, replayed by a restarted coordinator) |
 //! | events | `KEYWAVE_EVENTS` on `keywave.event.>` | limits (the audit trail of decisions) |
 //! | dead letters | `KEYWAVE_DEADLETTER` on `keywave.deadletter.>` | limits |
@@ -14,20 +14,23 @@
 //! | inventory | KV `keywave-inventory` | latest value per credential |
 //! | campaigns | KV `keywave-campaigns` | campaign snapshots and plans |
 //! | secrets | KV `keywave-secrets-<region>` | encrypted, per region |
-//! | advisories | `KEYWAVE_ADVISORIES` on the server's max-deliveries advisories of `KEYWAVE_TASKS` | limits (the poison handler's queue) |
+//! | advisories | `KEYWAVE_ADVISORIES` on the server's max-deliveries advisories | limits (the poison handler's queue) |
 //! | lease | KV `keywave-leases` | which coordinator is active (compare-and-set, expiry in the value) |
 //!
-//! One durable pull consumer per region, `workers-<region>`, filtered on
-//! `keywave.task.<region>.>`, is shared by every worker of that region.
+//! Each region has a task stream of its own ([`tasks_stream`]) with one
+//! durable pull consumer, `workers-<region>`, shared by every worker of that
+//! region. The stream is created by [`ensure_region`] (the coordinator with
+//! `--regions`, or before it first publishes to a region, and a worker whose
+//! region has none yet).
 //!
 //! # Placement
 //!
 //! In a NATS supercluster ([`Config::home_placement`],
 //! [`Config::region_placement`]; see docs/multi-region.md) each region's
-//! secret store is created on that region's servers only, and everything
-//! else (the streams and buckets above, including the shared task and
-//! result streams) on the home servers. Without a placement the server
-//! places a stream where it likes, as on a single server or one cluster.
+//! task stream and secret store are created on that region's servers only,
+//! and everything else (the streams and buckets above, including the result
+//! stream) on the home servers. Without a placement the server places a
+//! stream where it likes, as on a single server or one cluster.
 
 use async_nats::jetstream::{
     self,
@@ -40,7 +43,11 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 use thiserror::Error;
 
-pub const STREAM_TASKS: &str = "KEYWAVE_TASKS";
+/// The one task stream for every region of releases before per-region task
+/// streams; [`ensure_region`] retires it once it is empty.
+pub const LEGACY_STREAM_TASKS: &str = "KEYWAVE_TASKS";
+/// Prefix of the per-region task streams (see [`tasks_stream`]).
+pub const TASKS_STREAM_PREFIX: &str = "KEYWAVE_TASKS_";
 pub const STREAM_RESULTS: &str = "KEYWAVE_RESULTS";
 pub const STREAM_EVENTS: &str = "KEYWAVE_EVENTS";
 pub const STREAM_DEADLETTER: &str = "KEYWAVE_DEADLETTER";
@@ -57,10 +64,41 @@ pub const KV_CAMPAIGNS: &str = "keywave-campaigns";
 pub const STREAM_ADVISORIES: &str = "KEYWAVE_ADVISORIES";
 pub const KV_LEASES: &str = "keywave-leases";
 
-/// The advisory the server publishes when a task of a region's consumer
-/// reached its max deliveries: `...MAX_DELIVERIES.KEYWAVE_TASKS.workers-<region>`.
-pub const ADVISORY_MAX_DELIVERIES: &str =
-    "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.KEYWAVE_TASKS.>";
+/// The advisories the server publishes when a message of a consumer reached
+/// its max deliveries: `...MAX_DELIVERIES.<stream>.<consumer>`. A task of a
+/// region's consumer gives `...MAX_DELIVERIES.KEYWAVE_TASKS_<region>.workers-<region>`;
+/// the poison handler ignores every other stream's.
+pub const ADVISORY_MAX_DELIVERIES: &str = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.*.*";
+
+/// Name of a region's task stream, `KEYWAVE_TASKS_<region>`, which holds
+/// the subjects `keywave.task.<region>.>`.
+pub fn tasks_stream(region: &str) -> String {
+    format!("{TASKS_STREAM_PREFIX}{region}")
+}
+
+/// The region of a task stream named by [`tasks_stream`].
+pub fn tasks_stream_region(stream: &str) -> Option<&str> {
+    stream
+        .strip_prefix(TASKS_STREAM_PREFIX)
+        .filter(|r| crate::ids::validate("region", r).is_ok())
+}
+
+/// The regions that have a task stream on the server (one
+/// `$JS.API.STREAM.NAMES` request per page of stream names).
+pub async fn task_stream_regions(js: &Context) -> Result<Vec<String>, TopologyError> {
+    use futures::TryStreamExt;
+    let names: Vec<String> = js
+        .stream_names()
+        .try_collect()
+        .await
+        .map_err(|e| terr("listing the task streams", e))?;
+    let mut regions: Vec<String> = names
+        .iter()
+        .filter_map(|n| tasks_stream_region(n).map(str::to_string))
+        .collect();
+    regions.sort();
+    Ok(regions)
+}
 
 /// Name of a region's secret store bucket.
 pub fn kv_secrets(region: &str) -> String {
@@ -528,26 +566,9 @@ pub fn kv_stream_config(cfg: &kv::Config) -> stream::Config {
     }
 }
 
-/// Streams and buckets every keywave process relies on.
+/// Streams and buckets every keywave process relies on (each region's task
+/// stream and secret store come with [`ensure_region`]).
 pub async fn ensure_core(js: &Context, cfg: &Config) -> Result<(), TopologyError> {
-    stream(
-        js,
-        stream::Config {
-            name: STREAM_TASKS.into(),
-            description: Some("keywave rotation tasks (work queue)".into()),
-            subjects: vec!["keywave.task.>".into()],
-            retention: RetentionPolicy::WorkQueue,
-            storage: cfg.storage(),
-            num_replicas: cfg.replicas,
-            placement: cfg.home(),
-            duplicate_window: cfg.duplicate_window,
-            max_message_size: crate::codec::MAX_MESSAGE_BYTES as i32 * 2,
-            discard: DiscardPolicy::Old,
-            ..Default::default()
-        },
-        None,
-    )
-    .await?;
     for (name, subj, desc) in [
         (
             STREAM_RESULTS,
@@ -590,22 +611,35 @@ pub async fn ensure_core(js: &Context, cfg: &Config) -> Result<(), TopologyError
     }
     // Captured in a stream so that no advisory is lost while no
     // coordinator listens (core NATS advisories are fire-and-forget).
-    stream(
-        js,
-        stream::Config {
-            name: STREAM_ADVISORIES.into(),
-            description: Some("max-deliveries advisories of keywave tasks (poison)".into()),
-            subjects: vec![ADVISORY_MAX_DELIVERIES.into()],
-            retention: RetentionPolicy::Limits,
-            storage: cfg.storage(),
-            num_replicas: cfg.replicas,
-            placement: cfg.home(),
-            max_age: cfg.audit_max_age,
-            ..Default::default()
-        },
-        None,
-    )
-    .await?;
+    let advisories = stream::Config {
+        name: STREAM_ADVISORIES.into(),
+        description: Some("max-deliveries advisories of keywave tasks (poison)".into()),
+        subjects: vec![ADVISORY_MAX_DELIVERIES.into()],
+        retention: RetentionPolicy::Limits,
+        storage: cfg.storage(),
+        num_replicas: cfg.replicas,
+        placement: cfg.home(),
+        max_age: cfg.audit_max_age,
+        ..Default::default()
+    };
+    let existing = stream(js, advisories.clone(), None).await?;
+    if existing.cached_info().config.subjects != advisories.subjects {
+        // Created by a release with one task stream for every region, whose
+        // advisories subject names that stream only: widen it to every
+        // region's task stream, keeping what the stream holds.
+        let updated = stream::Config {
+            subjects: advisories.subjects.clone(),
+            ..existing.cached_info().config.clone()
+        };
+        js.update_stream(updated)
+            .await
+            .map_err(|e| terr(format!("updating stream {STREAM_ADVISORIES}'s subjects"), e))?;
+        tracing::info!(
+            stream = STREAM_ADVISORIES,
+            subject = ADVISORY_MAX_DELIVERIES,
+            "Advisory stream now captures the max-deliveries advisories of every region's task stream"
+        );
+    }
     inventory(js, cfg).await?;
     campaigns(js, cfg).await?;
     consumers(js, cfg).await?;
@@ -749,28 +783,109 @@ pub async fn campaigns(js: &Context, cfg: &Config) -> Result<kv::Store, Topology
     .await
 }
 
-/// A region's task consumer and secret store bucket.
+/// A region's task stream, its consumer and its secret store bucket,
+/// placed on the region's servers when [`Config::region_placement`] names
+/// them.
 pub async fn ensure_region(
     js: &Context,
     region: &str,
     cfg: &Config,
 ) -> Result<(jetstream::consumer::Consumer<pull::Config>, kv::Store), TopologyError> {
-    crate::ids::validate("region", region).map_err(|e| terr("region", e))?;
-    let tasks = stream(
+    let consumer = ensure_region_tasks(js, region, cfg).await?;
+    let secrets = bucket(
         js,
-        stream::Config {
-            name: STREAM_TASKS.into(),
-            subjects: vec!["keywave.task.>".into()],
-            retention: RetentionPolicy::WorkQueue,
+        kv::Config {
+            bucket: kv_secrets(region),
+            description: format!("keywave secret store of region {region} (encrypted)"),
+            history: 5,
             storage: cfg.storage(),
-            num_replicas: cfg.replicas,
-            placement: cfg.home(),
-            duplicate_window: cfg.duplicate_window,
+            num_replicas: cfg.region_replicas(),
+            placement: cfg.region(region),
             ..Default::default()
         },
-        None,
+        Some(region),
     )
     .await?;
+    Ok((consumer, secrets))
+}
+
+/// The stream config of `region`'s task stream.
+fn tasks_stream_config(region: &str, cfg: &Config) -> stream::Config {
+    stream::Config {
+        name: tasks_stream(region),
+        description: Some(format!(
+            "keywave rotation tasks of region {region} (work queue)"
+        )),
+        subjects: vec![crate::subjects::task_region_filter(region)],
+        retention: RetentionPolicy::WorkQueue,
+        storage: cfg.storage(),
+        num_replicas: cfg.region_replicas(),
+        placement: cfg.region(region),
+        duplicate_window: cfg.duplicate_window,
+        max_message_size: crate::codec::MAX_MESSAGE_BYTES as i32 * 2,
+        discard: DiscardPolicy::Old,
+        ..Default::default()
+    }
+}
+
+/// Removes the one task stream of earlier releases when it holds no task,
+/// so that the per-region streams can take its subjects. Fails, naming what
+/// to do, while it still holds tasks: they belong to an earlier release's
+/// workers, and deleting them would lose rotations.
+async fn retire_legacy_tasks(js: &Context) -> Result<(), TopologyError> {
+    let mut legacy = match js.get_stream(LEGACY_STREAM_TASKS).await {
+        Ok(s) => s,
+        Err(_) => return Ok(()),
+    };
+    let info = legacy
+        .info()
+        .await
+        .map_err(|e| terr(format!("stream {LEGACY_STREAM_TASKS}"), e))?;
+    if info.state.messages > 0 {
+        return Err(terr(
+            format!("stream {LEGACY_STREAM_TASKS}"),
+            format!(
+                "the task stream of an earlier release still holds {} task(s); let that release's workers finish them (or purge the stream), then start again: each region now has a task stream of its own",
+                info.state.messages
+            ),
+        ));
+    }
+    match js.delete_stream(LEGACY_STREAM_TASKS).await {
+        Ok(_) => {
+            tracing::info!(
+                stream = LEGACY_STREAM_TASKS,
+                "Removed the empty task stream of an earlier release; each region has a task stream of its own"
+            );
+            Ok(())
+        }
+        // Another process removed it first.
+        Err(_) if js.get_stream(LEGACY_STREAM_TASKS).await.is_err() => Ok(()),
+        Err(e) => Err(terr(format!("removing stream {LEGACY_STREAM_TASKS}"), e)),
+    }
+}
+
+/// A region's task stream and its workers' consumer (see [`ensure_region`]).
+pub async fn ensure_region_tasks(
+    js: &Context,
+    region: &str,
+    cfg: &Config,
+) -> Result<jetstream::consumer::Consumer<pull::Config>, TopologyError> {
+    crate::ids::validate("region", region).map_err(|e| terr("region", e))?;
+    let config = tasks_stream_config(region, cfg);
+    let tasks = match js.get_stream(&config.name).await {
+        Ok(s) => {
+            check_placement(
+                &config.name,
+                config.placement.as_ref(),
+                s.cached_info().config.placement.as_ref(),
+            );
+            s
+        }
+        Err(_) => {
+            retire_legacy_tasks(js).await?;
+            stream(js, config, Some(region)).await?
+        }
+    };
     let name = worker_consumer(region);
     let mut consumer = tasks
         .get_or_create_consumer(
@@ -820,21 +935,7 @@ pub async fn ensure_region(
             "Updated the region's task consumer to this redelivery schedule"
         );
     }
-    let secrets = bucket(
-        js,
-        kv::Config {
-            bucket: kv_secrets(region),
-            description: format!("keywave secret store of region {region} (encrypted)"),
-            history: 5,
-            storage: cfg.storage(),
-            num_replicas: cfg.region_replicas(),
-            placement: cfg.region(region),
-            ..Default::default()
-        },
-        Some(region),
-    )
-    .await?;
-    Ok((consumer, secrets))
+    Ok(consumer)
 }
 
 /// Why a region's consumer or secret store could not be bound.
@@ -865,7 +966,7 @@ fn permission_hint(subject: &str) -> String {
 
 /// Looks up a region's existing task consumer and secret store without
 /// creating anything, with exactly the requests a least-privilege worker
-/// may send: `$JS.API.CONSUMER.INFO.KEYWAVE_TASKS.workers-<region>` and
+/// may send: `$JS.API.CONSUMER.INFO.KEYWAVE_TASKS_<region>.workers-<region>` and
 /// `$JS.API.STREAM.INFO.KV_keywave-secrets-<region>`.
 async fn bind_region_inner(
     js: &Context,
@@ -876,24 +977,23 @@ async fn bind_region_inner(
         stream::ConsumerErrorKind,
     };
     let name = worker_consumer(region);
+    let tasks = tasks_stream(region);
     let consumer = match js
-        .get_consumer_from_stream::<pull::Config, _, _>(&name, STREAM_TASKS)
+        .get_consumer_from_stream::<pull::Config, _, _>(&name, &tasks)
         .await
     {
         Ok(c) => c,
         Err(e) => {
             return Err(match e.kind() {
                 ConsumerErrorKind::JetStream(j) if not_found(&j) => {
-                    BindError::Missing(format!("consumer {STREAM_TASKS}/{name}"))
+                    BindError::Missing(format!("consumer {tasks}/{name}"))
                 }
                 ConsumerErrorKind::TimedOut | ConsumerErrorKind::Request => {
                     BindError::Failed(terr(
                         format!("consumer {name}"),
                         format!(
                             "{e}{}",
-                            permission_hint(&format!(
-                                "$JS.API.CONSUMER.INFO.{STREAM_TASKS}.{name}"
-                            ))
+                            permission_hint(&format!("$JS.API.CONSUMER.INFO.{tasks}.{name}"))
                         ),
                     ))
                 }
@@ -1051,5 +1151,25 @@ mod tests {
         assert_eq!(cfg.region_replicas(), 1);
         assert_eq!(Config::default().region_replicas(), 1);
         assert!(Config::default().home().is_none());
+    }
+
+    #[test]
+    fn each_region_has_a_task_stream_of_its_own() {
+        assert_eq!(tasks_stream("eu"), "KEYWAVE_TASKS_eu");
+        assert_eq!(tasks_stream_region("KEYWAVE_TASKS_eu"), Some("eu"));
+        assert_eq!(tasks_stream_region(LEGACY_STREAM_TASKS), None);
+        assert_eq!(tasks_stream_region("KEYWAVE_TASKS_"), None);
+        assert_eq!(tasks_stream_region("KEYWAVE_RESULTS"), None);
+        let cfg = Config {
+            replicas: 3,
+            region_replicas: Some(1),
+            region_placement: parse_region_placements("eu=region:eu").unwrap(),
+            ..Default::default()
+        };
+        let eu = tasks_stream_config("eu", &cfg);
+        assert_eq!(eu.subjects, vec!["keywave.task.eu.>".to_string()]);
+        assert_eq!(eu.num_replicas, 1);
+        assert_eq!(eu.placement.unwrap().tags, vec!["region:eu".to_string()]);
+        assert!(tasks_stream_config("us", &cfg).placement.is_none());
     }
 }

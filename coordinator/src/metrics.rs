@@ -22,7 +22,6 @@
 //! and the lease state is known (active or standing by), 503 otherwise.
 
 use async_nats::jetstream;
-use futures::StreamExt;
 use keywave_common::api::CampaignStatus;
 use keywave_common::telemetry::prom;
 use keywave_common::topology;
@@ -217,23 +216,34 @@ impl CoordinatorMetrics {
             next.states = std::mem::take(&mut snap.states);
             next.waves = std::mem::take(&mut snap.waves);
         }
-        let consumers = async {
-            let stream = js.get_stream(topology::STREAM_TASKS).await.ok()?;
-            let mut out = BTreeMap::new();
-            let mut list = stream.consumers();
-            while let Some(info) = list.next().await {
-                let info: jetstream::consumer::Info = info.ok()?;
-                if let Some(region) = info.name.strip_prefix("workers-") {
-                    out.insert(
-                        region.to_string(),
-                        (info.num_pending, info.num_ack_pending as u64),
-                    );
+        // Each region's queue from its own task stream; a region that does
+        // not answer (cut off) keeps its last figures.
+        let regions =
+            tokio::time::timeout(LOOKUP_TIMEOUT, topology::task_stream_regions(&js)).await;
+        if let Ok(Ok(regions)) = regions {
+            for region in regions {
+                let info = async {
+                    let mut c: jetstream::consumer::Consumer<jetstream::consumer::pull::Config> =
+                        js.get_consumer_from_stream(
+                            topology::worker_consumer(&region),
+                            topology::tasks_stream(&region),
+                        )
+                        .await
+                        .ok()?;
+                    c.info().await.ok().cloned()
+                };
+                match tokio::time::timeout(LOOKUP_TIMEOUT, info).await {
+                    Ok(Some(info)) => {
+                        next.consumers
+                            .insert(region, (info.num_pending, info.num_ack_pending as u64));
+                    }
+                    _ => {
+                        if let Some(old) = snap.consumers.get(&region) {
+                            next.consumers.insert(region, *old);
+                        }
+                    }
                 }
             }
-            Some(out)
-        };
-        if let Ok(Some(c)) = tokio::time::timeout(LOOKUP_TIMEOUT, consumers).await {
-            next.consumers = c;
         } else {
             next.consumers = std::mem::take(&mut snap.consumers);
         }

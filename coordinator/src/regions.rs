@@ -421,7 +421,10 @@ async fn read_consumer(
     region: &str,
 ) -> Result<jetstream::consumer::Info, async_nats::Error> {
     let mut c: jetstream::consumer::Consumer<jetstream::consumer::pull::Config> = js
-        .get_consumer_from_stream(topology::worker_consumer(region), topology::STREAM_TASKS)
+        .get_consumer_from_stream(
+            topology::worker_consumer(region),
+            topology::tasks_stream(region),
+        )
         .await?;
     Ok(c.info().await?.clone())
 }

@@ -10,7 +10,7 @@
    limits; the coordinator and worker probes on the metrics port and the
    Prometheus annotations; the coordinator's replicas and arguments; each
    region overlay's worker.toml region and its KEDA trigger (stream
-   KEYWAVE_TASKS, consumer workers-<region>); flags and file keys against
+   KEYWAVE_TASKS_<region>, consumer workers-<region>); flags and file keys against
    docs/configuration.md; deploy/Dockerfile building the three binaries the
    manifests run, as their user.
 3. Writes OUT_DIR/scaledobjects.json for validate-keda.mjs (the KEDA schema).
@@ -28,7 +28,7 @@ import kubernetes_validate
 import yaml
 
 REGION_OVERLAYS = {"eu", "us", "ap"}
-TASK_STREAM = "KEYWAVE_TASKS"
+TASK_STREAM_PREFIX = "KEYWAVE_TASKS_"
 METRICS_PORT = 9464
 # The documented parameters of KEDA's nats-jetstream scaler.
 JETSTREAM_METADATA = {
@@ -229,8 +229,8 @@ def check_scaledobject(where, obj, region):
     for key in ("natsServerMonitoringEndpoint", "account", "stream", "consumer", "lagThreshold", "activationLagThreshold"):
         if key not in meta:
             problem(where, f"trigger metadata {key!r} missing")
-    if meta.get("stream") != TASK_STREAM:
-        problem(where, f"trigger stream must be {TASK_STREAM}, got {meta.get('stream')!r}")
+    if meta.get("stream") != f"{TASK_STREAM_PREFIX}{region}":
+        problem(where, f"trigger stream must be {TASK_STREAM_PREFIX}{region} (overlay {region}), got {meta.get('stream')!r}")
     if meta.get("consumer") != f"workers-{region}":
         problem(where, f"trigger consumer must be workers-{region} (overlay {region}), got {meta.get('consumer')!r}")
     target = obj["spec"].get("scaleTargetRef", {}).get("name")

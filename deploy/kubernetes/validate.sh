@@ -9,7 +9,7 @@
 #   - keywave's own rules (validate.py): non-root, read-only, no privilege
 #     escalation, capabilities dropped, resources, probes on the metrics port,
 #     signed tasks, each region's worker.toml region and KEDA consumer
-#     workers-<region> on stream KEYWAVE_TASKS, flags and file keys known,
+#     workers-<region> on stream KEYWAVE_TASKS_<region>, flags and file keys known,
 #     deploy/Dockerfile building the binaries the manifests run.
 # The tools are installed once into a cache directory (a Python venv and an
 # npm prefix); after that no network is needed.

@@ -1198,7 +1198,6 @@ async fn wait_ready(
     fleet: &mut Fleet,
 ) -> anyhow::Result<()> {
     let until = Instant::now() + READY_TIMEOUT;
-    let tasks = js.get_stream(topology::STREAM_TASKS).await?;
     loop {
         if let Fleet::Processes {
             coordinator,
@@ -1216,8 +1215,8 @@ async fn wait_ready(
             if !ready {
                 break;
             }
-            let mut c: jetstream::consumer::Consumer<pull::Config> = tasks
-                .get_consumer(&topology::worker_consumer(r))
+            let mut c: jetstream::consumer::Consumer<pull::Config> = js
+                .get_consumer_from_stream(topology::worker_consumer(r), topology::tasks_stream(r))
                 .await
                 .map_err(|e| anyhow::anyhow!("region {r}'s task consumer: {e}"))?;
             ready = c.info().await?.num_waiting >= opts.workers_per_region;

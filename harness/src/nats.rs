@@ -617,6 +617,14 @@ impl NatsSupercluster {
         self.dir.path()
     }
 
+    /// The JetStream store directory of server `name` (`home1`, `eu1`, ...).
+    pub fn store_dir(&self, name: &str) -> Option<&Path> {
+        self.nodes
+            .iter()
+            .find(|n| n.node.name.as_deref() == Some(name))
+            .map(|n| n.node.store.as_path())
+    }
+
     /// The last lines of every server's log, for assertion messages.
     pub fn log_tails(&self) -> String {
         self.nodes

@@ -335,7 +335,7 @@ impl Probe {
                     .map_err(|e| format!("connect: {e}"))?;
                 let reply = tokio::time::timeout(
                     Duration::from_secs(2),
-                    client.request("$JS.API.STREAM.INFO.KEYWAVE_TASKS", "".into()),
+                    client.request("$JS.API.STREAM.INFO.KEYWAVE_RESULTS", "".into()),
                 )
                 .await
                 .map_err(|_| "JetStream stream info timed out".to_string())?

@@ -1129,7 +1129,7 @@ mod tests {
         // Nothing left in the queue: poison was terminated, good tasks acked.
         let mut consumer: Consumer<pull::Config> = env
             .js
-            .get_stream(topology::STREAM_TASKS)
+            .get_stream(topology::tasks_stream(&env.region))
             .await
             .unwrap()
             .get_consumer(&topology::worker_consumer(&env.region))

@@ -391,7 +391,7 @@ fn sim_task(region: &str, campaign: &str) -> RotationTask {
 
 async fn consumer_counts(js: &jetstream::Context, region: &str) -> (u64, usize) {
     let mut c = js
-        .get_stream(topology::STREAM_TASKS)
+        .get_stream(topology::tasks_stream(region))
         .await
         .unwrap()
         .get_consumer::<jetstream::consumer::pull::Config>(&topology::worker_consumer(region))
@@ -499,7 +499,10 @@ async fn sigterm_past_the_grace_period_leaves_the_task_for_redelivery() {
     assert!(status.success(), "exit 0; log:\n{log}");
     assert!(log.contains("Grace period ran out"), "{log}");
     // Not acked: still on the work queue, for the server to redeliver.
-    let tasks = js.get_stream(topology::STREAM_TASKS).await.unwrap();
+    let tasks = js
+        .get_stream(topology::tasks_stream(&region))
+        .await
+        .unwrap();
     let mut info = tasks
         .info_with_subjects(subjects::task(&region, &campaign))
         .await

@@ -56,6 +56,9 @@ enum DriveError {
     /// Reading approvals failed: retried.
     #[error("approvals: {0}")]
     Approvals(#[source] keywave_common::topology::StreamReadError),
+    /// A region's task stream could not be created: retried.
+    #[error(transparent)]
+    Topology(#[from] keywave_common::topology::TopologyError),
 }
 
 impl From<crate::lease::LeaseError> for DriveError {
@@ -482,6 +485,8 @@ impl Job {
         let faults = self.engine.opts.faults;
         let mut sent = 0u64;
         let mut held = false;
+        // Regions whose task stream this job has made sure of.
+        let mut ready = BTreeSet::new();
         while pos < end {
             let current = state.borrow_and_update().state;
             match publish_mode(current, action) {
@@ -509,6 +514,10 @@ impl Job {
             self.fence().await?;
             let (chunk, range) = self.plan.slice_at(pos, end).await?;
             for e in &chunk[range] {
+                if !ready.contains(&e.region) {
+                    self.engine.tasks.ensure(&e.region).await?;
+                    ready.insert(e.region.clone());
+                }
                 let index = pos - offset;
                 pos += 1;
                 if only.is_some_and(|set| !set.contains(index)) {
@@ -636,10 +645,20 @@ impl Job {
 /// Why a wave's unstarted tasks could not be withdrawn.
 #[derive(Debug, Error)]
 enum WithdrawError {
-    #[error("opening stream {stream}: {0}", stream = keywave_common::topology::STREAM_TASKS)]
-    Stream(#[source] async_nats::jetstream::context::GetStreamError),
-    #[error("purging the tasks: {0}")]
-    Purge(#[source] async_nats::jetstream::stream::PurgeError),
+    #[error(transparent)]
+    List(#[from] keywave_common::topology::TopologyError),
+    #[error("opening stream {stream}: {source}")]
+    Stream {
+        stream: String,
+        #[source]
+        source: async_nats::jetstream::context::GetStreamError,
+    },
+    #[error("purging the tasks from {stream}: {source}")]
+    Purge {
+        stream: String,
+        #[source]
+        source: async_nats::jetstream::stream::PurgeError,
+    },
 }
 
 /// Why a wave's queued tasks are removed.
@@ -658,30 +677,48 @@ enum Withdrawal {
 /// nothing to remove. Best effort: if the purge fails, the tasks' own
 /// start deadline still refuses them later.
 async fn withdraw_tasks(engine: &Engine, cid: &str, w: u32, why: Withdrawal) {
-    let filter = format!("keywave.task.*.{cid}");
-    let purged = match engine
-        .js
-        .get_stream(keywave_common::topology::STREAM_TASKS)
-        .await
-    {
-        Ok(stream) => stream
-            .purge()
-            .filter(filter)
-            .await
-            .map_err(WithdrawError::Purge),
-        Err(e) => Err(WithdrawError::Stream(e)),
-    };
+    let purged = purge_campaign_tasks(engine, cid).await;
     match purged {
-        Ok(r) if why == Withdrawal::Expired => {
-            info!(campaign = %cid, wave = w, withdrawn = r.purged, "Tasks past their start window while paused for a silent region were withdrawn; they are issued again on resume")
+        Ok(n) if why == Withdrawal::Expired => {
+            info!(campaign = %cid, wave = w, withdrawn = n, "Tasks past their start window while paused for a silent region were withdrawn; they are issued again on resume")
         }
-        Ok(r) => {
-            info!(campaign = %cid, wave = w, withdrawn = r.purged, "Wave decided without every result; its unstarted tasks were withdrawn")
+        Ok(n) => {
+            info!(campaign = %cid, wave = w, withdrawn = n, "Wave decided without every result; its unstarted tasks were withdrawn")
         }
         Err(e) => {
             warn!(campaign = %cid, wave = w, error = %e, "Could not withdraw the wave's unstarted tasks; their start deadline refuses them")
         }
     }
+}
+
+/// Purges campaign `cid`'s queued tasks from every region's task stream;
+/// returns how many were removed. Every stream is tried; the first error
+/// is returned after.
+async fn purge_campaign_tasks(engine: &Engine, cid: &str) -> Result<u64, WithdrawError> {
+    let mut purged = 0;
+    let mut first_error = None;
+    for region in engine.tasks.regions().await? {
+        let stream = keywave_common::topology::tasks_stream(&region);
+        let done = match engine.tasks.get(&region).await {
+            Ok(s) => s
+                .purge()
+                .filter(subjects::task(&region, cid))
+                .await
+                .map(|r| r.purged)
+                .map_err(|source| WithdrawError::Purge {
+                    stream: stream.clone(),
+                    source,
+                }),
+            Err(source) => Err(WithdrawError::Stream { stream, source }),
+        };
+        match done {
+            Ok(n) => purged += n,
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    first_error.map_or(Ok(purged), Err)
 }
 
 /// Follows the campaign's `approved` events live and hands them to the

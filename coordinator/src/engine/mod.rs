@@ -39,6 +39,7 @@ pub mod machine;
 pub mod plan;
 mod poison;
 pub mod preflight;
+pub(crate) mod task_streams;
 
 use crate::inventory;
 use crate::lease::{self, Lease};
@@ -288,7 +289,7 @@ struct Shared {
     inventory: kv::Store,
     campaigns: kv::Store,
     results: jetstream::stream::Stream,
-    tasks: jetstream::stream::Stream,
+    tasks: Arc<task_streams::TaskStreams>,
     advisories: jetstream::stream::Stream,
     leases: kv::Store,
     /// This process's id and instance nonce in the lease.
@@ -307,7 +308,8 @@ pub(crate) struct Engine {
     pub inventory: kv::Store,
     pub campaigns: kv::Store,
     pub results: jetstream::stream::Stream,
-    pub tasks: jetstream::stream::Stream,
+    /// Each region's task stream.
+    pub tasks: Arc<task_streams::TaskStreams>,
     pub advisories: jetstream::stream::Stream,
     /// Which regions have live workers (see [`crate::regions`]).
     pub regions: crate::regions::Tracker,
@@ -384,7 +386,10 @@ impl Coordinator {
             }
         };
         let results = stream(topology::STREAM_RESULTS).await?;
-        let tasks = stream(topology::STREAM_TASKS).await?;
+        let tasks = Arc::new(task_streams::TaskStreams::new(
+            js.clone(),
+            opts.topology.clone(),
+        ));
         let advisories = stream(topology::STREAM_ADVISORIES).await?;
         let claimant = Arc::new(lease::Claimant::new(
             opts.coordinator_id.clone(),

@@ -125,6 +125,12 @@ pub(super) async fn run(engine: Arc<Engine>) {
 /// Why an advisory could not be handled yet (it is delivered again).
 #[derive(Debug, thiserror::Error)]
 enum PoisonError {
+    #[error("opening stream {stream}: {source}")]
+    OpenTasks {
+        stream: String,
+        #[source]
+        source: jetstream::context::GetStreamError,
+    },
     #[error("reading task {seq}: {source}")]
     ReadTask {
         seq: u64,
@@ -162,11 +168,19 @@ async fn handle(engine: &Engine, msg: &jetstream::Message) -> Result<(), PoisonE
     let Some(region) = adv.consumer.strip_prefix("workers-") else {
         return Ok(());
     };
-    if adv.stream != topology::STREAM_TASKS || ids::validate("region", region).is_err() {
+    if topology::tasks_stream_region(&adv.stream) != Some(region) {
         return Ok(());
     }
     let seq = adv.stream_seq;
-    let raw = match engine.tasks.get_raw_message(seq).await {
+    let tasks = engine
+        .tasks
+        .get(region)
+        .await
+        .map_err(|source| PoisonError::OpenTasks {
+            stream: adv.stream.clone(),
+            source,
+        })?;
+    let raw = match tasks.get_raw_message(seq).await {
         Ok(m) => m,
         // Acked after all, or handled before: nothing left to do.
         Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(()),
@@ -259,7 +273,7 @@ async fn handle(engine: &Engine, msg: &jetstream::Message) -> Result<(), PoisonE
             source,
         })?;
     }
-    match engine.tasks.delete_message(seq).await {
+    match tasks.delete_message(seq).await {
         Ok(_) => {}
         Err(e) => debug!(seq, error = %e, "Poison task already gone from the queue"),
     }

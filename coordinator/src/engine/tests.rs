@@ -4,7 +4,7 @@
 //! other's credentials, tasks or results.
 
 use super::*;
-use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, ReplayPolicy};
+use async_nats::jetstream::consumer::{pull, DeliverPolicy, ReplayPolicy};
 use keywave_common::client::{ApiClient, ClientError};
 use keywave_common::{
     codec::{self, Format},
@@ -87,16 +87,19 @@ impl FakeWorker {
         region: &str,
         rule: impl Fn(&RotationTask) -> Answer + Send + Sync + 'static,
     ) -> FakeWorker {
-        let stream = js.get_stream(topology::STREAM_TASKS).await.unwrap();
-        let consumer = stream
-            .create_consumer(pull::Config {
-                filter_subject: subjects::task_region_filter(region),
-                ack_policy: AckPolicy::Explicit,
-                inactive_threshold: Duration::from_secs(30),
+        // The region's shared consumer. A silent fake worker's tasks are
+        // not redelivered within a test (30 s ack wait) nor ever given up.
+        let consumer = topology::ensure_region_tasks(
+            &js,
+            region,
+            &topology::Config {
+                task_backoff: vec![Duration::from_secs(30)],
+                task_max_deliver: 1_000,
                 ..Default::default()
-            })
-            .await
-            .unwrap();
+            },
+        )
+        .await
+        .unwrap();
         let tasks = Arc::new(StdMutex::new(Vec::new()));
         let stop = CancellationToken::new();
         // Announces itself as a real worker does (keywave_common::presence),
@@ -240,17 +243,21 @@ struct Running {
     task: JoinHandle<Result<(), CoordinatorError>>,
 }
 
+/// The fake workers never lose a delivery: a short redelivery schedule keeps
+/// the deadlines' redelivery allowance small.
+fn fake_topology() -> topology::Config {
+    topology::Config {
+        task_backoff: vec![Duration::from_millis(100)],
+        ..Default::default()
+    }
+}
+
 async fn run_coordinator(client: async_nats::Client) -> Running {
     let coordinator = Coordinator::start(
         client,
         CoordinatorOptions {
             progress_interval: Duration::from_millis(200),
-            // The fake workers never lose a delivery: a short redelivery
-            // schedule keeps the deadlines' redelivery allowance small.
-            topology: topology::Config {
-                task_backoff: vec![Duration::from_millis(100)],
-                ..Default::default()
-            },
+            topology: fake_topology(),
             ..Default::default()
         },
     )

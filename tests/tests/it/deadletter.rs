@@ -190,7 +190,7 @@ async fn poison_tasks_are_dead_lettered_and_the_queue_keeps_moving() {
 
     // Terminated, not redelivered: nothing is left pending on the queue.
     let mut consumer = js
-        .get_stream(topology::STREAM_TASKS)
+        .get_stream(topology::tasks_stream("eu"))
         .await
         .unwrap()
         .get_consumer::<async_nats::jetstream::consumer::pull::Config>(&topology::worker_consumer(

@@ -207,7 +207,7 @@ async fn crash_then_recover(
             .await;
             // The redelivered task was run and acked: nothing left in the queue.
             let mut consumer = js
-                .get_stream(topology::STREAM_TASKS)
+                .get_stream(topology::tasks_stream(&region))
                 .await
                 .ok()?
                 .get_consumer::<async_nats::jetstream::consumer::pull::Config>(
@@ -414,7 +414,7 @@ async fn a_poison_task_is_dead_lettered_at_max_deliveries_and_its_wave_decides_a
         "{events:#?}"
     );
     // Removed from the work queue.
-    let tasks = js.get_stream(topology::STREAM_TASKS).await.unwrap();
+    let tasks = js.get_stream(topology::tasks_stream("eu")).await.unwrap();
     wait_until(Duration::from_secs(10), || {
         let mut tasks = tasks.clone();
         async move {
@@ -426,7 +426,7 @@ async fn a_poison_task_is_dead_lettered_at_max_deliveries_and_its_wave_decides_a
         }
     })
     .await
-    .expect("the poison task is gone from KEYWAVE_TASKS");
+    .expect("the poison task is gone from the eu task stream");
     // The poisoned credential was never touched, the others rotated.
     assert_eq!(sim.set_count(&poisoned.principal), 0);
     for c in creds.iter().filter(|c| c.id != poisoned.id) {

@@ -313,9 +313,12 @@ async fn stored(coord: &Watched, stream: &str, subject: &str) -> usize {
 /// Whether a task is stored on exactly `subject` (the coordinator may
 /// read single tasks, as its poison handler does).
 async fn task_stored(coord: &Watched, subject: &str) -> bool {
+    let region = keywave_common::subjects::parse_task(subject)
+        .expect("a task subject")
+        .0;
     coord
         .js()
-        .get_stream(topology::STREAM_TASKS)
+        .get_stream(topology::tasks_stream(region))
         .await
         .expect("tasks stream")
         .get_last_raw_message_by_subject(subject)
@@ -366,23 +369,26 @@ async fn each_identity_is_refused_what_its_role_does_not_need() {
         .js()
         .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
             "workers-us",
-            topology::STREAM_TASKS
+            topology::tasks_stream("us")
         )
         .await
         .is_err());
-    eu.expect_violation("publish", "$JS.API.CONSUMER.INFO.KEYWAVE_TASKS.workers-us")
-        .await;
+    eu.expect_violation(
+        "publish",
+        "$JS.API.CONSUMER.INFO.KEYWAVE_TASKS_us.workers-us",
+    )
+    .await;
     let pull = eu
         .client
         .request(
-            "$JS.API.CONSUMER.MSG.NEXT.KEYWAVE_TASKS.workers-us",
+            "$JS.API.CONSUMER.MSG.NEXT.KEYWAVE_TASKS_us.workers-us",
             Bytes::from_static(br#"{"batch":1,"expires":500000000}"#),
         )
         .await;
     assert!(pull.is_err(), "worker-eu pulled from workers-us");
     eu.expect_violation(
         "publish",
-        "$JS.API.CONSUMER.MSG.NEXT.KEYWAVE_TASKS.workers-us",
+        "$JS.API.CONSUMER.MSG.NEXT.KEYWAVE_TASKS_us.workers-us",
     )
     .await;
     // It cannot read us secrets: no bucket lookup, no direct get, no

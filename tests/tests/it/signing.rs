@@ -248,7 +248,7 @@ async fn forged_altered_moved_unsigned_and_expired_tasks_are_refused_and_change_
     // Terminated, not redelivered.
     for region in ["eu", "us"] {
         let mut consumer = js
-            .get_stream(topology::STREAM_TASKS)
+            .get_stream(topology::tasks_stream(region))
             .await
             .unwrap()
             .get_consumer::<async_nats::jetstream::consumer::pull::Config>(

@@ -1,26 +1,32 @@
 //! keywave on the multi-region supercluster of `deploy/multi-region/` (a
 //! home cluster of 3 servers, one server per region eu, us, ap, joined by
-//! gateways): with placement, each region's secret store lives only on its
-//! region's servers and the home state on the home cluster at R3; a
-//! placement no server satisfies is refused with an error naming the region
-//! and the tags; a campaign over the three regions, each region's worker
-//! connected to its own region's server, completes.
+//! gateways): with placement, each region's task stream and secret store
+//! live only on its region's servers and the home state on the home cluster
+//! at R3; a placement no server satisfies is refused with an error naming
+//! the region and the tags. A campaign over real Redis users in the three
+//! regions, each region's worker process connected to its own region's
+//! server only, completes, and afterwards each region's tasks and secret
+//! ciphertext are found in its own server's store and in no other's.
 
+use crate::faults::auth;
 use crate::support::{self, credentials, in_regions, secret, spec};
 use async_nats::jetstream::stream::Info;
 use keywave_common::client::ApiClient;
-use keywave_common::crypto::RegionKey;
+use keywave_common::crypto::{RegionKey, Secret};
+use keywave_common::subjects;
 use keywave_common::topology::{self, Placement};
-use keywave_common::wire::{CampaignState, OnFailure, Strategy, TargetKind};
-use keywave_tests::NatsSupercluster;
-use keywave_worker::fault::Faults;
-use keywave_worker::targets::sim::{SimOptions, SimTarget};
-use keywave_worker::targets::Targets;
-use std::sync::Arc;
-use std::time::Duration;
+use keywave_common::wire::{CampaignState, Credential, OnFailure, Strategy, TargetKind};
+use keywave_tests::process::Daemon;
+use keywave_tests::{NatsSupercluster, RedisServer};
+use keywave_worker::store::SecretStore;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
 
 const REGIONS: [&str; 3] = ["eu", "us", "ap"];
-const TOTAL: usize = 60;
+/// Redis ACL users per region in the real-process campaign.
+const PER_REGION: usize = 200;
 
 fn placed_topology() -> topology::Config {
     topology::Config {
@@ -76,21 +82,25 @@ async fn placement_keeps_secrets_in_their_region_and_state_at_home() {
     }
 
     for r in REGIONS {
-        let i = info(&js, &format!("KV_{}", topology::kv_secrets(r))).await;
-        let c = i.cluster.as_ref().expect("cluster info");
-        println!(
-            "secret store of {r}: cluster {:?}, servers {:?}",
-            c.name,
-            servers_of(&i)
-        );
-        assert_eq!(c.name.as_deref(), Some(r), "{i:#?}");
-        assert_eq!(servers_of(&i), sc.server_names(r), "{i:#?}");
-        assert_eq!(i.config.num_replicas, 1);
+        for stream in [
+            format!("KV_{}", topology::kv_secrets(r)),
+            topology::tasks_stream(r),
+        ] {
+            let i = info(&js, &stream).await;
+            let c = i.cluster.as_ref().expect("cluster info");
+            println!(
+                "{stream} of {r}: cluster {:?}, servers {:?}",
+                c.name,
+                servers_of(&i)
+            );
+            assert_eq!(c.name.as_deref(), Some(r), "{i:#?}");
+            assert_eq!(servers_of(&i), sc.server_names(r), "{i:#?}");
+            assert_eq!(i.config.num_replicas, 1);
+        }
     }
     let home_servers = sc.server_names("home");
     for stream in [
-        topology::STREAM_TASKS.to_string(),
-        topology::STREAM_RESULTS.into(),
+        topology::STREAM_RESULTS.to_string(),
         topology::STREAM_EVENTS.into(),
         topology::STREAM_AUDIT.into(),
         topology::STREAM_DEADLETTER.into(),
@@ -122,79 +132,354 @@ async fn placement_keeps_secrets_in_their_region_and_state_at_home() {
     assert!(e.detail.contains("region mars"), "{e}");
     assert!(e.detail.contains("region:mars"), "{e}");
     assert!(js.get_stream("KV_keywave-secrets-mars").await.is_err());
+    assert!(js.get_stream(topology::tasks_stream("mars")).await.is_err());
+}
 
-    // A campaign over the three regions: each region's worker connected to
-    // its own region's server, the coordinator to the home cluster.
-    let creds = credentials("sc", TOTAL, &REGIONS, "sim-main", TargetKind::Sim);
+/// Every file under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// The streams a server stores: the directory names under its store's
+/// `jetstream/<account>/streams/`.
+fn stored_streams(store: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for account in std::fs::read_dir(store.join("jetstream"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        for s in std::fs::read_dir(account.path().join("streams"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            out.push(s.file_name().to_string_lossy().into_owned());
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The files under `store` that contain `needle`.
+fn files_containing(store: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    files_under(store)
+        .into_iter()
+        .filter(|f| std::fs::read(f).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_redis_in_three_regions_keeps_each_regions_data_on_its_own_servers() {
+    support::init_tracing();
+    let bin = support::workspace_binary("keywave-worker", "keywave-worker");
+    let sc = NatsSupercluster::start();
+    let home = sc.client("home").await;
+    let js = topology::context(home.clone());
+    let cfg = placed_topology();
+    // What `keywave-coordinator --regions eu,us,ap` creates at start-up.
+    topology::ensure_core(&js, &cfg)
+        .await
+        .expect("core topology");
+    for r in REGIONS {
+        topology::ensure_region(&js, r, &cfg)
+            .await
+            .unwrap_or_else(|e| panic!("region {r}: {e}\n{}", sc.log_tails()));
+    }
+    let scratch = tempfile::Builder::new()
+        .prefix("keywave-supercluster-")
+        .tempdir()
+        .unwrap();
+
+    // Each region: its own Redis with today's users, its key, and its
+    // secret store written through the region's own server (a write
+    // through any other server would carry the ciphertext over a gateway).
+    let creds: Vec<Credential> = credentials(
+        "scr",
+        PER_REGION * REGIONS.len(),
+        &REGIONS,
+        "redis-main",
+        TargetKind::Redis,
+    )
+    .into_iter()
+    .map(|mut c| {
+        c.principal = format!("kws-{}", c.id);
+        c
+    })
+    .collect();
+    let mut redis = HashMap::new();
+    let mut keys = HashMap::new();
+    let mut stores = HashMap::new();
+    let mut today: HashMap<String, Secret> = HashMap::new();
+    for r in REGIONS {
+        let server = RedisServer::start();
+        let mut admin = crate::chaos::redis_admin(&server.url()).await;
+        let mut pipe = redis::pipe();
+        for c in creds.iter().filter(|c| c.region == r) {
+            let s = secret();
+            pipe.cmd("ACL")
+                .arg("SETUSER")
+                .arg(&c.principal)
+                .arg("on")
+                .arg(format!(">{}", s.expose()))
+                .arg("+ping")
+                .ignore();
+            today.insert(c.id.clone(), s);
+        }
+        let _: () = pipe.query_async(&mut admin).await.unwrap();
+        let key = RegionKey::generate();
+        let local = topology::context(sc.client(r).await);
+        let kv = local
+            .get_key_value(topology::kv_secrets(r))
+            .await
+            .unwrap_or_else(|e| panic!("{r}'s secret store from {r}'s server: {e}"));
+        let store = SecretStore::from_kv(kv, r, key.clone());
+        for c in creds.iter().filter(|c| c.region == r) {
+            store.enroll(&c.id, today[&c.id].clone()).await.unwrap();
+        }
+        redis.insert(r, server);
+        keys.insert(r, key);
+        stores.insert(r, store);
+    }
     support::put_inventory_on(&home, cfg.clone(), &creds).await;
-    let sim = SimTarget::new(SimOptions {
-        latency: Duration::from_millis(5),
-        fail_rate: 0.0,
-    });
+
+    // One worker process per region, connected to its region's server only.
     let mut workers = Vec::new();
     for r in REGIONS {
-        let client = sc.client(r).await;
-        let mut targets = Targets::new();
-        targets.insert("sim-main", sim.clone(), 16);
-        let w = support::start_worker_on(
-            &client,
-            cfg.clone(),
-            r,
-            &RegionKey::generate(),
-            Arc::new(targets),
-            Faults::none(),
+        let config = scratch.path().join(format!("{r}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+region = "{r}"
+concurrency = 32
+[[endpoint]]
+name = "redis-main"
+kind = "redis"
+url = "{}"
+max_concurrency = 32
+"#,
+                redis[r].url()
+            ),
         )
-        .await;
-        workers.push((r, w));
+        .unwrap();
+        let mut cmd = Command::new(&bin);
+        cmd.arg("--config")
+            .arg(&config)
+            .env("KEYWAVE_REGION_KEY", keys[r].to_hex())
+            .env("KEYWAVE_NATS_URL", &sc.urls(r)[0])
+            .env("NO_COLOR", "1")
+            // The in-process coordinator publishes unsigned tasks
+            // (tests/it/signing.rs covers signatures).
+            .env(keywave_worker::config::ENV_INSECURE_UNSIGNED_TASKS, "1");
+        workers.push(Daemon::spawn(
+            format!("keywave-worker {r}"),
+            cmd,
+            &scratch.path().join(format!("worker-{r}.log")),
+        ));
     }
-    for c in &creds {
-        let s = secret();
-        sim.seed(&c.principal, &s);
-        let (_, w) = workers.iter().find(|(r, _)| *r == c.region).unwrap();
-        w.store.enroll(&c.id, s).await.unwrap();
+    // Every region's worker waits on its consumer before the campaign.
+    let ready_by = Instant::now() + Duration::from_secs(30);
+    for r in REGIONS {
+        loop {
+            let mut c: async_nats::jetstream::consumer::Consumer<
+                async_nats::jetstream::consumer::pull::Config,
+            > = js
+                .get_consumer_from_stream(topology::worker_consumer(r), topology::tasks_stream(r))
+                .await
+                .unwrap();
+            if c.info().await.unwrap().num_waiting > 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < ready_by,
+                "the {r} worker never pulled: {}",
+                workers
+                    .iter()
+                    .map(Daemon::log_tail)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
     let coordinator = support::start_coordinator_on(&home, cfg.clone()).await;
     let api = ApiClient::new(home.clone()).with_timeout(Duration::from_secs(5));
+    let started = Instant::now();
     let id = api
         .start(spec(
             in_regions(&REGIONS),
             Strategy::Continuity,
-            "50%",
+            "10%,50%",
             0.0,
             OnFailure::Pause,
         ))
         .await
         .unwrap();
-    let started = std::time::Instant::now();
     let status = api
-        .wait_terminal(&id, Duration::from_secs(120))
+        .wait_terminal(&id, Duration::from_secs(180))
         .await
         .unwrap();
     println!(
-        "campaign of {TOTAL} credentials over {REGIONS:?}: {:?} in {:?}",
+        "campaign of {} Redis users over {REGIONS:?} on the supercluster: {:?} in {:?}",
+        creds.len(),
         status.state,
         started.elapsed()
     );
     assert_eq!(status.state, CampaignState::Completed, "{status:#?}");
-    assert_eq!(status.succeeded(), TOTAL as u64, "{status:#?}");
-    for c in &creds {
-        assert_eq!(sim.set_count(&c.principal), 1, "{}", c.id);
-        let (_, w) = workers.iter().find(|(r, _)| *r == c.region).unwrap();
-        let rec = w.store.get(&c.id).await.unwrap().expect("record");
-        assert!(sim.accepts(&c.principal, &rec.current.unwrap().secret));
+    assert_eq!(status.succeeded(), creds.len() as u64, "{status:#?}");
+    coordinator.stop().await;
+    for w in &mut workers {
+        w.kill();
     }
-    // Each region's records are in its own store only.
-    for (r, w) in &workers {
-        for c in creds.iter().filter(|c| c.region != *r).take(3) {
-            assert!(
-                w.store.get(&c.id).await.unwrap().is_none(),
-                "{} in {r}",
-                c.id
-            );
+
+    // Proven against each region's Redis: the new secret logs in, the old
+    // one is refused.
+    for c in &creds {
+        let r = c.region.as_str();
+        let rec = stores[r].get(&c.id).await.unwrap().expect("record");
+        let now = rec.current.expect("current secret").secret;
+        assert!(auth(&redis[r].url(), &c.principal, &now).await, "{}", c.id);
+        assert!(
+            !auth(&redis[r].url(), &c.principal, &today[&c.id]).await,
+            "{}: the old secret still works",
+            c.id
+        );
+    }
+    // On disk: each region's task stream and secret store are stored by its
+    // own server and by no other server of the supercluster.
+    let all: Vec<String> = sc
+        .clusters()
+        .into_iter()
+        .flat_map(|c| sc.server_names(c))
+        .collect();
+    let store_of = |name: &str| sc.store_dir(name).expect("server").to_path_buf();
+    for name in &all {
+        println!("{name} stores {:?}", stored_streams(&store_of(name)));
+    }
+    for r in REGIONS {
+        let own = sc.server_names(r);
+        for stream in [
+            topology::tasks_stream(r),
+            format!("KV_{}", topology::kv_secrets(r)),
+        ] {
+            for name in &all {
+                let holds = stored_streams(&store_of(name)).contains(&stream);
+                assert_eq!(
+                    holds,
+                    own.contains(name),
+                    "{stream} on {name}: stored {holds}, but it belongs on {own:?} only"
+                );
+            }
+        }
+        // Every task of the region went through its stream there.
+        let tasks = info(&js, &topology::tasks_stream(r)).await;
+        assert!(
+            tasks.state.last_sequence >= PER_REGION as u64,
+            "{r}: {:?}",
+            tasks.state
+        );
+
+        // The bytes: a piece of the region's newest secret record (the
+        // ciphertext as the worker wrote it) is in its own server's files
+        // and in no other server's; nor is the subject of its tasks.
+        let local = topology::context(sc.client(r).await);
+        let mut bucket = local
+            .get_stream(format!("KV_{}", topology::kv_secrets(r)))
+            .await
+            .unwrap();
+        let last = bucket.info().await.unwrap().state.last_sequence;
+        let record = bucket.get_raw_message(last).await.unwrap().payload;
+        assert!(
+            record.len() >= 64,
+            "a secret record of {} bytes",
+            record.len()
+        );
+        let piece = &record[record.len() / 2 - 16..record.len() / 2 + 16];
+        let task_subject = subjects::task(r, &id);
+        for name in &all {
+            let store = store_of(name);
+            let found = files_containing(&store, piece);
+            if own.contains(name) {
+                assert!(
+                    !found.is_empty(),
+                    "{r}'s secret ciphertext not found in {name}'s store: the check would prove nothing"
+                );
+            } else {
+                assert!(
+                    found.is_empty(),
+                    "{r}'s secret ciphertext is stored on {name}: {found:?}"
+                );
+                let found = files_containing(&store, task_subject.as_bytes());
+                assert!(
+                    found.is_empty(),
+                    "{r}'s tasks are stored on {name}: {found:?}"
+                );
+            }
         }
     }
-    coordinator.stop().await;
-    for (_, w) in workers {
-        w.stop().await;
-    }
+}
+
+/// A server that ran a release with one task stream for every region: the
+/// region's own stream replaces it once it is empty; while it holds tasks,
+/// creating the region's stream is refused with what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_one_task_stream_of_an_earlier_release_is_retired_once_empty() {
+    use async_nats::jetstream::stream::{Config, RetentionPolicy};
+    support::init_tracing();
+    let server = keywave_tests::NatsServer::start();
+    let js = topology::context(server.client().await);
+    let cfg = support::topology();
+    let legacy = Config {
+        name: topology::LEGACY_STREAM_TASKS.into(),
+        subjects: vec!["keywave.task.>".into()],
+        retention: RetentionPolicy::WorkQueue,
+        ..Default::default()
+    };
+    js.create_stream(legacy.clone()).await.unwrap();
+    js.publish(
+        subjects::task("eu", "c-old"),
+        "a task of the earlier release".into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let e = topology::ensure_region(&js, "eu", &cfg)
+        .await
+        .expect_err("the earlier release's stream still holds a task");
+    println!("{e}");
+    assert!(e.to_string().contains("still holds 1 task"), "{e}");
+    assert!(js.get_stream(topology::LEGACY_STREAM_TASKS).await.is_ok());
+
+    // Its workers finished the task: the stream goes, the region's comes.
+    js.get_stream(topology::LEGACY_STREAM_TASKS)
+        .await
+        .unwrap()
+        .purge()
+        .await
+        .unwrap();
+    topology::ensure_region(&js, "eu", &cfg).await.unwrap();
+    assert!(js.get_stream(topology::LEGACY_STREAM_TASKS).await.is_err());
+    js.publish(subjects::task("eu", "c-new"), "a task".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut eu = js.get_stream(topology::tasks_stream("eu")).await.unwrap();
+    assert_eq!(eu.info().await.unwrap().state.messages, 1);
+    // A second process finds everything in place.
+    topology::ensure_region(&js, "eu", &cfg).await.unwrap();
 }
