@@ -8,7 +8,9 @@
 //! removed on drop (processes left in a namespace are killed), and what a
 //! killed run left behind is removed by the next one.
 
-use crate::nats::{http_get_json_at, jetstream_answers, SUPERCLUSTER_LAYOUT, SUPERCLUSTER_TEMPLATE};
+use crate::nats::{
+    http_get_json_at, jetstream_answers, SUPERCLUSTER_LAYOUT, SUPERCLUSTER_TEMPLATE,
+};
 use crate::process::{find, is_root, locate, try_free_port, Daemon};
 use crate::HarnessError;
 use std::collections::BTreeSet;
@@ -100,7 +102,10 @@ fn kill_namespace_processes(ns: &str) {
     let Ok(pids) = ip(&["netns", "pids", ns]) else {
         return;
     };
-    for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+    for pid in pids
+        .split_whitespace()
+        .filter_map(|p| p.parse::<i32>().ok())
+    {
         kill(pid);
     }
 }
@@ -245,7 +250,13 @@ impl RegionNet {
             });
         }
         ip(&["link", "add", &self.bridge, "type", "bridge"])?;
-        ip(&["addr", "add", &format!("{}/24", self.host), "dev", &self.bridge])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", self.host),
+            "dev",
+            &self.bridge,
+        ])?;
         ip(&["link", "set", &self.bridge, "up"])?;
         for (i, region) in regions.iter().enumerate() {
             let ns = format!("{}-{region}", self.prefix);
@@ -264,7 +275,15 @@ impl RegionNet {
             ])?;
             ip(&["link", "set", &ns_if, "netns", &ns])?;
             ip(&["link", "set", &host_if, "master", &self.bridge, "up"])?;
-            ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", &ns_if])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                &ns_if,
+            ])?;
             ip(&["-n", &ns, "link", "set", &ns_if, "up"])?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
         }
@@ -603,13 +622,7 @@ impl NetSupercluster {
     pub fn log_tails(&self) -> String {
         self.servers
             .iter()
-            .map(|s| {
-                format!(
-                    "--- {}:\n{}",
-                    s.name,
-                    crate::process::tail(&s.log, 40)
-                )
-            })
+            .map(|s| format!("--- {}:\n{}", s.name, crate::process::tail(&s.log, 40)))
             .collect::<Vec<_>>()
             .join("\n")
     }

@@ -66,7 +66,11 @@ impl RedisServer {
         RedisServer::start_with(net.addr(region), dir, |bin| net.command(region, bin))
     }
 
-    fn start_with(host: Ipv4Addr, dir: TempDir, command: impl Fn(&PathBuf) -> Command) -> RedisServer {
+    fn start_with(
+        host: Ipv4Addr,
+        dir: TempDir,
+        command: impl Fn(&PathBuf) -> Command,
+    ) -> RedisServer {
         let bin = require("redis-server");
         let log = dir.path().join("redis-server.log");
         let mut bind = vec![host.to_string()];

@@ -25,7 +25,7 @@ use keywave_common::subjects;
 use keywave_common::topology::{self, Placement};
 use keywave_common::wire::{CampaignState, Credential, EventKind, OnFailure, Strategy, TargetKind};
 use keywave_tests::process::Daemon;
-use keywave_tests::{Netns, NetSupercluster, RedisServer, RegionNet};
+use keywave_tests::{NetSupercluster, Netns, RedisServer, RegionNet};
 use keywave_worker::store::SecretStore;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -161,9 +161,11 @@ async fn region_cut_mid_wave_pauses_naming_it_and_completes_after_the_link_heals
     // namespaces are deleted (drop kills any left inside them anyway).
     let net = RegionNet::create(&REGIONS);
     let bin = support::workspace_binary("keywave-worker", "keywave-worker");
+    let mut phases = vec![("namespaces, keywave-worker built", began.elapsed())];
     let sc = NetSupercluster::start(&net);
     let home = sc.client("home").await;
     let cfg = placed_topology();
+    phases.push(("supercluster", began.elapsed()));
 
     // Each region's Redis, in its namespace, with its ACL users.
     let redis: HashMap<&str, RedisServer> = REGIONS
@@ -195,6 +197,7 @@ async fn region_cut_mid_wave_pauses_naming_it_and_completes_after_the_link_heals
         let _: () = pipe.query_async(&mut admin).await.unwrap();
     }
     support::put_inventory_on(&home, cfg.clone(), &creds).await;
+    phases.push(("Redis servers, users and inventory", began.elapsed()));
 
     // Each region's key and secret store (placed in the region), enrolled
     // with today's passwords.
@@ -221,6 +224,7 @@ async fn region_cut_mid_wave_pauses_naming_it_and_completes_after_the_link_heals
         }
     }))
     .await;
+    phases.push(("secret stores enrolled", began.elapsed()));
 
     // One worker process per region, inside its namespace, connected only
     // to its region's server, reaching Redis through the recording proxy.
@@ -281,6 +285,7 @@ max_concurrency = 8
     .await
     .unwrap_or_else(|_| panic!("heartbeats heard only from {heard:?}"));
     drop(beats);
+    phases.push(("workers heard", began.elapsed()));
 
     let coordinator = support::start_coordinator_on(&home, cfg.clone()).await;
     let api = ApiClient::new(home.clone()).with_timeout(Duration::from_secs(5));
@@ -295,6 +300,9 @@ max_concurrency = 8
     );
     sp.task_timeout_ms = 60_000;
     sp.preflight = None;
+    let setup = began.elapsed();
+    phases.push(("coordinator ready", setup));
+    println!("set-up phases (elapsed since the test began): {phases:?}");
     let started = Instant::now();
     let id = api.start(sp).await.unwrap();
 
@@ -383,23 +391,44 @@ max_concurrency = 8
 
     // Every credential consistent, checked with a real AUTH; one new
     // password each.
+    let checks_began = Instant::now();
     let sets = sets.lock().unwrap().clone();
-    let mut inconsistent = Vec::new();
-    for c in &creds {
-        let rec = stores[c.region.as_str()]
-            .get(&c.id)
-            .await
-            .unwrap()
-            .expect("record");
-        let current = rec.current.clone().expect("current");
-        let url = redis[c.region.as_str()].url();
-        let new_ok = crate::faults::auth(&url, &c.principal, &current.secret).await;
-        let old_refused = !crate::faults::auth(&url, &c.principal, &today[&c.id]).await;
-        let set = sets.get(&c.principal).map_or(0, HashSet::len);
-        if !(new_ok && old_refused && set == 1 && rec.pending.is_none()) {
-            inconsistent.push((c.id.clone(), new_ok, old_refused, set, rec.pending.is_some()));
+    let checks = futures::future::join_all(creds.chunks(TOTAL / 12).map(|chunk| {
+        let (stores, today, sets, redis) = (&stores, &today, &sets, &redis);
+        async move {
+            let mut out = Vec::new();
+            for c in chunk {
+                let rec = stores[c.region.as_str()]
+                    .get(&c.id)
+                    .await
+                    .unwrap()
+                    .expect("record");
+                let current = rec.current.clone().expect("current");
+                let url = redis[c.region.as_str()].url();
+                let new_ok = crate::faults::auth(&url, &c.principal, &current.secret).await;
+                let old_refused = !crate::faults::auth(&url, &c.principal, &today[&c.id]).await;
+                let set = sets.get(&c.principal).map_or(0, HashSet::len);
+                out.push((
+                    c.id.clone(),
+                    new_ok,
+                    old_refused,
+                    set,
+                    rec.pending.is_some(),
+                ));
+            }
+            out
         }
-    }
+    }))
+    .await;
+    let checked: usize = checks.iter().map(Vec::len).sum();
+    let inconsistent: Vec<_> = checks
+        .into_iter()
+        .flatten()
+        .filter(|(_, new_ok, old_refused, set, pending)| {
+            !(*new_ok && *old_refused && *set == 1 && !*pending)
+        })
+        .collect();
+    assert_eq!(checked, TOTAL);
     assert!(
         inconsistent.is_empty(),
         "(id, new works, old refused, passwords set, pending left): {inconsistent:#?}"
@@ -419,10 +448,11 @@ max_concurrency = 8
         "region cut figures: {} regions x {PER_REGION} Redis ACL users, {CUT} cut for {CUT_FOR:?} \
          in wave {CUT_WAVE}; cut -> pause {cut_to_pause:?}; heal -> {CUT} live again \
          {heal_to_live:?}; heal -> campaign completed {heal_to_done:?} (resumed when live); \
-         campaign {campaign_time:?}; whole test {:?}; credentials checked {}, reconcile {:?}",
+         set-up {setup:?}, campaign {campaign_time:?}, checks and reconcile {:?}, whole test {:?}; \
+         credentials checked {checked}, reconcile {:?}",
         REGIONS.len(),
+        checks_began.elapsed(),
         began.elapsed(),
-        creds.len(),
         report.summary,
     );
     coordinator.stop().await;
