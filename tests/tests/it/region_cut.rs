@@ -358,6 +358,7 @@ max_concurrency = 8
     }
     net.heal(CUT);
     let healed_at = Instant::now();
+    let healed_ms = keywave_common::now_ms();
 
     // eu's workers are heard again; then the operator resumes.
     until(&api, &id, Duration::from_secs(60), "eu live again", |s| {
@@ -372,6 +373,16 @@ max_concurrency = 8
     .await;
     let heal_to_done = healed_at.elapsed();
     let campaign_time = started.elapsed();
+    // When each wave after the cut finished, counted from the heal.
+    let after_heal: Vec<(u32, Duration)> = done
+        .waves
+        .iter()
+        .filter(|w| w.wave >= CUT_WAVE)
+        .filter_map(|w| {
+            let f = w.finished_at_ms?;
+            Some((w.wave, Duration::from_millis(f.saturating_sub(healed_ms))))
+        })
+        .collect();
     assert_eq!(done.state, CampaignState::Completed, "{done:#?}");
     assert_eq!(done.succeeded(), TOTAL as u64, "{done:#?}");
     assert_eq!(done.failed(), 0, "{done:#?}");
@@ -447,7 +458,8 @@ max_concurrency = 8
     println!(
         "region cut figures: {} regions x {PER_REGION} Redis ACL users, {CUT} cut for {CUT_FOR:?} \
          in wave {CUT_WAVE}; cut -> pause {cut_to_pause:?}; heal -> {CUT} live again \
-         {heal_to_live:?}; heal -> campaign completed {heal_to_done:?} (resumed when live); \
+         {heal_to_live:?}; heal -> campaign completed {heal_to_done:?} (resumed when live; \
+         waves finished after the heal (wave, time): {after_heal:?}); \
          set-up {setup:?}, campaign {campaign_time:?}, checks and reconcile {:?}, whole test {:?}; \
          credentials checked {checked}, reconcile {:?}",
         REGIONS.len(),
