@@ -46,6 +46,8 @@ have nats-server || missing+=(nats-server)
 have redis-server || missing+=(redis-server)
 { have initdb || [ -n "$(pg_bindir)" ]; } || missing+=(postgresql)
 have mariadbd || missing+=(mariadb-server)
+# The region outage test puts regions in network namespaces (`ip netns`).
+have ip || missing+=(iproute2)
 
 step "Server binaries"
 if [ "${#missing[@]}" -gt 0 ]; then

@@ -91,6 +91,7 @@ for s in "${servers[@]}"; do
   read -r name cluster tag <<<"$s"
   mkdir -p "$dir/$name"
   sed -e "s|@NAME@|$name|g" \
+      -e "s|@HOST@|127.0.0.1|g" \
       -e "s|@CLUSTER@|$cluster|g" \
       -e "s|@TAGS@|\"$tag\"|g" \
       -e "s|@CLIENT_PORT@|$((base + i))|g" \

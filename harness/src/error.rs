@@ -31,6 +31,10 @@ pub enum HarnessError {
         log: PathBuf,
         log_tail: String,
     },
+    /// A command that sets something up (`ip netns add`, `ip link set`)
+    /// failed, or this process may not run it.
+    #[error("{what}: {detail}")]
+    Setup { what: String, detail: String },
     /// The server was still not ready when the start-up timeout passed.
     #[error("{name} not ready after {after:?} (last probe: {probe}); log {}:\n{log_tail}", log.display())]
     NotReady {

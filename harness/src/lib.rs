@@ -17,7 +17,12 @@
 //!   port and store; [`NatsOptions`] chooses the tests' configuration or
 //!   `nats-server`'s defaults), [`NatsCluster`] (3-node JetStream cluster) and
 //!   [`NatsSupercluster`] (home cluster plus regions eu, us, ap over gateways).
-//! - [`redis`]: [`RedisServer`], a private `redis-server` for ACL-user rotation.
+//! - [`netns`]: [`RegionNet`] (one Linux network namespace per region on a
+//!   bridge; a region cut off and joined again by its link) and
+//!   [`NetSupercluster`] (the supercluster with each region's server in its
+//!   namespace), for region outage tests; needs root.
+//! - [`redis`]: [`RedisServer`], a private `redis-server` for ACL-user rotation. It
+//!   can run inside a region's namespace ([`RedisServer::start_in`]).
 //! - [`secure`]: [`SecureNats`], a `nats-server` running the least-privilege
 //!   `deploy/nats-secure.conf` (optionally with TLS), one user per role.
 //! - [`postgres`]: [`PostgresServer`], a private PostgreSQL (scram-sha-256) for role rotation.
@@ -34,6 +39,7 @@
 pub mod error;
 pub mod mariadb;
 pub mod nats;
+pub mod netns;
 pub mod postgres;
 pub mod process;
 pub mod redis;
@@ -43,6 +49,7 @@ pub mod wait;
 pub use error::HarnessError;
 pub use mariadb::MariaDbServer;
 pub use nats::{NatsCluster, NatsOptions, NatsServer, NatsSupercluster};
+pub use netns::{NetSupercluster, Netns, RegionNet};
 pub use postgres::PostgresServer;
 pub use process::require;
 pub use redis::RedisServer;

@@ -44,7 +44,7 @@ fn probe_runtime() -> &'static tokio::runtime::Runtime {
 
 /// Whether a client can connect to `url` and JetStream answers an account
 /// info request (which, on a cluster, needs an elected meta leader).
-fn jetstream_answers(url: &str) -> Result<(), String> {
+pub(crate) fn jetstream_answers(url: &str) -> Result<(), String> {
     let url = url.to_string();
     let (tx, rx) = mpsc::channel();
     probe_runtime().spawn(async move {
@@ -508,6 +508,7 @@ impl NatsSupercluster {
             let store = home.join("store");
             let text = SUPERCLUSTER_TEMPLATE
                 .replace("@NAME@", name)
+                .replace("@HOST@", "127.0.0.1")
                 .replace("@CLUSTER@", cluster)
                 .replace("@TAGS@", &format!("\"{tag}\""))
                 .replace("@CLIENT_PORT@", &ports.client.to_string())
@@ -644,14 +645,23 @@ impl NatsSupercluster {
 /// `GET http://127.0.0.1:<port><path>` of a server's monitoring endpoint,
 /// parsed as JSON (a blocking, bounded, dependency-free HTTP/1.0 request).
 fn http_get_json(port: u16, path: &str) -> Result<serde_json::Value, String> {
+    http_get_json_at([127, 0, 0, 1].into(), port, path)
+}
+
+/// [`http_get_json`] of a server listening on `ip`.
+pub(crate) fn http_get_json_at(
+    ip: std::net::IpAddr,
+    port: u16,
+    path: &str,
+) -> Result<serde_json::Value, String> {
     use std::io::{Read, Write};
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let addr = std::net::SocketAddr::new(ip, port);
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))
         .map_err(|e| format!("connect :{port}: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(2)))
         .and_then(|_| s.set_write_timeout(Some(Duration::from_secs(2))))
         .map_err(|e| e.to_string())?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n").map_err(|e| e.to_string())?;
     let mut body = String::new();
     s.take(4 << 20)
         .read_to_string(&mut body)

@@ -26,6 +26,7 @@ fn install_hint(binary: &str) -> &'static str {
         "mariadbd" | "mariadb-install-db" => "apt-get install mariadb-server",
         "mariadb" | "mariadb-admin" => "apt-get install mariadb-client",
         "runuser" => "apt-get install util-linux",
+        "ip" => "apt-get install iproute2",
         _ => "install it with your package manager",
     }
 }

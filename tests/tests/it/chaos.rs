@@ -159,18 +159,33 @@ fn scan_commands(buf: &mut Vec<u8>, sets: &Sets) {
 /// `ACL SETUSER` sets (Redis hides those commands from `MONITOR`). Returns
 /// the proxy's URL.
 pub(crate) async fn setuser_proxy(upstream_port: u16, sets: Sets) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
+    serve_setuser_proxy(
+        listener,
+        move || tokio::net::TcpStream::connect(("127.0.0.1", upstream_port)),
+        sets,
+    );
+    format!("redis://127.0.0.1:{port}")
+}
+
+/// Serves [`setuser_proxy`] on `listener`, reaching Redis through
+/// `connect` (once per client connection).
+pub(crate) fn serve_setuser_proxy<C, F>(listener: tokio::net::TcpListener, connect: C, sets: Sets)
+where
+    C: Fn() -> F + Send + 'static,
+    F: std::future::Future<Output = std::io::Result<tokio::net::TcpStream>> + Send + 'static,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     tokio::spawn(async move {
         loop {
             let Ok((client, _)) = listener.accept().await else {
                 return;
             };
             let sets = sets.clone();
+            let upstream = connect();
             tokio::spawn(async move {
-                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream_port)).await
-                else {
+                let Ok(server) = upstream.await else {
                     return;
                 };
                 let (mut cr, mut cw) = client.into_split();
@@ -196,7 +211,6 @@ pub(crate) async fn setuser_proxy(upstream_port: u16, sets: Sets) -> String {
             });
         }
     });
-    format!("redis://127.0.0.1:{port}")
 }
 
 pub(crate) async fn redis_admin(url: &str) -> redis::aio::MultiplexedConnection {

@@ -29,6 +29,9 @@
 //! - `regions`: a campaign over a region no worker serves pauses within 15 s naming the region (its queued
 //!   tasks never become `no_result`, even past twice the task timeout) and completes once a worker runs there
 //!   and it is resumed; a region whose only worker stops mid-campaign pauses the same way.
+//! - `region_cut`: each region's NATS server, Redis and worker process in its own network namespace (root
+//!   needed); eu's link down for 20 s mid-wave: paused within 30 s naming eu (nothing failed, nothing rolled
+//!   back), us and ap finish the wave; healed and resumed: completed, consistent (AUTH and reconcile), set once.
 //! - `rollback`: a canary over budget is rolled back; containment refuses and pauses.
 //! - `consumers`: two real `keywave-worker agent` processes write each new Redis ACL secret atomically (0600), reload,
 //!   health-check with `redis-cli` and attest; the old secret is refused only after both attested; a stopped agent or
@@ -114,6 +117,7 @@ mod proof;
 mod readme;
 mod reconcile;
 mod redis_acl;
+mod region_cut;
 mod regions;
 mod rollback;
 mod signing;
