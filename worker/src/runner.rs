@@ -55,6 +55,11 @@ const PROGRESS_AT_LEAST: Duration = Duration::from_secs(1);
 const MAX_DEAD_LETTER_PAYLOAD: usize = 4096;
 /// Redelivery delay after the result (or dead letter) could not be published.
 const REQUEUE_DELAY: Duration = Duration::from_secs(2);
+/// First wait before publishing a finished task's result again; doubles up
+/// to [`RESULT_RETRY_MAX`].
+const RESULT_RETRY_FIRST: Duration = Duration::from_millis(500);
+/// Longest wait between attempts to publish a finished task's result.
+const RESULT_RETRY_MAX: Duration = Duration::from_secs(5);
 /// Wait before re-creating the message stream after it failed.
 const RESUBSCRIBE_DELAY: Duration = Duration::from_secs(1);
 
@@ -575,13 +580,63 @@ impl Ctx {
         result: &RotationResult,
         traceparent: Option<&str>,
     ) -> Result<(), PublishError> {
-        // Durable write #3 of a rotation. The message id makes a republished
-        // result (after a redelivery) a duplicate the server drops.
-        let msg_id = format!("{}:result", result.task_id);
         if self.faults.drop_result() {
             warn!(task = %result.task_id, "Fault injection: dropping the result publish");
             return Err(PublishError::Ack("dropped by fault injection".into()));
         }
+        self.send_result(result, traceparent).await
+    }
+
+    /// Publishes a finished task's result, trying again (0.5 s, doubling to
+    /// 5 s) for as long as it takes, while the caller keeps the task in
+    /// progress: when the results stream cannot be reached (the region cut
+    /// off from the home cluster), the task stays with this worker instead
+    /// of going back to the queue, where every redelivery would count
+    /// towards its max deliveries and a long outage would give it up
+    /// although its rotation is done. Gives up only when the worker shuts
+    /// down (the task is then redelivered and its result published from
+    /// the record).
+    async fn publish_result_until_done(
+        &self,
+        result: &RotationResult,
+        traceparent: Option<&str>,
+    ) -> Result<(), PublishError> {
+        if self.faults.drop_result() {
+            warn!(task = %result.task_id, "Fault injection: dropping the result publish");
+            return Err(PublishError::Ack("dropped by fault injection".into()));
+        }
+        let mut wait = RESULT_RETRY_FIRST;
+        let mut attempts = 1u32;
+        loop {
+            match self.send_result(result, traceparent).await {
+                Ok(()) => {
+                    if attempts > 1 {
+                        info!(task = %result.task_id, attempts, "Result published after the results stream could not be reached");
+                    }
+                    return Ok(());
+                }
+                Err(e) if self.shutdown.is_cancelled() => return Err(e),
+                Err(e) => {
+                    warn!(task = %result.task_id, attempts, error = %e, retry_in = ?wait, "Could not publish the result; keeping the task and trying again");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.shutdown.cancelled() => {}
+                    }
+                    wait = (wait * 2).min(RESULT_RETRY_MAX);
+                    attempts += 1;
+                }
+            }
+        }
+    }
+
+    async fn send_result(
+        &self,
+        result: &RotationResult,
+        traceparent: Option<&str>,
+    ) -> Result<(), PublishError> {
+        // Durable write #3 of a rotation. The message id makes a republished
+        // result (after a redelivery) a duplicate the server drops.
+        let msg_id = format!("{}:result", result.task_id);
         publish::send(
             &self.js,
             subjects::result(&result.region, &result.campaign_id),
@@ -864,7 +919,9 @@ async fn handle(ctx: &Ctx, msg: &jetstream::Message) -> Handled {
             let _turn = ctx.credentials.lock(&task.credential_id).await;
             match ctx.protocol.execute(&task, &ctx.shutdown).await {
                 Flow::Finished(result) => {
-                    let published = ctx.publish_result(&result, traceparent.as_deref()).await;
+                    let published = ctx
+                        .publish_result_until_done(&result, traceparent.as_deref())
+                        .await;
                     if published.is_ok() {
                         ctx.metrics.result(&result);
                     }
