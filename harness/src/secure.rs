@@ -28,13 +28,20 @@ pub const SECURE_TLS_CONFIG: &str = concat!(
     "/../deploy/nats-secure-tls.conf"
 );
 
-/// Every user of `deploy/nats-secure.conf`.
-pub const USERS: [&str; 7] = [
+/// The accounts, users and permissions `deploy/nats-secure.conf` includes
+/// (and every server of a secure supercluster).
+pub const ACCOUNTS_CONFIG: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/nats-accounts.conf");
+
+/// Every user of `deploy/nats-accounts.conf`.
+pub const USERS: [&str; 9] = [
     "coordinator",
     "worker-eu",
     "worker-us",
+    "worker-ap",
     "agent-eu",
     "agent-us",
+    "agent-ap",
     "detect-siem",
     "operator",
 ];
@@ -177,6 +184,8 @@ impl SecureNats {
             &format!("store_dir: {:?}", store.display().to_string()),
         );
         std::fs::write(dir.path().join("nats-secure.conf"), text).expect("write config");
+        std::fs::copy(ACCOUNTS_CONFIG, dir.path().join("nats-accounts.conf"))
+            .expect("copy deploy/nats-accounts.conf");
         let config = if tls {
             std::fs::copy(SECURE_TLS_CONFIG, dir.path().join("nats-secure-tls.conf"))
                 .expect("copy deploy/nats-secure-tls.conf");
