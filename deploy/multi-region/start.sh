@@ -6,6 +6,14 @@
 #
 #   deploy/multi-region/start.sh               # foreground; Ctrl-C stops all
 #   deploy/multi-region/start.sh --background  # pid files; stop with stop.sh
+#   deploy/multi-region/start.sh --secure      # with the least-privilege users
+#
+# --secure makes every server include deploy/nats-accounts.conf (account
+# KEYWAVE, one user per role, as deploy/nats-secure.conf on one server).
+# Each user's password is read from KEYWAVE_NATS_PASSWORD_<USER> (e.g.
+# KEYWAVE_NATS_PASSWORD_WORKER_EU, a quoted value or bcrypt hash as in
+# deploy/nats-secure.conf); a variable that is unset gets a random password,
+# written for the clients to $KEYWAVE_MR_DIR/passwords/<user> (mode 0600).
 #
 # Environment:
 #   KEYWAVE_MR_BASE_PORT  first client port (default 14222). Server i (0..5:
@@ -22,12 +30,15 @@ base="${KEYWAVE_MR_BASE_PORT:-14222}"
 dir="${KEYWAVE_MR_DIR:-/tmp/keywave-multi-region}"
 timeout="${KEYWAVE_MR_TIMEOUT:-60}"
 background=0
-case "${1:-}" in
-  --background) background=1 ;;
-  "") ;;
-  -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
-  *) echo "start.sh: unknown argument $1 (use --background or nothing)" >&2; exit 2 ;;
-esac
+secure=0
+for arg in "$@"; do
+  case "$arg" in
+    --background) background=1 ;;
+    --secure) secure=1 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    *) echo "start.sh: unknown argument $arg (use --background and/or --secure)" >&2; exit 2 ;;
+  esac
+done
 
 command -v nats-server >/dev/null || { echo "start.sh: nats-server not found on PATH" >&2; exit 1; }
 case "$base" in ''|*[!0-9]*) echo "start.sh: KEYWAVE_MR_BASE_PORT must be a number" >&2; exit 2 ;; esac
@@ -79,6 +90,25 @@ for s in "${servers[@]}"; do
   i=$((i + 1))
 done
 
+# The users of deploy/nats-accounts.conf.
+users=(coordinator worker-eu worker-us worker-ap agent-eu agent-us agent-ap detect-siem operator)
+accounts=""
+if [ "$secure" = 1 ]; then
+  # Each server includes its own copy (nats-server resolves an include
+  # relative to the including file).
+  accounts='include "nats-accounts.conf"'
+  mkdir -p "$dir/passwords"
+  chmod 700 "$dir/passwords"
+  for u in "${users[@]}"; do
+    var="KEYWAVE_NATS_PASSWORD_$(printf '%s' "$u" | tr 'a-z-' 'A-Z_')"
+    if [ -z "${!var:-}" ]; then
+      pw="$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' | head -c 32)"
+      (umask 077; printf '%s' "$pw" >"$dir/passwords/$u")
+      export "$var=\"$pw\""
+    fi
+  done
+fi
+
 pids=()
 stop_all() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -90,6 +120,7 @@ i=0
 for s in "${servers[@]}"; do
   read -r name cluster tag <<<"$s"
   mkdir -p "$dir/$name"
+  [ "$secure" = 0 ] || cp "$here/../nats-accounts.conf" "$dir/$name/nats-accounts.conf"
   sed -e "s|@NAME@|$name|g" \
       -e "s|@HOST@|127.0.0.1|g" \
       -e "s|@CLUSTER@|$cluster|g" \
@@ -103,6 +134,7 @@ for s in "${servers[@]}"; do
       -e "s|@MAX_FILE@|10GB|g" \
       -e "s|@ROUTES@|$(routes_of "$cluster")|g" \
       -e "s|@GATEWAYS@|$gateways|g" \
+      -e "s|@ACCOUNTS@|$accounts|g" \
       "$here/server.conf.tmpl" >"$dir/$name/nats-server.conf"
   nats-server -c "$dir/$name/nats-server.conf" >"$dir/$name/nats-server.log" 2>&1 &
   pids+=("$!")
@@ -165,6 +197,9 @@ for s in "${servers[@]}"; do
 done
 
 echo "keywave supercluster ready (JetStream meta leader: $leader); data, configs and logs in $dir"
+if [ "$secure" = 1 ]; then
+  echo "least-privilege users of deploy/nats-accounts.conf; generated passwords (if any) in $dir/passwords/<user>"
+fi
 echo "client URLs:"
 for want in home eu us ap; do
   urls="" i=0

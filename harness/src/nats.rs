@@ -519,7 +519,8 @@ impl NatsSupercluster {
                 .replace("@MAX_MEMORY@", "256MB")
                 .replace("@MAX_FILE@", "1GB")
                 .replace("@ROUTES@", &routes_of(cluster))
-                .replace("@GATEWAYS@", &gateways);
+                .replace("@GATEWAYS@", &gateways)
+                .replace("@ACCOUNTS@", "");
             let config = write_config(&home, &text)?;
             nodes.push(SuperNode {
                 cluster,

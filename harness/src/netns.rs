@@ -533,7 +533,8 @@ impl NetSupercluster {
                 .replace("@MAX_MEMORY@", "256MB")
                 .replace("@MAX_FILE@", "1GB")
                 .replace("@ROUTES@", &routes_of(cluster))
-                .replace("@GATEWAYS@", &gateways);
+                .replace("@GATEWAYS@", &gateways)
+                .replace("@ACCOUNTS@", "");
             let config = home.join("nats-server.conf");
             std::fs::write(&config, text)
                 .map_err(HarnessError::io(format!("writing {}", config.display())))?;

@@ -99,8 +99,17 @@ impl Watched {
 /// topology and each region's task consumer and secret store, as the
 /// coordinator user.
 pub async fn create_topology(coordinator: &async_nats::Client, regions: &[&str]) {
+    create_topology_with(coordinator, regions, &support::topology()).await
+}
+
+/// [`create_topology`] with `cfg` (e.g. a supercluster's placement).
+pub async fn create_topology_with(
+    coordinator: &async_nats::Client,
+    regions: &[&str],
+    cfg: &topology::Config,
+) {
     let js = topology::context(coordinator.clone());
-    let cfg = support::topology();
+    let cfg = cfg.clone();
     topology::ensure_core(&js, &cfg)
         .await
         .expect("coordinator creates the core topology");
