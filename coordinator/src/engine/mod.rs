@@ -85,6 +85,10 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub const CONTROL_WAIT: Duration = Duration::from_secs(3);
 /// API requests handled concurrently.
 pub const API_CONCURRENCY: usize = 32;
+/// First and longest wait before loading the campaigns again at the start of
+/// a term, when JetStream could not serve them (see [`Engine::term`]).
+const LOAD_RETRY_FIRST: Duration = Duration::from_millis(250);
+const LOAD_RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// Settings of a coordinator.
 #[derive(Debug, Clone)]
@@ -609,8 +613,41 @@ impl Engine {
         };
         let api_stop = CancellationToken::new();
         let started = async {
-            let watcher = control_watch(self.clone()).await?;
-            self.resume_all().await?;
+            // The campaigns are loaded through new consumers on the
+            // keywave-campaigns bucket. Right after the failure that made
+            // this coordinator active (a home server lost with the old
+            // leader's connection, say) JetStream may not create them for a
+            // few seconds: that is retried while the lease holds, never the
+            // end of the process. Nothing is driven before the load succeeds
+            // (both scans come before the first campaign is resumed).
+            let mut delay = LOAD_RETRY_FIRST;
+            let watcher = loop {
+                let loaded = async {
+                    let watcher = control_watch(self.clone()).await?;
+                    self.resume_all().await?;
+                    Ok(watcher)
+                }
+                .await;
+                match loaded {
+                    Ok(watcher) => break watcher,
+                    Err(e @ CoordinatorError::Load(_)) => {
+                        warn!(coordinator = %self.opts.coordinator_id, error = %e, retry_in = ?delay, "Cannot load the campaigns yet; retrying");
+                    }
+                    Err(e) => return Err(e),
+                }
+                let interrupted = tokio::select! {
+                    _ = tokio::time::sleep(delay) => None,
+                    _ = shutdown.cancelled() => Some(TermEnd::Shutdown),
+                    _ = kill.cancelled() => Some(TermEnd::Killed),
+                    _ = self.crashed.cancelled() => Some(TermEnd::Killed),
+                    _ = self.lease.lost().cancelled() => Some(TermEnd::Lost),
+                    _ = self.halted.cancelled() => Some(TermEnd::Lost),
+                };
+                if let Some(end) = interrupted {
+                    return Ok(Err(end));
+                }
+                delay = (delay * 2).min(LOAD_RETRY_MAX);
+            };
             self.tracker.spawn(watcher);
             self.tracker.spawn(poison::run(self.clone()));
             // The audit trail: events and result digests, hash-chained (crate::audit).
@@ -627,11 +664,13 @@ impl Engine {
             let active = api::subscribe_active(&self.client).await?;
             server.set_active(Some(self.clone()));
             info!(coordinator = %self.opts.coordinator_id, "Serving the control verbs of the API");
-            Ok::<_, CoordinatorError>(active)
+            Ok::<_, CoordinatorError>(Ok(active))
         }
         .await;
+        // `Ok(Some(end))`: the term ended while the campaigns were loading.
         let (started, active) = match started {
-            Ok(active) => (Ok(()), Some(active)),
+            Ok(Ok(active)) => (Ok(None), Some(active)),
+            Ok(Err(end)) => (Ok(Some(end)), None),
             Err(e) => (Err(e), None),
         };
         // Boxed so that it can be dropped (the subscription with it) before
@@ -644,7 +683,8 @@ impl Engine {
         });
         let end = match started {
             Err(e) => TermEnd::Failed(e),
-            Ok(()) => tokio::select! {
+            Ok(Some(end)) => end,
+            Ok(None) => tokio::select! {
                 r = &mut serving => match r {
                     Ok(()) => TermEnd::Shutdown,
                     Err(e) => TermEnd::Failed(e),
