@@ -731,10 +731,9 @@ impl BenchArgs {
         }
         topology.replicas = self.replicas;
         topology.region_replicas = self.region_replicas;
-        topology.region_placement = keywave_common::topology::parse_region_placements(
-            &self.placement,
-        )
-        .map_err(|e| usage("--placement", e.to_string()))?;
+        topology.region_placement =
+            keywave_common::topology::parse_region_placements(&self.placement)
+                .map_err(|e| usage("--placement", e.to_string()))?;
         if let Some(r) = topology
             .region_placement
             .keys()

@@ -578,8 +578,8 @@ fn validate(opts: &BenchOptions) -> anyhow::Result<()> {
 
 /// Connects to `url`, one server or several comma-separated (a cluster's).
 async fn connect(url: &str, name: String) -> anyhow::Result<async_nats::Client> {
-    let addrs = keywave_common::nats::server_addrs(url)
-        .with_context(|| format!("NATS URL {url}"))?;
+    let addrs =
+        keywave_common::nats::server_addrs(url).with_context(|| format!("NATS URL {url}"))?;
     async_nats::ConnectOptions::new()
         .name(name)
         .connect(addrs)

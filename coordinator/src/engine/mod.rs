@@ -760,13 +760,19 @@ impl Engine {
 async fn control_watch(
     engine: Arc<Engine>,
 ) -> Result<impl std::future::Future<Output = ()>, CoordinatorError> {
-    let first = engine
-        .campaigns
-        .watch("control.*")
-        .await
-        .map_err(|e| CoordinatorError::Load(e.to_string()))?;
+    // Without a watch yet (JetStream may refuse new consumers for a while
+    // after losing a server) the loop below keeps trying: requests for the
+    // campaigns this coordinator drives reach their drivers directly (see
+    // `Engine::control`), and those recorded before come with the resume.
+    let first = match engine.campaigns.watch("control.*").await {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!(error = %e, "Cannot watch campaign control requests yet; retrying in the background");
+            None
+        }
+    };
     Ok(async move {
-        let mut watch = Some(first);
+        let mut watch = first;
         loop {
             let mut w = match watch.take() {
                 Some(w) => w,
@@ -902,7 +908,7 @@ impl Engine {
     /// Loads every snapshot and drives the campaigns that are not finished.
     async fn resume_all(self: &Arc<Self>) -> Result<(), CoordinatorError> {
         let mut snapshots = Vec::new();
-        crate::kvscan::for_each_latest(&self.campaigns, "campaign.*", |e| {
+        crate::kvscan::for_each_latest_small(&self.campaigns, "campaign.*", |e| {
             match serde_json::from_slice::<CampaignStatus>(&e.value) {
                 Ok(s) => snapshots.push((s, e.revision)),
                 Err(err) => {
@@ -913,7 +919,7 @@ impl Engine {
         .await
         .map_err(|e| CoordinatorError::Load(e.to_string()))?;
         let mut controls = HashMap::new();
-        crate::kvscan::for_each_latest(&self.campaigns, "control.*", |e| {
+        crate::kvscan::for_each_latest_small(&self.campaigns, "control.*", |e| {
             if let Ok(rec) = serde_json::from_slice::<ControlRecord>(&e.value) {
                 let cid = e.key.trim_start_matches("control.").to_string();
                 controls.insert(cid, (rec, e.revision));

@@ -107,9 +107,13 @@ impl Fleet {
                 require_signed_tasks: task_key.is_some(),
                 ..Default::default()
             };
-            let w =
-                support::start_worker_with(&client, opts, &RegionKey::generate(), Arc::new(targets))
-                    .await;
+            let w = support::start_worker_with(
+                &client,
+                opts,
+                &RegionKey::generate(),
+                Arc::new(targets),
+            )
+            .await;
             workers.push((r, w));
         }
         for c in &creds {
@@ -596,7 +600,11 @@ async fn the_standby_on_another_home_server_takes_over_mid_wave_and_completes() 
         .wait_terminal(&id, Duration::from_secs(100))
         .await
         .unwrap_or_else(|e| panic!("campaign ends: {e}\nB's log:\n{}", b.log_text()));
-    println!("campaign {} {:?} after the kill", summary(&status), killed.elapsed());
+    println!(
+        "campaign {} {:?} after the kill",
+        summary(&status),
+        killed.elapsed()
+    );
     let events = support::events(&home, &id).await;
     assert!(
         pauses(&events).is_empty(),
@@ -624,7 +632,10 @@ async fn lease_taken(kv: &async_nats::jetstream::kv::Store, within: Duration) {
         if holder(kv).await.is_some_and(|r| r.holder == "ha-b") {
             return;
         }
-        assert!(t0.elapsed() < within, "ha-b holds no lease within {within:?}");
+        assert!(
+            t0.elapsed() < within,
+            "ha-b holds no lease within {within:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
