@@ -194,3 +194,55 @@ async fn scan(
     }
     Ok(live)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    /// What a scan saw: key to (value, revision).
+    type Seen = BTreeMap<String, (Bytes, u64)>;
+
+    fn collect(seen: &mut Seen) -> impl FnMut(Latest) + '_ {
+        |l| {
+            assert!(
+                seen.insert(l.key, (l.value, l.revision)).is_none(),
+                "a key seen twice"
+            );
+        }
+    }
+
+    // The key-by-key read a new term falls back to sees what the consumer
+    // scan sees: the latest value and revision of every live key matching
+    // the filter, deleted and purged keys left out.
+    #[tokio::test]
+    async fn reading_key_by_key_sees_what_the_scan_sees() {
+        let server = keywave_harness::NatsServer::start();
+        let js = keywave_common::topology::context(server.client().await);
+        let kv = keywave_common::topology::campaigns(&js, &Default::default())
+            .await
+            .unwrap();
+        for i in 0..5 {
+            kv.put(format!("campaign.c{i}"), format!("v{i}").into())
+                .await
+                .unwrap();
+        }
+        kv.put("campaign.c1", "v1-again".into()).await.unwrap();
+        kv.delete("campaign.c2").await.unwrap();
+        kv.purge("campaign.c3").await.unwrap();
+        kv.put("control.c0", "pause".into()).await.unwrap();
+
+        let (mut scanned, mut by_keys) = (Seen::new(), Seen::new());
+        let n = for_each_latest(&kv, "campaign.*", collect(&mut scanned))
+            .await
+            .unwrap();
+        let m = by_key(&kv, "campaign.*", &mut collect(&mut by_keys))
+            .await
+            .unwrap();
+        assert_eq!((n, m), (3, 3));
+        assert_eq!(scanned, by_keys);
+        assert_eq!(by_keys["campaign.c1"].0, Bytes::from("v1-again"));
+        assert!(!by_keys.contains_key("campaign.c2"));
+        assert!(!by_keys.contains_key("control.c0"));
+    }
+}
