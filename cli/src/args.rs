@@ -83,7 +83,7 @@ keywave-coordinator processes with --workers-as-processes) and measures the bare
 the same server: N task-sized messages through a work queue and N result-sized messages back, \
 all acked. Prints credentials/s from the start request to the last decision, the ratio to the \
 baseline, per-step latency percentiles, and peak memory. See BENCHMARKS.md.",
-        after_help = "Examples:\n  keywave bench --credentials 10000\n  keywave bench --credentials 100000 --workers-per-region 2 --target-latency 5ms\n  keywave bench --credentials 1000000 --workers-as-processes --json | tail -n1 | jq .ratio_to_baseline"
+        after_help = "Examples:\n  keywave bench --credentials 10000\n  keywave bench --credentials 100000 --workers-per-region 2 --target-latency 5ms\n  keywave bench --credentials 1000000 --workers-as-processes --json | tail -n1 | jq .ratio_to_baseline\n  deploy/multi-region/measure.sh   # the same campaign on the local supercluster and on one server"
     )]
     Bench(BenchArgs),
     /// Report a leak (publish a detection), or see what detections did: time to contain, unmatched.
@@ -658,6 +658,21 @@ pub struct BenchArgs {
     /// Keep worker configurations and the logs of every process (nats-server included) in DIR.
     #[arg(long, value_name = "DIR")]
     pub logs: Option<PathBuf>,
+    /// Supercluster: the NATS URL(s) of one region's workers, REGION=URL[,URL...]; repeat per region (a region not given uses --nats). See docs/multi-region.md.
+    #[arg(long, value_name = "REGION=URLS")]
+    pub region_nats: Vec<String>,
+    /// Replicas of the streams and buckets the bench creates (3 on a cluster or a supercluster's home).
+    #[arg(long, default_value_t = 1)]
+    pub replicas: usize,
+    /// Supercluster: where each region's secret store goes, as keywave-coordinator --placement (eu=region:eu,us=region:us).
+    #[arg(long, value_name = "REGION=PLACEMENT,...", default_value = "")]
+    pub placement: String,
+    /// Supercluster: where every other stream and bucket goes, as keywave-coordinator --home-placement (cluster=home).
+    #[arg(long, value_name = "PLACEMENT")]
+    pub home_placement: Option<String>,
+    /// Replicas of each region's secret store [default: --replicas].
+    #[arg(long, value_name = "N")]
+    pub region_replicas: Option<usize>,
 }
 
 impl BenchArgs {
@@ -688,6 +703,53 @@ impl BenchArgs {
         if task_timeout.is_zero() {
             return Err(usage("--task-timeout", "must be positive"));
         }
+        let mut region_nats = std::collections::BTreeMap::new();
+        for entry in &self.region_nats {
+            let (region, urls) = entry
+                .split_once('=')
+                .filter(|(r, u)| !r.trim().is_empty() && !u.trim().is_empty())
+                .ok_or_else(|| usage("--region-nats", format!("{entry:?} is not REGION=URL")))?;
+            let region = region.trim().to_string();
+            if !regions.contains(&region) {
+                return Err(usage(
+                    "--region-nats",
+                    format!("region {region} is not in --regions"),
+                ));
+            }
+            keywave_common::nats::server_addrs(urls)
+                .map_err(|e| usage("--region-nats", format!("{region}: {e}")))?;
+            region_nats.insert(region, urls.trim().to_string());
+        }
+        let mut topology = keywave_common::topology::Config::default();
+        for (flag, n) in [
+            ("--replicas", Some(self.replicas)),
+            ("--region-replicas", self.region_replicas),
+        ] {
+            if n.is_some_and(|n| n == 0 || n > 5) {
+                return Err(usage(flag, "must be between 1 and 5"));
+            }
+        }
+        topology.replicas = self.replicas;
+        topology.region_replicas = self.region_replicas;
+        topology.region_placement =
+            keywave_common::topology::parse_region_placements(&self.placement)
+                .map_err(|e| usage("--placement", e.to_string()))?;
+        if let Some(r) = topology
+            .region_placement
+            .keys()
+            .find(|r| !regions.contains(r))
+        {
+            return Err(usage(
+                "--placement",
+                format!("places region {r}, which is not in --regions"),
+            ));
+        }
+        if let Some(spec) = &self.home_placement {
+            topology.home_placement = Some(
+                keywave_common::topology::Placement::parse(spec)
+                    .map_err(|e| usage("--home-placement", e.to_string()))?,
+            );
+        }
         Ok(BenchOptions {
             nats_url,
             credentials: self.credentials,
@@ -701,6 +763,8 @@ impl BenchArgs {
             skip_baseline: self.skip_baseline,
             json,
             logs: self.logs.clone(),
+            topology,
+            region_nats,
         })
     }
 }

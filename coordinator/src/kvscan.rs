@@ -45,14 +45,81 @@ pub struct Latest {
 pub async fn for_each_latest(
     kv: &kv::Store,
     key_filter: &str,
+    f: impl FnMut(Latest),
+) -> Result<u64, ScanError> {
+    let consumer = scan_consumer(kv, key_filter).await?;
+    scan(kv, consumer, f).await
+}
+
+/// [`for_each_latest`] for the few keys a coordinator must read when it
+/// becomes active (campaign snapshots, control records), right after the
+/// failure that made it active, which may have taken a server of the
+/// cluster with it. JetStream may then refuse new consumers on the bucket
+/// for a while (nats-server 2.9 can assign one to the lost server until it
+/// declares it gone, a minute or more): the keys are then listed from the
+/// stream's subjects and read one by one from the stream leader. Only for
+/// small key sets: every matching key is listed in memory first.
+pub async fn for_each_latest_small(
+    kv: &kv::Store,
+    key_filter: &str,
     mut f: impl FnMut(Latest),
 ) -> Result<u64, ScanError> {
-    let err = |detail: String| ScanError {
-        bucket: kv.name.clone(),
-        detail,
-    };
-    let consumer = kv
+    match scan_consumer(kv, key_filter).await {
+        Ok(consumer) => scan(kv, consumer, f).await,
+        Err(e) => {
+            tracing::warn!(bucket = %kv.name, error = %e, "KV scan has no consumer; reading key by key");
+            by_key(kv, key_filter, &mut f)
+                .await
+                .map_err(|detail| ScanError {
+                    bucket: kv.name.clone(),
+                    detail: format!("{}; reading key by key: {detail}", e.detail),
+                })
+        }
+    }
+}
+
+/// Every key matching `key_filter` from the stream's subject list, then
+/// each key's latest entry.
+async fn by_key(
+    kv: &kv::Store,
+    key_filter: &str,
+    f: &mut impl FnMut(Latest),
+) -> Result<u64, String> {
+    let mut subjects = kv
         .stream
+        .info_with_subjects(format!("{}{}", kv.prefix, key_filter))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut keys = Vec::new();
+    while let Some(subject) = subjects.next().await {
+        let (subject, _) = subject.map_err(|e| e.to_string())?;
+        if let Some(key) = subject.strip_prefix(kv.prefix.as_str()) {
+            keys.push(key.to_string());
+        }
+    }
+    let mut live = 0;
+    for key in keys {
+        match kv.entry(key.as_str()).await.map_err(|e| e.to_string())? {
+            Some(e) if e.operation == kv::Operation::Put => {
+                live += 1;
+                f(Latest {
+                    key,
+                    value: e.value,
+                    revision: e.revision,
+                });
+            }
+            _ => {}
+        }
+    }
+    Ok(live)
+}
+
+/// The ordered consumer of a scan: the latest value of each matching key.
+async fn scan_consumer(
+    kv: &kv::Store,
+    key_filter: &str,
+) -> Result<async_nats::jetstream::consumer::Consumer<pull::OrderedConfig>, ScanError> {
+    kv.stream
         .create_consumer(pull::OrderedConfig {
             description: Some("keywave kv scan".into()),
             filter_subject: format!("{}{}", kv.prefix, key_filter),
@@ -61,7 +128,22 @@ pub async fn for_each_latest(
             ..Default::default()
         })
         .await
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|e| ScanError {
+            bucket: kv.name.clone(),
+            detail: e.to_string(),
+        })
+}
+
+/// Reads `consumer` to the end; see [`for_each_latest`].
+async fn scan(
+    kv: &kv::Store,
+    consumer: async_nats::jetstream::consumer::Consumer<pull::OrderedConfig>,
+    mut f: impl FnMut(Latest),
+) -> Result<u64, ScanError> {
+    let err = |detail: String| ScanError {
+        bucket: kv.name.clone(),
+        detail,
+    };
     if consumer.cached_info().num_pending == 0 {
         return Ok(0);
     }
@@ -111,4 +193,56 @@ pub async fn for_each_latest(
         }
     }
     Ok(live)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    /// What a scan saw: key to (value, revision).
+    type Seen = BTreeMap<String, (Bytes, u64)>;
+
+    fn collect(seen: &mut Seen) -> impl FnMut(Latest) + '_ {
+        |l| {
+            assert!(
+                seen.insert(l.key, (l.value, l.revision)).is_none(),
+                "a key seen twice"
+            );
+        }
+    }
+
+    // The key-by-key read a new term falls back to sees what the consumer
+    // scan sees: the latest value and revision of every live key matching
+    // the filter, deleted and purged keys left out.
+    #[tokio::test]
+    async fn reading_key_by_key_sees_what_the_scan_sees() {
+        let server = keywave_harness::NatsServer::start();
+        let js = keywave_common::topology::context(server.client().await);
+        let kv = keywave_common::topology::campaigns(&js, &Default::default())
+            .await
+            .unwrap();
+        for i in 0..5 {
+            kv.put(format!("campaign.c{i}"), format!("v{i}").into())
+                .await
+                .unwrap();
+        }
+        kv.put("campaign.c1", "v1-again".into()).await.unwrap();
+        kv.delete("campaign.c2").await.unwrap();
+        kv.purge("campaign.c3").await.unwrap();
+        kv.put("control.c0", "pause".into()).await.unwrap();
+
+        let (mut scanned, mut by_keys) = (Seen::new(), Seen::new());
+        let n = for_each_latest(&kv, "campaign.*", collect(&mut scanned))
+            .await
+            .unwrap();
+        let m = by_key(&kv, "campaign.*", &mut collect(&mut by_keys))
+            .await
+            .unwrap();
+        assert_eq!((n, m), (3, 3));
+        assert_eq!(scanned, by_keys);
+        assert_eq!(by_keys["campaign.c1"].0, Bytes::from("v1-again"));
+        assert!(!by_keys.contains_key("campaign.c2"));
+        assert!(!by_keys.contains_key("control.c0"));
+    }
 }

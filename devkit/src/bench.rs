@@ -111,6 +111,15 @@ pub struct BenchOptions {
     /// Keep the worker configurations and every process's log (the
     /// self-started nats-server's included) in this directory.
     pub logs: Option<PathBuf>,
+    /// Replicas and placement of the streams and buckets the bench creates
+    /// (on a supercluster: the home state on the home cluster, each
+    /// region's secret store in its region). Default: production settings,
+    /// one replica, placed by the server.
+    pub topology: topology::Config,
+    /// NATS URLs (comma-separated) each region's workers connect to, e.g.
+    /// that region's servers of a supercluster; a region not listed
+    /// connects to the bench's own URL.
+    pub region_nats: BTreeMap<String, String>,
 }
 
 impl Default for BenchOptions {
@@ -132,6 +141,8 @@ impl Default for BenchOptions {
             skip_baseline: false,
             json: false,
             logs: None,
+            topology: topology::Config::default(),
+            region_nats: BTreeMap::new(),
         }
     }
 }
@@ -553,6 +564,9 @@ fn validate(opts: &BenchOptions) -> anyhow::Result<()> {
     for r in &opts.regions {
         ids::validate("region", r)?;
     }
+    if let Some(r) = opts.region_nats.keys().find(|r| !opts.regions.contains(r)) {
+        bail!("--region-nats names region {r}, which is not in --regions");
+    }
     if opts.workers_per_region == 0 || opts.concurrency == 0 {
         bail!("--workers-per-region and --concurrency must be at least 1");
     }
@@ -562,12 +576,20 @@ fn validate(opts: &BenchOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Connects to `url`, one server or several comma-separated (a cluster's).
 async fn connect(url: &str, name: String) -> anyhow::Result<async_nats::Client> {
+    let addrs =
+        keywave_common::nats::server_addrs(url).with_context(|| format!("NATS URL {url}"))?;
     async_nats::ConnectOptions::new()
         .name(name)
-        .connect(url)
+        .connect(addrs)
         .await
         .with_context(|| format!("connecting to NATS at {url}"))
+}
+
+/// The NATS URL of region `region`'s workers.
+fn region_url<'a>(opts: &'a BenchOptions, url: &'a str, region: &str) -> &'a str {
+    opts.region_nats.get(region).map_or(url, String::as_str)
 }
 
 /// Everything that runs the campaign, in-process or as children.
@@ -663,7 +685,7 @@ async fn run_on(
     };
     let client = connect(url, "keywave-bench".into()).await?;
     let server_version = client.server_info().version.clone();
-    let cfg = topology::Config::default();
+    let cfg = opts.topology.clone();
     let js = topology::context(client.clone());
     topology::ensure_core(&js, &cfg).await?;
     let run_id = ids::random_id("bench");
@@ -898,7 +920,11 @@ async fn start_in_process(
     for (name, key, sim) in regions {
         let mut targets = Targets::new();
         targets.insert("sim", sim.clone(), SIM_ENDPOINT_CONCURRENCY);
-        let wclient = connect(url, format!("keywave-bench worker {name}")).await?;
+        let wclient = connect(
+            region_url(opts, url, name),
+            format!("keywave-bench worker {name}"),
+        )
+        .await?;
         let template = WorkerOptions {
             region: name.clone(),
             worker_id: format!("bench-{name}"),
@@ -956,16 +982,29 @@ async fn start_processes(
         .to_file(&key_file)
         .context("writing the ephemeral task-signing key")?;
     let public = signing.public().to_hex();
+    let cfg = &opts.topology;
     let mut workers = Vec::new();
     for (name, key, _) in regions {
         for i in 0..opts.workers_per_region {
             let id = format!("bench-{name}-{i}");
             let config = dir.join(format!("{id}.toml"));
+            let worker_url = region_url(opts, url, name);
+            // Where this worker would create its topology, as the coordinator.
+            let mut jetstream = format!("replicas = {}\n", cfg.replicas);
+            if let Some(p) = cfg.region_placement.get(name) {
+                jetstream.push_str(&format!("placement = \"{p}\"\n"));
+            }
+            if let Some(p) = &cfg.home_placement {
+                jetstream.push_str(&format!("home_placement = \"{p}\"\n"));
+            }
+            if let Some(n) = cfg.region_replicas {
+                jetstream.push_str(&format!("region_replicas = {n}\n"));
+            }
             // The region key goes through the environment, never into the file.
             std::fs::write(
                 &config,
                 format!(
-                    "region = \"{name}\"\nworker_id = \"{id}\"\nconcurrency = {}\nnats_url = \"{url}\"\nshutdown_grace_secs = 5\ncoordinator_public_keys = [\"{public}\"]\nrequire_signed_tasks = true\n\n[[endpoint]]\nname = \"sim\"\nkind = \"sim\"\nmax_concurrency = {SIM_ENDPOINT_CONCURRENCY}\nlatency_ms = {}\n",
+                    "region = \"{name}\"\nworker_id = \"{id}\"\nconcurrency = {}\nnats_url = \"{worker_url}\"\nshutdown_grace_secs = 5\ncoordinator_public_keys = [\"{public}\"]\nrequire_signed_tasks = true\n\n[jetstream]\n{jetstream}\n[[endpoint]]\nname = \"sim\"\nkind = \"sim\"\nmax_concurrency = {SIM_ENDPOINT_CONCURRENCY}\nlatency_ms = {}\n",
                     opts.concurrency,
                     opts.target_latency.as_millis()
                 ),
@@ -985,7 +1024,25 @@ async fn start_processes(
     let mut cmd = tokio::process::Command::new(&coordinator_bin);
     cmd.args(["--nats", url, "--id", &format!("coordinator-{run_id}")])
         .arg("--signing-key-file")
-        .arg(&key_file);
+        .arg(&key_file)
+        .args(["--replicas", &cfg.replicas.to_string()]);
+    if let Some(p) = &cfg.home_placement {
+        cmd.args(["--home-placement", &p.to_string()]);
+    }
+    if !cfg.region_placement.is_empty() {
+        let list = cfg
+            .region_placement
+            .iter()
+            .map(|(r, p)| format!("{r}={p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        // Every placed region must be one the coordinator creates.
+        cmd.args(["--placement", &list])
+            .args(["--regions", &opts.regions.join(",")]);
+    }
+    if let Some(n) = cfg.region_replicas {
+        cmd.args(["--region-replicas", &n.to_string()]);
+    }
     let coordinator = Child::spawn(
         "keywave-coordinator".into(),
         cmd,

@@ -673,3 +673,83 @@ pub(crate) fn http_get_json_at(
         .ok_or("no HTTP body")?;
     serde_json::from_str(json).map_err(|e| format!("{path} is not JSON: {e}"))
 }
+
+/// Losing and bringing back one server of a [`NatsSupercluster`], by name
+/// (`home1`, `eu1`, ...), and finding who leads: what the home cluster's
+/// resilience tests need.
+impl NatsSupercluster {
+    fn node_named(&self, name: &str) -> &SuperNode {
+        self.nodes
+            .iter()
+            .find(|n| n.node.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("no server named {name} in the supercluster"))
+    }
+
+    fn node_named_mut(&mut self, name: &str) -> &mut SuperNode {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.node.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("no server named {name} in the supercluster"))
+    }
+
+    /// Client URL of the server named `name`.
+    pub fn url_of(&self, name: &str) -> String {
+        self.node_named(name).node.url()
+    }
+
+    /// The name of the server listening for clients on `port` (what
+    /// `client.server_info().port` says a client is connected to).
+    pub fn server_on_port(&self, port: u16) -> Option<String> {
+        self.nodes
+            .iter()
+            .find(|n| n.node.port == port)
+            .and_then(|n| n.node.name.clone())
+    }
+
+    /// Kills the server named `name` (SIGKILL); its ports and store are kept
+    /// for [`NatsSupercluster::restart_server`].
+    pub fn kill_server(&mut self, name: &str) {
+        self.node_named_mut(name).node.kill();
+    }
+
+    /// Kills the server named `name` if it runs, starts it again with the
+    /// same configuration, ports and store, and waits until it answers
+    /// JetStream requests.
+    pub fn try_restart_server(&mut self, name: &str) -> Result<(), HarnessError> {
+        self.node_named_mut(name).node.start()
+    }
+
+    /// [`NatsSupercluster::try_restart_server`], panicking with the
+    /// server's log when it does not come back.
+    pub fn restart_server(&mut self, name: &str) {
+        if let Err(e) = self.try_restart_server(name) {
+            panic!("restart of {name}: {e}");
+        }
+    }
+
+    /// Whether the server named `name` runs.
+    pub fn is_running(&mut self, name: &str) -> bool {
+        match self.node_named_mut(name).node.daemon.as_mut() {
+            Some(d) => d.exited().is_none(),
+            None => false,
+        }
+    }
+
+    /// The JetStream meta leader, as the first running server that names
+    /// one in its `/jsz` says.
+    pub fn meta_leader(&mut self) -> Option<String> {
+        let mut running = Vec::new();
+        for n in &mut self.nodes {
+            if n.node.daemon.as_mut().is_some_and(|d| d.exited().is_none()) {
+                running.push(n.http_port);
+            }
+        }
+        running.into_iter().find_map(|port| {
+            let jsz = http_get_json(port, "/jsz").ok()?;
+            jsz["meta_cluster"]["leader"]
+                .as_str()
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+        })
+    }
+}

@@ -86,6 +86,10 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub const CONTROL_WAIT: Duration = Duration::from_secs(3);
 /// API requests handled concurrently.
 pub const API_CONCURRENCY: usize = 32;
+/// First and longest wait before loading the campaigns again at the start of
+/// a term, when JetStream could not serve them (see [`Engine::term`]).
+const LOAD_RETRY_FIRST: Duration = Duration::from_millis(250);
+const LOAD_RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// Settings of a coordinator.
 #[derive(Debug, Clone)]
@@ -614,8 +618,41 @@ impl Engine {
         };
         let api_stop = CancellationToken::new();
         let started = async {
-            let watcher = control_watch(self.clone()).await?;
-            self.resume_all().await?;
+            // The campaigns are loaded through new consumers on the
+            // keywave-campaigns bucket. Right after the failure that made
+            // this coordinator active (a home server lost with the old
+            // leader's connection, say) JetStream may not create them for a
+            // few seconds: that is retried while the lease holds, never the
+            // end of the process. Nothing is driven before the load succeeds
+            // (both scans come before the first campaign is resumed).
+            let mut delay = LOAD_RETRY_FIRST;
+            let watcher = loop {
+                let loaded = async {
+                    let watcher = control_watch(self.clone()).await?;
+                    self.resume_all().await?;
+                    Ok(watcher)
+                }
+                .await;
+                match loaded {
+                    Ok(watcher) => break watcher,
+                    Err(e @ CoordinatorError::Load(_)) => {
+                        warn!(coordinator = %self.opts.coordinator_id, error = %e, retry_in = ?delay, "Cannot load the campaigns yet; retrying");
+                    }
+                    Err(e) => return Err(e),
+                }
+                let interrupted = tokio::select! {
+                    _ = tokio::time::sleep(delay) => None,
+                    _ = shutdown.cancelled() => Some(TermEnd::Shutdown),
+                    _ = kill.cancelled() => Some(TermEnd::Killed),
+                    _ = self.crashed.cancelled() => Some(TermEnd::Killed),
+                    _ = self.lease.lost().cancelled() => Some(TermEnd::Lost),
+                    _ = self.halted.cancelled() => Some(TermEnd::Lost),
+                };
+                if let Some(end) = interrupted {
+                    return Ok(Err(end));
+                }
+                delay = (delay * 2).min(LOAD_RETRY_MAX);
+            };
             self.tracker.spawn(watcher);
             self.tracker.spawn(poison::run(self.clone()));
             // The audit trail: events and result digests, hash-chained (crate::audit).
@@ -632,11 +669,13 @@ impl Engine {
             let active = api::subscribe_active(&self.client).await?;
             server.set_active(Some(self.clone()));
             info!(coordinator = %self.opts.coordinator_id, "Serving the control verbs of the API");
-            Ok::<_, CoordinatorError>(active)
+            Ok::<_, CoordinatorError>(Ok(active))
         }
         .await;
+        // `Ok(Some(end))`: the term ended while the campaigns were loading.
         let (started, active) = match started {
-            Ok(active) => (Ok(()), Some(active)),
+            Ok(Ok(active)) => (Ok(None), Some(active)),
+            Ok(Err(end)) => (Ok(Some(end)), None),
             Err(e) => (Err(e), None),
         };
         // Boxed so that it can be dropped (the subscription with it) before
@@ -649,7 +688,8 @@ impl Engine {
         });
         let end = match started {
             Err(e) => TermEnd::Failed(e),
-            Ok(()) => tokio::select! {
+            Ok(Some(end)) => end,
+            Ok(None) => tokio::select! {
                 r = &mut serving => match r {
                     Ok(()) => TermEnd::Shutdown,
                     Err(e) => TermEnd::Failed(e),
@@ -725,13 +765,19 @@ impl Engine {
 async fn control_watch(
     engine: Arc<Engine>,
 ) -> Result<impl std::future::Future<Output = ()>, CoordinatorError> {
-    let first = engine
-        .campaigns
-        .watch("control.*")
-        .await
-        .map_err(|e| CoordinatorError::Load(e.to_string()))?;
+    // Without a watch yet (JetStream may refuse new consumers for a while
+    // after losing a server) the loop below keeps trying: requests for the
+    // campaigns this coordinator drives reach their drivers directly (see
+    // `Engine::control`), and those recorded before come with the resume.
+    let first = match engine.campaigns.watch("control.*").await {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!(error = %e, "Cannot watch campaign control requests yet; retrying in the background");
+            None
+        }
+    };
     Ok(async move {
-        let mut watch = Some(first);
+        let mut watch = first;
         loop {
             let mut w = match watch.take() {
                 Some(w) => w,
@@ -867,7 +913,7 @@ impl Engine {
     /// Loads every snapshot and drives the campaigns that are not finished.
     async fn resume_all(self: &Arc<Self>) -> Result<(), CoordinatorError> {
         let mut snapshots = Vec::new();
-        crate::kvscan::for_each_latest(&self.campaigns, "campaign.*", |e| {
+        crate::kvscan::for_each_latest_small(&self.campaigns, "campaign.*", |e| {
             match serde_json::from_slice::<CampaignStatus>(&e.value) {
                 Ok(s) => snapshots.push((s, e.revision)),
                 Err(err) => {
@@ -878,7 +924,7 @@ impl Engine {
         .await
         .map_err(|e| CoordinatorError::Load(e.to_string()))?;
         let mut controls = HashMap::new();
-        crate::kvscan::for_each_latest(&self.campaigns, "control.*", |e| {
+        crate::kvscan::for_each_latest_small(&self.campaigns, "control.*", |e| {
             if let Ok(rec) = serde_json::from_slice::<ControlRecord>(&e.value) {
                 let cid = e.key.trim_start_matches("control.").to_string();
                 controls.insert(cid, (rec, e.revision));

@@ -47,6 +47,9 @@
 //! - `supercluster`: the multi-region supercluster of `deploy/multi-region/` with placement: each region's
 //!   secret store only on its region's server, the home state at R3 on the home cluster, an unsatisfiable
 //!   placement refused naming the region and tag; a campaign over eu, us, ap with each worker on its own region.
+//! - `home_cluster`: the supercluster's home cluster at default settings: the coordinator's home server (leader of
+//!   the campaigns bucket) SIGKILLed mid-campaign, which completes without pausing; two coordinator processes on
+//!   different home servers, the active one SIGKILLed mid-wave, the standby takes over and completes.
 //! - `signing`: tasks signed by an unknown key, unsigned, altered, moved to another region's subject
 //!   or expired are refused, dead-lettered with their reason and change nothing; a second key works;
 //!   a campaign signed by the coordinator completes.
@@ -106,6 +109,7 @@ mod enroll_bulk;
 mod failover;
 mod faults;
 mod harness;
+mod home_cluster;
 mod hygiene;
 mod late_results;
 mod lease;

@@ -338,12 +338,30 @@ pub fn workspace_binary(package: &str, bin: &str) -> std::path::PathBuf {
         .expect("target/<profile>/deps");
     if let Ok(cargo) = std::env::var("CARGO") {
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-        let status = std::process::Command::new(cargo)
+        let mut build = std::process::Command::new(cargo);
+        build
             .args(["build", "--quiet", "-p", package, "--bin", bin])
             .arg("--manifest-path")
-            .arg(manifest)
-            .status()
-            .expect("cargo build runs");
+            .arg(manifest);
+        // What `cargo test` set for this test binary is not the build's
+        // environment: a dependency whose build reads one of these
+        // (`CARGO_MANIFEST_DIR`) would be rebuilt here, with every crate
+        // above it, and again by the next `cargo test`.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if name == "CARGO_MANIFEST_DIR"
+                || name == "CARGO_MANIFEST_PATH"
+                || name == "CARGO_CRATE_NAME"
+                || name == "CARGO_PRIMARY_PACKAGE"
+                || name == "CARGO_TARGET_TMPDIR"
+                || name == "OUT_DIR"
+                || name.starts_with("CARGO_PKG_")
+                || name.starts_with("CARGO_BIN_")
+            {
+                build.env_remove(name.as_ref());
+            }
+        }
+        let status = build.status().expect("cargo build runs");
         assert!(status.success(), "building {bin} failed");
     }
     let path = dir.join(bin);
