@@ -4,8 +4,32 @@
 use clap::Parser;
 use keywave_cli::{args::Cli, commands};
 
+/// Exit status of a command whose reader closed stdout early: 128 + SIGPIPE,
+/// what a shell reports for a Unix tool that a closed pipe stopped.
+const CLOSED_PIPE_EXIT: i32 = 141;
+
+/// `keywave ... | head` closes stdout before everything is printed: stop
+/// quietly, as Unix tools do, instead of panicking ("failed printing to
+/// stdout: Broken pipe").
+fn stop_quietly_on_a_closed_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(CLOSED_PIPE_EXIT);
+        }
+        default(info);
+    }));
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    stop_quietly_on_a_closed_pipe();
     let cli = Cli::parse();
     // Quiet by default: `keywave dev` runs workers in-process, whose
     // per-task warnings would drown the progress lines.

@@ -278,10 +278,28 @@ impl opentelemetry_http::HttpClient for OnRuntime {
 /// to DEBUG (the protocol's `step` spans) and other events and spans from
 /// INFO, whatever `RUST_LOG` says; without a provider those spans stay
 /// disabled and cost nothing.
+/// Whether log lines on stderr get colours: only when stderr is a terminal
+/// (a log file written by redirection or collected from a container stays
+/// plain text) and `NO_COLOR` is unset or empty (<https://no-color.org>).
+fn colour_on_stderr() -> bool {
+    use std::io::IsTerminal;
+    colour_allowed(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    )
+}
+
+/// [`colour_on_stderr`]'s rule: a terminal, and `NO_COLOR` absent or empty.
+fn colour_allowed(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
 fn dispatch(opts: &Options, provider: Option<SdkTracerProvider>) -> Dispatch {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(opts.default_filter));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(colour_on_stderr());
     let mut layers: Vec<Box<dyn Layer<Registry> + Send + Sync>> = vec![match opts.log_format {
         LogFormat::Text => fmt.with_filter(filter).boxed(),
         LogFormat::Json => fmt
@@ -528,6 +546,15 @@ pub mod prom {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        use std::ffi::OsStr;
+        assert!(colour_allowed(true, None));
+        assert!(colour_allowed(true, Some(OsStr::new(""))));
+        assert!(!colour_allowed(true, Some(OsStr::new("1"))));
+        assert!(!colour_allowed(false, None));
+    }
 
     #[test]
     fn log_format_parses() {

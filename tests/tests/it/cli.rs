@@ -503,3 +503,52 @@ async fn cli_rollback_of_a_paused_campaign_and_containment_refusal() {
         w.stop().await;
     }
 }
+
+/// `keywave ... | head`: a reader that closes stdout early stops the
+/// command quietly (exit 141, like a Unix tool stopped by SIGPIPE), with no
+/// panic message; and log lines written to a file carry no colour codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stdout_stops_quietly_and_redirected_logs_are_plain() {
+    use std::process::{Command, Stdio};
+    support::init_tracing();
+    let bin = support::workspace_binary("keywave-cli", "keywave");
+    let server = NatsServer::start();
+    let client = server.client().await;
+    let _workers = fleet(&client, 8).await;
+
+    // The reader is gone before the first line is written.
+    let mut child = Command::new(&bin)
+        .args(["--nats", &server.url(), "campaign", "plan"])
+        .args(["--selector", "region=eu,us", "--waves", "1,50%"])
+        .env_remove("NO_COLOR")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("keywave runs");
+    drop(child.stdout.take());
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .expect("keywave exits");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    // Logs redirected to a file (stderr is not a terminal): no ANSI escapes.
+    let logs = tempfile::NamedTempFile::new().unwrap();
+    let status = Command::new(&bin)
+        .args(["--nats", "nats://127.0.0.1:1", "campaign", "list"])
+        .env_remove("NO_COLOR")
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(logs.reopen().unwrap())
+        .status()
+        .expect("keywave runs");
+    assert!(!status.success());
+    let text = std::fs::read_to_string(logs.path()).unwrap();
+    assert!(!text.is_empty(), "the failed connection logs something");
+    assert!(
+        !text.contains('\u{1b}'),
+        "colour codes in a log file: {text:?}"
+    );
+}
