@@ -29,13 +29,13 @@ through the coordinators' API, and runs a complete local demo (`keywave dev`).",
 )]
 pub struct Cli {
     /// NATS server URL, or several comma-separated (cluster seeds) (ignored by `dev` unless given: `dev` then starts its own nats-server).
-    #[arg(long, global = true, env = NATS_URL_ENV, value_name = "URL")]
+    #[arg(long, global = true, env = NATS_URL_ENV, value_name = "URL", help_heading = "Global options")]
     pub nats: Option<String>,
     /// Machine-readable output: one JSON document on stdout; errors as `{"ok":false,"error":...}`.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options")]
     pub json: bool,
     /// Log line format on stderr: text or json (RUST_LOG filters the lines).
-    #[arg(long, global = true, env = keywave_common::telemetry::ENV_LOG_FORMAT, default_value = "text", value_name = "text|json")]
+    #[arg(long, global = true, env = keywave_common::telemetry::ENV_LOG_FORMAT, default_value = "text", value_name = "text|json", help_heading = "Global options")]
     pub log_format: keywave_common::telemetry::LogFormat,
     #[command(flatten)]
     pub nats_auth: NatsAuthArgs,
@@ -774,6 +774,50 @@ mod tests {
     use super::*;
     use clap::CommandFactory;
     use keywave_coordinator::config::DaemonArgs;
+
+    #[test]
+    fn a_subcommands_help_keeps_the_global_flags_under_their_own_headings() {
+        let mut cli = Cli::command();
+        // Global flags reach the subcommands when the command is built.
+        cli.build();
+        let plan = cli
+            .find_subcommand_mut("campaign")
+            .and_then(|c| c.find_subcommand_mut("plan"))
+            .expect("campaign plan");
+        let help = plan.render_long_help().to_string();
+        let section = |heading: &str| {
+            let start = help
+                .find(&format!("\n{heading}:\n"))
+                .unwrap_or_else(|| panic!("no {heading} section in:\n{help}"));
+            let rest = &help[start + heading.len() + 3..];
+            // The section ends where an unindented line follows a blank one.
+            let end = rest
+                .match_indices("\n\n")
+                .map(|(i, _)| i)
+                .find(|&i| rest[i + 2..].starts_with(|c: char| !c.is_whitespace()))
+                .unwrap_or(rest.len());
+            rest[..end].to_string()
+        };
+        let own = section("Options");
+        assert!(own.contains("--selector"), "{own}");
+        for global in [
+            "--nats ",
+            "--nats-user",
+            "--nats-ca",
+            "      --json ",
+            "--log-format",
+        ] {
+            assert!(
+                !own.contains(global),
+                "{global} among the command's own options:\n{own}"
+            );
+        }
+        assert!(section("Global options").contains("--nats "), "{help}");
+        assert!(
+            section("NATS identity and TLS").contains("--nats-user"),
+            "{help}"
+        );
+    }
 
     #[test]
     fn every_command_has_an_example_in_its_help() {

@@ -25,6 +25,7 @@ pub use keywave_common::flags::{usage, UsageError};
 /// Passwords and seeds are only read from files or the environment
 /// (`KEYWAVE_NATS_PASSWORD`), never taken on the command line.
 #[derive(Debug, Args, Clone, Default)]
+#[command(next_help_heading = "NATS identity and TLS")]
 pub struct NatsAuthArgs {
     /// NATS credentials file (user JWT and nkey seed, as written by `nsc`).
     #[arg(long, global = true, env = keywave_common::nats::ENV_CREDS, value_name = "FILE")]
